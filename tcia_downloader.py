@@ -1,0 +1,1883 @@
+#!/usr/bin/env python3
+"""tcia_downloader: a TCIA collection becomes one verified, kill-safe .tar.xz.
+
+Downloads every series of a collection from TCIA's NBIA v4 REST API, verifies each
+DICOM file against the server's MD5 list, drops files that do not belong to the
+series, names folders by patient, study date and description, and appends each
+finished series to a .tar.xz as an independent xz stream. A journal next to the
+archive records every committed series after fsync, so a kill at any instant loses
+no finished work and a rerun continues where the last one stopped.
+
+The file reads top to bottom:
+    1. command line                      (Options, parse_options)
+    2. API client                        (TciaApi, TokenManager)
+    3. planning                          (PlannedSeries, plan_collection, names)
+    4. per-series work                   (download, verify, clean)
+    5. archive writing                   (Journal, TarXzTarget, DirectoryTarget)
+    6. orchestration                     (progress, workers, report, main)
+
+Exit codes (documented in the README):
+    0    every requested series is in the output and verified
+    1    some series failed; the archive stays <name>.tar.xz.part and a rerun resumes it
+    2    bad usage or input (flags, unknown collection, rejected credentials, busy output)
+    130  interrupted by SIGINT (Ctrl-C)       143  terminated by SIGTERM
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import errno
+import fcntl
+import getpass
+import hashlib
+import io
+import json
+import logging
+import lzma
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import sys
+import tarfile
+import threading
+import time
+import unicodedata
+import zipfile
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import requests_cache
+
+__version__ = "0.3.0"
+
+log = logging.getLogger("tcia_downloader")
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
+NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
+DEFAULT_CACHE_DIR = "~/.cache/tcia_downloader"
+# xz preset 1 compresses CT about 6x faster than preset 6 for about 10 % more output
+# (shared/measured.md); on a cluster node the preset, not the network, sets the run time.
+DEFAULT_COMPRESSION_LEVEL = 1
+CHUNK_SIZE = 1 << 20
+TAR_BLOCK = tarfile.BLOCKSIZE           # 512
+TAR_RECORD = tarfile.RECORDSIZE         # 10240: GNU tar pads archives to whole records
+MD5_TABLE = "md5hashes.csv"
+LICENSE_ENTRY = "LICENSE"
+
+
+def default_workers() -> int:
+    """Series in parallel: one per usable core (lzma and hashing release the GIL) plus
+    two so that downloads keep flowing while every core compresses."""
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    cores = int(slurm_cpus) if slurm_cpus.isdigit() else len(os.sched_getaffinity(0))
+    return max(2, min(cores + 2, 16))
+
+
+# ==========================================================================================
+# 1. Command line
+# ==========================================================================================
+
+class UsageError(Exception):
+    """Bad flags or input: one line for the user, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Options:
+    collection: str
+    output: Path
+    temp_dir: Path
+    cache_dir: Path
+    api_url: str
+    user: Optional[str]
+    password: Optional[str] = field(repr=False)
+    compression: bool
+    compression_level: int
+    workers: int
+    retries: int
+    stall_timeout: float
+    connect_timeout: float
+    cache_expiry_hours: float
+    log_level: str
+    progress: bool
+    summary_interval: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcia_downloader.py",
+        description="Download a TCIA collection from NBIA v4 into one verified, "
+                    "resumable .tar.xz (or a folder tree).",
+        epilog="exit codes: 0 complete and verified; 1 some series failed (rerun to resume); "
+               "2 bad usage or input; 130 interrupted (SIGINT); 143 terminated (SIGTERM).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("what to download")
+    what.add_argument("--collection", required=True, metavar="NAME",
+                      help="TCIA collection name, e.g. Pancreas-CT")
+    what.add_argument("--mode", default="nbia", choices=["nbia", "aspera"],
+                      help="download service: nbia (default); aspera is not available yet")
+
+    where = parser.add_argument_group("where")
+    where.add_argument("--output", default=".", metavar="DIR",
+                       help="where <Collection>.tar.xz (or <Collection>/) goes (default: .)")
+    where.add_argument("--temp_dir", "--temp-dir", dest="temp_dir", metavar="DIR",
+                       help="scratch for one zip and one compressed stream per worker; "
+                            "node-local disk on a cluster (default: --output)")
+    where.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
+                       metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
+
+    how = parser.add_argument_group("how")
+    how.add_argument("--compression", action="store_true",
+                     help="write <output>/<Collection>.tar.xz instead of a folder tree")
+    how.add_argument("--compression-level", "--compression_level", dest="compression_level",
+                     type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="0-9",
+                     help=f"xz preset (default: {DEFAULT_COMPRESSION_LEVEL}; 6 is ~10%% smaller "
+                          "and ~6x slower)")
+    how.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                     help="series downloaded and compressed in parallel "
+                          "(default: usable cores + 2, at most 16)")
+    how.add_argument("--retries", type=int, default=6, metavar="N",
+                     help="attempts per series before it is reported as failed (default: 6)")
+    how.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="abort and retry a transfer that sends no byte for this long "
+                          "(default: 120)")
+
+    network = parser.add_argument_group("network and account")
+    network.add_argument("--api-url", default=DEFAULT_API_URL, metavar="URL",
+                         help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
+    network.add_argument("--user", metavar="NAME",
+                         help="account on a private NBIA server (public TCIA needs none)")
+    network.add_argument("--password", metavar="PASSWORD",
+                         help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
+    network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                         help=argparse.SUPPRESS)
+    network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
+                         help="how long cached metadata answers stay fresh (default: 6)")
+
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--log-level", default="INFO",
+                               choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                               help="what stderr shows (the debug log file always has everything)")
+    logging_group.add_argument("--no-progress", action="store_true",
+                               help="no progress bars, only log lines")
+    logging_group.add_argument("--summary-interval", type=float, default=30.0, metavar="SECONDS",
+                               help=argparse.SUPPRESS)
+    logging_group.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_options(argv: Optional[list[str]] = None) -> Options:
+    """Parse and validate the command line; raise UsageError with one clear line."""
+    args = build_parser().parse_args(argv)
+    if args.mode != "nbia":
+        raise UsageError(f"--mode {args.mode} is not available in this version; use --mode nbia")
+    if not args.collection.strip():
+        raise UsageError("--collection is empty: give a collection name such as Pancreas-CT")
+    if not 0 <= args.compression_level <= 9:
+        raise UsageError("--compression-level must be an xz preset from 0 to 9")
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.retries < 1:
+        raise UsageError("--retries must be at least 1")
+    if args.stall_timeout <= 0:
+        raise UsageError("--stall-timeout must be a positive number of seconds")
+    scheme = urlsplit(args.api_url).scheme
+    if scheme not in ("http", "https"):
+        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    output = Path(args.output).expanduser()
+    password = resolve_password(args.user, args.password)
+    return Options(
+        collection=args.collection.strip(),
+        output=output,
+        temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
+        cache_dir=Path(args.cache_dir).expanduser(),
+        api_url=args.api_url if args.api_url.endswith("/") else args.api_url + "/",
+        user=args.user,
+        password=password,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        workers=args.workers,
+        retries=args.retries,
+        stall_timeout=args.stall_timeout,
+        connect_timeout=args.connect_timeout,
+        cache_expiry_hours=args.cache_expiry,
+        log_level=args.log_level,
+        progress=not args.no_progress,
+        summary_interval=args.summary_interval,
+    )
+
+
+def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[str]:
+    """--password, else $TCIA_PASSWORD, else a prompt on a terminal."""
+    if user is None:
+        if password is not None:
+            raise UsageError("--password was given without --user")
+        return None
+    if password is not None:
+        # Printed before logging starts on purpose: it is about this command line.
+        print("warning: --password is visible to other users in `ps`; "
+              "prefer TCIA_PASSWORD or the prompt", file=sys.stderr)
+        return password
+    if os.environ.get("TCIA_PASSWORD"):
+        return os.environ["TCIA_PASSWORD"]
+    if sys.stdin.isatty():
+        return getpass.getpass(f"NBIA password for {user}: ")
+    raise UsageError("--user needs a password: set TCIA_PASSWORD (stdin is not a terminal, "
+                     "so there is no prompt)")
+
+
+# ==========================================================================================
+# 2. API client
+# ==========================================================================================
+
+class TransientError(Exception):
+    """Worth another attempt: reset, stall, 5xx, 429, truncated zip, MD5 mismatch."""
+
+    def __init__(self, reason: str, retry_after: Optional[float] = None,
+                 immediate: bool = False):
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.immediate = immediate        # nothing to wait for (e.g. a renewed token)
+
+
+class SeriesUnavailable(Exception):
+    """The server refuses this series for good (400 "not granted"): no retry."""
+
+
+class Md5ParameterRefused(Exception):
+    """A server build older than 2025-11 answers IncludeMD5 with 400."""
+
+
+class FatalRunError(Exception):
+    """Stops the whole run: rejected credentials, a full disk, a broken journal."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_INCOMPLETE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(Exception):
+    """A stop was requested (signal); the worker leaves without committing."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 2.0
+    max_delay: float = 300.0
+
+    def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:
+        """Exponential backoff with jitter; a server's Retry-After wins when it says more."""
+        backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        jittered = backoff * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            return min(self.max_delay, max(retry_after, jittered))
+        return jittered
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def token_url_for(api_url: str) -> str:
+    """The OAuth endpoint lives at <host>/nbia-api/oauth/token beside .../services/v4/."""
+    parts = urlsplit(api_url)
+    prefix = parts.path.split("/nbia-api/")[0] if "/nbia-api/" in parts.path else ""
+    return urlunsplit((parts.scheme, parts.netloc, f"{prefix}/nbia-api/oauth/token", "", ""))
+
+
+class TokenManager:
+    """Keycloak password-grant tokens for private NBIA servers, renewed before expiry and
+    after a 401; one renewal is shared by every worker thread."""
+
+    RENEW_MARGIN = 120.0  # seconds before expiry
+
+    def __init__(self, token_url: str, user: Optional[str], password: Optional[str],
+                 session: requests.Session, timeout: tuple[float, float]):
+        self._url = token_url
+        self._user = user
+        self._password = password
+        self._session = session
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._access: Optional[str] = None
+        self._refresh: Optional[str] = None
+        self._expires = 0.0
+        self._refresh_expires = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._user is not None
+
+    def secrets(self) -> list[str]:
+        """What the log filter must never let through."""
+        return [s for s in (self._password, self._access, self._refresh) if s]
+
+    def headers(self) -> dict[str, str]:
+        if not self.enabled:
+            return {}
+        with self._lock:
+            if self._access is None or time.monotonic() > self._expires - self.RENEW_MARGIN:
+                self._renew_locked()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def rejected(self, sent_headers: dict[str, str]) -> None:
+        """A request carrying these headers got 401: renew, unless another worker already has."""
+        if not self.enabled:
+            raise FatalRunError("the server wants a login (401): pass --user for this NBIA server",
+                                EXIT_USAGE)
+        with self._lock:
+            if sent_headers.get("Authorization") == f"Bearer {self._access}":
+                self._access = None
+                self._renew_locked()
+
+    def _renew_locked(self) -> None:
+        now = time.monotonic()
+        if self._refresh and now < self._refresh_expires - self.RENEW_MARGIN:
+            form = {"grant_type": "refresh_token", "refresh_token": self._refresh,
+                    "client_id": "NBIA"}
+            if self._request_token(form):
+                log.debug("access token renewed with the refresh token")
+                return
+        form = {"grant_type": "password", "username": self._user, "password": self._password,
+                "client_id": "NBIA"}
+        if not self._request_token(form):
+            raise FatalRunError(f"the server rejected the login of user {self._user!r}: "
+                                "check --user and the password", EXIT_USAGE)
+        log.debug("new access token for user %s", self._user)
+
+    def _request_token(self, form: dict[str, Optional[str]]) -> bool:
+        for attempt in range(1, 5):
+            try:
+                response = self._session.post(self._url, data=form, timeout=self._timeout)
+            except requests.RequestException as exc:
+                log.warning("token request failed (%s); retrying", type(exc).__name__)
+                time.sleep(RetryPolicy().delay(attempt))
+                continue
+            if response.status_code >= 500 or response.status_code == 429:
+                time.sleep(RetryPolicy().delay(attempt, parse_retry_after(
+                    response.headers.get("Retry-After"))))
+                continue
+            if response.status_code != 200:
+                return False
+            body = response.json()
+            now = time.monotonic()
+            self._access = body["access_token"]
+            self._refresh = body.get("refresh_token")
+            self._expires = now + float(body.get("expires_in", 300))
+            self._refresh_expires = now + float(body.get("refresh_expires_in", 0))
+            return True
+        raise FatalRunError("the token service did not answer: try again later")
+
+
+class TciaApi:
+    """One object per concern of talking to NBIA v4: cached metadata GETs with retries,
+    streamed series zips with a stall watchdog, and optional tokens."""
+
+    def __init__(self, base_url: str, *, cache_path: Optional[Path], cache_expiry: timedelta,
+                 user: Optional[str], password: Optional[str], connect_timeout: float,
+                 stall_timeout: float, retry: RetryPolicy, stop: threading.Event):
+        self.base_url = base_url
+        self.retry = retry
+        self.stop = stop
+        # (connect, read): the read timeout is the stall watchdog. It bounds the time
+        # between two received bytes, never the whole transfer, so a 2 GB series over a
+        # slow link is fine while a silent connection is dropped after stall_timeout.
+        self.timeout = (connect_timeout, stall_timeout)
+        user_agent = f"tcia_downloader/{__version__}"
+        if cache_path is not None:
+            # Metadata only: image zips and tokens go through plain sessions below.
+            self._metadata = requests_cache.CachedSession(
+                str(cache_path), backend="sqlite", expire_after=cache_expiry,
+                allowable_methods=("GET",), allowable_codes=(200,), stale_if_error=True)
+        else:
+            self._metadata = requests.Session()
+        self._metadata.headers["User-Agent"] = user_agent
+        self._user_agent = user_agent
+        self._local = threading.local()    # one keep-alive connection per worker thread
+        self.tokens = TokenManager(token_url_for(base_url), user, password,
+                                   self._plain_session(), (connect_timeout, stall_timeout))
+
+    def _plain_session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = self._user_agent
+            self._local.session = session
+        return session
+
+    def close(self) -> None:
+        self._metadata.close()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def get_json(self, endpoint: str, **params: str) -> list[dict]:
+        """GET a metadata endpoint; NBIA answers an empty result with an empty body."""
+        response = self._metadata_request(endpoint, params)
+        if not response.content.strip():
+            return []
+        try:
+            return response.json()
+        except ValueError:
+            raise FatalRunError(f"{endpoint} answered with something that is not JSON: "
+                                f"{response.text[:120]!r}; is --api-url an NBIA v4 URL?")
+
+    def collections(self) -> list[str]:
+        return sorted(row["Collection"] for row in self.get_json("getCollectionValues"))
+
+    def series(self, collection: str) -> list[dict]:
+        return self.get_json("getSeries", Collection=collection)
+
+    def _metadata_request(self, endpoint: str, params: dict[str, str]) -> requests.Response:
+        url = self.base_url + endpoint
+        last = ""
+        for attempt in range(1, self.retry.attempts + 1):
+            self.check_stop()
+            headers = self.tokens.headers()
+            try:
+                response = self._metadata.get(url, params=params, headers=headers,
+                                              timeout=self.timeout)
+            except requests.RequestException as exc:
+                last = f"{type(exc).__name__}"
+                self._pause(attempt, f"{endpoint}: {last}")
+                continue
+            if response.status_code == 200:
+                return response
+            if response.status_code == 401:
+                self.tokens.rejected(headers)
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                last = f"HTTP {response.status_code}"
+                self._pause(attempt, f"{endpoint}: {last}",
+                            parse_retry_after(response.headers.get("Retry-After")))
+                continue
+            raise FatalRunError(f"{endpoint} answered HTTP {response.status_code}: "
+                                f"{response.text.strip()[:200]}")
+        raise FatalRunError(f"{endpoint} kept failing ({last}) after {self.retry.attempts} "
+                            "attempts; the service may be down, try again later")
+
+    def _pause(self, attempt: int, what: str, retry_after: Optional[float] = None) -> None:
+        if attempt >= self.retry.attempts:
+            return
+        delay = self.retry.delay(attempt, retry_after)
+        log.warning("%s; retrying in %.0f s", what, delay)
+        if self.stop.wait(delay):
+            raise Interrupted()
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted()
+
+    # -- images -----------------------------------------------------------------------------
+
+    def download_zip(self, endpoint: str, series_uid: str, dest: Path,
+                     on_bytes: Callable[[int], None]) -> int:
+        """One attempt at streaming a series zip to dest; returns the bytes written.
+
+        Raises TransientError for anything worth retrying, SeriesUnavailable for a refusal,
+        Md5ParameterRefused when an old server build refuses IncludeMD5."""
+        params = {"SeriesInstanceUID": series_uid}
+        if endpoint == "getImage":
+            params.update(NewFileNames="Yes", IncludeMD5="Yes")
+        headers = self.tokens.headers()
+        session = self._plain_session()
+        written = 0
+        try:
+            with session.get(self.base_url + endpoint, params=params, headers=headers,
+                             stream=True, timeout=self.timeout) as response:
+                self._raise_for_image_status(response, headers)
+                with open(dest, "wb") as out:
+                    for chunk in response.iter_content(CHUNK_SIZE):
+                        if self.stop.is_set():
+                            raise Interrupted()
+                        out.write(chunk)
+                        written += len(chunk)
+                        on_bytes(len(chunk))
+        except requests.RequestException as exc:
+            raise TransientError(self._describe_transfer_error(exc, written)) from None
+        return written
+
+    def _describe_transfer_error(self, exc: requests.RequestException, written: int) -> str:
+        # requests reports a read timeout inside a body as a ConnectionError.
+        if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(exc):
+            return f"stalled: no byte for {self.timeout[1]:.0f} s after {written} bytes"
+        if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+            return f"connection broke after {written} bytes"
+        return f"connection failed after {written} bytes ({type(exc).__name__})"
+
+    def _raise_for_image_status(self, response: requests.Response,
+                                sent_headers: dict[str, str]) -> None:
+        status = response.status_code
+        if status == 200:
+            return
+        body = response.text.strip()
+        if status == 400 and "IncludeMD5" in body and "Invalid query parameter" in body:
+            raise Md5ParameterRefused()
+        if status == 400 and "not been granted" in body:
+            raise SeriesUnavailable("the server refuses it (400: not granted, or no such series)")
+        if status == 401:
+            self.tokens.rejected(sent_headers)
+            raise TransientError("401: the token was rejected; renewed it", immediate=True)
+        if status == 429:
+            raise TransientError("HTTP 429 (rate limited)",
+                                 parse_retry_after(response.headers.get("Retry-After")))
+        if status >= 500:
+            raise TransientError(f"HTTP {status} from the server")
+        raise SeriesUnavailable(f"HTTP {status}: {body[:200]}")
+
+
+class ImageEndpoint:
+    """Which image endpoint the run uses; switches once, for the whole run, to
+    getImageWithMD5Hash when the server ignores or refuses IncludeMD5=Yes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.name = "getImage"
+
+    def fall_back(self, why: str) -> None:
+        with self._lock:
+            if self.name == "getImage":
+                self.name = "getImageWithMD5Hash"
+                log.info("this server %s; using getImageWithMD5Hash for the rest of the run", why)
+
+
+# ==========================================================================================
+# 3. Planning: which series, and where each goes
+# ==========================================================================================
+
+@dataclass(frozen=True)
+class PlannedSeries:
+    uid: str
+    collection: str
+    path: str                      # <PatientID>/<date>-<StudyDesc>-<uid5>/<No>-<Desc>-<uid5>
+    record: dict                   # the getSeries object as served
+    image_count: Optional[int]
+    file_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.collection}/{self.path}"
+
+
+SAFE_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+NBIA_DATE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
+
+
+def clean_component(text: object, max_length: int = 64) -> str:
+    """One safe path component: ASCII letters, digits and ._+- only, no leading dots
+    (so never hidden, never '..'), capped in length; empty becomes NA."""
+    ascii_text = unicodedata.normalize("NFKD", str(text) if text is not None else "")
+    ascii_text = ascii_text.encode("ascii", "ignore").decode("ascii")
+    cleaned = SAFE_CHARS.sub("_", ascii_text).strip("._-")
+    cleaned = cleaned[:max_length].rstrip("._-")
+    return cleaned or "NA"
+
+
+def iso_date(nbia_date: Optional[str]) -> Optional[str]:
+    """NBIA v4 dates are MM-DD-YYYY; folders use YYYY-MM-DD so they sort."""
+    match = NBIA_DATE.match(nbia_date or "")
+    if not match:
+        return None
+    month, day, year = match.groups()
+    return f"{year}-{month}-{day}"
+
+
+def study_date(records: list[dict]) -> str:
+    """StudyDate, else the study's earliest SeriesDate, else unknown_date: one folder per
+    study even when its series were acquired on different days."""
+    for record in records:
+        date = iso_date(record.get("StudyDate"))
+        if date:
+            return date
+    series_dates = sorted(d for d in (iso_date(r.get("SeriesDate")) for r in records) if d)
+    return series_dates[0] if series_dates else "unknown_date"
+
+
+def unique_names(entries: list[tuple[str, str, str]]) -> dict[str, str]:
+    """entries: (key, stem, uid) -> key: f"{stem}-{uid suffix}", lengthening the UID suffix
+    of colliding names until they differ. Names compare case-insensitively, because the
+    archive may be extracted on macOS or Windows."""
+    width = {key: 5 for key, _, _ in entries}
+    info = {key: (stem, uid) for key, stem, uid in entries}
+
+    def name_of(key: str) -> str:
+        stem, uid = info[key]
+        return f"{stem}-{clean_component(uid[-width[key]:], 64)}"
+
+    while True:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key in info:
+            groups[name_of(key).casefold()].append(key)
+        clashes = [keys for keys in groups.values() if len(keys) > 1]
+        if not clashes:
+            return {key: name_of(key) for key in info}
+        grew = False
+        for keys in clashes:
+            for key in keys:
+                if width[key] < len(info[key][1]):
+                    width[key] += 1
+                    grew = True
+        if not grew:
+            # Whole UIDs still clash (e.g. identical UIDs): number them, deterministically.
+            names = {key: name_of(key) for key in info}
+            for keys in clashes:
+                for n, key in enumerate(sorted(keys)[1:], start=2):
+                    names[key] = f"{names[key]}-{n}"
+            return names
+
+
+def plan_collection(collection: str, records: list[dict]) -> list[PlannedSeries]:
+    """Give every series its folder: <PatientID>/<date>-<StudyDesc>-<uid5>/<No>-<Desc>-<uid5>."""
+    by_patient: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_patient[str(record.get("PatientID", ""))].append(record)
+    patient_dirs = _unique_patient_dirs(sorted(by_patient))
+
+    planned: list[PlannedSeries] = []
+    for patient_id, patient_records in sorted(by_patient.items()):
+        by_study: dict[str, list[dict]] = defaultdict(list)
+        for record in patient_records:
+            by_study[record.get("StudyInstanceUID", "")].append(record)
+        study_dirs = unique_names([
+            (study_uid, f"{study_date(rs)}-{clean_component(rs[0].get('StudyDesc'))}", study_uid)
+            for study_uid, rs in by_study.items()])
+        for study_uid, study_records in by_study.items():
+            series_dirs = unique_names([
+                (r["SeriesInstanceUID"],
+                 f"{clean_component(r.get('SeriesNumber'), 16)}-"
+                 f"{clean_component(r.get('SeriesDescription'))}",
+                 r["SeriesInstanceUID"])
+                for r in study_records])
+            for record in study_records:
+                uid = record["SeriesInstanceUID"]
+                count = record.get("ImageCount")
+                planned.append(PlannedSeries(
+                    uid=uid, collection=collection,
+                    path=f"{patient_dirs[patient_id]}/{study_dirs[study_uid]}/{series_dirs[uid]}",
+                    record=record,
+                    image_count=count if isinstance(count, int) and count > 0 else None,
+                    file_size=int(record.get("FileSize") or 0)))
+    return planned
+
+
+def _unique_patient_dirs(patient_ids: list[str]) -> dict[str, str]:
+    """Two IDs that clean to the same folder ('A/B', 'A_B') get -2, -3... in sorted order."""
+    taken: dict[str, int] = defaultdict(int)
+    dirs = {}
+    for patient_id in patient_ids:
+        base = clean_component(patient_id, 64)
+        taken[base.casefold()] += 1
+        n = taken[base.casefold()]
+        dirs[patient_id] = base if n == 1 else f"{base}-{n}"
+    return dirs
+
+
+def suggest_collections(name: str, known: list[str]) -> list[str]:
+    """Close names: case and punctuation differences are the usual mistake."""
+    def squash(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.casefold())
+    exact = [k for k in known if squash(k) == squash(name)]
+    if exact:
+        return exact
+    by_squash = {squash(k): k for k in known}
+    close = difflib.get_close_matches(squash(name), list(by_squash), n=5, cutoff=0.6)
+    return [by_squash[c] for c in close]
+
+
+# ==========================================================================================
+# 4. Per-series work: download, verify, clean
+# ==========================================================================================
+
+@dataclass(frozen=True)
+class Member:
+    entry: str        # name inside the zip
+    name: str         # file name in the output folder
+    size: int
+    md5: str
+
+
+@dataclass
+class VerifiedZip:
+    path: Path
+    members: list[Member]
+    license_text: Optional[str]
+    dropped: list[tuple[str, str]]
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.size for m in self.members)
+
+
+class Md5TableMissing(Exception):
+    """A readable zip without md5hashes.csv."""
+
+
+def safe_entry_name(name: str) -> bool:
+    """A plain file name: no directories, not absolute, no '..', no control characters."""
+    return (bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+            and not any(ord(c) < 32 for c in name))
+
+
+def unique_file_name(entry: str, used: set[str]) -> str:
+    """The entry's name made safe; a clash after cleaning gets -2, -3... before the suffix."""
+    name = clean_component(entry, 128)
+    stem, dot, suffix = name.rpartition(".")
+    candidate, n = name, 1
+    while candidate.casefold() in used:
+        n += 1
+        candidate = f"{stem}-{n}.{suffix}" if dot else f"{name}-{n}"
+    used.add(candidate.casefold())
+    return candidate
+
+
+def read_md5_table(archive: zipfile.ZipFile) -> dict[str, str]:
+    text = archive.read(MD5_TABLE).decode("utf-8", "replace")
+    table: dict[str, str] = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2 or row[0].strip() == "Filename":
+            continue
+        table[row[0].strip()] = row[1].strip().lower()
+    return table
+
+
+def hash_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[str, bytes]:
+    """MD5 of an entry, streamed, plus its first 132 bytes (for the DICM magic)."""
+    digest = hashlib.md5()
+    head = b""
+    with archive.open(info) as entry:
+        while chunk := entry.read(CHUNK_SIZE):
+            if len(head) < 132:
+                head += chunk[:132 - len(head)]
+            digest.update(chunk)
+    return digest.hexdigest(), head
+
+
+def dicom_series_uid(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Optional[str]:
+    """SeriesInstanceUID from the DICOM header (pixels never read); None if not DICOM."""
+    import pydicom  # imported here: pydicom takes a while to import and --help needs none of it
+    from pydicom.errors import InvalidDicomError
+    try:
+        with archive.open(info) as entry:
+            dataset = pydicom.dcmread(entry, stop_before_pixels=True,
+                                      specific_tags=["SeriesInstanceUID"])
+        return str(dataset.get("SeriesInstanceUID", "")) or None
+    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError):
+        return None
+
+
+def verify_zip(path: Path, series: PlannedSeries) -> VerifiedZip:
+    """Check every listed file's MD5 and keep what belongs to the series.
+
+    Raises TransientError (truncated, mismatching, incomplete: download again) or
+    Md5TableMissing (the server sent no md5hashes.csv)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise TransientError(f"truncated or unreadable zip ({exc})") from None
+    with archive:
+        names = archive.namelist()
+        if MD5_TABLE not in names:
+            raise Md5TableMissing()
+        try:
+            return _check_entries(archive, path, series, read_md5_table(archive))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise TransientError(f"damaged zip entry ({exc})") from None
+
+
+def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
+                   table: dict[str, str]) -> VerifiedZip:
+    members: list[Member] = []
+    dropped: list[tuple[str, str]] = []
+    license_text: Optional[str] = None
+    seen: set[str] = set()
+    names_used: set[str] = set()
+    for info in archive.infolist():
+        entry = info.filename
+        seen.add(entry)
+        if entry == MD5_TABLE:
+            continue
+        if entry == LICENSE_ENTRY:
+            license_text = archive.read(info).decode("utf-8", "replace")
+            continue
+        if info.is_dir() or not safe_entry_name(entry):
+            dropped.append((entry, "unsafe name (a directory, an absolute path or '..')"))
+            continue
+        if entry not in table:
+            dropped.append((entry, "not listed in md5hashes.csv"))
+            continue
+        md5, head = hash_entry(archive, info)
+        if md5 != table[entry]:
+            raise TransientError(f"MD5 mismatch for {entry}")
+        if head[128:132] != b"DICM":
+            dropped.append((entry, "not a DICOM file"))
+            continue
+        uid = dicom_series_uid(archive, info)
+        if uid is None:
+            dropped.append((entry, "not a readable DICOM file"))
+            continue
+        if uid != series.uid:
+            dropped.append((entry, f"belongs to another series ({uid})"))
+            continue
+        members.append(Member(entry=entry, name=unique_file_name(entry, names_used),
+                              size=info.file_size, md5=md5))
+    missing = sorted(set(table) - seen)
+    if missing:
+        raise TransientError(f"{len(missing)} file(s) listed in md5hashes.csv are missing "
+                             f"from the zip (first: {missing[0]})")
+    if series.image_count is not None and len(members) != series.image_count:
+        raise TransientError(f"{len(members)} DICOM files, but the server's ImageCount is "
+                             f"{series.image_count}")
+    if not members:
+        raise TransientError("the zip holds no DICOM file of this series")
+    return VerifiedZip(path=path, members=members, license_text=license_text, dropped=dropped)
+
+
+def copy_entry(archive: zipfile.ZipFile, member: Member, sink: Callable[[bytes], object]) -> None:
+    """Stream an entry into sink, checking once more that it is the verified file."""
+    digest = hashlib.md5()
+    with archive.open(member.entry) as entry:
+        while chunk := entry.read(CHUNK_SIZE):
+            digest.update(chunk)
+            sink(chunk)
+    if digest.hexdigest() != member.md5:
+        raise TransientError(f"{member.entry} changed on the scratch disk after verification")
+
+
+# ==========================================================================================
+# 5. Archive writing
+# ==========================================================================================
+
+class Journal:
+    """sqlite3 record of committed series: what is in the output and where the archive
+    ends after each one. A row is written only after the data it describes is fsynced."""
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS series (
+            uid TEXT PRIMARY KEY, collection TEXT NOT NULL, path TEXT NOT NULL,
+            archive_end INTEGER NOT NULL, tar_end INTEGER NOT NULL,
+            files INTEGER NOT NULL, bytes INTEGER NOT NULL,
+            record TEXT NOT NULL, committed_at TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS files (
+            uid TEXT NOT NULL, name TEXT NOT NULL, md5 TEXT NOT NULL, size INTEGER NOT NULL);
+        CREATE INDEX IF NOT EXISTS files_uid ON files(uid);
+        CREATE TABLE IF NOT EXISTS licenses (
+            collection TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (collection, text));
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(self.SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise FatalRunError(f"the journal {path} is unreadable ({exc}); move it away to "
+                                "start over", EXIT_USAGE) from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, value: str) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def committed(self) -> dict[str, str]:
+        """series uid -> path of every committed series."""
+        return dict(self._db.execute("SELECT uid, path FROM series"))
+
+    def ends(self) -> tuple[int, int]:
+        """(archive bytes, tar bytes) after the last committed series."""
+        row = self._db.execute(
+            "SELECT archive_end, tar_end FROM series ORDER BY archive_end DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def forget_beyond(self, archive_size: int) -> int:
+        """Drop series whose stream is not wholly in an archive of this size."""
+        with self._db:
+            gone = [u for (u,) in self._db.execute(
+                "SELECT uid FROM series WHERE archive_end > ?", (archive_size,))]
+            for uid in gone:
+                self._db.execute("DELETE FROM files WHERE uid=?", (uid,))
+                self._db.execute("DELETE FROM series WHERE uid=?", (uid,))
+        return len(gone)
+
+    def record(self, series: PlannedSeries, verified: VerifiedZip, archive_end: int,
+               tar_end: int) -> None:
+        with self._db:  # one transaction: the series and its files, or nothing
+            self._db.execute(
+                "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?)",
+                (series.uid, series.collection, series.path, archive_end, tar_end,
+                 len(verified.members), verified.bytes, json.dumps(series.record),
+                 datetime.now().isoformat(timespec="seconds")))
+            self._db.execute("DELETE FROM files WHERE uid=?", (series.uid,))
+            self._db.executemany(
+                "INSERT INTO files VALUES (?,?,?,?)",
+                [(series.uid, f"{series.path}/{m.name}", m.md5, m.size)
+                 for m in verified.members])
+            if verified.license_text:
+                self._db.execute("INSERT OR IGNORE INTO licenses VALUES (?, ?)",
+                                 (series.collection, verified.license_text.strip()))
+
+    def collections(self) -> list[str]:
+        return [c for (c,) in self._db.execute("SELECT DISTINCT collection FROM series "
+                                               "ORDER BY collection")]
+
+    def files(self, collection: str) -> Iterator[tuple[str, str]]:
+        yield from self._db.execute(
+            "SELECT f.name, f.md5 FROM files f JOIN series s ON s.uid = f.uid "
+            "WHERE s.collection=? ORDER BY f.name", (collection,))
+
+    def series_rows(self, collection: str) -> list[tuple[str, dict, int, int]]:
+        return [(path, json.loads(record), files, size) for path, record, files, size in
+                self._db.execute("SELECT path, record, files, bytes FROM series "
+                                 "WHERE collection=? ORDER BY path", (collection,))]
+
+    def licenses(self, collection: str) -> list[str]:
+        return [t for (t,) in self._db.execute(
+            "SELECT text FROM licenses WHERE collection=? ORDER BY text", (collection,))]
+
+
+# -- the collection-level files: LICENSE, metadata.csv, MD5SUMS ------------------------------
+
+GET_SERIES_FIELDS = [
+    "SeriesInstanceUID", "StudyInstanceUID", "Modality", "ProtocolName", "SeriesDate",
+    "SeriesDescription", "BodyPartExamined", "SeriesNumber", "AnnotationsFlag", "Collection",
+    "Site", "PatientID", "PatientSex", "PatientAge", "Manufacturer", "ManufacturerModelName",
+    "SoftwareVersions", "ImageCount", "MaxSubmissionTimestamp", "LicenseName", "LicenseURI",
+    "DataDescriptionURI", "FileSize", "ReleasedStatus", "DateReleased", "StudyDesc", "StudyDate",
+    "ThirdPartyAnalysis", "Authorized"]
+
+
+def license_text(journal: Journal, collection: str) -> bytes:
+    """The LICENSE texts the server sent; where it sent none (getImageWithMD5Hash), the
+    licenses named in the series metadata."""
+    texts = journal.licenses(collection)
+    if not texts:
+        named = sorted({(r.get("LicenseName", ""), r.get("LicenseURI", ""))
+                        for _, r, _, _ in journal.series_rows(collection)
+                        if r.get("LicenseName") or r.get("LicenseURI")})
+        texts = [f"License Information. The {collection} collection (or parts of it) is "
+                 f"distributed under the {name or 'license'}{' at ' + uri if uri else ''}."
+                 for name, uri in named] or [f"No license information was sent for {collection}; "
+                                             "see https://www.cancerimagingarchive.net/"]
+    return ("\n\n".join(texts) + "\n").encode("utf-8")
+
+
+def metadata_csv(journal: Journal, collection: str) -> bytes:
+    rows = journal.series_rows(collection)
+    extra = sorted({k for _, r, _, _ in rows for k in r} - set(GET_SERIES_FIELDS))
+    columns = GET_SERIES_FIELDS + extra + ["Path", "FilesInArchive", "BytesInArchive"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for path, record, files, size in rows:
+        writer.writerow({**record, "Path": path, "FilesInArchive": files, "BytesInArchive": size})
+    return buffer.getvalue().encode("utf-8")
+
+
+def collection_files(journal: Journal, collection: str) -> list[tuple[str, bytes]]:
+    """(name relative to <Collection>/, content); MD5SUMS last and covering the others."""
+    extras = [("LICENSE", license_text(journal, collection)),
+              ("metadata.csv", metadata_csv(journal, collection))]
+    lines = [f"{hashlib.md5(data).hexdigest()}  {name}\n" for name, data in extras]
+    lines += [f"{md5}  {name}\n" for name, md5 in journal.files(collection)]
+    return extras + [("MD5SUMS", "".join(sorted(lines, key=lambda l: l[34:])).encode("utf-8"))]
+
+
+# -- shared parts of the two targets --------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A series made ready in scratch by a worker: an xz stream file or a folder."""
+    path: Path
+    tar_bytes: int = 0
+
+    def discard(self) -> None:
+        if self.path.is_dir():
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+class Target:
+    """Where the series end up, with its journal, lock and scratch folder. Subclasses
+    say how a verified zip becomes output (prepare: in a worker, in parallel) and how it
+    is made durable (commit: one at a time, under commit_lock)."""
+
+    def __init__(self, name: str, output: Path, temp_dir: Path, final: Path, journal_path: Path):
+        self.name = name
+        self.output = output
+        self.final = final
+        self.scratch = temp_dir / f".tcia_downloader-{name}.tmp"
+        self.commit_lock = threading.Lock()
+        self._closed = False
+        output.mkdir(parents=True, exist_ok=True)
+        self._lock_path = journal_path.with_name(journal_path.name + ".lock")
+        self._lock_file = self._acquire_lock()
+        self.journal = Journal(journal_path)
+        # Leftovers of a killed run: scratch holds nothing a journal row depends on.
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+
+    def _acquire_lock(self) -> io.TextIOWrapper:
+        """One run per output: a requeued job must not write beside its predecessor."""
+        handle = open(self._lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise FatalRunError(f"{self.final} is being written by {owner}; wait for that run "
+                                "to end or stop it", EXIT_USAGE) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        return handle
+
+    def close(self) -> None:
+        """No commit after this; waits for one in progress."""
+        with self.commit_lock:
+            self._closed = True
+            self.journal.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self._lock_path.unlink(missing_ok=True)
+        self._lock_file.close()
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise Interrupted()
+
+    @property
+    def complete(self) -> bool:
+        return self.journal.get("finished") == "yes"
+
+    def committed(self) -> dict[str, str]:
+        return self.journal.committed()
+
+    def scratch_path(self, series: PlannedSeries, suffix: str) -> Path:
+        return self.scratch / f"{series.uid}{suffix}"
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raise_if_disk_full(exc: OSError, where: Path) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise FatalRunError(f"no space left on {where} ({exc.strerror}); free space or move "
+                            "--temp_dir/--output, then rerun to resume") from None
+
+
+# -- the .tar.xz ------------------------------------------------------------------------------
+
+def tar_header(name: str, size: int, mtime: int) -> bytes:
+    """A ustar header, preceded by a pax header only where a name is too long for ustar."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def tar_padding(size: int) -> bytes:
+    return tarfile.NUL * (-size % TAR_BLOCK)
+
+
+class XzStreamWriter:
+    """One complete xz stream in a file: tar fragments go in, compressed bytes come out."""
+
+    def __init__(self, path: Path, preset: int):
+        self._file = open(path, "wb")
+        self._compressor = lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
+                                               preset=preset)
+        self.tar_bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self.tar_bytes += len(data)
+        self._file.write(self._compressor.compress(data))
+
+    def add_file(self, name: str, size: int, mtime: int,
+                 fill: Callable[[Callable[[bytes], None]], None]) -> None:
+        """A tar member whose size bytes fill() passes to the callable it is given."""
+        self.write(tar_header(name, size, mtime))
+        before = self.tar_bytes
+        fill(self.write)
+        if self.tar_bytes - before != size:
+            raise TransientError(f"{name}: {self.tar_bytes - before} bytes instead of {size}")
+        self.write(tar_padding(size))
+
+    def close(self) -> None:
+        self._file.write(self._compressor.flush())
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+class TarXzTarget(Target):
+    """<output>/<name>.tar.xz written as one xz stream per committed series.
+
+    xz readers and tar accept concatenated streams, so each series is compressed on its
+    own by a worker and appended whole; only the closing stream carries the collection
+    files and tar's end-of-archive blocks. Until then the file is <name>.tar.xz.part, and
+    the journal holds its length after every series."""
+
+    def __init__(self, name: str, output: Path, temp_dir: Path, preset: int):
+        super().__init__(name, output, temp_dir, output / f"{name}.tar.xz",
+                         output / f"{name}.tar.xz.journal")
+        self.part = output / f"{name}.tar.xz.part"
+        self.preset = preset
+        self.archive_end = self.tar_end = 0
+        self._resume()
+
+    @property
+    def complete(self) -> bool:
+        return self.final.exists() and self.journal.get("finished") == "yes"
+
+    def _resume(self) -> None:
+        if self.final.exists():
+            closing_end = self.journal.get("closing_end")
+            if closing_end and int(closing_end) == self.final.stat().st_size:
+                self.journal.put("finished", "yes")   # killed between rename and journal
+                return
+            raise FatalRunError(f"{self.final} exists but its journal "
+                                f"{self.journal.path.name} does not describe it; move one of "
+                                "them away", EXIT_USAGE)
+        self.journal.put("finished", "no")
+        if not self.part.exists():
+            if self.journal.forget_beyond(0):
+                log.warning("%s is gone: starting the archive over", self.part)
+            self.part.touch()
+        size = self.part.stat().st_size
+        lost = self.journal.forget_beyond(size)
+        if lost:
+            log.warning("%s is shorter than its journal says: %d series will be downloaded again",
+                        self.part, lost)
+        self.archive_end, self.tar_end = self.journal.ends()
+        if size > self.archive_end:
+            log.info("cutting %d bytes of an unfinished append from %s",
+                     size - self.archive_end, self.part.name)
+            with open(self.part, "r+b") as handle:
+                handle.truncate(self.archive_end)
+                os.fsync(handle.fileno())
+
+    def prepare(self, series: PlannedSeries, verified: VerifiedZip) -> Prepared:
+        """Compress the series into its own xz stream in scratch (runs in parallel)."""
+        prepared = Prepared(self.scratch_path(series, ".tar.xz"))
+        writer = XzStreamWriter(prepared.path, self.preset)
+        mtime = int(time.time())
+        try:
+            with zipfile.ZipFile(verified.path) as archive:
+                for member in verified.members:
+                    writer.add_file(f"{series.collection}/{series.path}/{member.name}",
+                                    member.size, mtime,
+                                    lambda sink, m=member: copy_entry(archive, m, sink))
+            writer.close()
+        except OSError as exc:
+            writer.abort()
+            prepared.discard()
+            raise_if_disk_full(exc, self.scratch)
+            raise
+        except BaseException:
+            writer.abort()
+            prepared.discard()
+            raise
+        prepared.tar_bytes = writer.tar_bytes
+        return prepared
+
+    def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
+        """Append the stream, fsync, then journal it: a row never runs ahead of its data."""
+        with self.commit_lock:
+            self.check_open()
+            new_end = self._append(prepared.path)
+            self.journal.record(series, verified, new_end, self.tar_end + prepared.tar_bytes)
+            self.archive_end, self.tar_end = new_end, self.tar_end + prepared.tar_bytes
+
+    def _append(self, stream_path: Path) -> int:
+        try:
+            with open(self.part, "r+b") as out, open(stream_path, "rb") as stream:
+                out.seek(self.archive_end)
+                shutil.copyfileobj(stream, out, CHUNK_SIZE)
+                out.flush()
+                os.fsync(out.fileno())
+                return out.tell()
+        except OSError as exc:
+            with open(self.part, "r+b") as out:  # no half stream behind a live run
+                out.truncate(self.archive_end)
+            raise_if_disk_full(exc, self.output)
+            raise
+
+    def finalize(self) -> None:
+        """Closing stream (collection files, end-of-archive), fsync, rename to .tar.xz."""
+        closing = Prepared(self.scratch / "closing.tar.xz")
+        writer = XzStreamWriter(closing.path, self.preset)
+        mtime = int(time.time())
+        for collection in self.journal.collections():
+            for name, data in collection_files(self.journal, collection):
+                writer.add_file(f"{collection}/{name}", len(data), mtime,
+                                lambda sink, d=data: sink(d))
+        writer.write(tarfile.NUL * (2 * TAR_BLOCK))
+        writer.write(tarfile.NUL * (-(self.tar_end + writer.tar_bytes) % TAR_RECORD))
+        writer.close()
+        with self.commit_lock:
+            self.check_open()
+            end = self._append(closing.path)
+            self.journal.put("closing_end", str(end))
+            os.replace(self.part, self.final)
+            fsync_directory(self.output)
+            self.journal.put("finished", "yes")
+        closing.discard()
+
+    def describe(self) -> str:
+        return str(self.final if self.complete else self.part)
+
+
+# -- the folder tree --------------------------------------------------------------------------
+
+class DirectoryTarget(Target):
+    """<output>/<name>/...: each series is extracted into scratch and moved into place
+    only when verified, so a series folder under <output> is always whole."""
+
+    def __init__(self, name: str, output: Path, temp_dir: Path):
+        super().__init__(name, output, temp_dir, output / name, output / f"{name}.journal")
+        self.final.mkdir(parents=True, exist_ok=True)
+        if not self.complete:
+            # A move cut short by a kill leaves a hidden .incoming folder: never a series.
+            # Only where move_folder and finalize put them: walking every series folder of a
+            # large collection would take minutes.
+            for stale in [*self.final.glob(".*.incoming"), *self.final.glob("*/*/.*.incoming")]:
+                (shutil.rmtree if stale.is_dir() else Path.unlink)(stale)
+
+    def series_folder(self, series: PlannedSeries) -> Path:
+        return self.final.parent / series.collection / series.path
+
+    def prepare(self, series: PlannedSeries, verified: VerifiedZip) -> Prepared:
+        prepared = Prepared(self.scratch_path(series, ".d"))
+        prepared.path.mkdir()
+        try:
+            with zipfile.ZipFile(verified.path) as archive:
+                for member in verified.members:
+                    with open(prepared.path / member.name, "wb") as out:
+                        copy_entry(archive, member, out.write)
+        except OSError as exc:
+            prepared.discard()
+            raise_if_disk_full(exc, self.scratch)
+            raise
+        except BaseException:
+            prepared.discard()
+            raise
+        return prepared
+
+    def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
+        destination = self.series_folder(series)
+        with self.commit_lock:
+            self.check_open()
+            try:
+                move_folder(prepared.path, destination)
+            except OSError as exc:
+                raise_if_disk_full(exc, destination)
+                raise
+            self.journal.record(series, verified, 0, 0)
+
+    def finalize(self) -> None:
+        for collection in self.journal.collections():
+            root = self.final.parent / collection
+            for name, data in collection_files(self.journal, collection):
+                temporary = root / f".{name}.incoming"
+                temporary.write_bytes(data)
+                os.replace(temporary, root / name)
+            fsync_directory(root)
+        self.journal.put("finished", "yes")
+
+    def describe(self) -> str:
+        return str(self.final)
+
+
+def move_folder(folder: Path, destination: Path) -> None:
+    """Put a finished series folder in place so that it appears whole or not at all."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    incoming = destination.parent / f".{destination.name}.incoming"
+    shutil.rmtree(incoming, ignore_errors=True)
+    if destination.exists():            # moved by a run killed before its journal row
+        shutil.rmtree(destination)
+    try:
+        os.rename(folder, incoming)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Across filesystems rename fails (node-local scratch -> shared output): copy
+        # next to the destination, then rename there.
+        shutil.copytree(folder, incoming)
+        shutil.rmtree(folder)
+    for child in incoming.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.rename(incoming, destination)
+    fsync_directory(destination.parent)
+
+
+# ==========================================================================================
+# 6. Orchestration
+# ==========================================================================================
+
+class Secrets:
+    """Everything that must never be written: the password and the current tokens."""
+
+    def __init__(self) -> None:
+        self._sources: list[Callable[[], list[str]]] = []
+
+    def add(self, source: Callable[[], list[str]]) -> None:
+        self._sources.append(source)
+
+    def values(self) -> list[str]:
+        return [secret for source in self._sources for secret in source() if secret]
+
+
+class SecretFilter(logging.Filter):
+    """Last line of defence: no password or token reaches a log line."""
+
+    def __init__(self, secrets: Secrets):
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self._secrets.values()
+        if secrets:
+            message = record.getMessage()
+            if any(s in message for s in secrets):
+                for secret in secrets:
+                    message = message.replace(secret, "***")
+                record.msg, record.args = message, None
+        return True
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Log lines printed above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Path:
+    """stderr at --log-level; <cache_dir>/logs/<time>-info.log and -debug.log."""
+    log_dir = private_dir(options.cache_dir / "logs")
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    secret_filter = SecretFilter(secrets)
+    file_format = logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(message)s")
+    console = TqdmHandler() if bars else logging.StreamHandler(sys.stderr)
+    console.setLevel(options.log_level)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           datefmt="%H:%M:%S"))
+    handlers: list[logging.Handler] = [console]
+    for suffix, level in (("info", logging.INFO), ("debug", logging.DEBUG)):
+        handler = logging.FileHandler(log_dir / f"{stamp}-{suffix}.log", encoding="utf-8")
+        handler.setLevel(level)
+        handler.setFormatter(file_format)
+        handlers.append(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    for handler in handlers:
+        handler.addFilter(secret_filter)
+        log.addHandler(handler)
+    # Connection-level detail (urllib3 retries, cache hits) belongs in the debug file only.
+    for name in ("urllib3", "requests_cache"):
+        library_log = logging.getLogger(name)
+        library_log.setLevel(logging.DEBUG)
+        library_log.addHandler(handlers[-1])
+        library_log.propagate = False
+    return log_dir / f"{stamp}-info.log"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_seconds(seconds: float) -> str:
+    return str(timedelta(seconds=int(seconds)))
+
+
+class Progress:
+    """tqdm bars on a terminal; otherwise one summary line every summary_interval seconds
+    (a slurm .out file must stay readable)."""
+
+    def __init__(self, total_series: int, total_bytes: int, bars: bool, interval: float):
+        self.total_series = total_series
+        self.total_bytes = total_bytes
+        self.done = 0
+        self.failed = 0
+        self.received = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._bars = None
+        if bars:
+            from tqdm import tqdm
+            self._bars = (tqdm(total=total_bytes, unit="B", unit_scale=True, desc="data",
+                               position=0, file=sys.stderr, dynamic_ncols=True),
+                          tqdm(total=total_series, unit="series", desc="series", position=1,
+                               file=sys.stderr, dynamic_ncols=True))
+            self._thread = None
+        else:
+            self._thread = threading.Thread(target=self._summaries, args=(interval,),
+                                            name="summary", daemon=True)
+            self._thread.start()
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.received += n
+            if self._bars:
+                self._bars[0].update(n)
+
+    def series_finished(self, ok: bool, received: int, expected: int) -> None:
+        """Count a series; its bytes are set to FileSize so the total stays meaningful."""
+        with self._lock:
+            correction = (expected - received) if ok else -received
+            self.received += correction
+            if ok:
+                self.done += 1
+            else:
+                self.failed += 1
+            if self._bars:
+                self._bars[0].update(correction)
+                self._bars[1].update(1)
+
+    def summary(self) -> str:
+        with self._lock:
+            elapsed = max(time.monotonic() - self.started, 1e-6)
+            rate = self.received / elapsed
+            left = max(self.total_bytes - self.received, 0)
+            eta = human_seconds(left / rate) if rate > 0 else "unknown"
+            return (f"progress: {self.done + self.failed}/{self.total_series} series "
+                    f"({self.failed} failed), {human_bytes(self.received)} of "
+                    f"{human_bytes(self.total_bytes)}, {human_bytes(rate)}/s, ETA {eta}")
+
+    def _summaries(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            log.info("%s", self.summary())
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._bars:
+            for bar in self._bars:
+                bar.close()
+
+
+@dataclass
+class Outcome:
+    series: PlannedSeries
+    ok: bool
+    reason: str = ""
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunContext:
+    api: TciaApi
+    target: Target
+    endpoint: ImageEndpoint
+    progress: Progress
+    retry: RetryPolicy
+    stop: threading.Event
+    fatal: list[FatalRunError] = field(default_factory=list)
+
+
+def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
+    """One series, retried within its budget: every failed attempt is thrown away whole."""
+    started = time.monotonic()
+    received = 0
+
+    def count(n: int) -> None:
+        nonlocal received
+        received += n
+        ctx.progress.add_bytes(n)
+
+    def forget_attempt() -> None:
+        count(-received)
+
+    failures = 0
+    reason = ""
+    while failures < ctx.retry.attempts:
+        endpoint = ctx.endpoint.name
+        try:
+            verified = attempt_series(ctx, series, endpoint, count)
+        except Md5ParameterRefused:
+            ctx.endpoint.fall_back("refuses IncludeMD5 (a build older than 2025-11)")
+            continue                                  # not the series' fault: no attempt used
+        except Md5TableMissing:
+            forget_attempt()
+            if endpoint == "getImage":
+                ctx.endpoint.fall_back("ignores IncludeMD5=Yes (its zips have no md5hashes.csv)")
+                continue
+            error = TransientError("the zip has no md5hashes.csv (cut short)")
+        except SeriesUnavailable as exc:
+            forget_attempt()
+            reason = str(exc)
+            break
+        except TransientError as exc:
+            forget_attempt()
+            error = exc
+        else:
+            ctx.progress.series_finished(True, received, series.file_size)
+            return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
+                           seconds=time.monotonic() - started)
+        failures += 1
+        reason = str(error)
+        if failures < ctx.retry.attempts:
+            delay = 0.0 if error.immediate else ctx.retry.delay(failures, error.retry_after)
+            log.warning("%s: attempt %d/%d failed: %s; retrying in %.0f s", series.label,
+                        failures, ctx.retry.attempts, reason, delay)
+            if ctx.stop.wait(delay):
+                raise Interrupted()
+    ctx.progress.series_finished(False, received, series.file_size)
+    return Outcome(series, False, reason=reason, seconds=time.monotonic() - started)
+
+
+def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
+                   count: Callable[[int], None]) -> VerifiedZip:
+    """Download, verify and clean, prepare the output in scratch, commit it."""
+    zip_path = ctx.target.scratch_path(series, ".zip")
+    prepared: Optional[Prepared] = None
+    try:
+        ctx.api.download_zip(endpoint, series.uid, zip_path, count)
+        verified = verify_zip(zip_path, series)
+        for entry, why in verified.dropped:
+            log.warning("%s: dropped %s: %s", series.label, entry, why)
+        prepared = ctx.target.prepare(series, verified)
+        zip_path.unlink()                 # scratch holds one zip or one stream per worker
+        ctx.target.commit(series, verified, prepared)
+        return verified
+    finally:
+        zip_path.unlink(missing_ok=True)
+        if prepared is not None:
+            prepared.discard()
+
+
+def log_outcome(outcome: Outcome, position: int, total: int) -> None:
+    series = outcome.series
+    if outcome.ok:
+        rate = outcome.bytes / max(outcome.seconds, 1e-6)
+        log.info("[%d/%d] done %s: %d files, %s in %.1f s (%s/s)", position, total, series.label,
+                 outcome.files, human_bytes(outcome.bytes), outcome.seconds, human_bytes(rate))
+    else:
+        log.error("[%d/%d] FAILED %s (%s): %s", position, total, series.label, series.uid,
+                  outcome.reason)
+
+
+class WorkerPool:
+    """Daemon worker threads over a queue of series. Daemon threads, because on a signal
+    the process must be able to leave while a worker sits in a read: the journal is
+    consistent at every instant, so abandoning in-flight work loses nothing committed."""
+
+    def __init__(self, ctx: RunContext, todo: list[PlannedSeries], workers: int,
+                 first_position: int, total: int):
+        self.ctx = ctx
+        self._todo = list(todo)
+        self._lock = threading.Lock()
+        self.outcomes: list[Outcome] = []
+        self._finished = threading.Event()
+        self._position = first_position
+        self._total = total
+        self._threads = [threading.Thread(target=self._work, name=f"worker-{n + 1}", daemon=True)
+                         for n in range(min(workers, len(todo)))]
+        self._running = len(self._threads)
+
+    def _next(self) -> Optional[PlannedSeries]:
+        with self._lock:
+            if self.ctx.stop.is_set() or self.ctx.fatal or not self._todo:
+                return None
+            return self._todo.pop(0)
+
+    def _work(self) -> None:
+        try:
+            while (series := self._next()) is not None:
+                try:
+                    outcome = process_series(self.ctx, series)
+                except Interrupted:
+                    return
+                except FatalRunError as exc:
+                    with self._lock:
+                        self.ctx.fatal.append(exc)
+                    self.ctx.stop.set()
+                    return
+                except Exception as exc:  # a bug must not kill the run silently
+                    log.exception("unexpected error on %s", series.label)
+                    outcome = Outcome(series, False, reason=f"internal error: {exc!r}")
+                with self._lock:
+                    self._position += 1
+                    self.outcomes.append(outcome)
+                    log_outcome(outcome, self._position, self._total)
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._finished.set()
+
+    def run(self) -> None:
+        if not self._threads:
+            return
+        for thread in self._threads:
+            thread.start()
+        # Wake regularly so the main thread can run signal handlers.
+        while not self._finished.wait(0.5):
+            if self.ctx.stop.is_set():
+                return
+
+
+def write_failed_manifest(path: Path, failures: list[Outcome]) -> None:
+    """The failed series as a .tcia manifest, the format TCIA's portal hands out."""
+    lines = ["downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/"
+             "DownloadServlet", "includeAnnotation=true", "noOfrRetry=4",
+             f"databasketId={path.name}", "manifestVersion=3.0", "ListOfSeriesToDownload="]
+    lines += [o.series.uid for o in failures]
+    temporary = path.with_name(path.name + ".incoming")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+
+
+class SignalCatcher:
+    """SIGINT/SIGTERM set the stop event; the exit code remembers which one came."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.exit_code: Optional[int] = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.exit_code is None:
+            self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+            log.warning("received %s: finishing the current commit and stopping; "
+                        "rerun to resume", signal.Signals(signum).name)
+        self.stop.set()
+
+
+def unknown_collection_message(api: TciaApi, name: str) -> str:
+    known = api.collections()
+    message = f"unknown collection {name!r}"
+    suggestions = suggest_collections(name, known)
+    if suggestions:
+        message += f"; did you mean: {', '.join(suggestions)}?"
+    elif known:
+        message += "; --list-collections is coming, meanwhile see https://www.cancerimagingarchive.net/"
+    if "nlst" in name.casefold():
+        message += f" NLST is on its own server: add --api-url {NLST_API_URL}"
+    return message
+
+
+def open_target(options: Options, name: str) -> Target:
+    try:
+        options.output.mkdir(parents=True, exist_ok=True)
+        options.temp_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FatalRunError(f"cannot create {exc.filename}: {exc.strerror}", EXIT_USAGE) from None
+    for folder in (options.output, options.temp_dir):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FatalRunError(f"{folder} is not writable: choose another --output/--temp_dir",
+                                EXIT_USAGE)
+    if options.compression:
+        return TarXzTarget(name, options.output, options.temp_dir, options.compression_level)
+    return DirectoryTarget(name, options.output, options.temp_dir)
+
+
+def run(options: Options, stop: threading.Event, signals: SignalCatcher,
+        secrets: Secrets) -> int:
+    """Plan, resume, download in parallel, finalize, report. Returns the exit code."""
+    started = time.monotonic()
+    api = TciaApi(options.api_url,
+                  cache_path=private_dir(options.cache_dir) / "http_cache",
+                  cache_expiry=timedelta(hours=options.cache_expiry_hours),
+                  user=options.user, password=options.password,
+                  connect_timeout=options.connect_timeout,
+                  stall_timeout=options.stall_timeout,
+                  retry=RetryPolicy(attempts=options.retries), stop=stop)
+    secrets.add(api.tokens.secrets)
+    try:
+        return _run_with(api, options, stop, signals, started)
+    finally:
+        api.close()
+
+
+def _run_with(api: TciaApi, options: Options, stop: threading.Event, signals: SignalCatcher,
+              started: float) -> int:
+    log.info("tcia_downloader %s: collection %s from %s", __version__, options.collection,
+             options.api_url)
+    records = api.series(options.collection)
+    if not records:
+        log.error("%s", unknown_collection_message(api, options.collection))
+        return EXIT_USAGE
+    planned = plan_collection(options.collection, records)
+    target = open_target(options, options.collection)
+    try:
+        return _download_into(target, planned, api, options, stop, signals, started)
+    finally:
+        target.close()
+
+
+def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, options: Options,
+                   stop: threading.Event, signals: SignalCatcher, started: float) -> int:
+    committed = target.committed()
+    if target.complete:
+        new = [s for s in planned if s.uid not in committed]
+        log.info("%s is complete with %d series; nothing to do", target.describe(), len(committed))
+        if new:
+            log.warning("%d series were published after this archive was finished; they are not "
+                        "in it (fetching them into an update archive is planned)", len(new))
+        return EXIT_OK
+    todo = [s for s in planned if s.uid not in committed]
+    # Smallest first: the first finished series decides the MD5 endpoint cheaply and a
+    # short job still commits as many series as possible.
+    todo.sort(key=lambda s: (s.file_size, s.uid))
+    skipped = len(planned) - len(todo)
+    total_bytes = sum(s.file_size for s in todo)
+    log.info("%d series (%s), %d already in %s, %d to download with %d workers",
+             len(planned), human_bytes(sum(s.file_size for s in planned)), skipped,
+             target.describe(), len(todo), options.workers)
+
+    bars = options.progress and sys.stderr.isatty()
+    progress = Progress(len(todo), total_bytes, bars, options.summary_interval)
+    ctx = RunContext(api=api, target=target, endpoint=ImageEndpoint(), progress=progress,
+                     retry=RetryPolicy(attempts=options.retries), stop=stop)
+    outcomes: list[Outcome] = []
+    try:
+        if todo:
+            # One series alone first: it settles getImage vs getImageWithMD5Hash before
+            # several workers each download a zip that would have to be thrown away.
+            first = WorkerPool(ctx, todo[:1], 1, skipped, len(planned))
+            first.run()
+            outcomes += first.outcomes
+            rest = WorkerPool(ctx, todo[1:], options.workers, skipped + len(outcomes),
+                              len(planned))
+            rest.run()
+            outcomes += rest.outcomes
+    finally:
+        progress.close()
+
+    if ctx.fatal:
+        log.error("%s", ctx.fatal[0])
+        report(options, target, planned, skipped, outcomes, progress, started, interrupted=False)
+        return ctx.fatal[0].exit_code
+    if signals.exit_code is not None:
+        report(options, target, planned, skipped, outcomes, progress, started, interrupted=True)
+        return signals.exit_code
+    failures = [o for o in outcomes if not o.ok]
+    if not failures:
+        target.finalize()
+    report(options, target, planned, skipped, outcomes, progress, started, interrupted=False)
+    return EXIT_OK if not failures else EXIT_INCOMPLETE
+
+
+def report(options: Options, target: Target, planned: list[PlannedSeries], skipped: int,
+           outcomes: list[Outcome], progress: Progress, started: float, interrupted: bool) -> None:
+    elapsed = time.monotonic() - started
+    done = [o for o in outcomes if o.ok]
+    failures = [o for o in outcomes if not o.ok]
+    new_bytes = sum(o.bytes for o in done)
+    missing = len(planned) - skipped - len(done)
+    lines = [
+        f"report for {options.collection}: {len(planned)} series requested",
+        f"  downloaded and verified now: {len(done)} ({human_bytes(new_bytes)})",
+        f"  already present:             {skipped}",
+        f"  failed:                      {len(failures)}",
+        f"  not attempted:               {missing - len(failures)}",
+        f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
+        f"  output: {target.describe()}",
+    ]
+    for line in lines:
+        log.info("%s", line)
+    if failures:
+        manifest = options.output / f"{target.name}.failed.tcia"
+        write_failed_manifest(manifest, failures)
+        for outcome in failures:
+            log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,
+                      outcome.reason)
+        log.error("the %d failed series are listed in %s; rerun the same command to retry them",
+                  len(failures), manifest)
+    if interrupted or failures or missing:
+        log.info("the output is resumable: rerun the same command to continue")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        options = parse_options(argv)
+    except UsageError as exc:
+        print(f"tcia_downloader: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stop = threading.Event()
+    signals = SignalCatcher(stop)
+    signals.install()
+    secrets = Secrets()
+    secrets.add(lambda: [options.password] if options.password else [])
+    bars = options.progress and sys.stderr.isatty()
+    try:
+        info_log = setup_logging(options, bars, secrets)
+    except OSError as exc:
+        print(f"tcia_downloader: error: cannot write logs in {options.cache_dir}: {exc.strerror}; "
+              "choose another --cache_dir", file=sys.stderr)
+        return EXIT_USAGE
+    log.debug("log file %s; options %s", info_log, options)
+    try:
+        return run(options, stop, signals, secrets)
+    except Interrupted:
+        return signals.exit_code or EXIT_SIGINT
+    except FatalRunError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Zip verification and the .tar.xz writer, without a server: the file format, standard
+readers, MD5SUMS, and recovery from a run killed in the middle of an append."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import tcia_downloader as td
+from dicom_helpers import dicom_bytes, md5, write_series_zip
+
+
+def planned(uid: str, path: str, count: int | None = 2, collection: str = "COLL") -> td.PlannedSeries:
+    return td.PlannedSeries(uid=uid, collection=collection, path=path,
+                            record={"SeriesInstanceUID": uid, "PatientID": path.split("/")[0],
+                                    "LicenseName": "CC BY 4.0"},
+                            image_count=count, file_size=0)
+
+
+def two_file_series(tmp_path: Path, uid: str) -> tuple[Path, dict[str, bytes]]:
+    files = {"1-1.dcm": dicom_bytes(uid, 1), "1-2.dcm": dicom_bytes(uid, 2)}
+    return write_series_zip(tmp_path / f"{uid}.zip", files), files
+
+
+# -- verification ---------------------------------------------------------------------------
+
+def test_verify_keeps_exactly_the_listed_dicom_files_of_the_series(tmp_path):
+    uid = "1.2.3.1"
+    files = {"1-1.dcm": dicom_bytes(uid, 1), "1-2.dcm": dicom_bytes(uid, 2),
+             "foreign.dcm": dicom_bytes("9.9.9", 1), "notes.txt": b"hello"}
+    listed = {n: md5(d) for n, d in files.items() if n != "foreign.dcm"}
+    listed["other.dcm"] = md5(dicom_bytes("9.9.8", 1))
+    zip_path = write_series_zip(tmp_path / "s.zip", {**files}, listed=listed)
+    # other.dcm is listed but absent: a broken transfer, not a clean zip
+    with pytest.raises(td.TransientError, match="missing"):
+        td.verify_zip(zip_path, planned(uid, "P/S/1", count=2))
+
+    del listed["other.dcm"]
+    files["stranger.dcm"] = dicom_bytes("9.9.7", 1)
+    listed["stranger.dcm"] = md5(files["stranger.dcm"])
+    zip_path = write_series_zip(tmp_path / "s2.zip", files, listed=listed)
+    verified = td.verify_zip(zip_path, planned(uid, "P/S/1", count=2))
+    assert [m.entry for m in verified.members] == ["1-1.dcm", "1-2.dcm"]
+    assert [m.md5 for m in verified.members] == [md5(files["1-1.dcm"]), md5(files["1-2.dcm"])]
+    reasons = dict(verified.dropped)
+    assert "not listed" in reasons["foreign.dcm"]
+    assert "not a DICOM" in reasons["notes.txt"]
+    assert "another series" in reasons["stranger.dcm"]
+    assert verified.license_text.startswith("License Information")
+
+
+def test_verify_rejects_a_wrong_md5_case_insensitively_correct_ones(tmp_path):
+    uid = "1.2.3.2"
+    files = {"a.dcm": dicom_bytes(uid, 1)}
+    upper = write_series_zip(tmp_path / "u.zip", files, listed={"a.dcm": md5(files["a.dcm"]).upper()})
+    assert len(td.verify_zip(upper, planned(uid, "P/S/1", count=1)).members) == 1
+    wrong = write_series_zip(tmp_path / "w.zip", files, listed={"a.dcm": "0" * 32})
+    with pytest.raises(td.TransientError, match="MD5 mismatch"):
+        td.verify_zip(wrong, planned(uid, "P/S/1", count=1))
+
+
+def test_verify_refuses_unsafe_entry_names(tmp_path):
+    uid = "1.2.3.3"
+    data = dicom_bytes(uid, 1)
+    zip_path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("1-1.dcm", data)
+        archive.writestr("../escape.dcm", data)
+        archive.writestr("/abs.dcm", data)
+        archive.writestr("md5hashes.csv", "Filename,MD5Hash\n1-1.dcm,%s\n../escape.dcm,%s\n/abs.dcm,%s\n"
+                         % (md5(data), md5(data), md5(data)))
+    verified = td.verify_zip(zip_path, planned(uid, "P/S/1", count=1))
+    assert [m.entry for m in verified.members] == ["1-1.dcm"]
+    assert {e for e, _ in verified.dropped} == {"../escape.dcm", "/abs.dcm"}
+
+
+def test_verify_reports_count_mismatch_truncation_and_missing_table(tmp_path):
+    zip_path, _ = two_file_series(tmp_path, "1.2.3.4")
+    with pytest.raises(td.TransientError, match="ImageCount"):
+        td.verify_zip(zip_path, planned("1.2.3.4", "P/S/1", count=3))
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(zip_path.read_bytes()[:-200])
+    with pytest.raises(td.TransientError, match="truncated"):
+        td.verify_zip(cut, planned("1.2.3.4", "P/S/1"))
+    bare = write_series_zip(tmp_path / "bare.zip", {"a.dcm": dicom_bytes("1.2.3.4", 1)},
+                            with_md5_table=False)
+    with pytest.raises(td.Md5TableMissing):
+        td.verify_zip(bare, planned("1.2.3.4", "P/S/1"))
+
+
+# -- the archive ----------------------------------------------------------------------------
+
+def commit_series(target: td.Target, tmp_path: Path, uid: str, path: str) -> dict[str, bytes]:
+    zip_path, files = two_file_series(tmp_path, uid)
+    series = planned(uid, path)
+    verified = td.verify_zip(zip_path, series)
+    target.commit(series, verified, target.prepare(series, verified))
+    return {f"COLL/{path}/{name}": data for name, data in files.items()}
+
+
+def member_md5s(archive: Path) -> dict[str, str]:
+    with tarfile.open(archive, "r:xz") as tar:
+        return {m.name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
+                for m in tar.getmembers() if m.isfile()}
+
+
+def test_archive_is_standard_and_self_verifying(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    expected = commit_series(target, tmp_path, "1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
+    expected |= commit_series(target, tmp_path, "1.2.3.11", "P2/unknown_date-NA-00002/" + "x" * 150)
+    target.finalize()
+    target.close()
+    archive = out / "COLL.tar.xz"
+    assert archive.exists() and not (out / "COLL.tar.xz.part").exists()
+
+    members = member_md5s(archive)
+    assert {k: v for k, v in members.items() if k in expected} == {k: md5(v) for k, v in expected.items()}
+    assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/metadata.csv", "COLL/MD5SUMS"}
+    # three xz streams: two series and the closing one
+    assert archive.read_bytes().count(b"\xfd7zXZ\x00") == 3
+
+    subprocess.run(["xz", "-t", str(archive)], check=True)
+    listing = subprocess.run(["tar", "-tJf", str(archive)], check=True, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(listing) == sorted(members)
+    extract = tmp_path / "x"
+    extract.mkdir()
+    subprocess.run(["tar", "-xJf", str(archive), "-C", str(extract)], check=True)
+    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=extract / "COLL", check=True,
+                           capture_output=True, text=True).stdout
+    assert check.count(": OK") == len(expected) + 2      # + LICENSE and metadata.csv
+    metadata = (extract / "COLL" / "metadata.csv").read_text().splitlines()
+    assert len(metadata) == 3 and "Path" in metadata[0]
+    assert (extract / "COLL" / "LICENSE").read_text() == "License Information. Test.\n"
+
+
+def test_a_kill_during_an_append_loses_only_that_append(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    first = commit_series(target, tmp_path, "1.2.3.20", "P1/d-S-00020/1-CT-3.20")
+    committed_size = (out / "COLL.tar.xz.part").stat().st_size
+    # What a kill -9 mid-append leaves: half a stream after the committed end, the lock held
+    # by a dead process (the lock file stays), stale scratch files.
+    with open(out / "COLL.tar.xz.part", "ab") as part:
+        part.write(b"\xfd7zXZ\x00 half a stream")
+    (tmp_path / "scratch" / ".tcia_downloader-COLL.tmp" / "stale.zip").write_bytes(b"junk")
+    target.journal.close()
+    target._lock_file.close()
+
+    resumed = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    assert (out / "COLL.tar.xz.part").stat().st_size == committed_size
+    assert set(resumed.committed()) == {"1.2.3.20"}
+    assert not (tmp_path / "scratch" / ".tcia_downloader-COLL.tmp" / "stale.zip").exists()
+    second = commit_series(resumed, tmp_path, "1.2.3.21", "P1/d-S-00020/2-CT-3.21")
+    resumed.finalize()
+    resumed.close()
+    members = member_md5s(out / "COLL.tar.xz")
+    assert {k: members[k] for k in first | second} == {k: md5(v) for k, v in (first | second).items()}
+
+
+def test_a_kill_between_rename_and_journal_is_recognised_as_finished(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    commit_series(target, tmp_path, "1.2.3.30", "P/d-S-1/1-CT-1")
+    target.finalize()
+    target.journal.put("finished", "no")        # as if killed right after the rename
+    target.close()
+    again = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    assert again.complete
+    again.close()
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    with pytest.raises(td.FatalRunError, match="being written by pid") as caught:
+        td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    assert caught.value.exit_code == td.EXIT_USAGE
+    target.close()
+
+
+def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
+    out = tmp_path / "out"
+    target = td.DirectoryTarget("COLL", out, tmp_path / "scratch")
+    expected = commit_series(target, tmp_path, "1.2.3.40", "P/d-S-1/1-CT-40")
+    # a stale half-moved folder from a killed run is swept on the next start
+    stale = out / "COLL" / "P" / "d-S-1" / ".9-MR-9.incoming"
+    stale.mkdir(parents=True)
+    target.finalize()
+    target.close()
+    for name, data in expected.items():
+        assert (out / name).read_bytes() == data
+    subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=out / "COLL", check=True)
+    td.DirectoryTarget("COLL", out, tmp_path / "scratch").close()
+    assert stale.exists(), "a finished tree is left alone"
+
+
+@pytest.mark.skipif(shutil.which("7z") is None and shutil.which("7zz") is None,
+                    reason="7-Zip is not installed (apt-get install 7zip)")
+def test_seven_zip_reads_the_concatenated_streams(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    commit_series(target, tmp_path, "1.2.3.50", "P/d-S-1/1-CT-50")
+    commit_series(target, tmp_path, "1.2.3.51", "P/d-S-1/2-CT-51")
+    target.finalize()
+    target.close()
+    seven = shutil.which("7z") or shutil.which("7zz")
+    subprocess.run([seven, "x", "-y", f"-o{tmp_path / 'tar'}", str(out / "COLL.tar.xz")],
+                   check=True, capture_output=True)
+    tar_path = next((tmp_path / "tar").iterdir())
+    with tarfile.open(tar_path) as tar:
+        names = tar.getnames()
+    assert sum(n.endswith(".dcm") for n in names) == 4

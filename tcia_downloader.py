@@ -111,6 +111,7 @@ class Options:
     compression_level: int
     workers: int
     retries: int
+    retry_wait: float
     stall_timeout: float
     connect_timeout: float
     cache_expiry_hours: float
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: usable cores + 2, at most 16)")
     how.add_argument("--retries", type=int, default=6, metavar="N",
                      help="attempts per series before it is reported as failed (default: 6)")
+    how.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
+                     help="first wait before a retry; it doubles per attempt, with jitter, "
+                          "up to 5 minutes (default: 2)")
     how.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
                      help="abort and retry a transfer that sends no byte for this long "
                           "(default: 120)")
@@ -196,6 +200,8 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         raise UsageError("--workers must be at least 1")
     if args.retries < 1:
         raise UsageError("--retries must be at least 1")
+    if args.retry_wait < 0:
+        raise UsageError("--retry-wait must be zero or more seconds")
     if args.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be a positive number of seconds")
     scheme = urlsplit(args.api_url).scheme
@@ -215,6 +221,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         compression_level=args.compression_level,
         workers=args.workers,
         retries=args.retries,
+        retry_wait=args.retry_wait,
         stall_timeout=args.stall_timeout,
         connect_timeout=args.connect_timeout,
         cache_expiry_hours=args.cache_expiry,
@@ -312,7 +319,7 @@ class TokenManager:
     """Keycloak password-grant tokens for private NBIA servers, renewed before expiry and
     after a 401; one renewal is shared by every worker thread."""
 
-    RENEW_MARGIN = 120.0  # seconds before expiry
+    RENEW_MARGIN = 120.0  # seconds before expiry (a tenth of a shorter lifetime)
 
     def __init__(self, token_url: str, user: Optional[str], password: Optional[str],
                  session: requests.Session, timeout: tuple[float, float]):
@@ -324,8 +331,8 @@ class TokenManager:
         self._lock = threading.Lock()
         self._access: Optional[str] = None
         self._refresh: Optional[str] = None
-        self._expires = 0.0
-        self._refresh_expires = 0.0
+        self._renew_at = 0.0
+        self._refresh_until = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -339,7 +346,7 @@ class TokenManager:
         if not self.enabled:
             return {}
         with self._lock:
-            if self._access is None or time.monotonic() > self._expires - self.RENEW_MARGIN:
+            if self._access is None or time.monotonic() > self._renew_at:
                 self._renew_locked()
             return {"Authorization": f"Bearer {self._access}"}
 
@@ -354,8 +361,7 @@ class TokenManager:
                 self._renew_locked()
 
     def _renew_locked(self) -> None:
-        now = time.monotonic()
-        if self._refresh and now < self._refresh_expires - self.RENEW_MARGIN:
+        if self._refresh and time.monotonic() < self._refresh_until:
             form = {"grant_type": "refresh_token", "refresh_token": self._refresh,
                     "client_id": "NBIA"}
             if self._request_token(form):
@@ -367,6 +373,9 @@ class TokenManager:
             raise FatalRunError(f"the server rejected the login of user {self._user!r}: "
                                 "check --user and the password", EXIT_USAGE)
         log.debug("new access token for user %s", self._user)
+
+    def _lifetime_less_margin(self, lifetime: float) -> float:
+        return lifetime - min(self.RENEW_MARGIN, lifetime / 10)
 
     def _request_token(self, form: dict[str, Optional[str]]) -> bool:
         for attempt in range(1, 5):
@@ -386,8 +395,9 @@ class TokenManager:
             now = time.monotonic()
             self._access = body["access_token"]
             self._refresh = body.get("refresh_token")
-            self._expires = now + float(body.get("expires_in", 300))
-            self._refresh_expires = now + float(body.get("refresh_expires_in", 0))
+            self._renew_at = now + self._lifetime_less_margin(float(body.get("expires_in", 300)))
+            self._refresh_until = now + self._lifetime_less_margin(
+                float(body.get("refresh_expires_in", 0)))
             return True
         raise FatalRunError("the token service did not answer: try again later")
 
@@ -880,12 +890,10 @@ class Journal:
             uid TEXT PRIMARY KEY, collection TEXT NOT NULL, path TEXT NOT NULL,
             archive_end INTEGER NOT NULL, tar_end INTEGER NOT NULL,
             files INTEGER NOT NULL, bytes INTEGER NOT NULL,
-            record TEXT NOT NULL, committed_at TEXT NOT NULL);
+            record TEXT NOT NULL, license TEXT, committed_at TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS files (
             uid TEXT NOT NULL, name TEXT NOT NULL, md5 TEXT NOT NULL, size INTEGER NOT NULL);
         CREATE INDEX IF NOT EXISTS files_uid ON files(uid);
-        CREATE TABLE IF NOT EXISTS licenses (
-            collection TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (collection, text));
     """
 
     def __init__(self, path: Path):
@@ -933,18 +941,16 @@ class Journal:
                tar_end: int) -> None:
         with self._db:  # one transaction: the series and its files, or nothing
             self._db.execute(
-                "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (series.uid, series.collection, series.path, archive_end, tar_end,
                  len(verified.members), verified.bytes, json.dumps(series.record),
+                 (verified.license_text or "").strip() or None,
                  datetime.now().isoformat(timespec="seconds")))
             self._db.execute("DELETE FROM files WHERE uid=?", (series.uid,))
             self._db.executemany(
                 "INSERT INTO files VALUES (?,?,?,?)",
                 [(series.uid, f"{series.path}/{m.name}", m.md5, m.size)
                  for m in verified.members])
-            if verified.license_text:
-                self._db.execute("INSERT OR IGNORE INTO licenses VALUES (?, ?)",
-                                 (series.collection, verified.license_text.strip()))
 
     def collections(self) -> list[str]:
         return [c for (c,) in self._db.execute("SELECT DISTINCT collection FROM series "
@@ -960,9 +966,10 @@ class Journal:
                 self._db.execute("SELECT path, record, files, bytes FROM series "
                                  "WHERE collection=? ORDER BY path", (collection,))]
 
-    def licenses(self, collection: str) -> list[str]:
-        return [t for (t,) in self._db.execute(
-            "SELECT text FROM licenses WHERE collection=? ORDER BY text", (collection,))]
+    def licenses(self, collection: str) -> list[tuple[Optional[str], dict]]:
+        """(LICENSE text the server sent, or None; the getSeries record) per series."""
+        return [(text, json.loads(record)) for text, record in self._db.execute(
+            "SELECT license, record FROM series WHERE collection=?", (collection,))]
 
 
 # -- the collection-level files: LICENSE, metadata.csv, MD5SUMS ------------------------------
@@ -977,18 +984,22 @@ GET_SERIES_FIELDS = [
 
 
 def license_text(journal: Journal, collection: str) -> bytes:
-    """The LICENSE texts the server sent; where it sent none (getImageWithMD5Hash), the
-    licenses named in the series metadata."""
-    texts = journal.licenses(collection)
+    """Every distinct license of the collection's series: the LICENSE text the server sent
+    with a series, or, for series fetched without one (getImageWithMD5Hash), the license
+    its metadata names. Collections mix licenses (Pancreas-CT: CC BY 3.0 and 4.0)."""
+    texts: set[str] = set()
+    for sent, record in journal.licenses(collection):
+        if sent:
+            texts.add(sent)
+        elif record.get("LicenseName") or record.get("LicenseURI"):
+            where = record.get("LicenseURI") or record.get("DataDescriptionURI")
+            texts.add(f"License Information. Data of the {collection} collection is distributed "
+                      f"under the {record.get('LicenseName') or 'license'}"
+                      f"{' at ' + where if where else ''}.")
     if not texts:
-        named = sorted({(r.get("LicenseName", ""), r.get("LicenseURI", ""))
-                        for _, r, _, _ in journal.series_rows(collection)
-                        if r.get("LicenseName") or r.get("LicenseURI")})
-        texts = [f"License Information. The {collection} collection (or parts of it) is "
-                 f"distributed under the {name or 'license'}{' at ' + uri if uri else ''}."
-                 for name, uri in named] or [f"No license information was sent for {collection}; "
-                                             "see https://www.cancerimagingarchive.net/"]
-    return ("\n\n".join(texts) + "\n").encode("utf-8")
+        texts.add(f"The server sent no license information for {collection}; see "
+                  "https://www.cancerimagingarchive.net/ before you use or share this data.")
+    return ("\n\n".join(sorted(texts)) + "\n").encode("utf-8")
 
 
 def metadata_csv(journal: Journal, collection: str) -> bytes:
@@ -1403,8 +1414,9 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Path:
-    """stderr at --log-level; <cache_dir>/logs/<time>-info.log and -debug.log."""
+def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Callable[[], None]:
+    """stderr at --log-level; <cache_dir>/logs/<time>-info.log and -debug.log.
+    Returns the function that takes the handlers down again."""
     log_dir = private_dir(options.cache_dir / "logs")
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     secret_filter = SecretFilter(secrets)
@@ -1425,12 +1437,20 @@ def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Path:
         handler.addFilter(secret_filter)
         log.addHandler(handler)
     # Connection-level detail (urllib3 retries, cache hits) belongs in the debug file only.
-    for name in ("urllib3", "requests_cache"):
-        library_log = logging.getLogger(name)
+    library_logs = [logging.getLogger(name) for name in ("urllib3", "requests_cache")]
+    for library_log in library_logs:
         library_log.setLevel(logging.DEBUG)
         library_log.addHandler(handlers[-1])
         library_log.propagate = False
-    return log_dir / f"{stamp}-info.log"
+    log.debug("logs: %s", log_dir / f"{stamp}-debug.log")
+
+    def teardown() -> None:
+        for library_log in library_logs:
+            library_log.removeHandler(handlers[-1])
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+    return teardown
 
 
 def human_bytes(n: float) -> str:
@@ -1693,8 +1713,12 @@ class SignalCatcher:
         self.exit_code: Optional[int] = None
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.exit_code is None:
@@ -1715,6 +1739,10 @@ def unknown_collection_message(api: TciaApi, name: str) -> str:
     if "nlst" in name.casefold():
         message += f" NLST is on its own server: add --api-url {NLST_API_URL}"
     return message
+
+
+def retry_policy(options: Options) -> RetryPolicy:
+    return RetryPolicy(attempts=options.retries, base_delay=options.retry_wait)
 
 
 def open_target(options: Options, name: str) -> Target:
@@ -1742,7 +1770,7 @@ def run(options: Options, stop: threading.Event, signals: SignalCatcher,
                   user=options.user, password=options.password,
                   connect_timeout=options.connect_timeout,
                   stall_timeout=options.stall_timeout,
-                  retry=RetryPolicy(attempts=options.retries), stop=stop)
+                  retry=retry_policy(options), stop=stop)
     secrets.add(api.tokens.secrets)
     try:
         return _run_with(api, options, stop, signals, started)
@@ -1789,7 +1817,7 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
     bars = options.progress and sys.stderr.isatty()
     progress = Progress(len(todo), total_bytes, bars, options.summary_interval)
     ctx = RunContext(api=api, target=target, endpoint=ImageEndpoint(), progress=progress,
-                     retry=RetryPolicy(attempts=options.retries), stop=stop)
+                     retry=retry_policy(options), stop=stop)
     outcomes: list[Outcome] = []
     try:
         if todo:
@@ -1862,12 +1890,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     secrets.add(lambda: [options.password] if options.password else [])
     bars = options.progress and sys.stderr.isatty()
     try:
-        info_log = setup_logging(options, bars, secrets)
+        teardown_logging = setup_logging(options, bars, secrets)
     except OSError as exc:
         print(f"tcia_downloader: error: cannot write logs in {options.cache_dir}: {exc.strerror}; "
               "choose another --cache_dir", file=sys.stderr)
         return EXIT_USAGE
-    log.debug("log file %s; options %s", info_log, options)
+    log.debug("options %s", options)
     try:
         return run(options, stop, signals, secrets)
     except Interrupted:
@@ -1877,6 +1905,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_SIGINT
+    finally:
+        signals.uninstall()
+        teardown_logging()
 
 
 if __name__ == "__main__":

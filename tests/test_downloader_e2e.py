@@ -1,0 +1,448 @@
+"""The downloader end to end against tests/fake_nbia.py: clean runs, every fault kind,
+contamination, hostile names, both MD5 endpoints, tokens, exit codes, and kill -9 / SIGTERM
+at several points followed by a resume that matches an uninterrupted run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+import tcia_downloader as td
+from fake_nbia import Faults
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tcia_downloader.py"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+class Run:
+    """One downloader run in this process, with its exit code and logs."""
+
+    def __init__(self, tmp_path: Path, fake, *extra: str, collection: str = "DEMO",
+                 compression: bool = True, output: Path | None = None, name: str = "run"):
+        self.output = output or tmp_path / "out"
+        self.cache = tmp_path / "cache"
+        self.argv = ["--collection", collection, "--output", str(self.output),
+                     "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
+                     "--workers", "3", "--retry-wait", "0.05", "--stall-timeout", "1",
+                     *(["--compression"] if compression else []), *extra]
+        before = set(self.cache.glob("logs/*-info.log"))
+        self.code = td.main(self.argv)
+        new_logs = sorted(set(self.cache.glob("logs/*-info.log")) - before) or \
+            sorted(self.cache.glob("logs/*-info.log"))
+        self.log = new_logs[-1].read_text() if new_logs else ""
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def archive_members(path: Path) -> dict[str, str]:
+    with tarfile.open(path, "r:xz") as tar:
+        return {m.name: md5(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
+
+
+def tree_members(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): md5(p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+def series_folders(members: dict[str, str]) -> dict[str, list[str]]:
+    """series folder -> sorted MD5s of its DICOM files (file names depend on the endpoint)."""
+    folders: dict[str, list[str]] = defaultdict(list)
+    for name, digest in members.items():
+        if name.count("/") == 4:          # <Collection>/<patient>/<study>/<series>/<file>
+            folders[name.rsplit("/", 1)[0]].append(digest)
+    return {folder: sorted(d) for folder, d in folders.items()}
+
+
+def expected_folders(fake, collection: str = "DEMO") -> dict[str, list[str]]:
+    planned = td.plan_collection(collection, fake.series(collection))
+    return {f"{collection}/{p.path}": sorted(md5(data) for _, data in fake.instances(p.uid))
+            for p in planned}
+
+
+def verify_with_standard_tools(archive: Path, tmp_path: Path, collection: str = "DEMO") -> None:
+    subprocess.run(["xz", "-t", str(archive)], check=True)
+    subprocess.run(["tar", "-tJf", str(archive)], check=True, capture_output=True)
+    extract = tmp_path / f"extract-{archive.stem}"
+    extract.mkdir()
+    subprocess.run(["tar", "-xJf", str(archive), "-C", str(extract)], check=True)
+    subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=extract / collection, check=True)
+
+
+def journal_uids(output: Path, name: str = "DEMO.tar.xz.journal") -> set[str]:
+    path = output / name
+    if not path.exists():
+        return set()
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        try:
+            return {uid for (uid,) in db.execute("SELECT uid FROM series")}
+        except sqlite3.OperationalError:       # created but the schema is not there yet
+            return set()
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- clean runs -----------------------------------------------------------------------------
+
+def test_a_clean_collection_becomes_one_verified_archive(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory()
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_OK, run.log
+    archive = run.output / "DEMO.tar.xz"
+    assert archive.exists() and not (run.output / "DEMO.tar.xz.part").exists()
+    members = archive_members(archive)
+    assert series_folders(members) == expected_folders(fake)
+    assert {"DEMO/LICENSE", "DEMO/metadata.csv", "DEMO/MD5SUMS"} <= set(members)
+    verify_with_standard_tools(archive, tmp_path)
+    # one line per finished series, and a final report
+    n = len(fake.series("DEMO"))
+    assert run.log.count(" done DEMO/") == n
+    assert f"downloaded and verified now: {n}" in run.log
+    # nothing is left in scratch or beside the archive but the journal
+    assert sorted(p.name for p in run.output.iterdir()) == ["DEMO.tar.xz", "DEMO.tar.xz.journal"]
+
+
+def test_a_finished_archive_is_not_downloaded_again(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory()
+    assert Run(tmp_path, fake).code == td.EXIT_OK
+    images = fake.counters.requests("getImage") + fake.counters.requests("getImageWithMD5Hash")
+    again = Run(tmp_path, fake)
+    assert again.code == td.EXIT_OK
+    assert "nothing to do" in again.log
+    assert fake.counters.requests("getImage") + fake.counters.requests("getImageWithMD5Hash") == images
+
+
+@pytest.mark.parametrize("mode", ["honour", "ignore", "refuse"])
+def test_each_include_md5_behaviour_of_the_server_ends_verified(tmp_path, fake_nbia_factory, mode):
+    fake = fake_nbia_factory(include_md5=mode)
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_OK, run.log
+    members = archive_members(run.output / "DEMO.tar.xz")
+    assert series_folders(members) == expected_folders(fake)
+    with_hash = fake.counters.requests("getImageWithMD5Hash", 200)
+    if mode == "honour":
+        assert with_hash == 0
+        assert any(name.endswith("/1-1.dcm") or name.endswith("/1-01.dcm") or name.endswith("/1-001.dcm")
+                   for name in members)
+    else:
+        # the switch happens once, on the first series, before the other workers start
+        assert with_hash == len(fake.series("DEMO"))
+        assert fake.counters.requests("getImage") == 1
+        assert "using getImageWithMD5Hash for the rest of the run" in run.log
+
+
+def test_folder_tree_mode_moves_verified_series_and_leaves_no_scratch(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory()
+    scratch = tmp_path / "scratch"
+    run = Run(tmp_path, fake, "--temp_dir", str(scratch), compression=False)
+    assert run.code == td.EXIT_OK, run.log
+    root = run.output / "DEMO"
+    members = {f"DEMO/{k}": v for k, v in tree_members(root).items()}
+    assert series_folders(members) == expected_folders(fake)
+    subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=root, check=True)
+    assert not any(p.name.startswith(".") for p in root.rglob("*"))
+    assert list(scratch.iterdir()) == []
+
+
+def test_real_metadata_collection_with_missing_series_dates(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(instances=2)
+    run = Run(tmp_path, fake, "--workers", "4", collection="Pancreas-CT")
+    assert run.code == td.EXIT_OK, run.log
+    members = archive_members(run.output / "Pancreas-CT.tar.xz")
+    assert series_folders(members) == expected_folders(fake, "Pancreas-CT")
+    assert not any("unknown_date" in name for name in members)
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+FAULT_KINDS = {
+    "500": "HTTP 500", "429": "HTTP 429", "reset": "connection", "stall": "stalled",
+    "corrupt": "MD5 mismatch", "truncate": "truncated", "bad_md5_row": "MD5 mismatch",
+}
+
+
+def test_every_fault_kind_is_retried_to_a_complete_archive(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(faults=Faults(retry_after=0.1, stall_seconds=30))
+    uids = [s["SeriesInstanceUID"] for s in fake.series("DEMO")]
+    kinds = list(FAULT_KINDS)
+    for uid, kind in zip(uids[1:], kinds):    # the first series goes alone: keep it clean
+        fake.script_faults(uid, [kind, kind])  # twice in a row: the backoff must go on
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_OK, run.log
+    assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
+    for kind, symptom in FAULT_KINDS.items():
+        assert f"attempt 2/6 failed: {symptom}" in run.log or \
+            any(symptom in line and "attempt 2/6" in line for line in run.log.splitlines()), kind
+
+
+def test_a_series_that_keeps_failing_is_reported_and_the_rest_resumes_later(tmp_path,
+                                                                           fake_nbia_factory):
+    fake = fake_nbia_factory(include_md5="honour")   # no probe download: counts are exact
+    uids = [s["SeriesInstanceUID"] for s in fake.series("DEMO")]
+    victim = uids[3]
+    fake.script_faults(victim, ["500"] * 3)
+    run = Run(tmp_path, fake, "--retries", "3")
+    assert run.code == td.EXIT_INCOMPLETE
+    assert (run.output / "DEMO.tar.xz.part").exists()
+    assert not (run.output / "DEMO.tar.xz").exists()
+    manifest = (run.output / "DEMO.failed.tcia").read_text().splitlines()
+    assert manifest[manifest.index("ListOfSeriesToDownload=") + 1:] == [victim]
+    assert "failed:                      1" in run.log
+    downloads = {uid: fake.counters.complete_downloads(uid) for uid in uids}
+
+    again = Run(tmp_path, fake)
+    assert again.code == td.EXIT_OK, again.log
+    assert {uid: fake.counters.complete_downloads(uid) for uid in uids} == \
+        {**downloads, victim: downloads[victim] + 1}
+    assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
+
+
+# -- nastiness ------------------------------------------------------------------------------
+
+def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path,
+                                                                       fake_nbia_factory):
+    fake = fake_nbia_factory(nasty=frozenset({"contaminate", "junk", "hostile_names",
+                                              "duplicate_series_numbers", "missing_dates"}))
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_OK, run.log
+    archive = run.output / "DEMO.tar.xz"
+    members = archive_members(archive)
+    assert series_folders(members) == expected_folders(fake)
+    dropped = [line for line in run.log.splitlines() if "WARNING" in line and "dropped" in line]
+    assert any("not listed in md5hashes.csv" in line for line in dropped)
+    assert any("not a DICOM file" in line for line in dropped)
+    for name in members:
+        for part in name.split("/"):
+            assert part and not part.startswith(".") and part.isascii() and part.isprintable()
+            assert len(part) <= 160
+    verify_with_standard_tools(archive, tmp_path)
+    assert any("unknown_date" in name for name in members)
+
+
+# -- kills and signals ----------------------------------------------------------------------
+
+def start_subprocess(fake, output: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(output),
+            "--cache_dir", str(cache), "--api-url", fake.url, "--no-progress", "--compression",
+            "--workers", "2", "--retry-wait", "0.05", "--stall-timeout", "5", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tmp_path,
+                                                                             fake_nbia_factory):
+    # Slow enough that each kill point is reachable, fast enough for CI.
+    fake = fake_nbia_factory(demo_series=10, conn_bandwidth=400_000)
+    reference = Run(tmp_path / "ref", fake, output=tmp_path / "ref" / "out")
+    assert reference.code == td.EXIT_OK
+    expected = archive_members(reference.output / "DEMO.tar.xz")
+    fake.counters.reset()
+
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    committed_before: set[str] = set()
+    downloads_at_kill: dict[str, int] = {}
+    kill_points = [
+        ("during the first download", lambda: fake.counters.requests("getImage") >= 1),
+        ("after 2 more commits", lambda: len(journal_uids(output) - committed_before) >= 2),
+        ("after 3 more commits", lambda: len(journal_uids(output) - committed_before) >= 3),
+    ]
+    for what, condition in kill_points:
+        process = start_subprocess(fake, output, cache)
+        try:
+            wait_until(condition, 60, what)
+        finally:
+            process.kill()
+            process.wait()
+        committed_before = journal_uids(output)
+        downloads_at_kill.update({uid: fake.counters.complete_downloads(uid)
+                                  for uid in committed_before})
+        assert not (output / "DEMO.tar.xz").exists()
+
+    assert len(committed_before) >= 5
+    final = start_subprocess(fake, output, cache)
+    _, errors = final.communicate(timeout=120)
+    assert final.returncode == td.EXIT_OK, errors
+    # the same members with the same content, LICENSE, metadata.csv and MD5SUMS included
+    assert archive_members(output / "DEMO.tar.xz") == expected
+    # no committed series was downloaded again
+    assert {uid: fake.counters.complete_downloads(uid) for uid in downloads_at_kill} == downloads_at_kill
+    verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, td.EXIT_SIGTERM),
+                                       (signal.SIGINT, td.EXIT_SIGINT)])
+def test_a_signal_stops_promptly_with_its_exit_code_and_the_rerun_completes(
+        tmp_path, fake_nbia_factory, sig, code):
+    fake = fake_nbia_factory(demo_series=8, conn_bandwidth=300_000)
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    process = start_subprocess(fake, output, cache)
+    wait_until(lambda: len(journal_uids(output)) >= 1, 60, "a first commit")
+    sent = time.monotonic()
+    process.send_signal(sig)
+    _, errors = process.communicate(timeout=30)
+    assert process.returncode == code, errors
+    assert time.monotonic() - sent < 10
+    assert "Traceback" not in errors
+    assert "rerun" in errors
+    committed = journal_uids(output)
+    downloads = {uid: fake.counters.complete_downloads(uid) for uid in committed}
+    rerun = start_subprocess(fake, output, cache)
+    _, errors = rerun.communicate(timeout=120)
+    assert rerun.returncode == td.EXIT_OK, errors
+    assert {uid: fake.counters.complete_downloads(uid) for uid in committed} == downloads
+    assert series_folders(archive_members(output / "DEMO.tar.xz")) == expected_folders(fake)
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+def run_with_login(fake, tmp_path: Path, password: str, during=None) -> tuple[subprocess.Popen, str]:
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "TCIA_PASSWORD": password}
+    argv = [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(output),
+            "--cache_dir", str(cache), "--api-url", fake.url, "--no-progress", "--compression",
+            "--workers", "2", "--retry-wait", "0.05", "--user", "alice"]
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    if during is not None:
+        during(output)
+    _, errors = process.communicate(timeout=120)
+    return process, errors
+
+
+def assert_no_secret_written(tmp_path: Path, password: str, errors: str) -> None:
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert password.encode() not in content, path
+            assert b"Bearer " not in content, path
+    assert password not in errors
+
+
+def image_requests(fake, status: int) -> int:
+    return sum(fake.counters.requests(e, status) for e in ("getImage", "getImageWithMD5Hash"))
+
+
+def test_short_lived_tokens_are_renewed_before_they_expire(tmp_path, fake_nbia_factory):
+    password = "pw-Very-Secret-42"
+    # Tokens live 1 s and the run takes several: a client that did not renew in time
+    # would send an expired token and get 401.
+    fake = fake_nbia_factory(require_token=True, users={"alice": password}, token_lifetime=1.0,
+                             demo_series=8, conn_bandwidth=40_000)
+    process, errors = run_with_login(fake, tmp_path, password)
+    assert process.returncode == td.EXIT_OK, errors
+    assert image_requests(fake, 401) == 0
+    assert fake.counters.requests("token", 200) >= 2
+    assert series_folders(archive_members(tmp_path / "out" / "DEMO.tar.xz")) == \
+        expected_folders(fake)
+    assert_no_secret_written(tmp_path, password, errors)
+
+
+def test_tokens_revoked_mid_run_are_renewed_after_the_401(tmp_path, fake_nbia_factory):
+    password = "pw-Very-Secret-43"
+    fake = fake_nbia_factory(require_token=True, users={"alice": password},
+                             demo_series=8, conn_bandwidth=100_000)
+
+    def revoke_after_two_commits(output: Path) -> None:
+        wait_until(lambda: len(journal_uids(output)) >= 2, 60, "two commits")
+        fake.expire_tokens()
+
+    process, errors = run_with_login(fake, tmp_path, password, revoke_after_two_commits)
+    assert process.returncode == td.EXIT_OK, errors
+    assert image_requests(fake, 401) >= 1          # the revoked token was really refused
+    assert fake.counters.requests("token", 200) >= 2
+    assert series_folders(archive_members(tmp_path / "out" / "DEMO.tar.xz")) == \
+        expected_folders(fake)
+    assert_no_secret_written(tmp_path, password, errors)
+
+
+def test_a_wrong_password_is_one_clear_line_and_exit_2(tmp_path, fake_nbia_factory, monkeypatch,
+                                                       capsys):
+    fake = fake_nbia_factory(require_token=True, users={"alice": "right"})
+    monkeypatch.setenv("TCIA_PASSWORD", "pw-Wrong-77")
+    run = Run(tmp_path, fake, "--user", "alice")
+    assert run.code == td.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "rejected the login of user 'alice'" in err
+    assert "pw-Wrong-77" not in err
+    assert "Traceback" not in err
+
+
+def test_a_private_server_without_user_asks_for_one(tmp_path, fake_nbia_factory, capsys):
+    fake = fake_nbia_factory(require_token=True, users={"alice": "right"})
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_USAGE
+    assert "pass --user" in capsys.readouterr().err
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+def test_an_unknown_collection_exits_2_and_suggests_close_names(tmp_path, fake_nbia_factory,
+                                                                capsys):
+    fake = fake_nbia_factory()
+    run = Run(tmp_path, fake, collection="pancreas_ct")
+    assert run.code == td.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown collection 'pancreas_ct'" in err and "Pancreas-CT" in err
+    assert not (run.output / "pancreas_ct.tar.xz.part").exists()
+
+
+def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, capsys):
+    fake = fake_nbia_factory()
+    assert Run(tmp_path, fake, collection="NLST").code == td.EXIT_USAGE
+    assert "nlst.cancerimagingarchive.net" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--collection", "X", "--mode", "aspera"], "not available in this version"),
+    (["--collection", "X", "--workers", "0"], "--workers must be at least 1"),
+    (["--collection", "X", "--compression-level", "12"], "xz preset from 0 to 9"),
+    (["--collection", "X", "--api-url", "ftp://x"], "is not an http(s) URL"),
+    (["--collection", "X", "--password", "p"], "--password was given without --user"),
+])
+def test_bad_usage_is_one_line_and_exit_2(argv, message):
+    result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == td.EXIT_USAGE
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_user_without_password_and_no_terminal_says_how(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TCIA_PASSWORD"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--collection", "X", "--user", "u"],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode == td.EXIT_USAGE
+    assert "set TCIA_PASSWORD" in result.stderr
+
+
+def test_password_on_the_command_line_warns_about_ps(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(require_token=True, users={"alice": "pw-cmdline"})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(tmp_path / "o"),
+         "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--no-progress",
+         "--user", "alice", "--password", "pw-cmdline", "--compression", "--retry-wait", "0"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == td.EXIT_OK, result.stderr
+    assert "visible to other users in `ps`" in result.stderr
+    assert "pw-cmdline" not in result.stderr
+    for path in (tmp_path / "c").rglob("*"):
+        if path.is_file():
+            assert b"pw-cmdline" not in path.read_bytes()

@@ -174,6 +174,14 @@ def test_unknown_or_wrong_case_parameter_is_400(fake_nbia, endpoint, bad, allowe
     assert r.text == f"Invalid query parameter: '{bad}'. Allowed parameters are: {allowed}"
 
 
+def test_unknown_format_endpoint_and_method(fake_nbia):
+    r = get(fake_nbia, "getSeries", {"Collection": "DEMO", "format": "yaml"})
+    assert r.status_code == 500 and r.text == "Server was not able to process your request"
+    assert get(fake_nbia, "getNoSuchThing").status_code == 404
+    assert requests.post(fake_nbia.url + "getSeries", timeout=10).status_code == 405
+    assert get(fake_nbia, "getSeriesMetadata").status_code == 405
+
+
 def test_right_case_parameters_are_accepted(fake_nbia):
     assert get(fake_nbia, "getPatient", {"PatientId": "DEMO-0001"}).json()[0]["PatientId"] == "DEMO-0001"
     assert get(fake_nbia, "getPatientStudy", {"PatientID": "DEMO-0001"}).status_code == 200
@@ -391,7 +399,7 @@ def test_include_md5_modes(fake_nbia_factory):
     uids = demo_uids(fake)
     params = {"SeriesInstanceUID": uids[0], "NewFileNames": "Yes", "IncludeMD5": "Yes"}
     # default: accepted but ignored
-    assert fake.config.include_md5 == "ignore"
+    assert fake.config.include_md5 == "ignore" and FakeConfig().include_md5 == "ignore"
     assert "md5hashes.csv" not in zip_of(get(fake, "getImage", params)).namelist()
     # honoured: md5hashes.csv last, correct, rows in arbitrary order
     fake.config.include_md5 = "honour"
@@ -403,6 +411,7 @@ def test_include_md5_modes(fake_nbia_factory):
         assert sorted(rows) == sorted((n, md5(b)) for n, b in fake.instances(uid))
         orders.append([n for n, _ in rows])
     assert any(o != sorted(o) for o in orders)
+    assert "md5hashes.csv" not in zip_of(get(fake, "getImage", {"SeriesInstanceUID": uids[0]})).namelist()
     # refused, as builds before 2025-11 do
     fake.config.include_md5 = "refuse"
     r = get(fake, "getImage", params)
@@ -621,6 +630,19 @@ def test_fault_500(small):
     assert small.counters.complete_downloads(uid) == 1
 
 
+def test_keep_alive_survives_error_and_fault_answers(small):
+    uid = demo_uids(small)[0]
+    small.script_faults(uid, ["500", "429", "truncate", "corrupt"])
+    with connect(small) as s, s.makefile("rb") as f:
+        statuses = []
+        for _ in range(5):
+            s.sendall(request_bytes(v4_path("getImage", {"SeriesInstanceUID": uid})))
+            raw = read_raw(f)
+            statuses.append((raw.status, raw.terminated))
+    assert statuses == [(500, False), (429, False), (200, True), (200, True), (200, True)]
+    assert small.counters.complete_downloads(uid) == 2                        # corrupt + clean
+
+
 def test_fault_429_with_retry_after(small):
     uid = demo_uids(small)[0]
     small.config.faults = Faults(retry_after=7)
@@ -752,6 +774,20 @@ def test_first_byte_delay(fake_nbia_factory):
         s.sendall(request_bytes(v4_path("getImage", {"SeriesInstanceUID": uid})))
         assert s.recv(1)
         assert time.monotonic() - t0 >= 0.38
+
+
+def test_stop_interrupts_a_first_byte_delay(fake_nbia_factory):
+    fake = fake_nbia_factory(real_collections=False, demo_series=1, first_byte_delay=60)
+    with connect(fake) as s:
+        s.sendall(request_bytes(v4_path("getImage", {"SeriesInstanceUID": demo_uids(fake)[0]})))
+        s.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            s.recv(1)
+        t0 = time.monotonic()
+        fake.stop()
+        s.settimeout(5)
+        got, _ = read_until_error(s)
+        assert time.monotonic() - t0 < 3 and not got.startswith(b"HTTP/1.1 200")
 
 
 def test_connection_and_total_bandwidth(fake_nbia_factory):

@@ -1051,7 +1051,7 @@ class Target:
         self.commit_lock = threading.Lock()
         self._closed = False
         output.mkdir(parents=True, exist_ok=True)
-        self._lock_path = journal_path.with_name(journal_path.name + ".lock")
+        self._lock_path = final.with_name(final.name + ".lock")
         self._lock_file = self._acquire_lock()
         self.journal = Journal(journal_path)
         # Leftovers of a killed run: scratch holds nothing a journal row depends on.

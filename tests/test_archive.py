@@ -223,3 +223,27 @@ def test_seven_zip_reads_the_concatenated_streams(tmp_path):
     with tarfile.open(tar_path) as tar:
         names = tar.getnames()
     assert sum(n.endswith(".dcm") for n in names) == 4
+
+
+def test_folder_target_copies_across_filesystems_when_rename_cannot(tmp_path, monkeypatch):
+    """Node-local scratch to a shared output: os.rename fails with EXDEV there."""
+    import errno
+    import os
+    real_rename = os.rename
+    scratch = tmp_path / "scratch"
+
+    def rename_within_one_filesystem(src, dst):
+        if str(src).startswith(str(scratch)) and not str(dst).startswith(str(scratch)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(td.os, "rename", rename_within_one_filesystem)
+    out = tmp_path / "out"
+    target = td.DirectoryTarget("COLL", out, scratch)
+    expected = commit_series(target, tmp_path, "1.2.3.60", "P/d-S-1/1-CT-60")
+    target.finalize()
+    target.close()
+    for name, data in expected.items():
+        assert (out / name).read_bytes() == data
+    assert not any(p.name.endswith(".incoming") for p in out.rglob("*"))
+    assert not scratch.exists() or not any(scratch.rglob("*.dcm"))

@@ -255,7 +255,7 @@ def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tm
     expected = archive_members(reference.output / "DEMO.tar.xz")
     fake.counters.reset()
 
-    output, cache = tmp_path / "out", tmp_path / "cache"
+    output, cache, scratch = tmp_path / "out", tmp_path / "cache", tmp_path / "scratch"
     committed_before: set[str] = set()
     downloads_at_kill: dict[str, int] = {}
     kill_points = [
@@ -264,19 +264,22 @@ def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tm
         ("after 3 more commits", lambda: len(journal_uids(output) - committed_before) >= 3),
     ]
     for what, condition in kill_points:
-        process = start_subprocess(fake, output, cache)
+        process = start_subprocess(fake, output, cache, "--temp_dir", str(scratch))
         try:
             wait_until(condition, 60, what)
         finally:
             process.kill()
             process.wait()
+        # nothing per-series or per-image was ever written under --output
+        assert set(os.listdir(output)) <= {"DEMO.tar.xz.part", "DEMO.tar.xz.journal",
+                                           "DEMO.tar.xz.journal-journal", "DEMO.tar.xz.lock"}
         committed_before = journal_uids(output)
         downloads_at_kill.update({uid: fake.counters.complete_downloads(uid)
                                   for uid in committed_before})
         assert not (output / "DEMO.tar.xz").exists()
 
     assert len(committed_before) >= 5
-    final = start_subprocess(fake, output, cache)
+    final = start_subprocess(fake, output, cache, "--temp_dir", str(scratch))
     _, errors = final.communicate(timeout=120)
     assert final.returncode == td.EXIT_OK, errors
     # the same members with the same content, LICENSE, metadata.csv and MD5SUMS included
@@ -446,3 +449,77 @@ def test_password_on_the_command_line_warns_about_ps(tmp_path, fake_nbia_factory
     for path in (tmp_path / "c").rglob("*"):
         if path.is_file():
             assert b"pw-cmdline" not in path.read_bytes()
+
+
+# -- what the user sees, and what stays on disk ---------------------------------------------
+
+def test_metadata_is_cached_but_images_and_tokens_never(tmp_path, fake_nbia_factory, monkeypatch):
+    fake = fake_nbia_factory(require_token=True, users={"alice": "pw-cache-1"})
+    monkeypatch.setenv("TCIA_PASSWORD", "pw-cache-1")
+    assert Run(tmp_path, fake, "--user", "alice").code == td.EXIT_OK
+    assert Run(tmp_path, fake, "--user", "alice").code == td.EXIT_OK
+    assert fake.counters.requests("getSeries") == 1          # the second run read the cache
+    cache_files = [p for p in (tmp_path / "cache").glob("http_cache*") if p.is_file()]
+    assert cache_files
+    stored = b"".join(p.read_bytes() for p in cache_files)
+    assert b"getSeries" in stored
+    for never in (b"getImage", b"oauth/token", b"pw-cache-1", b"Bearer", b"access_token"):
+        assert never not in stored, never
+
+
+def test_cache_and_log_folders_are_private(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(demo_series=2)
+    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "cache" / "logs").stat().st_mode & 0o777 == 0o700
+    logs = sorted(p.name for p in (tmp_path / "cache" / "logs").iterdir())
+    assert any(n.endswith("-info.log") for n in logs) and any(n.endswith("-debug.log") for n in logs)
+
+
+def test_a_slurm_out_file_gets_summary_lines_not_bars(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
+    slurm_out = tmp_path / "slurm-1.out"
+    with open(slurm_out, "w") as stderr:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(tmp_path / "o"),
+             "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--compression",
+             "--workers", "2", "--summary-interval", "0.3"],
+            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
+    assert result.returncode == td.EXIT_OK
+    text = slurm_out.read_text()
+    assert "\r" not in text                                   # no bars in a file
+    summaries = [line for line in text.splitlines() if " progress: " in line]
+    assert len(summaries) >= 2
+    assert "series" in summaries[-1] and "ETA" in summaries[-1]
+    assert text.count(" done DEMO/") == 6
+
+
+def test_a_terminal_gets_progress_bars(tmp_path, fake_nbia_factory):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    fake = fake_nbia_factory(demo_series=4)
+    primary, secondary = pty.openpty()
+    # A fresh pty is 0 columns wide; a user's terminal is not.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(tmp_path / "o"),
+         "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--compression"],
+        stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:                 # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    assert process.wait(timeout=60) == td.EXIT_OK
+    text = screen.decode("utf-8", "replace")
+    assert "series: 100%" in text and "4/4" in text
+    assert "data: 100%" in text
+    assert " done DEMO/" in text                                # log lines still shown

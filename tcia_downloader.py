@@ -527,9 +527,14 @@ class TciaApi:
                         on_bytes(len(chunk))
         except requests.RequestException as exc:
             raise TransientError(self._describe_transfer_error(exc, written)) from None
+        except OSError as exc:
+            raise_if_disk_full(exc, dest.parent)
+            raise
         return written
 
     def _describe_transfer_error(self, exc: requests.RequestException, written: int) -> str:
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return f"no connection within {self.timeout[0]:.0f} s"
         # requests reports a read timeout inside a body as a ConnectionError.
         if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(exc):
             return f"stalled: no byte for {self.timeout[1]:.0f} s after {written} bytes"
@@ -1804,10 +1809,14 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
             log.warning("%d series were published after this archive was finished; they are not "
                         "in it (fetching them into an update archive is planned)", len(new))
         return EXIT_OK
-    todo = [s for s in planned if s.uid not in committed]
-    # Smallest first: the first finished series decides the MD5 endpoint cheaply and a
-    # short job still commits as many series as possible.
-    todo.sort(key=lambda s: (s.file_size, s.uid))
+    # The smallest series goes first and alone: it settles getImage against
+    # getImageWithMD5Hash for the run before several workers each fetch a zip that might
+    # have to be thrown away. Then largest first, so that no big series is left to
+    # compress on one core at the end while the other workers idle.
+    todo = sorted((s for s in planned if s.uid not in committed),
+                  key=lambda s: (-s.file_size, s.uid))
+    if todo:
+        todo.insert(0, todo.pop())
     skipped = len(planned) - len(todo)
     total_bytes = sum(s.file_size for s in todo)
     log.info("%d series (%s), %d already in %s, %d to download with %d workers",
@@ -1821,8 +1830,6 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
     outcomes: list[Outcome] = []
     try:
         if todo:
-            # One series alone first: it settles getImage vs getImageWithMD5Hash before
-            # several workers each download a zip that would have to be thrown away.
             first = WorkerPool(ctx, todo[:1], 1, skipped, len(planned))
             first.run()
             outcomes += first.outcomes
@@ -1835,20 +1842,20 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
 
     if ctx.fatal:
         log.error("%s", ctx.fatal[0])
-        report(options, target, planned, skipped, outcomes, progress, started, interrupted=False)
+        report(options, target, planned, skipped, outcomes, started, interrupted=False)
         return ctx.fatal[0].exit_code
     if signals.exit_code is not None:
-        report(options, target, planned, skipped, outcomes, progress, started, interrupted=True)
+        report(options, target, planned, skipped, outcomes, started, interrupted=True)
         return signals.exit_code
     failures = [o for o in outcomes if not o.ok]
     if not failures:
         target.finalize()
-    report(options, target, planned, skipped, outcomes, progress, started, interrupted=False)
+    report(options, target, planned, skipped, outcomes, started, interrupted=False)
     return EXIT_OK if not failures else EXIT_INCOMPLETE
 
 
 def report(options: Options, target: Target, planned: list[PlannedSeries], skipped: int,
-           outcomes: list[Outcome], progress: Progress, started: float, interrupted: bool) -> None:
+           outcomes: list[Outcome], started: float, interrupted: bool) -> None:
     elapsed = time.monotonic() - started
     done = [o for o in outcomes if o.ok]
     failures = [o for o in outcomes if not o.ok]
@@ -1865,8 +1872,10 @@ def report(options: Options, target: Target, planned: list[PlannedSeries], skipp
     ]
     for line in lines:
         log.info("%s", line)
-    if failures:
-        manifest = options.output / f"{target.name}.failed.tcia"
+    manifest = options.output / f"{target.name}.failed.tcia"
+    if not failures:
+        manifest.unlink(missing_ok=True)     # an earlier run's list would mislead
+    else:
         write_failed_manifest(manifest, failures)
         for outcome in failures:
             log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,

@@ -213,6 +213,7 @@ def test_a_series_that_keeps_failing_is_reported_and_the_rest_resumes_later(tmp_
     assert {uid: fake.counters.complete_downloads(uid) for uid in uids} == \
         {**downloads, victim: downloads[victim] + 1}
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
+    assert not (run.output / "DEMO.failed.tcia").exists()     # no stale list of failures
 
 
 # -- nastiness ------------------------------------------------------------------------------

@@ -571,6 +571,8 @@ class _Catalogue:
 
     # -- real metadata --------------------------------------------------------------------------
     def _load_real(self, data_dir: Path) -> None:
+        if not Path(data_dir).is_dir():
+            raise ValueError(f"data_dir {data_dir} is not a directory")
         for path in sorted(Path(data_dir).glob("*.series.json")):
             for rec in json.loads(path.read_text()):
                 rec = dict(rec)
@@ -1600,16 +1602,28 @@ def _parser() -> argparse.ArgumentParser:
     d = FakeConfig()
     fd = Faults()
     p = argparse.ArgumentParser(
-        prog="fake_nbia.py",
+        prog="fake_nbia.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="A fake of TCIA's NBIA v4 REST service. Prints 'READY <base url>' on the first "
-                    "line of stdout once it listens, then serves until killed (SIGINT/SIGTERM).")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one (default %(default)s)")
+                    "line of stdout once it listens, then serves until killed (SIGINT/SIGTERM).",
+        epilog="Nastiness kinds (DEMO collection only): contaminate = each zip carries a DICOM file "
+               "of another series that md5hashes.csv does not list; junk = each zip carries "
+               "Thumbs.db or notes.txt, listed in md5hashes.csv with its correct hash; "
+               "hostile_names = extra series whose SeriesDescription/StudyDesc hold '/', '..', "
+               "leading dots, unicode, control characters and 300 characters; "
+               "duplicate_series_numbers = extra series sharing SeriesNumber and description in "
+               "one study (two with SeriesInstanceUIDs ending in the same 5 characters) and two "
+               "studies of one patient with the same date, description, StudyID and last 5 "
+               "characters of StudyInstanceUID; missing_dates = extra series without SeriesDate, "
+               "in a study without StudyDate. "
+               "Test hooks: GET /_fake/counters (JSON), POST /_fake/expire_tokens.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
     g = p.add_argument_group("data")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of all generated data and fault draws")
-    g.add_argument("--data-dir", type=Path, help="folder of *.series.json real metadata (default: tests/data)")
+    g.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                   help="folder of *.series.json real metadata (default: tests/data beside this file)")
     g.add_argument("--no-real-collections", action="store_true",
-                   help="do not serve the collections of the *.series.json files")
+                   help="serve only DEMO, not the collections of the *.series.json files")
     g.add_argument("--demo-series", type=int, default=d.demo_series, help="series in the generated DEMO collection")
     g.add_argument("--demo-patients", type=int, default=d.demo_patients, help="patients in DEMO")
     g.add_argument("--instances", type=int, default=d.instances,
@@ -1638,7 +1652,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fault-reset", type=float, default=fd.reset, metavar="P", help="part of the zip, then RST")
     g.add_argument("--fault-stall", type=float, default=fd.stall, metavar="P",
                    help="part of the zip, then silence for --stall-seconds, then close")
-    g.add_argument("--stall-seconds", type=float, default=fd.stall_seconds, metavar="S")
+    g.add_argument("--stall-seconds", type=float, default=fd.stall_seconds, metavar="S",
+                   help="how long a stalled response stays silent before the connection closes")
     g.add_argument("--fault-corrupt", type=float, default=fd.corrupt, metavar="P",
                    help="one DICOM entry altered (zip CRCs fine, MD5 wrong)")
     g.add_argument("--fault-truncate", type=float, default=fd.truncate, metavar="P",
@@ -1648,8 +1663,10 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("WAN shaping")
     g.add_argument("--first-byte-delay", type=float, default=d.first_byte_delay, metavar="S",
                    help="seconds before the first byte of each image response")
-    g.add_argument("--conn-bandwidth", type=float, default=None, metavar="BYTES", help="bytes/s per connection")
-    g.add_argument("--total-bandwidth", type=float, default=None, metavar="BYTES", help="bytes/s over all connections")
+    g.add_argument("--conn-bandwidth", type=float, default=argparse.SUPPRESS, metavar="BYTES",
+                   help="bytes/s per connection (default: unlimited)")
+    g.add_argument("--total-bandwidth", type=float, default=argparse.SUPPRESS, metavar="BYTES",
+                   help="bytes/s over all connections (default: unlimited)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return p
 
@@ -1665,7 +1682,7 @@ def config_from_args(args: argparse.Namespace) -> FakeConfig:
     if "all" in nasty:
         nasty = set(NASTY_KINDS)
     return FakeConfig(
-        seed=args.seed, data_dir=args.data_dir, real_collections=not args.no_real_collections,
+        seed=args.seed, data_dir=getattr(args, "data_dir", None), real_collections=not args.no_real_collections,
         demo_series=args.demo_series, demo_patients=args.demo_patients, instances=args.instances,
         image_size=args.image_size, include_md5=args.include_md5, zip_deflate=args.zip_deflate,
         require_token=args.require_token, users=users, token_lifetime=args.token_lifetime,
@@ -1674,8 +1691,8 @@ def config_from_args(args: argparse.Namespace) -> FakeConfig:
                       reset=args.fault_reset, stall=args.fault_stall, stall_seconds=args.stall_seconds,
                       corrupt=args.fault_corrupt, truncate=args.fault_truncate,
                       bad_md5_row=args.fault_bad_md5_row),
-        first_byte_delay=args.first_byte_delay, conn_bandwidth=args.conn_bandwidth,
-        total_bandwidth=args.total_bandwidth, metadata_headers=args.metadata_headers, verbose=args.verbose)
+        first_byte_delay=args.first_byte_delay, conn_bandwidth=getattr(args, "conn_bandwidth", None),
+        total_bandwidth=getattr(args, "total_bandwidth", None), metadata_headers=args.metadata_headers, verbose=args.verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

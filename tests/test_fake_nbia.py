@@ -764,16 +764,16 @@ def test_fault_probabilities_are_reproducible_and_thread_independent(fake_nbia_f
 # ---------------------------------------------------------------------------------------------
 
 def test_first_byte_delay(fake_nbia_factory):
-    fake = fake_nbia_factory(real_collections=False, demo_series=1, first_byte_delay=0.4)
+    fake = fake_nbia_factory(real_collections=False, demo_series=1, first_byte_delay=0.6)
     uid = demo_uids(fake)[0]
     t0 = time.monotonic()
     assert get(fake, "getCollectionValues").status_code == 200
-    assert time.monotonic() - t0 < 0.3                                         # metadata: no delay
+    assert time.monotonic() - t0 < 0.5                                         # metadata: no delay
     with connect(fake) as s:
         t0 = time.monotonic()
         s.sendall(request_bytes(v4_path("getImage", {"SeriesInstanceUID": uid})))
         assert s.recv(1)
-        assert time.monotonic() - t0 >= 0.38
+        assert time.monotonic() - t0 >= 0.58
 
 
 def test_stop_interrupts_a_first_byte_delay(fake_nbia_factory):
@@ -923,6 +923,13 @@ def test_cli_ready_line_and_serving():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    assert proc.returncode == 0                                                # SIGTERM: clean stop
+
+
+def test_cli_rejects_bad_settings():
+    r = subprocess.run([sys.executable, str(HERE / "fake_nbia.py"), "--port", "0", "--data-dir", "/nonexistent"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "not a directory" in r.stderr and r.stdout == ""
 
 
 def test_cli_help_documents_every_switch():
@@ -941,8 +948,11 @@ def test_cli_help_documents_every_switch():
 
 def test_cli_config_mapping():
     args = fake_nbia._parser().parse_args(["--nasty", "all", "--user", "a:b", "--fault-500", "0.5",
-                                           "--stall-seconds", "2", "--no-zip-deflate", "--include-md5", "refuse"])
+                                           "--stall-seconds", "2", "--no-zip-deflate", "--include-md5", "refuse",
+                                           "--conn-bandwidth", "1000", "--first-byte-delay", "0.5"])
     cfg = fake_nbia.config_from_args(args)
+    assert cfg.conn_bandwidth == 1000 and cfg.total_bandwidth is None and cfg.first_byte_delay == 0.5
+    assert cfg.data_dir is None and cfg.real_collections
     assert cfg.nasty == fake_nbia.NASTY_KINDS and cfg.users == {"nbia_guest": "", "a": "b"}
     assert cfg.faults.p500 == 0.5 and cfg.faults.stall_seconds == 2 and not cfg.zip_deflate
     assert cfg.include_md5 == "refuse"
@@ -955,3 +965,12 @@ def test_config_overrides_and_validation():
         FakeNbia(nasty={"bogus"})
     with pytest.raises(ValueError):
         FakeNbia(include_md5="maybe")
+    with pytest.raises(ValueError):
+        FakeNbia(data_dir="/nonexistent")
+
+
+def test_custom_data_dir(tmp_path):
+    rec = json.loads((HERE / "data" / "CPTAC-GBM.series.json").read_text())[0]
+    (tmp_path / "X.series.json").write_text(json.dumps([{**rec, "Collection": "X-Coll"}]))
+    fake = FakeNbia(data_dir=tmp_path, demo_series=0)
+    assert fake.collections() == ["X-Coll"] and fake.series("X-Coll")[0]["SeriesInstanceUID"] == rec["SeriesInstanceUID"]

@@ -20,6 +20,8 @@ Exit codes (documented in the README):
     0    every requested series is in the output and verified
     1    some series failed; the archive stays <name>.tar.xz.part and a rerun resumes it
     2    bad usage or input (flags, unknown collection, rejected credentials, busy output)
+    75   stopped early on SIGUSR1 (slurm's warning before a time limit): what finished is
+         committed, work remains; rerun (the sbatch template requeues itself)
     130  interrupted by SIGINT (Ctrl-C)       143  terminated by SIGTERM
 """
 
@@ -66,6 +68,7 @@ log = logging.getLogger("tcia_downloader")
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
 EXIT_USAGE = 2
+EXIT_CHECKPOINT = 75        # sysexits' EX_TEMPFAIL: try again later
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -112,7 +115,9 @@ class Options:
     workers: int
     retries: int
     retry_wait: float
+    stop_grace: float
     stall_timeout: float
+    shard: Optional["Shard"]
     connect_timeout: float
     cache_expiry_hours: float
     log_level: str
@@ -134,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TCIA collection name, e.g. Pancreas-CT")
     what.add_argument("--mode", default="nbia", choices=["nbia", "aspera"],
                       help="download service: nbia (default); aspera is not available yet")
+    what.add_argument("--shard", metavar="I/N",
+                      help="download part I of N (0 <= I < N), balanced by size; default in a "
+                           "slurm job array: the task's place in the array; 'none' turns it off")
 
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
@@ -159,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
                      help="first wait before a retry; it doubles per attempt, with jitter, "
                           "up to 5 minutes (default: 2)")
+    how.add_argument("--stop-grace", type=float, default=120.0, metavar="SECONDS",
+                     help="after SIGUSR1, how long series in progress may take to finish "
+                          "before they are left for the next run (default: 120)")
     how.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
                      help="abort and retry a transfer that sends no byte for this long "
                           "(default: 120)")
@@ -202,6 +213,8 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         raise UsageError("--retries must be at least 1")
     if args.retry_wait < 0:
         raise UsageError("--retry-wait must be zero or more seconds")
+    if args.stop_grace < 0:
+        raise UsageError("--stop-grace must be zero or more seconds")
     if args.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be a positive number of seconds")
     scheme = urlsplit(args.api_url).scheme
@@ -222,6 +235,8 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         workers=args.workers,
         retries=args.retries,
         retry_wait=args.retry_wait,
+        stop_grace=args.stop_grace,
+        shard=parse_shard(args.shard, os.environ),
         stall_timeout=args.stall_timeout,
         connect_timeout=args.connect_timeout,
         cache_expiry_hours=args.cache_expiry,
@@ -229,6 +244,49 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         progress=not args.no_progress,
         summary_interval=args.summary_interval,
     )
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int      # 0-based
+    count: int
+
+    @property
+    def suffix(self) -> str:
+        return f".shard-{self.index}-of-{self.count}"
+
+
+def parse_shard(value: Optional[str], environ: dict[str, str]) -> Optional[Shard]:
+    """--shard I/N, else the slurm array task's place in its array, else no sharding."""
+    if value is not None:
+        if value.lower() == "none":
+            return None
+        match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
+        if not match or not 0 <= int(match[1]) < int(match[2]):
+            raise UsageError(f"--shard {value!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+        shard = Shard(int(match[1]), int(match[2]))
+    else:
+        shard = shard_from_slurm(environ)
+    return shard if shard is not None and shard.count > 1 else None
+
+
+def shard_from_slurm(environ: dict[str, str]) -> Optional[Shard]:
+    """Arrays may start anywhere and step (--array=1-9:2): count places, not IDs."""
+    try:
+        task = int(environ["SLURM_ARRAY_TASK_ID"])
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", task))
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1)) or 1
+        if "SLURM_ARRAY_TASK_COUNT" in environ:
+            count = int(environ["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            count = (int(environ["SLURM_ARRAY_TASK_MAX"]) - first) // step + 1
+    except (KeyError, ValueError):
+        return None
+    index = (task - first) // step
+    if not 0 <= index < count:
+        raise UsageError(f"slurm array task {task} does not fit an array of {count} from {first}; "
+                         "pass --shard I/N")
+    return Shard(index, count)
 
 
 def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[str]:
@@ -710,6 +768,19 @@ def _unique_patient_dirs(patient_ids: list[str]) -> dict[str, str]:
     return dirs
 
 
+def shard_of(planned: list[PlannedSeries], shard: Shard) -> list[PlannedSeries]:
+    """Part shard.index of a partition balanced by FileSize: largest series first, each to
+    the lightest part so far. Every array task computes the same partition on its own."""
+    loads = [0] * shard.count
+    mine: list[PlannedSeries] = []
+    for series in sorted(planned, key=lambda s: (-s.file_size, s.uid)):
+        lightest = min(range(shard.count), key=lambda i: (loads[i], i))
+        loads[lightest] += max(series.file_size, 1)   # a size-less series still counts
+        if lightest == shard.index:
+            mine.append(series)
+    return mine
+
+
 def suggest_collections(name: str, known: list[str]) -> list[str]:
     """Close names: case and punctuation differences are the usual mistake."""
     def squash(text: str) -> str:
@@ -1019,13 +1090,16 @@ def metadata_csv(journal: Journal, collection: str) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def collection_files(journal: Journal, collection: str) -> list[tuple[str, bytes]]:
-    """(name relative to <Collection>/, content); MD5SUMS last and covering the others."""
-    extras = [("LICENSE", license_text(journal, collection)),
-              ("metadata.csv", metadata_csv(journal, collection))]
+def collection_files(journal: Journal, collection: str,
+                     shard_suffix: str = "") -> list[tuple[str, bytes]]:
+    """(name relative to <Collection>/, content); MD5SUMS last and covering the others.
+    A shard's files carry its suffix, so that all shards extract side by side."""
+    extras = [(f"LICENSE{shard_suffix}", license_text(journal, collection)),
+              (f"metadata{shard_suffix}.csv", metadata_csv(journal, collection))]
     lines = [f"{hashlib.md5(data).hexdigest()}  {name}\n" for name, data in extras]
     lines += [f"{md5}  {name}\n" for name, md5 in journal.files(collection)]
-    return extras + [("MD5SUMS", "".join(sorted(lines, key=lambda l: l[34:])).encode("utf-8"))]
+    md5sums = "".join(sorted(lines, key=lambda line: line[34:])).encode("utf-8")
+    return extras + [(f"MD5SUMS{shard_suffix}", md5sums)]
 
 
 # -- shared parts of the two targets --------------------------------------------------------
@@ -1048,8 +1122,10 @@ class Target:
     say how a verified zip becomes output (prepare: in a worker, in parallel) and how it
     is made durable (commit: one at a time, under commit_lock)."""
 
-    def __init__(self, name: str, output: Path, temp_dir: Path, final: Path, journal_path: Path):
+    def __init__(self, name: str, output: Path, temp_dir: Path, final: Path, journal_path: Path,
+                 shard_suffix: str = ""):
         self.name = name
+        self.shard_suffix = shard_suffix
         self.output = output
         self.final = final
         self.scratch = temp_dir / f".tcia_downloader-{name}.tmp"
@@ -1173,9 +1249,10 @@ class TarXzTarget(Target):
     files and tar's end-of-archive blocks. Until then the file is <name>.tar.xz.part, and
     the journal holds its length after every series."""
 
-    def __init__(self, name: str, output: Path, temp_dir: Path, preset: int):
+    def __init__(self, name: str, output: Path, temp_dir: Path, preset: int,
+                 shard_suffix: str = ""):
         super().__init__(name, output, temp_dir, output / f"{name}.tar.xz",
-                         output / f"{name}.tar.xz.journal")
+                         output / f"{name}.tar.xz.journal", shard_suffix)
         self.part = output / f"{name}.tar.xz.part"
         self.preset = preset
         self.archive_end = self.tar_end = 0
@@ -1264,7 +1341,7 @@ class TarXzTarget(Target):
         writer = XzStreamWriter(closing.path, self.preset)
         mtime = int(time.time())
         for collection in self.journal.collections():
-            for name, data in collection_files(self.journal, collection):
+            for name, data in collection_files(self.journal, collection, self.shard_suffix):
                 writer.add_file(f"{collection}/{name}", len(data), mtime,
                                 lambda sink, d=data: sink(d))
         writer.write(tarfile.NUL * (2 * TAR_BLOCK))
@@ -1289,8 +1366,12 @@ class DirectoryTarget(Target):
     """<output>/<name>/...: each series is extracted into scratch and moved into place
     only when verified, so a series folder under <output> is always whole."""
 
-    def __init__(self, name: str, output: Path, temp_dir: Path):
-        super().__init__(name, output, temp_dir, output / name, output / f"{name}.journal")
+    def __init__(self, name: str, output: Path, temp_dir: Path, collection: str,
+                 shard_suffix: str = ""):
+        # Shards of one collection share its folder (their series folders are disjoint);
+        # each keeps its own journal and suffixed LICENSE, metadata and MD5SUMS.
+        super().__init__(name, output, temp_dir, output / collection,
+                         output / f"{name}.journal", shard_suffix)
         self.final.mkdir(parents=True, exist_ok=True)
         if not self.complete:
             # A move cut short by a kill leaves a hidden .incoming folder: never a series.
@@ -1300,7 +1381,7 @@ class DirectoryTarget(Target):
                 (shutil.rmtree if stale.is_dir() else Path.unlink)(stale)
 
     def series_folder(self, series: PlannedSeries) -> Path:
-        return self.final.parent / series.collection / series.path
+        return self.output / series.collection / series.path
 
     def prepare(self, series: PlannedSeries, verified: VerifiedZip) -> Prepared:
         prepared = Prepared(self.scratch_path(series, ".d"))
@@ -1332,8 +1413,8 @@ class DirectoryTarget(Target):
 
     def finalize(self) -> None:
         for collection in self.journal.collections():
-            root = self.final.parent / collection
-            for name, data in collection_files(self.journal, collection):
+            root = self.output / collection
+            for name, data in collection_files(self.journal, collection, self.shard_suffix):
                 temporary = root / f".{name}.incoming"
                 temporary.write_bytes(data)
                 os.replace(temporary, root / name)
@@ -1553,7 +1634,7 @@ class RunContext:
     endpoint: ImageEndpoint
     progress: Progress
     retry: RetryPolicy
-    stop: threading.Event
+    stopping: StopControl
     fatal: list[FatalRunError] = field(default_factory=list)
 
 
@@ -1602,7 +1683,8 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
             delay = 0.0 if error.immediate else ctx.retry.delay(failures, error.retry_after)
             log.warning("%s: attempt %d/%d failed: %s; retrying in %.0f s", series.label,
                         failures, ctx.retry.attempts, reason, delay)
-            if ctx.stop.wait(delay):
+            # Waiting ends early on a drain: a series between attempts is not in progress.
+            if ctx.stopping.drain.wait(delay):
                 raise Interrupted()
     ctx.progress.series_finished(False, received, series.file_size)
     return Outcome(series, False, reason=reason, seconds=time.monotonic() - started)
@@ -1659,7 +1741,7 @@ class WorkerPool:
 
     def _next(self) -> Optional[PlannedSeries]:
         with self._lock:
-            if self.ctx.stop.is_set() or self.ctx.fatal or not self._todo:
+            if self.ctx.stopping.drain.is_set() or self.ctx.fatal or not self._todo:
                 return None
             return self._todo.pop(0)
 
@@ -1673,7 +1755,8 @@ class WorkerPool:
                 except FatalRunError as exc:
                     with self._lock:
                         self.ctx.fatal.append(exc)
-                    self.ctx.stop.set()
+                    self.ctx.stopping.drain.set()
+                    self.ctx.stopping.abort.set()
                     return
                 except Exception as exc:  # a bug must not kill the run silently
                     log.exception("unexpected error on %s", series.label)
@@ -1695,7 +1778,7 @@ class WorkerPool:
             thread.start()
         # Wake regularly so the main thread can run signal handlers.
         while not self._finished.wait(0.5):
-            if self.ctx.stop.is_set():
+            if self.ctx.stopping.abort.is_set():
                 return
 
 
@@ -1710,27 +1793,50 @@ def write_failed_manifest(path: Path, failures: list[Outcome]) -> None:
     os.replace(temporary, path)
 
 
-class SignalCatcher:
-    """SIGINT/SIGTERM set the stop event; the exit code remembers which one came."""
+class StopControl:
+    """How a run ends early. drain: start no new series (SIGUSR1: slurm's warning before a
+    time limit); abort: leave now (SIGINT, SIGTERM, or a drain whose grace ran out). The
+    journal is consistent at every instant, so leaving never costs a committed series."""
 
-    def __init__(self, stop: threading.Event):
-        self.stop = stop
+    def __init__(self, grace: float = 120.0):
+        self.drain = threading.Event()
+        self.abort = threading.Event()
         self.exit_code: Optional[int] = None
+        self.grace = grace
+        self._previous: dict[int, object] = {}
 
     def install(self) -> None:
         self._previous = {sig: signal.signal(sig, self._handle)
-                          for sig in (signal.SIGINT, signal.SIGTERM)}
+                          for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        if self.exit_code is None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            if not self.drain.is_set():
+                self.exit_code = EXIT_CHECKPOINT
+                log.warning("received %s: starting no new series; series in progress have "
+                            "%.0f s to finish", name, self.grace)
+                self.drain.set()
+                timer = threading.Timer(self.grace, self._grace_over)
+                timer.daemon = True
+                timer.start()
+            return
+        if self.exit_code in (None, EXIT_CHECKPOINT):
             self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-            log.warning("received %s: finishing the current commit and stopping; "
-                        "rerun to resume", signal.Signals(signum).name)
-        self.stop.set()
+            log.warning("received %s: stopping now; everything committed is kept, "
+                        "rerun to resume", name)
+        self.drain.set()
+        self.abort.set()
+
+    def _grace_over(self) -> None:
+        if not self.abort.is_set():
+            log.warning("the grace period is over: series still in progress are left for "
+                        "the next run")
+            self.abort.set()
 
 
 def unknown_collection_message(api: TciaApi, name: str) -> str:
@@ -1750,7 +1856,7 @@ def retry_policy(options: Options) -> RetryPolicy:
     return RetryPolicy(attempts=options.retries, base_delay=options.retry_wait)
 
 
-def open_target(options: Options, name: str) -> Target:
+def open_target(options: Options, collection: str) -> Target:
     try:
         options.output.mkdir(parents=True, exist_ok=True)
         options.temp_dir.mkdir(parents=True, exist_ok=True)
@@ -1760,13 +1866,15 @@ def open_target(options: Options, name: str) -> Target:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise FatalRunError(f"{folder} is not writable: choose another --output/--temp_dir",
                                 EXIT_USAGE)
+    suffix = options.shard.suffix if options.shard else ""
+    name = collection + suffix
     if options.compression:
-        return TarXzTarget(name, options.output, options.temp_dir, options.compression_level)
-    return DirectoryTarget(name, options.output, options.temp_dir)
+        return TarXzTarget(name, options.output, options.temp_dir, options.compression_level,
+                           suffix)
+    return DirectoryTarget(name, options.output, options.temp_dir, collection, suffix)
 
 
-def run(options: Options, stop: threading.Event, signals: SignalCatcher,
-        secrets: Secrets) -> int:
+def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
     """Plan, resume, download in parallel, finalize, report. Returns the exit code."""
     started = time.monotonic()
     api = TciaApi(options.api_url,
@@ -1775,16 +1883,15 @@ def run(options: Options, stop: threading.Event, signals: SignalCatcher,
                   user=options.user, password=options.password,
                   connect_timeout=options.connect_timeout,
                   stall_timeout=options.stall_timeout,
-                  retry=retry_policy(options), stop=stop)
+                  retry=retry_policy(options), stop=stopping.abort)
     secrets.add(api.tokens.secrets)
     try:
-        return _run_with(api, options, stop, signals, started)
+        return _run_with(api, options, stopping, started)
     finally:
         api.close()
 
 
-def _run_with(api: TciaApi, options: Options, stop: threading.Event, signals: SignalCatcher,
-              started: float) -> int:
+def _run_with(api: TciaApi, options: Options, stopping: StopControl, started: float) -> int:
     log.info("tcia_downloader %s: collection %s from %s", __version__, options.collection,
              options.api_url)
     records = api.series(options.collection)
@@ -1792,15 +1899,22 @@ def _run_with(api: TciaApi, options: Options, stop: threading.Event, signals: Si
         log.error("%s", unknown_collection_message(api, options.collection))
         return EXIT_USAGE
     planned = plan_collection(options.collection, records)
+    if options.shard:
+        everything = planned
+        planned = shard_of(planned, options.shard)
+        log.info("shard %d of %d (0-based): %d of %d series, %s of %s", options.shard.index,
+                 options.shard.count, len(planned), len(everything),
+                 human_bytes(sum(s.file_size for s in planned)),
+                 human_bytes(sum(s.file_size for s in everything)))
     target = open_target(options, options.collection)
     try:
-        return _download_into(target, planned, api, options, stop, signals, started)
+        return _download_into(target, planned, api, options, stopping, started)
     finally:
         target.close()
 
 
 def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, options: Options,
-                   stop: threading.Event, signals: SignalCatcher, started: float) -> int:
+                   stopping: StopControl, started: float) -> int:
     committed = target.committed()
     if target.complete:
         new = [s for s in planned if s.uid not in committed]
@@ -1818,15 +1932,14 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
     if todo:
         todo.insert(0, todo.pop())
     skipped = len(planned) - len(todo)
-    total_bytes = sum(s.file_size for s in todo)
     log.info("%d series (%s), %d already in %s, %d to download with %d workers",
              len(planned), human_bytes(sum(s.file_size for s in planned)), skipped,
              target.describe(), len(todo), options.workers)
 
     bars = options.progress and sys.stderr.isatty()
-    progress = Progress(len(todo), total_bytes, bars, options.summary_interval)
+    progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
     ctx = RunContext(api=api, target=target, endpoint=ImageEndpoint(), progress=progress,
-                     retry=retry_policy(options), stop=stop)
+                     retry=retry_policy(options), stopping=stopping)
     outcomes: list[Outcome] = []
     try:
         if todo:
@@ -1844,9 +1957,11 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
         log.error("%s", ctx.fatal[0])
         report(options, target, planned, skipped, outcomes, started, interrupted=False)
         return ctx.fatal[0].exit_code
-    if signals.exit_code is not None:
+    unfinished = len(todo) - len(outcomes)
+    if stopping.exit_code is not None and unfinished:
         report(options, target, planned, skipped, outcomes, started, interrupted=True)
-        return signals.exit_code
+        return stopping.exit_code
+    # A drain that came after the last series had started changes nothing: finish normally.
     failures = [o for o in outcomes if not o.ok]
     if not failures:
         target.finalize()
@@ -1892,30 +2007,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as exc:
         print(f"tcia_downloader: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    stop = threading.Event()
-    signals = SignalCatcher(stop)
-    signals.install()
+    stopping = StopControl(options.stop_grace)
+    stopping.install()
     secrets = Secrets()
     secrets.add(lambda: [options.password] if options.password else [])
     bars = options.progress and sys.stderr.isatty()
     try:
         teardown_logging = setup_logging(options, bars, secrets)
     except OSError as exc:
+        stopping.uninstall()
         print(f"tcia_downloader: error: cannot write logs in {options.cache_dir}: {exc.strerror}; "
               "choose another --cache_dir", file=sys.stderr)
         return EXIT_USAGE
     log.debug("options %s", options)
     try:
-        return run(options, stop, signals, secrets)
+        return run(options, stopping, secrets)
     except Interrupted:
-        return signals.exit_code or EXIT_SIGINT
+        return stopping.exit_code or EXIT_SIGINT
     except FatalRunError as exc:
         log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_SIGINT
     finally:
-        signals.uninstall()
+        stopping.uninstall()
         teardown_logging()
 
 

@@ -528,7 +528,7 @@ class TciaApi:
                 response = self._metadata.get(url, params=params, headers=headers,
                                               timeout=self.timeout)
             except requests.RequestException as exc:
-                last = f"{type(exc).__name__}"
+                last = self._describe_request_error(exc)
                 self._pause(attempt, f"{endpoint}: {last}")
                 continue
             if response.status_code == 200:
@@ -545,6 +545,16 @@ class TciaApi:
                                 f"{response.text.strip()[:200]}")
         raise FatalRunError(f"{endpoint} kept failing ({last}) after {self.retry.attempts} "
                             "attempts; the service may be down, try again later")
+
+    def _describe_request_error(self, exc: requests.RequestException) -> str:
+        host = urlsplit(self.base_url).netloc
+        if isinstance(exc, requests.exceptions.Timeout):
+            return f"{host} did not answer in time"
+        if isinstance(exc, requests.exceptions.SSLError):
+            return f"TLS with {host} failed (a proxy or an old CA bundle?)"
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return f"cannot connect to {host}"
+        return f"{type(exc).__name__} from {host}"
 
     def _pause(self, attempt: int, what: str, retry_after: Optional[float] = None) -> None:
         if attempt >= self.retry.attempts:
@@ -1856,16 +1866,21 @@ def retry_policy(options: Options) -> RetryPolicy:
     return RetryPolicy(attempts=options.retries, base_delay=options.retry_wait)
 
 
-def open_target(options: Options, collection: str) -> Target:
-    try:
-        options.output.mkdir(parents=True, exist_ok=True)
-        options.temp_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FatalRunError(f"cannot create {exc.filename}: {exc.strerror}", EXIT_USAGE) from None
-    for folder in (options.output, options.temp_dir):
+def check_folders(options: Options) -> None:
+    """Before any network traffic: --output and --temp_dir exist or can be made, and are
+    writable (a typo should not cost the wait for a slow server)."""
+    for flag, folder in (("--output", options.output), ("--temp_dir", options.temp_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FatalRunError(f"{flag} {folder}: cannot create it ({exc.strerror})",
+                                EXIT_USAGE) from None
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise FatalRunError(f"{folder} is not writable: choose another --output/--temp_dir",
+            raise FatalRunError(f"{flag} {folder} is not writable: choose another folder",
                                 EXIT_USAGE)
+
+
+def open_target(options: Options, collection: str) -> Target:
     suffix = options.shard.suffix if options.shard else ""
     name = collection + suffix
     if options.compression:
@@ -1877,6 +1892,7 @@ def open_target(options: Options, collection: str) -> Target:
 def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
     """Plan, resume, download in parallel, finalize, report. Returns the exit code."""
     started = time.monotonic()
+    check_folders(options)
     api = TciaApi(options.api_url,
                   cache_path=private_dir(options.cache_dir) / "http_cache",
                   cache_expiry=timedelta(hours=options.cache_expiry_hours),

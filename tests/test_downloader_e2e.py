@@ -524,3 +524,25 @@ def test_a_terminal_gets_progress_bars(tmp_path, fake_nbia_factory):
     assert "series: 100%" in text and "4/4" in text
     assert "data: 100%" in text
     assert " done DEMO/" in text                                # log lines still shown
+
+
+def test_an_unusable_output_is_refused_before_any_request(tmp_path, fake_nbia_factory, capsys):
+    fake = fake_nbia_factory()
+    (tmp_path / "a-file").write_text("")
+    run = Run(tmp_path, fake, output=tmp_path / "a-file" / "out")
+    assert run.code == td.EXIT_USAGE
+    assert "--output" in capsys.readouterr().err
+    assert fake.counters.snapshot()["requests"] == {}
+
+
+def test_an_unreachable_server_names_the_host(tmp_path, capsys):
+    import socket
+    with socket.socket() as probe:          # a port that nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = td.main(["--collection", "DEMO", "--output", str(tmp_path / "o"), "--cache_dir",
+                    str(tmp_path / "c"), "--api-url", f"http://127.0.0.1:{port}/nbia-api/services/v4/",
+                    "--retries", "2", "--retry-wait", "0", "--no-progress"])
+    assert code == td.EXIT_INCOMPLETE
+    err = capsys.readouterr().err
+    assert f"cannot connect to 127.0.0.1:{port}" in err and "Traceback" not in err

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=tcia-download
+#SBATCH --cpus-per-task=4
+#SBATCH --mem=4G
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#
+# tcia_downloader_hpc.sh: run tcia_downloader.py as a slurm job, or as a plain script.
+#
+#   sbatch tcia_downloader_hpc.sh                      one job, the whole collection
+#   sbatch tcia_downloader_hpc.sh --manifest x.tcia    extra flags go to tcia_downloader.py
+#   sbatch --array=0-7 --output=%x-%A_%a.out tcia_downloader_hpc.sh
+#                                                      8 tasks, one shard of the collection each
+#   ./tcia_downloader_hpc.sh                           on a machine without slurm
+#
+# Submit from the folder that holds tcia_downloader.py (slurm runs a copy of this file from
+# its spool folder), or set TCIA_DOWNLOADER to its path.
+#
+# Time limits: 300 s before the limit slurm sends SIGUSR1 (--signal above); the downloader
+# then starts no new series, lets the running ones finish within STOP_GRACE seconds, and
+# exits with 75, and this script requeues the job, which resumes where it stopped. A job
+# that finished (0), or whose failure a rerun will not fix (2: bad flags, unknown
+# collection, wrong password), is not requeued; nor is one cancelled with scancel.
+# Keep STOP_GRACE below the 300 s of --signal, and raise both for very large series.
+
+# ----- edit here ----------------------------------------------------------------------------
+COLLECTION="${COLLECTION:-Pancreas-CT}"
+OUTPUT_DIR="${OUTPUT_DIR:-$HOME/tcia}"                            # the archive goes here
+TEMP_DIR="${TEMP_DIR:-${SLURM_TMPDIR:-${TMPDIR:-$OUTPUT_DIR}}}"    # node-local scratch if any
+CACHE_DIR="${CACHE_DIR:-$HOME/.cache/tcia_downloader}"             # logs and metadata cache
+WORKERS="${WORKERS:-${SLURM_CPUS_PER_TASK:-}}"                     # empty: the script decides
+STOP_GRACE="${STOP_GRACE:-240}"
+PYTHON="${PYTHON:-python3}"
+# source "$HOME/venvs/tcia/bin/activate"                           # optional virtual environment
+# ---------------------------------------------------------------------------------------------
+
+set -uo pipefail
+
+EXIT_USAGE=2
+EXIT_CHECKPOINT=75
+
+script_dir="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+downloader="${TCIA_DOWNLOADER:-$script_dir/tcia_downloader.py}"
+if [[ ! -f "$downloader" ]]; then
+    echo "tcia_downloader_hpc.sh: $downloader not found: submit from its folder or set TCIA_DOWNLOADER" >&2
+    exit "$EXIT_USAGE"
+fi
+if ! "$PYTHON" -c "import requests, requests_cache, pydicom, tqdm" 2>/dev/null; then
+    echo "tcia_downloader_hpc.sh: $PYTHON lacks the requirements: $PYTHON -m pip install -r $(dirname "$downloader")/requirements.txt" >&2
+    exit "$EXIT_USAGE"
+fi
+
+args=(--collection "$COLLECTION" --output "$OUTPUT_DIR" --temp_dir "$TEMP_DIR"
+      --cache_dir "$CACHE_DIR" --compression --stop-grace "$STOP_GRACE")
+[[ -n "$WORKERS" ]] && args+=(--workers "$WORKERS")
+
+echo "$(date '+%F %T') tcia_downloader_hpc.sh: job ${SLURM_JOB_ID:-none}" \
+     "array task ${SLURM_ARRAY_TASK_ID:-none} restart ${SLURM_RESTART_COUNT:-0} on $(hostname)"
+echo "$(date '+%F %T') running: $PYTHON $downloader ${args[*]} $*"
+
+# The downloader runs in the background so that this shell can pass signals on: bash
+# delays trapped signals until a foreground command ends, but `wait` returns at once.
+"$PYTHON" "$downloader" "${args[@]}" "$@" &
+child=$!
+trap 'kill -USR1 "$child" 2>/dev/null' USR1
+trap 'kill -TERM "$child" 2>/dev/null' TERM
+trap 'kill -INT "$child" 2>/dev/null' INT
+while kill -0 "$child" 2>/dev/null; do
+    wait "$child"
+done
+wait "$child"          # the child's own exit status (bash remembers it)
+status=$?
+
+if [[ "$status" -eq "$EXIT_CHECKPOINT" && -n "${SLURM_JOB_ID:-}" ]]; then
+    echo "$(date '+%F %T') checkpointed before the time limit: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+echo "$(date '+%F %T') tcia_downloader.py exited with $status"
+exit "$status"

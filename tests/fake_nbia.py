@@ -341,12 +341,20 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR
 Element = tuple[str, str, Any]            # (keyword, VR, value)
 
 
+@dataclass(frozen=True)
+class _PixelData:
+    """Stands for the pixel data in an element list: its length, without generating it."""
+    nbytes: int
+
+
 def _value_length(vr: str, value: Any) -> int:
     if vr in ("US", "SS"):
         return 2 * (len(value) if isinstance(value, (list, tuple)) else 1)
     if vr in ("UL", "SL", "FL"):
         return 4 * (len(value) if isinstance(value, (list, tuple)) else 1)
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, _PixelData):
+        n = value.nbytes
+    elif isinstance(value, (bytes, bytearray)):
         n = len(value)
     else:
         text = "\\".join(value) if isinstance(value, (list, tuple)) else str(value)
@@ -419,7 +427,7 @@ class _Generator:
             ("WindowWidth", "DS", ww),
             ("RescaleIntercept", "DS", "0"),
             ("RescaleSlope", "DS", "1"),
-            ("PixelData", "OW", b"\0" * (self.rows * self.rows * 2)),   # size only; real data later
+            ("PixelData", "OW", _PixelData(self.rows * self.rows * 2)),   # generated in build()
         ]
         if modality == "CT":
             out.append(("RescaleType", "LO", "HU"))
@@ -459,6 +467,7 @@ class _Generator:
         out = []
         for k in range(s.n):
             meta = _elements_size(self.meta_elements(s, k))
+            # preamble + "DICM" + the (0002,0000) group length element, then the elements
             out.append(128 + 4 + 12 + meta + const + _elements_size(self.instance_elements(s, k)))
         return tuple(out)
 

@@ -786,8 +786,11 @@ class _Tokens:
         with self._lock:
             self._access[access] = (user, now + lifetime)
             self._refresh[refresh] = (user, now + refresh_lifetime)
-        return {"access_token": access, "expires_in": int(lifetime),
-                "refresh_expires_in": int(refresh_lifetime), "refresh_token": refresh,
+        def seconds(x: float) -> float | int:
+            # Keycloak sends whole seconds; a fractional test lifetime is sent as is.
+            return int(x) if float(x).is_integer() else x
+        return {"access_token": access, "expires_in": seconds(lifetime),
+                "refresh_expires_in": seconds(refresh_lifetime), "refresh_token": refresh,
                 "token_type": "Bearer", "not-before-policy": 0,
                 "session_state": secrets.token_hex(16), "scope": "openid email profile"}
 

@@ -859,6 +859,7 @@ def test_private_server_requires_a_valid_token(fake_nbia_factory):
 def test_token_expires_by_lifetime(fake_nbia_factory):
     fake = fake_nbia_factory(real_collections=False, demo_series=1, token_lifetime=0.3)
     t = token(fake, username="nbia_guest", password="", grant_type="password").json()
+    assert t["expires_in"] == 0.3 and t["refresh_expires_in"] == 36000
     auth = {"Authorization": "Bearer " + t["access_token"]}
     assert get(fake, "getSeries", headers=auth).status_code == 200
     deadline = time.monotonic() + 5

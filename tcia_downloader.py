@@ -28,6 +28,7 @@ Exit codes (documented in the README):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import errno
@@ -995,12 +996,25 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing, even under kill -9. The connection is in autocommit mode
+        (isolation_level=None), where `with connection:` would NOT open a transaction and
+        every statement would commit on its own."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def get(self, key: str) -> Optional[str]:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, value: str) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def committed(self) -> dict[str, str]:
@@ -1015,7 +1029,7 @@ class Journal:
 
     def forget_beyond(self, archive_size: int) -> int:
         """Drop series whose stream is not wholly in an archive of this size."""
-        with self._db:
+        with self._transaction():
             gone = [u for (u,) in self._db.execute(
                 "SELECT uid FROM series WHERE archive_end > ?", (archive_size,))]
             for uid in gone:
@@ -1025,7 +1039,7 @@ class Journal:
 
     def record(self, series: PlannedSeries, verified: VerifiedZip, archive_end: int,
                tar_end: int) -> None:
-        with self._db:  # one transaction: the series and its files, or nothing
+        with self._transaction():  # one transaction: the series and its files, or nothing
             self._db.execute(
                 "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (series.uid, series.collection, series.path, archive_end, tar_end,

@@ -247,3 +247,17 @@ def test_folder_target_copies_across_filesystems_when_rename_cannot(tmp_path, mo
         assert (out / name).read_bytes() == data
     assert not any(p.name.endswith(".incoming") for p in out.rglob("*"))
     assert not scratch.exists() or not any(scratch.rglob("*.dcm"))
+
+
+def test_a_journal_record_is_all_or_nothing(tmp_path):
+    """A kill between the statements of one record must not leave a series row with only
+    some of its files (a real bug once: autocommit mode committed each statement)."""
+    journal = td.Journal(tmp_path / "j.sqlite")
+    series = planned("1.2.3.70", "P/d-S-1/1-CT-70")
+    members = [td.Member("a.dcm", "a.dcm", 1, "0" * 32), td.Member("b.dcm", "b.dcm", 1, None)]
+    broken = td.VerifiedZip(tmp_path / "x.zip", members, None, [])   # md5 NULL: 2nd row fails
+    with pytest.raises(Exception):
+        journal.record(series, broken, 100, 1024)
+    assert journal.committed() == {}
+    assert list(journal.files("COLL")) == []
+    journal.close()

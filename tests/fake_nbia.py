@@ -69,6 +69,9 @@ TOKEN_PATH = "/nbia-api/oauth/token"
 
 NASTY_KINDS = frozenset({"contaminate", "junk", "hostile_names", "duplicate_series_numbers", "missing_dates"})
 FAULT_KINDS = ("500", "429", "reset", "stall", "corrupt", "truncate", "bad_md5_row")
+# Only by script_faults: a listed series the server refuses, as NBIA does for series the user
+# may not see (and for withdrawn ones).
+SCRIPTED_ONLY_KINDS = ("not_granted",)
 INCLUDE_MD5_MODES = ("honour", "ignore", "refuse")
 
 # The live service answers a failing request with exactly these 48 bytes.
@@ -1008,9 +1011,10 @@ class FakeNbia:
     # -- test helpers --------------------------------------------------------------------------
     def script_faults(self, series_uid: str, kinds: list[str]) -> None:
         """The next image requests of this series get these faults in order, then normal service."""
-        bad = [k for k in kinds if k not in FAULT_KINDS]
+        bad = [k for k in kinds if k not in FAULT_KINDS + SCRIPTED_ONLY_KINDS]
         if bad:
-            raise ValueError(f"unknown fault kinds {bad}; choose from {FAULT_KINDS}")
+            raise ValueError(f"unknown fault kinds {bad}; choose from "
+                             f"{FAULT_KINDS + SCRIPTED_ONLY_KINDS}")
         with self._lock:
             self._scripted.setdefault(series_uid, collections.deque()).extend(kinds)
 
@@ -1448,6 +1452,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             fake._stop.wait(cfg.first_byte_delay)
         if fake._stop.is_set():
             raise ConnectionAbortedError("server stopping")
+        if fault == "not_granted":
+            self._reply(endpoint, 400, NOT_GRANTED.format(uid=s.uid).encode(), "application/json")
+            return
         if fault == "500":
             self._reply(endpoint, 500, BODY_500, "text/plain")
             return

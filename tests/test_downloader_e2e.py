@@ -216,6 +216,21 @@ def test_a_series_that_keeps_failing_is_reported_and_the_rest_resumes_later(tmp_
     assert not (run.output / "DEMO.failed.tcia").exists()     # no stale list of failures
 
 
+def test_a_refused_series_fails_at_once_and_the_rest_completes(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(include_md5="honour")
+    uids = [s["SeriesInstanceUID"] for s in fake.series("DEMO")]
+    refused = uids[5]
+    fake.script_faults(refused, ["not_granted"] * 6)
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_INCOMPLETE
+    assert fake.counters.requests("getImage", 400) == 1          # no retry: it would not help
+    assert "not granted" in run.log and "failed: the server refuses" not in run.log
+    assert "attempt 1/" not in run.log
+    assert journal_uids(run.output) == set(uids) - {refused}
+    manifest = (run.output / "DEMO.failed.tcia").read_text().splitlines()
+    assert manifest[-1] == refused
+
+
 # -- nastiness ------------------------------------------------------------------------------
 
 def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path,

@@ -728,6 +728,17 @@ def test_fault_bad_md5_row(small):
     assert small.counters.complete_downloads(uid) == 1
 
 
+def test_scripted_not_granted_refuses_a_listed_series_like_nbia(small):
+    uid = demo_uids(small)[0]
+    small.script_faults(uid, ["not_granted"])
+    refused = get(small, "getImageWithMD5Hash", {"SeriesInstanceUID": uid})
+    assert refused.status_code == 400
+    assert refused.text == ("The user has not been granted the access to image with given "
+                            f"SeriesInstanceUID,{uid}. Please contact System Admin to resolve "
+                            "this issue.")
+    assert get(small, "getImageWithMD5Hash", {"SeriesInstanceUID": uid}).status_code == 200
+
+
 def test_scripted_faults_take_precedence(small):
     uid = demo_uids(small)[0]
     small.config.faults = Faults(p500=1.0)

@@ -63,17 +63,27 @@ echo "$(date '+%F %T') running: $PYTHON $downloader ${args[*]} $*"
 
 # The downloader runs in the background so that this shell can pass signals on: bash
 # delays trapped signals until a foreground command ends, but `wait` returns at once.
+# The traps come first: a signal before them would end this shell instead.
+child=""
+warned=0
+pass_on() { [[ -n "$child" ]] && kill "-$1" "$child" 2>/dev/null; }
+trap 'warned=1; pass_on USR1' USR1
+trap 'pass_on TERM' TERM
+trap 'pass_on INT' INT
 "$PYTHON" "$downloader" "${args[@]}" "$@" &
 child=$!
-trap 'kill -USR1 "$child" 2>/dev/null' USR1
-trap 'kill -TERM "$child" 2>/dev/null' TERM
-trap 'kill -INT "$child" 2>/dev/null' INT
+[[ "$warned" -eq 1 ]] && pass_on USR1      # warned while it was being started
 while kill -0 "$child" 2>/dev/null; do
     wait "$child"
 done
 wait "$child"          # the child's own exit status (bash remembers it)
 status=$?
 
+# A warning in the first second can reach Python before it handles SIGUSR1 and kill it
+# (status 128+10); its journal is consistent at every instant, so that is a checkpoint too.
+if [[ "$warned" -eq 1 && "$status" -eq $((128 + $(kill -l USR1))) ]]; then
+    status=$EXIT_CHECKPOINT
+fi
 if [[ "$status" -eq "$EXIT_CHECKPOINT" && -n "${SLURM_JOB_ID:-}" ]]; then
     echo "$(date '+%F %T') checkpointed before the time limit: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"

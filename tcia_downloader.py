@@ -103,14 +103,36 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
+class Selection:
+    """What to download: a collection, filters on getSeries, manifests, or a failure list."""
+    collection: Optional[str] = None
+    manifests: tuple[Path, ...] = ()
+    patients: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    retry_failed: Optional[Path] = None
+
+    def filters(self) -> dict[str, tuple[str, ...]]:
+        """getSeries parameter (exact NBIA v4 spelling) -> the values asked for."""
+        pairs = (("PatientID", self.patients), ("StudyInstanceUID", self.study_uids),
+                 ("SeriesInstanceUID", self.series_uids), ("Modality", self.modalities),
+                 ("BodyPartExamined", self.body_parts))
+        return {parameter: values for parameter, values in pairs if values}
+
+
+@dataclass(frozen=True)
 class Options:
-    collection: str
+    selection: Selection
     output: Path
     temp_dir: Path
     cache_dir: Path
     api_url: str
     user: Optional[str]
     password: Optional[str] = field(repr=False)
+    proxy: Optional[str]
+    ca_bundle: Optional[Path]
     compression: bool
     compression_level: int
     workers: int
@@ -119,6 +141,10 @@ class Options:
     stop_grace: float
     stall_timeout: float
     shard: Optional["Shard"]
+    update: bool
+    dry_run: bool
+    force: bool
+    list_collections: bool
     connect_timeout: float
     cache_expiry_hours: float
     log_level: str
@@ -126,36 +152,68 @@ class Options:
     summary_interval: float
 
 
+EXAMPLES = """examples:
+  # a whole collection into /data/tcia/Pancreas-CT.tar.xz
+  tcia_downloader.py --collection Pancreas-CT --output /data/tcia --compression
+  # what a manifest from the TCIA portal needs, without downloading anything
+  tcia_downloader.py --manifest cart.tcia --output /data/tcia --compression --dry-run
+  # only the CT and MR series of two patients
+  tcia_downloader.py --collection CPTAC-GBM --patient C3L-00016 C3L-00365 --modality CT MR
+
+exit codes: 0 complete and verified; 1 some series failed (rerun to resume);
+  2 bad usage or input; 75 checkpointed on SIGUSR1 (rerun); 130/143 SIGINT/SIGTERM.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcia_downloader.py",
-        description="Download a TCIA collection from NBIA v4 into one verified, "
-                    "resumable .tar.xz (or a folder tree).",
-        epilog="exit codes: 0 complete and verified; 1 some series failed (rerun to resume); "
-               "2 bad usage or input; 130 interrupted (SIGINT); 143 terminated (SIGTERM).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        description="Download TCIA series from NBIA v4 into one verified, resumable .tar.xz "
+                    "(or a folder tree).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
     what = parser.add_argument_group("what to download")
-    what.add_argument("--collection", required=True, metavar="NAME",
-                      help="TCIA collection name, e.g. Pancreas-CT")
+    what.add_argument("--collection", metavar="NAME",
+                      help="a TCIA collection, e.g. Pancreas-CT (alone: all of it)")
+    what.add_argument("--manifest", action="append", default=[], metavar="FILE.tcia",
+                      help="exactly the series of a .tcia manifest from the TCIA portal "
+                           "(repeatable; may span collections)")
+    filters = [("--patient", "PatientID"), ("--study-uid", "StudyInstanceUID"),
+               ("--series-uid", "SeriesInstanceUID"), ("--modality", "Modality"),
+               ("--body-part", "BodyPartExamined")]
+    for flag, parameter in filters:
+        what.add_argument(flag, nargs="+", action="extend", default=[], metavar="VALUE",
+                          help=f"only series with one of these {parameter} values "
+                               "(with or without --collection)")
+    what.add_argument("--update", action="store_true",
+                      help="after a complete archive: only the series published since, into "
+                           "<name>.update-<YYYY-MM-DD>.tar.xz")
+    what.add_argument("--retry-failed", metavar="FILE.tcia",
+                      help="exactly the series of a <name>.failed.tcia, into that run's output")
+    what.add_argument("--shard", metavar="I/N",
+                      help="part I of N (0 <= I < N), balanced by size; default in a slurm "
+                           "job array: the task's place in the array; 'none' turns it off")
+    what.add_argument("--list-collections", action="store_true",
+                      help="print the server's collection names, one per line, and exit")
+    what.add_argument("--dry-run", action="store_true",
+                      help="say what would be downloaded and whether it fits; write nothing")
     what.add_argument("--mode", default="nbia", choices=["nbia", "aspera"],
                       help="download service: nbia (default); aspera is not available yet")
-    what.add_argument("--shard", metavar="I/N",
-                      help="download part I of N (0 <= I < N), balanced by size; default in a "
-                           "slurm job array: the task's place in the array; 'none' turns it off")
 
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
-                       help="where <Collection>.tar.xz (or <Collection>/) goes (default: .)")
+                       help="where <name>.tar.xz (or the <Collection>/ folders) go (default: .)")
     where.add_argument("--temp_dir", "--temp-dir", dest="temp_dir", metavar="DIR",
                        help="scratch for one zip and one compressed stream per worker; "
                             "node-local disk on a cluster (default: --output)")
     where.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
                        metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
+    where.add_argument("--force", action="store_true",
+                       help="start even when the free space looks too small")
 
     how = parser.add_argument_group("how")
     how.add_argument("--compression", action="store_true",
-                     help="write <output>/<Collection>.tar.xz instead of a folder tree")
+                     help="write <output>/<name>.tar.xz instead of a folder tree")
     how.add_argument("--compression-level", "--compression_level", dest="compression_level",
                      type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="0-9",
                      help=f"xz preset (default: {DEFAULT_COMPRESSION_LEVEL}; 6 is ~10%% smaller "
@@ -178,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     network = parser.add_argument_group("network and account")
     network.add_argument("--api-url", default=DEFAULT_API_URL, metavar="URL",
                          help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
+    network.add_argument("--proxy", metavar="URL",
+                         help="HTTP(S) proxy for every request (default: $HTTPS_PROXY/$HTTP_PROXY)")
+    network.add_argument("--ca-bundle", metavar="FILE",
+                         help="CA certificates to trust, e.g. a site proxy's (PEM)")
     network.add_argument("--user", metavar="NAME",
                          help="account on a private NBIA server (public TCIA needs none)")
     network.add_argument("--password", metavar="PASSWORD",
@@ -204,8 +266,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     args = build_parser().parse_args(argv)
     if args.mode != "nbia":
         raise UsageError(f"--mode {args.mode} is not available in this version; use --mode nbia")
-    if not args.collection.strip():
-        raise UsageError("--collection is empty: give a collection name such as Pancreas-CT")
+    selection = parse_selection(args)
     if not 0 <= args.compression_level <= 9:
         raise UsageError("--compression-level must be an xz preset from 0 to 9")
     if args.workers < 1:
@@ -218,33 +279,72 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         raise UsageError("--stop-grace must be zero or more seconds")
     if args.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be a positive number of seconds")
-    scheme = urlsplit(args.api_url).scheme
-    if scheme not in ("http", "https"):
+    if urlsplit(args.api_url).scheme not in ("http", "https"):
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    if args.proxy and urlsplit(args.proxy).scheme not in ("http", "https"):
+        raise UsageError(f"--proxy {args.proxy!r}: give an http:// or https:// proxy URL")
+    ca_bundle = Path(args.ca_bundle).expanduser() if args.ca_bundle else None
+    if ca_bundle and not ca_bundle.is_file():
+        raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
     output = Path(args.output).expanduser()
     password = resolve_password(args.user, args.password)
     return Options(
-        collection=args.collection.strip(),
+        selection=selection,
         output=output,
         temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
         cache_dir=Path(args.cache_dir).expanduser(),
         api_url=args.api_url if args.api_url.endswith("/") else args.api_url + "/",
         user=args.user,
         password=password,
+        proxy=args.proxy,
+        ca_bundle=ca_bundle,
         compression=args.compression,
         compression_level=args.compression_level,
         workers=args.workers,
         retries=args.retries,
         retry_wait=args.retry_wait,
         stop_grace=args.stop_grace,
-        shard=parse_shard(args.shard, os.environ),
         stall_timeout=args.stall_timeout,
+        shard=parse_shard(args.shard, os.environ),
+        update=args.update,
+        dry_run=args.dry_run,
+        force=args.force,
+        list_collections=args.list_collections,
         connect_timeout=args.connect_timeout,
         cache_expiry_hours=args.cache_expiry,
         log_level=args.log_level,
         progress=not args.no_progress,
         summary_interval=args.summary_interval,
     )
+
+
+def parse_selection(args: argparse.Namespace) -> Selection:
+    """One way of saying what to download, and files that exist."""
+    collection = (args.collection or "").strip() or None
+    if args.collection is not None and collection is None:
+        raise UsageError("--collection is empty: give a collection name such as Pancreas-CT")
+    selection = Selection(
+        collection=collection,
+        manifests=tuple(Path(m).expanduser() for m in args.manifest),
+        patients=tuple(args.patient), study_uids=tuple(args.study_uid),
+        series_uids=tuple(args.series_uid), modalities=tuple(args.modality),
+        body_parts=tuple(args.body_part),
+        retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
+    by_name = bool(collection or selection.filters())
+    ways = sum([by_name, bool(selection.manifests), bool(selection.retry_failed),
+                bool(args.list_collections)])
+    if ways == 0:
+        raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
+                         "filters such as --patient ID, or --list-collections")
+    if ways > 1:
+        raise UsageError("choose one of --collection/filters, --manifest, --retry-failed and "
+                         "--list-collections")
+    if args.update and (selection.retry_failed or args.list_collections):
+        raise UsageError("--update goes with --collection, filters or --manifest")
+    for path in (*selection.manifests, *([selection.retry_failed] if selection.retry_failed else [])):
+        if not path.is_file():
+            raise UsageError(f"{path}: no such manifest file")
+    return selection
 
 
 @dataclass(frozen=True)
@@ -339,6 +439,14 @@ class FatalRunError(Exception):
         self.exit_code = exit_code
 
 
+class ApiError(FatalRunError):
+    """A metadata request the server refuses (4xx): retrying will not help."""
+
+    def __init__(self, endpoint: str, status: int, body: str):
+        super().__init__(f"{endpoint} answered HTTP {status}: {body}")
+        self.status = status
+
+
 class Interrupted(Exception):
     """A stop was requested (signal); the worker leaves without committing."""
 
@@ -381,8 +489,10 @@ class TokenManager:
     RENEW_MARGIN = 120.0  # seconds before expiry (a tenth of a shorter lifetime)
 
     def __init__(self, token_url: str, user: Optional[str], password: Optional[str],
-                 session: requests.Session, timeout: tuple[float, float]):
+                 session: requests.Session, timeout: tuple[float, float],
+                 transport: dict[str, object]):
         self._url = token_url
+        self._transport = transport
         self._user = user
         self._password = password
         self._session = session
@@ -439,7 +549,8 @@ class TokenManager:
     def _request_token(self, form: dict[str, Optional[str]]) -> bool:
         for attempt in range(1, 5):
             try:
-                response = self._session.post(self._url, data=form, timeout=self._timeout)
+                response = self._session.post(self._url, data=form, timeout=self._timeout,
+                                              **self._transport)
             except requests.RequestException as exc:
                 log.warning("token request failed (%s); retrying", type(exc).__name__)
                 time.sleep(RetryPolicy().delay(attempt))
@@ -467,7 +578,8 @@ class TciaApi:
 
     def __init__(self, base_url: str, *, cache_path: Optional[Path], cache_expiry: timedelta,
                  user: Optional[str], password: Optional[str], connect_timeout: float,
-                 stall_timeout: float, retry: RetryPolicy, stop: threading.Event):
+                 stall_timeout: float, retry: RetryPolicy, stop: threading.Event,
+                 proxy: Optional[str] = None, ca_bundle: Optional[Path] = None):
         self.base_url = base_url
         self.retry = retry
         self.stop = stop
@@ -475,6 +587,13 @@ class TciaApi:
         # between two received bytes, never the whole transfer, so a 2 GB series over a
         # slow link is fine while a silent connection is dropped after stall_timeout.
         self.timeout = (connect_timeout, stall_timeout)
+        # Given per request, because requests lets $HTTPS_PROXY and $REQUESTS_CA_BUNDLE
+        # override what a session says, while the user's flags must win.
+        self.transport: dict[str, object] = {}
+        if proxy:
+            self.transport["proxies"] = {"http": proxy, "https": proxy}
+        if ca_bundle:
+            self.transport["verify"] = str(ca_bundle)
         user_agent = f"tcia_downloader/{__version__}"
         if cache_path is not None:
             # Metadata only: image zips and tokens go through plain sessions below.
@@ -487,7 +606,8 @@ class TciaApi:
         self._user_agent = user_agent
         self._local = threading.local()    # one keep-alive connection per worker thread
         self.tokens = TokenManager(token_url_for(base_url), user, password,
-                                   self._plain_session(), (connect_timeout, stall_timeout))
+                                   self._plain_session(), (connect_timeout, stall_timeout),
+                                   self.transport)
 
     def _plain_session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -504,7 +624,12 @@ class TciaApi:
 
     def get_json(self, endpoint: str, **params: str) -> list[dict]:
         """GET a metadata endpoint; NBIA answers an empty result with an empty body."""
-        response = self._metadata_request(endpoint, params)
+        return self._json(endpoint, self._metadata_request("GET", endpoint, params=params))
+
+    def post_json(self, endpoint: str, form: dict[str, str]) -> list[dict]:
+        return self._json(endpoint, self._metadata_request("POST", endpoint, data=form))
+
+    def _json(self, endpoint: str, response: requests.Response) -> list[dict]:
         if not response.content.strip():
             return []
         try:
@@ -516,18 +641,25 @@ class TciaApi:
     def collections(self) -> list[str]:
         return sorted(row["Collection"] for row in self.get_json("getCollectionValues"))
 
-    def series(self, collection: str) -> list[dict]:
-        return self.get_json("getSeries", Collection=collection)
+    def series(self, **parameters: str) -> list[dict]:
+        """getSeries with exact NBIA v4 parameter names (Collection, PatientID, ...)."""
+        return self.get_json("getSeries", **parameters)
 
-    def _metadata_request(self, endpoint: str, params: dict[str, str]) -> requests.Response:
+    def series_metadata(self, uids: list[str]) -> list[dict]:
+        """POST getSeriesMetadata: thousands of UIDs per call, unknown ones dropped."""
+        return self.post_json("getSeriesMetadata", {"list": ",".join(uids), "format": "json"})
+
+    def _metadata_request(self, method: str, endpoint: str, params: Optional[dict] = None,
+                          data: Optional[dict] = None) -> requests.Response:
         url = self.base_url + endpoint
         last = ""
         for attempt in range(1, self.retry.attempts + 1):
             self.check_stop()
             headers = self.tokens.headers()
             try:
-                response = self._metadata.get(url, params=params, headers=headers,
-                                              timeout=self.timeout)
+                response = self._metadata.request(method, url, params=params, data=data,
+                                                  headers=headers, timeout=self.timeout,
+                                                  **self.transport)
             except requests.RequestException as exc:
                 last = self._describe_request_error(exc)
                 self._pause(attempt, f"{endpoint}: {last}")
@@ -542,8 +674,7 @@ class TciaApi:
                 self._pause(attempt, f"{endpoint}: {last}",
                             parse_retry_after(response.headers.get("Retry-After")))
                 continue
-            raise FatalRunError(f"{endpoint} answered HTTP {response.status_code}: "
-                                f"{response.text.strip()[:200]}")
+            raise ApiError(endpoint, response.status_code, response.text.strip()[:200])
         raise FatalRunError(f"{endpoint} kept failing ({last}) after {self.retry.attempts} "
                             "attempts; the service may be down, try again later")
 
@@ -585,7 +716,7 @@ class TciaApi:
         written = 0
         try:
             with session.get(self.base_url + endpoint, params=params, headers=headers,
-                             stream=True, timeout=self.timeout) as response:
+                             stream=True, timeout=self.timeout, **self.transport) as response:
                 self._raise_for_image_status(response, headers)
                 with open(dest, "wb") as out:
                     for chunk in response.iter_content(CHUNK_SIZE):
@@ -779,6 +910,132 @@ def _unique_patient_dirs(patient_ids: list[str]) -> dict[str, str]:
     return dirs
 
 
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    basket: Optional[str]                  # databasketId, as the TCIA portal names the cart
+    uids: list[str]
+    stray: list[tuple[int, str]]           # (line number, text) of lines that are no UID
+
+
+MANIFEST_MARKER = "ListOfSeriesToDownload="
+
+
+def read_manifest(path: Path) -> Manifest:
+    """A .tcia manifest: key=value lines, then one SeriesInstanceUID per line after
+    ListOfSeriesToDownload=. CRLF, blank lines, a missing last newline and stray lines
+    (one official test file has one) are tolerated; a bare list of UIDs is too."""
+    try:
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
+    except OSError as exc:
+        raise FatalRunError(f"{path}: cannot read it ({exc.strerror})", EXIT_USAGE) from None
+    lines = text.splitlines()
+    basket = None
+    body = lines                            # no marker: a bare list of UIDs
+    for number, line in enumerate(lines):
+        key, _, value = line.strip().partition("=")
+        if key == "databasketId" and value.strip():
+            basket = value.strip()
+        if line.strip().startswith(MANIFEST_MARKER):
+            # the list starts after the '=' (a UID may stand on the marker's own line)
+            body = [""] * number + [line.strip()[len(MANIFEST_MARKER):]] + lines[number + 1:]
+            break
+    uids: list[str] = []
+    stray: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    in_list = body is not lines
+    for number, line in enumerate(body, start=1):
+        candidate = line.strip()
+        if not candidate:
+            continue
+        if UID_PATTERN.match(candidate) and len(candidate) <= 64:
+            if candidate not in seen:
+                seen.add(candidate)
+                uids.append(candidate)
+        elif in_list or "=" not in candidate:     # header lines are key=value
+            stray.append((number, candidate[:80]))
+    if not uids:
+        raise FatalRunError(f"{path} lists no SeriesInstanceUID: is it a .tcia manifest?",
+                            EXIT_USAGE)
+    return Manifest(path, basket, uids, stray)
+
+
+def records_for_uids(api: TciaApi, uids: list[str]) -> tuple[list[dict], list[str]]:
+    """getSeries records of these UIDs, in their order, and the UIDs the server does not
+    know. getSeriesMetadata (thousands of UIDs per call) says which collections they are in;
+    each collection's getSeries (cached) then gives the same records a collection run uses."""
+    collections: set[str] = set()
+    try:
+        for start in range(0, len(uids), 1000):
+            for row in api.series_metadata(uids[start:start + 1000]):
+                # NBIA's own column is "Project"; the documented form says "Collection".
+                name = row.get("Collection") or row.get("Project")
+                if name:
+                    collections.add(str(name))
+    except ApiError as exc:
+        log.warning("getSeriesMetadata is unavailable (%s); asking getSeries per series", exc)
+    wanted = set(uids)
+    found: dict[str, dict] = {}
+    for collection in sorted(collections):
+        for record in api.series(Collection=collection):
+            if record.get("SeriesInstanceUID") in wanted:
+                found[record["SeriesInstanceUID"]] = record
+    for uid in [u for u in uids if u not in found]:
+        for record in api.series(SeriesInstanceUID=uid):
+            found[uid] = record
+    return [found[u] for u in uids if u in found], [u for u in uids if u not in found]
+
+
+def records_for_filters(api: TciaApi, selection: Selection) -> list[dict]:
+    """One getSeries call per combination of filter values (NBIA takes one value per
+    parameter), united by SeriesInstanceUID."""
+    filters = selection.filters()
+    combinations: list[dict[str, str]] = [{}]
+    for parameter, values in filters.items():
+        combinations = [{**c, parameter: v} for c in combinations for v in dict.fromkeys(values)]
+    base = {"Collection": selection.collection} if selection.collection else {}
+    found: dict[str, dict] = {}
+    for combination in combinations:
+        for record in api.series(**base, **combination):
+            found.setdefault(record["SeriesInstanceUID"], record)
+    return list(found.values())
+
+
+def selection_name(selection: Selection, manifests: list[Manifest]) -> str:
+    """The archive's name: the collection; a manifest's databasketId or file name; for
+    filters the collection plus what was filtered, so that a part never poses as the whole."""
+    if selection.retry_failed:
+        stem = selection.retry_failed.name
+        for ending in (".failed.tcia", ".tcia"):
+            if stem.endswith(ending):
+                return stem[:-len(ending)]
+        return clean_component(stem, 100)
+    if manifests:
+        first = manifests[0]
+        stem = first.basket or first.path.name
+        stem = stem[:-5] if stem.lower().endswith(".tcia") else stem
+        more = f"-and-{len(manifests) - 1}-more" if len(manifests) > 1 else ""
+        return clean_component(stem, 100) + more
+    filters = selection.filters()
+    if not filters:
+        return clean_component(selection.collection, 100)
+    described = "_".join(f"{parameter}-{'+'.join(values)}" for parameter, values in filters.items())
+    name = f"{selection.collection or 'TCIA'}.{described}"
+    if len(name) > 100:
+        digest = hashlib.sha1(described.encode()).hexdigest()[:10]
+        name = f"{selection.collection or 'TCIA'}.selection-{digest}"
+    return clean_component(name, 120)
+
+
+def plan_records(records: list[dict]) -> list[PlannedSeries]:
+    """Folders for series of one or more collections (each collection planned on its own)."""
+    by_collection: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_collection[str(record.get("Collection", "NA"))].append(record)
+    return [series for collection, group in sorted(by_collection.items())
+            for series in plan_collection(clean_component(collection, 100), group)]
+
+
 def shard_of(planned: list[PlannedSeries], shard: Shard) -> list[PlannedSeries]:
     """Part shard.index of a partition balanced by FileSize: largest series first, each to
     the lightest part so far. Every array task computes the same partition on its own."""
@@ -967,6 +1224,21 @@ def copy_entry(archive: zipfile.ZipFile, member: Member, sink: Callable[[bytes],
 # 5. Archive writing
 # ==========================================================================================
 
+def read_journal(path: Path) -> tuple[set[str], bool]:
+    """(committed series UIDs, finished?) of a journal, read-only; nothing if it is absent.
+    For --dry-run and --update, which must not write."""
+    if not path.exists():
+        return set(), False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            uids = {uid for (uid,) in db.execute("SELECT uid FROM series")}
+            row = db.execute("SELECT value FROM meta WHERE key='finished'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise FatalRunError(f"the journal {path} is unreadable ({exc}); move it away to "
+                            "start over", EXIT_USAGE) from None
+    return uids, bool(row and row[0] == "yes")
+
+
 class Journal:
     """sqlite3 record of committed series: what is in the output and where the archive
     ends after each one. A row is written only after the data it describes is fsynced."""
@@ -981,6 +1253,7 @@ class Journal:
         CREATE TABLE IF NOT EXISTS files (
             uid TEXT NOT NULL, name TEXT NOT NULL, md5 TEXT NOT NULL, size INTEGER NOT NULL);
         CREATE INDEX IF NOT EXISTS files_uid ON files(uid);
+        CREATE TABLE IF NOT EXISTS requested (uid TEXT PRIMARY KEY);
     """
 
     def __init__(self, path: Path):
@@ -1020,6 +1293,19 @@ class Journal:
     def committed(self) -> dict[str, str]:
         """series uid -> path of every committed series."""
         return dict(self._db.execute("SELECT uid, path FROM series"))
+
+    def request(self, uids: list[str], replace: bool) -> None:
+        """What the output must hold before it is finished: this run's series, or (for
+        --retry-failed, which asks for a part) these on top of what earlier runs asked."""
+        with self._transaction():
+            if replace:
+                self._db.execute("DELETE FROM requested")
+            self._db.executemany("INSERT OR IGNORE INTO requested VALUES (?)",
+                                 [(uid,) for uid in uids])
+
+    def missing_requested(self) -> list[str]:
+        return [uid for (uid,) in self._db.execute(
+            "SELECT uid FROM requested WHERE uid NOT IN (SELECT uid FROM series) ORDER BY uid")]
 
     def ends(self) -> tuple[int, int]:
         """(archive bytes, tar bytes) after the last committed series."""
@@ -1115,15 +1401,16 @@ def metadata_csv(journal: Journal, collection: str) -> bytes:
 
 
 def collection_files(journal: Journal, collection: str,
-                     shard_suffix: str = "") -> list[tuple[str, bytes]]:
+                     file_suffix: str = "") -> list[tuple[str, bytes]]:
     """(name relative to <Collection>/, content); MD5SUMS last and covering the others.
-    A shard's files carry its suffix, so that all shards extract side by side."""
-    extras = [(f"LICENSE{shard_suffix}", license_text(journal, collection)),
-              (f"metadata{shard_suffix}.csv", metadata_csv(journal, collection))]
+    A part's files (shard, update, selection) carry its suffix, so that parts extract side
+    by side with each other and with the whole collection."""
+    extras = [(f"LICENSE{file_suffix}", license_text(journal, collection)),
+              (f"metadata{file_suffix}.csv", metadata_csv(journal, collection))]
     lines = [f"{hashlib.md5(data).hexdigest()}  {name}\n" for name, data in extras]
     lines += [f"{md5}  {name}\n" for name, md5 in journal.files(collection)]
     md5sums = "".join(sorted(lines, key=lambda line: line[34:])).encode("utf-8")
-    return extras + [(f"MD5SUMS{shard_suffix}", md5sums)]
+    return extras + [(f"MD5SUMS{file_suffix}", md5sums)]
 
 
 # -- shared parts of the two targets --------------------------------------------------------
@@ -1147,16 +1434,16 @@ class Target:
     is made durable (commit: one at a time, under commit_lock)."""
 
     def __init__(self, name: str, output: Path, temp_dir: Path, final: Path, journal_path: Path,
-                 shard_suffix: str = ""):
+                 lock_path: Path, file_suffix: str = ""):
         self.name = name
-        self.shard_suffix = shard_suffix
+        self.file_suffix = file_suffix
         self.output = output
         self.final = final
         self.scratch = temp_dir / f".tcia_downloader-{name}.tmp"
         self.commit_lock = threading.Lock()
         self._closed = False
         output.mkdir(parents=True, exist_ok=True)
-        self._lock_path = final.with_name(final.name + ".lock")
+        self._lock_path = lock_path
         self._lock_file = self._acquire_lock()
         self.journal = Journal(journal_path)
         # Leftovers of a killed run: scratch holds nothing a journal row depends on.
@@ -1172,8 +1459,8 @@ class Target:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise FatalRunError(f"{self.final} is being written by {owner}; wait for that run "
-                                "to end or stop it", EXIT_USAGE) from None
+            raise FatalRunError(f"{self.name} in {self.output} is being written by {owner}; "
+                                "wait for that run to end or stop it", EXIT_USAGE) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -1202,6 +1489,10 @@ class Target:
 
     def scratch_path(self, series: PlannedSeries, suffix: str) -> Path:
         return self.scratch / f"{series.uid}{suffix}"
+
+
+def journal_path(output: Path, name: str, compression: bool) -> Path:
+    return output / (f"{name}.tar.xz.journal" if compression else f"{name}.journal")
 
 
 def fsync_directory(path: Path) -> None:
@@ -1274,9 +1565,10 @@ class TarXzTarget(Target):
     the journal holds its length after every series."""
 
     def __init__(self, name: str, output: Path, temp_dir: Path, preset: int,
-                 shard_suffix: str = ""):
+                 file_suffix: str = ""):
         super().__init__(name, output, temp_dir, output / f"{name}.tar.xz",
-                         output / f"{name}.tar.xz.journal", shard_suffix)
+                         journal_path(output, name, compression=True),
+                         output / f"{name}.tar.xz.lock", file_suffix)
         self.part = output / f"{name}.tar.xz.part"
         self.preset = preset
         self.archive_end = self.tar_end = 0
@@ -1365,7 +1657,7 @@ class TarXzTarget(Target):
         writer = XzStreamWriter(closing.path, self.preset)
         mtime = int(time.time())
         for collection in self.journal.collections():
-            for name, data in collection_files(self.journal, collection, self.shard_suffix):
+            for name, data in collection_files(self.journal, collection, self.file_suffix):
                 writer.add_file(f"{collection}/{name}", len(data), mtime,
                                 lambda sink, d=data: sink(d))
         writer.write(tarfile.NUL * (2 * TAR_BLOCK))
@@ -1390,18 +1682,18 @@ class DirectoryTarget(Target):
     """<output>/<name>/...: each series is extracted into scratch and moved into place
     only when verified, so a series folder under <output> is always whole."""
 
-    def __init__(self, name: str, output: Path, temp_dir: Path, collection: str,
-                 shard_suffix: str = ""):
-        # Shards of one collection share its folder (their series folders are disjoint);
-        # each keeps its own journal and suffixed LICENSE, metadata and MD5SUMS.
-        super().__init__(name, output, temp_dir, output / collection,
-                         output / f"{name}.journal", shard_suffix)
-        self.final.mkdir(parents=True, exist_ok=True)
+    def __init__(self, name: str, output: Path, temp_dir: Path, file_suffix: str = ""):
+        # Parts of a collection (shards, updates, selections) share its folder (their series
+        # folders are disjoint); each keeps its own journal and suffixed LICENSE, metadata
+        # and MD5SUMS.
+        super().__init__(name, output, temp_dir, output,
+                         journal_path(output, name, compression=False),
+                         output / f"{name}.lock", file_suffix)
         if not self.complete:
             # A move cut short by a kill leaves a hidden .incoming folder: never a series.
             # Only where move_folder and finalize put them: walking every series folder of a
             # large collection would take minutes.
-            for stale in [*self.final.glob(".*.incoming"), *self.final.glob("*/*/.*.incoming")]:
+            for stale in [*output.glob("*/.*.incoming"), *output.glob("*/*/*/.*.incoming")]:
                 (shutil.rmtree if stale.is_dir() else Path.unlink)(stale)
 
     def series_folder(self, series: PlannedSeries) -> Path:
@@ -1438,7 +1730,8 @@ class DirectoryTarget(Target):
     def finalize(self) -> None:
         for collection in self.journal.collections():
             root = self.output / collection
-            for name, data in collection_files(self.journal, collection, self.shard_suffix):
+            root.mkdir(parents=True, exist_ok=True)
+            for name, data in collection_files(self.journal, collection, self.file_suffix):
                 temporary = root / f".{name}.incoming"
                 temporary.write_bytes(data)
                 os.replace(temporary, root / name)
@@ -1870,15 +2163,208 @@ def unknown_collection_message(api: TciaApi, name: str) -> str:
     if suggestions:
         message += f"; did you mean: {', '.join(suggestions)}?"
     elif known:
-        message += "; --list-collections is coming, meanwhile see https://www.cancerimagingarchive.net/"
+        message += "; --list-collections prints the names this server knows"
     if "nlst" in name.casefold():
-        message += f" NLST is on its own server: add --api-url {NLST_API_URL}"
+        message += f". NLST is on its own server: add --api-url {NLST_API_URL}"
     return message
 
 
 def retry_policy(options: Options) -> RetryPolicy:
     return RetryPolicy(attempts=options.retries, base_delay=options.retry_wait)
 
+
+# -- planning a run ---------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    name: str                          # of the archive (or journal, for a folder tree)
+    series: list[PlannedSeries]        # what this run must have in its output
+    unknown: list[str]                 # manifest UIDs the server does not know
+    file_suffix: str                   # on LICENSE, metadata.csv, MD5SUMS of a part
+
+    def journal(self, options: Options) -> Path:
+        return journal_path(options.output, self.name, options.compression)
+
+
+def make_plan(api: TciaApi, options: Options) -> Plan:
+    """Which series, named how, into which archive: selection, then --update, then --shard."""
+    selection = options.selection
+    manifests: list[Manifest] = []
+    unknown: list[str] = []
+    if selection.manifests or selection.retry_failed:
+        manifests = [read_manifest(path) for path in
+                     (selection.manifests or (selection.retry_failed,))]
+        for manifest in manifests:
+            for number, text in manifest.stray:
+                log.warning("%s line %d is not a SeriesInstanceUID; skipped: %r",
+                            manifest.path, number, text)
+        uids = list(dict.fromkeys(uid for manifest in manifests for uid in manifest.uids))
+        records, unknown = records_for_uids(api, uids)
+        log.info("%d series listed in %s; the server knows %d", len(uids),
+                 ", ".join(str(m.path) for m in manifests), len(records))
+    elif selection.filters():
+        records = records_for_filters(api, selection)
+        listed = {r["SeriesInstanceUID"] for r in records}
+        unknown = [uid for uid in selection.series_uids if uid not in listed]
+        if not records:
+            if selection.collection and not api.series(Collection=selection.collection):
+                raise FatalRunError(unknown_collection_message(api, selection.collection),
+                                    EXIT_USAGE)
+            raise FatalRunError("no series matches these filters: check the values (NBIA "
+                                "compares them exactly)", EXIT_USAGE)
+    else:
+        records = api.series(Collection=selection.collection)
+        if not records:
+            raise FatalRunError(unknown_collection_message(api, selection.collection),
+                                EXIT_USAGE)
+    name = selection_name(selection, manifests)
+    served = {str(r.get("Collection")) for r in records}
+    if not selection.filters() and not manifests and len(served) == 1:
+        name = clean_component(served.pop(), 100)      # the server's spelling of the name
+    planned = plan_records(records)
+    base = name
+    if options.update:
+        planned, name = updates_only(planned, options, name)
+    if options.shard:
+        everything = planned
+        planned = shard_of(planned, options.shard)
+        name += options.shard.suffix
+        log.info("shard %d of %d (0-based): %d of %d series, %s of %s", options.shard.index,
+                 options.shard.count, len(planned), len(everything),
+                 human_bytes(sum(s.file_size for s in planned)),
+                 human_bytes(sum(s.file_size for s in everything)))
+    collections = {s.collection for s in planned} or {base}
+    suffix = name[len(base):] if collections == {base} else f".{name}"
+    return Plan(name, planned, unknown, suffix)
+
+
+def updates_only(planned: list[PlannedSeries], options: Options,
+                 name: str) -> tuple[list[PlannedSeries], str]:
+    """--update: the series no finished archive of this name (whole, shards, earlier
+    updates) holds yet, and the name of today's update archive."""
+    ending = ".tar.xz.journal" if options.compression else ".journal"
+    bases = [p for p in (options.output / f"{name}{ending}",
+                         *options.output.glob(f"{name}.shard-*{ending}")) if p.exists()]
+    if not bases or not all(read_journal(p)[1] for p in bases):
+        raise FatalRunError(f"--update needs a finished {name}{ending[:-8] or ''} in "
+                            f"{options.output}: run without --update first", EXIT_USAGE)
+    had: set[str] = set()
+    for path in [*bases, *options.output.glob(f"{name}.update-*{ending}")]:
+        had |= read_journal(path)[0]
+    listed = {s.uid for s in planned}
+    vanished = had - listed
+    if vanished:
+        log.warning("%d series in the archives are no longer listed by the server (kept): %s",
+                    len(vanished), ", ".join(sorted(vanished)[:10]))
+    new = [s for s in planned if s.uid not in had]
+    log.info("--update: %d series already archived, %d new", len(had & listed), len(new))
+    day = datetime.now().strftime("%Y-%m-%d")
+    update_name, n = f"{name}.update-{day}", 1
+    while read_journal(options.output / f"{update_name}{ending}")[1]:
+        n += 1
+        update_name = f"{name}.update-{day}-{n}"
+    return new, update_name
+
+
+# -- before anything is written: space -------------------------------------------------------
+
+# xz ratios on CT-like DICOM measured on our machines (shared/measured.md); images that are
+# JPEG-compressed inside DICOM (slide microscopy, ultrasound, photos) barely shrink.
+XZ_RATIO = {0: 2.7, 1: 2.85, 2: 2.86, 3: 2.89, 4: 3.0, 5: 3.05, 6: 3.15, 7: 3.15, 8: 3.15, 9: 3.15}
+PRECOMPRESSED_MODALITIES = {"SM", "US", "XC", "ES", "OP", "GM", "IVUS"}
+
+
+def estimated_archive_bytes(series: list[PlannedSeries], preset: int) -> int:
+    return int(sum(s.file_size / (1.0 if s.record.get("Modality") in PRECOMPRESSED_MODALITIES
+                                  else XZ_RATIO[preset]) for s in series))
+
+
+@dataclass
+class SpaceNeed:
+    what: str                  # "--output", "--temp_dir" or both on one filesystem
+    folder: Path
+    bytes: int
+    inodes: int
+
+
+def space_needs(todo: list[PlannedSeries], options: Options) -> list[SpaceNeed]:
+    """What the rest of the run will put on each filesystem: the archive (or the tree) on
+    --output, one zip and one compressed stream (or folder) per worker on --temp_dir."""
+    if not todo:
+        return []
+    largest = max(s.file_size for s in todo)
+    parallel = min(options.workers, len(todo))
+    if options.compression:
+        output = SpaceNeed("--output", options.output,
+                           int(estimated_archive_bytes(todo, options.compression_level) * 1.05), 4)
+        scratch = SpaceNeed("--temp_dir", options.temp_dir, int(parallel * largest * 1.5),
+                            2 * parallel + 1)
+    else:
+        files = sum(s.image_count or 1 for s in todo)
+        folders = len({s.path for s in todo}) + len({s.path.rsplit("/", 1)[0] for s in todo})
+        output = SpaceNeed("--output", options.output, sum(s.file_size for s in todo)
+                           + 4096 * files, files + folders + 8)
+        most_files = max(s.image_count or 1 for s in todo)
+        scratch = SpaceNeed("--temp_dir", options.temp_dir, parallel * largest * 2,
+                            parallel * (most_files + 2))
+    if filesystem_of(options.output) == filesystem_of(options.temp_dir):
+        return [SpaceNeed("--output and --temp_dir", options.output,
+                          output.bytes + scratch.bytes, output.inodes + scratch.inodes)]
+    return [output, scratch]
+
+
+def existing_ancestor(folder: Path) -> Path:
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def filesystem_of(folder: Path) -> int:
+    return existing_ancestor(folder).stat().st_dev
+
+
+def space_shortfalls(needs: list[SpaceNeed]) -> list[str]:
+    """One line per need: what it needs, what is free, and what is missing."""
+    lines = []
+    for need in needs:
+        stats = os.statvfs(existing_ancestor(need.folder))
+        free = stats.f_bavail * stats.f_frsize
+        inodes = stats.f_favail if stats.f_files else None     # some filesystems don't say
+        line = (f"{need.what} {need.folder}: needs about {human_bytes(need.bytes)} and "
+                f"{need.inodes} inodes; free: {human_bytes(free)}"
+                + (f" and {inodes} inodes" if inodes is not None else ""))
+        missing = []
+        if free < need.bytes:
+            missing.append(f"{human_bytes(need.bytes - free)} missing")
+        if inodes is not None and inodes < need.inodes:
+            missing.append(f"{need.inodes - inodes} inodes missing")
+        lines.append(line + (": " + ", ".join(missing) if missing else ": enough"))
+    return lines
+
+
+def describe_plan(plan: Plan, todo: list[PlannedSeries], options: Options) -> list[str]:
+    series = plan.series
+    patients = {(s.collection, s.record.get("PatientID")) for s in series}
+    studies = {s.record.get("StudyInstanceUID") for s in series}
+    total = sum(s.file_size for s in series)
+    lines = [f"{plan.name}: {len(series)} series of {len({s.collection for s in series})} "
+             f"collection(s), {len(patients)} patients, {len(studies)} studies, "
+             f"{human_bytes(total)} of DICOM ({sum(s.image_count or 0 for s in series)} files)",
+             f"  already in the output: {len(series) - len(todo)} series; to download: "
+             f"{len(todo)} series, {human_bytes(sum(s.file_size for s in todo))}"]
+    if options.compression:
+        lines.append(f"  estimated archive: about "
+                     f"{human_bytes(estimated_archive_bytes(series, options.compression_level))} "
+                     f"(xz preset {options.compression_level}; CT-like images shrink about "
+                     f"{XZ_RATIO[options.compression_level]}x, JPEG-compressed ones barely)")
+    if plan.unknown:
+        lines.append(f"  unknown to the server: {len(plan.unknown)} series "
+                     f"({', '.join(plan.unknown[:5])}{', ...' if len(plan.unknown) > 5 else ''})")
+    return lines
+
+
+# -- the run ----------------------------------------------------------------------------------
 
 def check_folders(options: Options) -> None:
     """Before any network traffic: --output and --temp_dir exist or can be made, and are
@@ -1894,77 +2380,94 @@ def check_folders(options: Options) -> None:
                                 EXIT_USAGE)
 
 
-def open_target(options: Options, collection: str) -> Target:
-    suffix = options.shard.suffix if options.shard else ""
-    name = collection + suffix
+def open_target(options: Options, plan: Plan) -> Target:
     if options.compression:
-        return TarXzTarget(name, options.output, options.temp_dir, options.compression_level,
-                           suffix)
-    return DirectoryTarget(name, options.output, options.temp_dir, collection, suffix)
+        return TarXzTarget(plan.name, options.output, options.temp_dir,
+                           options.compression_level, plan.file_suffix)
+    return DirectoryTarget(plan.name, options.output, options.temp_dir, plan.file_suffix)
 
 
 def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
-    """Plan, resume, download in parallel, finalize, report. Returns the exit code."""
+    """Plan, check, resume, download in parallel, finalize, report. Returns the exit code."""
     started = time.monotonic()
-    check_folders(options)
+    writes = not (options.list_collections or options.dry_run)
+    if writes:
+        check_folders(options)
     api = TciaApi(options.api_url,
                   cache_path=private_dir(options.cache_dir) / "http_cache",
                   cache_expiry=timedelta(hours=options.cache_expiry_hours),
                   user=options.user, password=options.password,
                   connect_timeout=options.connect_timeout,
                   stall_timeout=options.stall_timeout,
-                  retry=retry_policy(options), stop=stopping.abort)
+                  retry=retry_policy(options), stop=stopping.abort,
+                  proxy=options.proxy, ca_bundle=options.ca_bundle)
     secrets.add(api.tokens.secrets)
     try:
-        return _run_with(api, options, stopping, started)
+        if options.list_collections:
+            for name in api.collections():
+                print(name)
+            return EXIT_OK
+        log.info("tcia_downloader %s from %s", __version__, options.api_url)
+        plan = make_plan(api, options)
+        return _run_plan(api, plan, options, stopping, started)
     finally:
         api.close()
 
 
-def _run_with(api: TciaApi, options: Options, stopping: StopControl, started: float) -> int:
-    log.info("tcia_downloader %s: collection %s from %s", __version__, options.collection,
-             options.api_url)
-    records = api.series(options.collection)
-    if not records:
-        log.error("%s", unknown_collection_message(api, options.collection))
+def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
+              started: float) -> int:
+    committed, finished = read_journal(plan.journal(options))
+    if options.compression and not (options.output / f"{plan.name}.tar.xz").exists():
+        finished = False        # the archive was moved away: the target starts it over
+    todo = [s for s in plan.series if s.uid not in committed]
+    for line in describe_plan(plan, todo, options):
+        log.info("%s", line)
+    if finished:
+        log.info("%s is finished; nothing to do", plan.name)
+        if todo:
+            log.warning("%d series were published after it was finished; --update fetches "
+                        "them into an update archive", len(todo))
+        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+    shortfalls = space_shortfalls(space_needs(todo, options))
+    short = any("missing" in line for line in shortfalls)
+    for line in shortfalls:
+        (log.warning if short else log.info)("%s", line)
+    if options.dry_run:
+        log.info("dry run: nothing was written")
+        return EXIT_OK
+    if short and not options.force:
+        log.error("not enough space for this run: free space or choose other folders "
+                  "(--force starts anyway)")
         return EXIT_USAGE
-    planned = plan_collection(options.collection, records)
-    if options.shard:
-        everything = planned
-        planned = shard_of(planned, options.shard)
-        log.info("shard %d of %d (0-based): %d of %d series, %s of %s", options.shard.index,
-                 options.shard.count, len(planned), len(everything),
-                 human_bytes(sum(s.file_size for s in planned)),
-                 human_bytes(sum(s.file_size for s in everything)))
-    target = open_target(options, options.collection)
+    if options.update and not plan.series:
+        log.info("nothing new since the last archive")
+        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+    target = open_target(options, plan)
     try:
-        return _download_into(target, planned, api, options, stopping, started)
+        if target.complete:     # a run killed after its last rename, now recognised
+            log.info("%s is finished; nothing to do", target.describe())
+            return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+        target.journal.request([s.uid for s in plan.series],
+                               replace=options.selection.retry_failed is None)
+        return _download_into(target, plan, api, options, stopping, started)
     finally:
         target.close()
 
 
-def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, options: Options,
+def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
                    stopping: StopControl, started: float) -> int:
     committed = target.committed()
-    if target.complete:
-        new = [s for s in planned if s.uid not in committed]
-        log.info("%s is complete with %d series; nothing to do", target.describe(), len(committed))
-        if new:
-            log.warning("%d series were published after this archive was finished; they are not "
-                        "in it (fetching them into an update archive is planned)", len(new))
-        return EXIT_OK
     # The smallest series goes first and alone: it settles getImage against
     # getImageWithMD5Hash for the run before several workers each fetch a zip that might
     # have to be thrown away. Then largest first, so that no big series is left to
     # compress on one core at the end while the other workers idle.
-    todo = sorted((s for s in planned if s.uid not in committed),
+    todo = sorted((s for s in plan.series if s.uid not in committed),
                   key=lambda s: (-s.file_size, s.uid))
     if todo:
         todo.insert(0, todo.pop())
-    skipped = len(planned) - len(todo)
-    log.info("%d series (%s), %d already in %s, %d to download with %d workers",
-             len(planned), human_bytes(sum(s.file_size for s in planned)), skipped,
-             target.describe(), len(todo), options.workers)
+    skipped = len(plan.series) - len(todo)
+    log.info("%d to download into %s with %d workers", len(todo), target.describe(),
+             options.workers)
 
     bars = options.progress and sys.stderr.isatty()
     progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
@@ -1973,11 +2476,11 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
     outcomes: list[Outcome] = []
     try:
         if todo:
-            first = WorkerPool(ctx, todo[:1], 1, skipped, len(planned))
+            first = WorkerPool(ctx, todo[:1], 1, skipped, len(plan.series))
             first.run()
             outcomes += first.outcomes
             rest = WorkerPool(ctx, todo[1:], options.workers, skipped + len(outcomes),
-                              len(planned))
+                              len(plan.series))
             rest.run()
             outcomes += rest.outcomes
     finally:
@@ -1985,29 +2488,33 @@ def _download_into(target: Target, planned: list[PlannedSeries], api: TciaApi, o
 
     if ctx.fatal:
         log.error("%s", ctx.fatal[0])
-        report(options, target, planned, skipped, outcomes, started, interrupted=False)
+        report(options, target, plan, skipped, outcomes, started, interrupted=False)
         return ctx.fatal[0].exit_code
     unfinished = len(todo) - len(outcomes)
     if stopping.exit_code is not None and unfinished:
-        report(options, target, planned, skipped, outcomes, started, interrupted=True)
+        report(options, target, plan, skipped, outcomes, started, interrupted=True)
         return stopping.exit_code
     # A drain that came after the last series had started changes nothing: finish normally.
     failures = [o for o in outcomes if not o.ok]
-    if not failures:
+    missing = target.journal.missing_requested() if not failures else []
+    if not failures and not missing:
         target.finalize()
-    report(options, target, planned, skipped, outcomes, started, interrupted=False)
-    return EXIT_OK if not failures else EXIT_INCOMPLETE
+    report(options, target, plan, skipped, outcomes, started, interrupted=False)
+    if missing:
+        log.error("%d series that an earlier run asked for are not in %s yet; rerun that "
+                  "run's command to fetch them", len(missing), target.describe())
+    return EXIT_OK if not (failures or missing or plan.unknown) else EXIT_INCOMPLETE
 
 
-def report(options: Options, target: Target, planned: list[PlannedSeries], skipped: int,
+def report(options: Options, target: Target, plan: Plan, skipped: int,
            outcomes: list[Outcome], started: float, interrupted: bool) -> None:
     elapsed = time.monotonic() - started
     done = [o for o in outcomes if o.ok]
     failures = [o for o in outcomes if not o.ok]
     new_bytes = sum(o.bytes for o in done)
-    missing = len(planned) - skipped - len(done)
+    missing = len(plan.series) - skipped - len(done)
     lines = [
-        f"report for {options.collection}: {len(planned)} series requested",
+        f"report for {plan.name}: {len(plan.series)} series requested",
         f"  downloaded and verified now: {len(done)} ({human_bytes(new_bytes)})",
         f"  already present:             {skipped}",
         f"  failed:                      {len(failures)}",
@@ -2025,8 +2532,13 @@ def report(options: Options, target: Target, planned: list[PlannedSeries], skipp
         for outcome in failures:
             log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,
                       outcome.reason)
-        log.error("the %d failed series are listed in %s; rerun the same command to retry them",
-                  len(failures), manifest)
+        log.error("the %d failed series are listed in %s; rerun the same command (or "
+                  "--retry-failed %s) to retry them", len(failures), manifest, manifest.name)
+    if plan.unknown:
+        log.error("%d series UIDs are unknown to the server (withdrawn, or a typo): %s",
+                  len(plan.unknown), ", ".join(plan.unknown[:20])
+                  + (", ..." if len(plan.unknown) > 20 else ""))
+        log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue")
 

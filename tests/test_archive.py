@@ -192,7 +192,7 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
 
 def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
     out = tmp_path / "out"
-    target = td.DirectoryTarget("COLL", out, tmp_path / "scratch", "COLL")
+    target = td.DirectoryTarget("COLL", out, tmp_path / "scratch")
     expected = commit_series(target, tmp_path, "1.2.3.40", "P/d-S-1/1-CT-40")
     # a stale half-moved folder from a killed run is swept on the next start
     stale = out / "COLL" / "P" / "d-S-1" / ".9-MR-9.incoming"
@@ -202,7 +202,7 @@ def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
     for name, data in expected.items():
         assert (out / name).read_bytes() == data
     subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=out / "COLL", check=True)
-    td.DirectoryTarget("COLL", out, tmp_path / "scratch", "COLL").close()
+    td.DirectoryTarget("COLL", out, tmp_path / "scratch").close()
     assert stale.exists(), "a finished tree is left alone"
 
 
@@ -239,7 +239,7 @@ def test_folder_target_copies_across_filesystems_when_rename_cannot(tmp_path, mo
 
     monkeypatch.setattr(td.os, "rename", rename_within_one_filesystem)
     out = tmp_path / "out"
-    target = td.DirectoryTarget("COLL", out, scratch, "COLL")
+    target = td.DirectoryTarget("COLL", out, scratch)
     expected = commit_series(target, tmp_path, "1.2.3.60", "P/d-S-1/1-CT-60")
     target.finalize()
     target.close()

@@ -33,7 +33,8 @@ class Run:
                  compression: bool = True, output: Path | None = None, name: str = "run"):
         self.output = output or tmp_path / "out"
         self.cache = tmp_path / "cache"
-        self.argv = ["--collection", collection, "--output", str(self.output),
+        self.argv = [*(["--collection", collection] if collection else []),
+                     "--output", str(self.output),
                      "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
                      "--workers", "3", "--retry-wait", "0.05", "--stall-timeout", "1",
                      *(["--compression"] if compression else []), *extra]

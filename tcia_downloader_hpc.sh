@@ -53,7 +53,15 @@ if ! "$PYTHON" -c "import requests, requests_cache, pydicom, tqdm" 2>/dev/null; 
     exit "$EXIT_USAGE"
 fi
 
-args=(--collection "$COLLECTION" --output "$OUTPUT_DIR" --temp_dir "$TEMP_DIR"
+# COLLECTION applies unless the extra flags say what to download themselves.
+selection=(--collection "$COLLECTION")
+for arg in "$@"; do
+    case "$arg" in
+        --collection|--collection=*|--manifest|--manifest=*|--retry-failed|--retry-failed=*|--list-collections)
+            selection=() ;;
+    esac
+done
+args=("${selection[@]}" --output "$OUTPUT_DIR" --temp_dir "$TEMP_DIR"
       --cache_dir "$CACHE_DIR" --compression --stop-grace "$STOP_GRACE")
 [[ -n "$WORKERS" ]] && args+=(--workers "$WORKERS")
 

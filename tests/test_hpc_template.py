@@ -72,3 +72,16 @@ def test_the_template_says_how_to_install_what_is_missing(tmp_path):
                             capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
     assert result.returncode == td.EXIT_USAGE
     assert "pip install -r" in result.stderr and "requirements.txt" in result.stderr
+
+
+def test_extra_flags_pass_through_and_a_manifest_replaces_the_collection(tmp_path,
+                                                                         fake_nbia_factory):
+    fake = fake_nbia_factory()
+    uids = [s["SeriesInstanceUID"] for s in fake.series("DEMO")][:2]
+    manifest = tmp_path / "x.tcia"
+    manifest.write_text("databasketId=x.tcia\nListOfSeriesToDownload=\n" + "\n".join(uids) + "\n")
+    result = subprocess.run(["bash", str(TEMPLATE), "--manifest", str(manifest), "--api-url",
+                             fake.url], env=template_env(tmp_path), capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, cwd=tmp_path, timeout=120)
+    assert result.returncode == td.EXIT_OK, result.stdout + result.stderr
+    assert journal_uids(tmp_path / "out", "x.tar.xz.journal") == set(uids)

@@ -387,3 +387,16 @@ def test_selection_mistakes_are_one_line_and_exit_2(argv, message):
                             stdin=subprocess.DEVNULL)
     assert result.returncode == td.EXIT_USAGE
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_update_reports_series_that_vanished_from_the_server(tmp_path, fake_nbia_factory):
+    before = fake_nbia_factory(demo_series=14)
+    assert Run(tmp_path, before).code == td.EXIT_OK
+    after = fake_nbia_factory(demo_series=12)          # two series withdrawn since
+    run = Run(tmp_path, after, "--update")
+    assert run.code == td.EXIT_OK, run.log
+    gone = sorted(set(uids_of(before, "DEMO")) - set(uids_of(after, "DEMO")))
+    assert f"2 series in the archives are no longer listed by the server (kept): {', '.join(gone)}" \
+        in run.log
+    assert "nothing new since the last archive" in run.log
+    assert archive_members(run.output / "DEMO.tar.xz")          # the archive is untouched

@@ -435,6 +435,13 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
     (["--collection", "X", "--compression-level", "12"], "xz preset from 0 to 9"),
     (["--collection", "X", "--api-url", "ftp://x"], "is not an http(s) URL"),
     (["--collection", "X", "--password", "p"], "--password was given without --user"),
+    ([], "say what to download"),
+    (["--collection", "X", "--manifest", "m.tcia"], "choose one of"),
+    (["--manifest", "/nonexistent.tcia"], "no such manifest file"),
+    (["--retry-failed", "x.tcia", "--update"], "--update goes with"),
+    (["--collection", "X", "--proxy", "socks5://h:1"], "http:// or https:// proxy"),
+    (["--collection", "X", "--ca-bundle", "/nonexistent.pem"], "no such file"),
+    (["--collection", "X", "--shard", "3/3"], "give I/N with 0 <= I < N"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(argv, message):
     result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,

@@ -374,21 +374,6 @@ def test_help_groups_the_flags_and_shows_three_examples():
     assert sum(line.strip().startswith("tcia_downloader.py ") for line in examples.splitlines()) == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "say what to download"),
-    (["--collection", "X", "--manifest", "m.tcia"], "choose one of"),
-    (["--manifest", "/nonexistent.tcia"], "no such manifest file"),
-    (["--retry-failed", "x.tcia", "--update"], "--update goes with"),
-    (["--collection", "X", "--proxy", "socks5://h:1"], "http:// or https:// proxy"),
-    (["--collection", "X", "--ca-bundle", "/nonexistent.pem"], "no such file"),
-])
-def test_selection_mistakes_are_one_line_and_exit_2(argv, message):
-    result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == td.EXIT_USAGE
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-
-
 def test_update_reports_series_that_vanished_from_the_server(tmp_path, fake_nbia_factory):
     before = fake_nbia_factory(demo_series=14)
     assert Run(tmp_path, before).code == td.EXIT_OK

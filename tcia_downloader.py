@@ -1358,7 +1358,7 @@ class Journal:
             "SELECT license, record FROM series WHERE collection=?", (collection,))]
 
 
-# -- the collection-level files: LICENSE, metadata.csv, MD5SUMS ------------------------------
+# -- the collection-level files: LICENSE, metadata.csv, MD5SUMS -------------------------------
 
 GET_SERIES_FIELDS = [
     "SeriesInstanceUID", "StudyInstanceUID", "Modality", "ProtocolName", "SeriesDate",
@@ -1413,7 +1413,7 @@ def collection_files(journal: Journal, collection: str,
     return extras + [(f"MD5SUMS{file_suffix}", md5sums)]
 
 
-# -- shared parts of the two targets --------------------------------------------------------
+# -- shared parts of the two targets ----------------------------------------------------------
 
 @dataclass
 class Prepared:
@@ -1769,6 +1769,8 @@ def move_folder(folder: Path, destination: Path) -> None:
 # 6. Orchestration
 # ==========================================================================================
 
+# -- logs and progress ------------------------------------------------------------------------
+
 class Secrets:
     """Everything that must never be written: the password and the current tokens."""
 
@@ -1934,6 +1936,8 @@ class Progress:
                 bar.close()
 
 
+# -- one series, from first attempt to commit or failure --------------------------------------
+
 @dataclass
 class Outcome:
     series: PlannedSeries
@@ -2037,6 +2041,8 @@ def log_outcome(outcome: Outcome, position: int, total: int) -> None:
         log.error("[%d/%d] FAILED %s (%s): %s", position, total, series.label, series.uid,
                   outcome.reason)
 
+
+# -- workers, failures and signals ------------------------------------------------------------
 
 class WorkerPool:
     """Daemon worker threads over a queue of series. Daemon threads, because on a signal
@@ -2266,7 +2272,7 @@ def updates_only(planned: list[PlannedSeries], options: Options,
     return new, update_name
 
 
-# -- before anything is written: space -------------------------------------------------------
+# -- before anything is written: space --------------------------------------------------------
 
 # xz ratios on CT-like DICOM measured on our machines (shared/measured.md); images that are
 # JPEG-compressed inside DICOM (slide microscopy, ultrasound, photos) barely shrink.

@@ -52,7 +52,7 @@ import time
 import unicodedata
 import zipfile
 import zlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -2052,7 +2052,7 @@ class WorkerPool:
     def __init__(self, ctx: RunContext, todo: list[PlannedSeries], workers: int,
                  first_position: int, total: int):
         self.ctx = ctx
-        self._todo = list(todo)
+        self._todo = deque(todo)
         self._lock = threading.Lock()
         self.outcomes: list[Outcome] = []
         self._finished = threading.Event()
@@ -2066,7 +2066,7 @@ class WorkerPool:
         with self._lock:
             if self.ctx.stopping.drain.is_set() or self.ctx.fatal or not self._todo:
                 return None
-            return self._todo.pop(0)
+            return self._todo.popleft()
 
     def _work(self) -> None:
         try:

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--password", metavar="PASSWORD",
                          help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
     network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
-                         help=argparse.SUPPRESS)
+                         help="give up a connection attempt after this long (default: 30)")
     network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
                          help="how long cached metadata answers stay fresh (default: 6)")
 
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging_group.add_argument("--no-progress", action="store_true",
                                help="no progress bars, only log lines")
     logging_group.add_argument("--summary-interval", type=float, default=30.0, metavar="SECONDS",
-                               help=argparse.SUPPRESS)
+                               help="without a terminal: one progress line this often "
+                                    "(default: 30)")
     logging_group.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -277,8 +278,11 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         raise UsageError("--retry-wait must be zero or more seconds")
     if args.stop_grace < 0:
         raise UsageError("--stop-grace must be zero or more seconds")
-    if args.stall_timeout <= 0:
-        raise UsageError("--stall-timeout must be a positive number of seconds")
+    for flag, value in (("--stall-timeout", args.stall_timeout),
+                        ("--connect-timeout", args.connect_timeout),
+                        ("--summary-interval", args.summary_interval)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be a positive number of seconds")
     if urlsplit(args.api_url).scheme not in ("http", "https"):
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
     if args.proxy and urlsplit(args.proxy).scheme not in ("http", "https"):

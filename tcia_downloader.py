@@ -1947,6 +1947,7 @@ class Outcome:
     series: PlannedSeries
     ok: bool
     reason: str = ""
+    refused: bool = False          # the server refuses this series; says nothing of its health
     files: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -1960,7 +1961,31 @@ class RunContext:
     progress: Progress
     retry: RetryPolicy
     stopping: StopControl
+    breaker: "OutageBreaker"
     fatal: list[FatalRunError] = field(default_factory=list)
+
+
+class OutageBreaker:
+    """Ends the run when the service looks down (NBIA once answered 500 for days): after
+    `limit` series in a row failed for server-side reasons, going on would only spend the
+    job's time. A refused series says nothing about the service; a success resets."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._streak = 0
+        self._lock = threading.Lock()
+
+    def record(self, outcome: "Outcome") -> Optional[FatalRunError]:
+        with self._lock:
+            if outcome.ok:
+                self._streak = 0
+            elif not outcome.refused:
+                self._streak += 1
+            if self._streak < self.limit:
+                return None
+            return FatalRunError(f"the service looks down: {self._streak} series in a row "
+                                 f"failed (last: {outcome.reason}); stopping instead of "
+                                 "spending the job on it. Rerun later: it resumes")
 
 
 def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
@@ -1993,8 +2018,9 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
             error = TransientError("the zip has no md5hashes.csv (cut short)")
         except SeriesUnavailable as exc:
             forget_attempt()
-            reason = str(exc)
-            break
+            ctx.progress.series_finished(False, received, series.file_size)
+            return Outcome(series, False, reason=str(exc), refused=True,
+                           seconds=time.monotonic() - started)
         except TransientError as exc:
             forget_attempt()
             error = exc
@@ -2092,6 +2118,13 @@ class WorkerPool:
                     self._position += 1
                     self.outcomes.append(outcome)
                     log_outcome(outcome, self._position, self._total)
+                outage = self.ctx.breaker.record(outcome)
+                if outage is not None:
+                    with self._lock:
+                        self.ctx.fatal.append(outage)
+                    self.ctx.stopping.drain.set()
+                    self.ctx.stopping.abort.set()
+                    return
         finally:
             with self._lock:
                 self._running -= 1
@@ -2482,7 +2515,8 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
     bars = options.progress and sys.stderr.isatty()
     progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
     ctx = RunContext(api=api, target=target, endpoint=ImageEndpoint(), progress=progress,
-                     retry=retry_policy(options), stopping=stopping)
+                     retry=retry_policy(options), stopping=stopping,
+                     breaker=OutageBreaker(max(5, 2 * options.workers)))
     outcomes: list[Outcome] = []
     try:
         if todo:

@@ -232,6 +232,32 @@ def test_a_refused_series_fails_at_once_and_the_rest_completes(tmp_path, fake_nb
     assert manifest[-1] == refused
 
 
+def test_a_service_outage_stops_the_run_instead_of_spending_the_job(tmp_path,
+                                                                    fake_nbia_factory):
+    fake = fake_nbia_factory(include_md5="honour", demo_series=30, faults=Faults(p500=1.0))
+    run = Run(tmp_path, fake, "--retries", "2", "--workers", "2")
+    assert run.code == td.EXIT_INCOMPLETE
+    assert "the service looks down: 5 series in a row failed" in run.log
+    attempted = len({line.split("(")[-1].split(")")[0] for line in run.log.splitlines()
+                     if "FAILED" in line})
+    assert attempted < 30                          # it stopped early
+    assert "Rerun later: it resumes" in run.log
+    fake.config.faults = Faults()                  # the service is back
+    again = Run(tmp_path, fake)
+    assert again.code == td.EXIT_OK, again.log
+
+
+def test_refused_series_do_not_look_like_an_outage(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(include_md5="honour", demo_series=12)
+    uids = [s["SeriesInstanceUID"] for s in fake.series("DEMO")]
+    for uid in uids[1:9]:                          # 8 refusals, more than the breaker's 5
+        fake.script_faults(uid, ["not_granted"])
+    run = Run(tmp_path, fake, "--workers", "2")
+    assert run.code == td.EXIT_INCOMPLETE
+    assert "looks down" not in run.log
+    assert len(journal_uids(run.output)) == 12 - 8
+
+
 # -- nastiness ------------------------------------------------------------------------------
 
 def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path,

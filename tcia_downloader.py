@@ -56,7 +56,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -1121,36 +1121,41 @@ def read_md5_table(archive: zipfile.ZipFile) -> dict[str, str]:
     return table
 
 
-def hash_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[str, bytes]:
-    """MD5 of an entry, streamed, plus its first 132 bytes (for the DICM magic)."""
-    digest = hashlib.md5()
-    head = b""
-    with archive.open(info) as entry:
-        while chunk := entry.read(CHUNK_SIZE):
-            if len(head) < 132:
-                head += chunk[:132 - len(head)]
-            digest.update(chunk)
-    return digest.hexdigest(), head
+class MemberSink(Protocol):
+    """Where verify_zip streams each file it keeps (a tar/xz stream, a folder)."""
+
+    def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None: ...
 
 
-def dicom_series_uid(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Optional[str]:
-    """SeriesInstanceUID from the DICOM header (pixels never read); None if not DICOM."""
+HEAD_SIZE = 64 * 1024          # enough for nearly every DICOM header; more is read if not
+
+
+def read_head(entry: io.BufferedIOBase, size: int) -> bytes:
+    return entry.read(min(size, HEAD_SIZE))
+
+
+def series_uid_in(head: bytes) -> Optional[str]:
+    """SeriesInstanceUID from the first bytes of a DICOM file (pixels never parsed), or
+    None when these bytes do not reach it or are no DICOM."""
     import pydicom  # imported here: pydicom takes a while to import and --help needs none of it
     from pydicom.errors import InvalidDicomError
     try:
-        with archive.open(info) as entry:
-            dataset = pydicom.dcmread(entry, stop_before_pixels=True,
-                                      specific_tags=["SeriesInstanceUID"])
+        dataset = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True,
+                                  specific_tags=["SeriesInstanceUID"])
         return str(dataset.get("SeriesInstanceUID", "")) or None
-    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError):
+    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
+            AttributeError, IndexError):
         return None
 
 
-def verify_zip(path: Path, series: PlannedSeries) -> VerifiedZip:
-    """Check every listed file's MD5 and keep what belongs to the series.
+def verify_zip(path: Path, series: PlannedSeries,
+               sink: Optional[MemberSink] = None) -> VerifiedZip:
+    """Check every listed file's MD5 and keep what belongs to the series, streaming what is
+    kept into sink in the same pass: each entry is inflated and hashed once. md5hashes.csv
+    is the zip's last entry, but the central directory gives it first.
 
-    Raises TransientError (truncated, mismatching, incomplete: download again) or
-    Md5TableMissing (the server sent no md5hashes.csv)."""
+    Raises TransientError (truncated, mismatching, incomplete: download again; what went
+    into sink must then be discarded) or Md5TableMissing (the server sent no md5hashes.csv)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -1160,21 +1165,24 @@ def verify_zip(path: Path, series: PlannedSeries) -> VerifiedZip:
         if MD5_TABLE not in names:
             raise Md5TableMissing()
         try:
-            return _check_entries(archive, path, series, read_md5_table(archive))
+            table = read_md5_table(archive)
+            missing = sorted(set(table) - set(names))
+            if missing:
+                raise TransientError(f"{len(missing)} file(s) listed in md5hashes.csv are "
+                                     f"missing from the zip (first: {missing[0]})")
+            return _check_entries(archive, path, series, table, sink)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise TransientError(f"damaged zip entry ({exc})") from None
 
 
 def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
-                   table: dict[str, str]) -> VerifiedZip:
+                   table: dict[str, str], sink: Optional[MemberSink]) -> VerifiedZip:
     members: list[Member] = []
     dropped: list[tuple[str, str]] = []
     license_text: Optional[str] = None
-    seen: set[str] = set()
     names_used: set[str] = set()
     for info in archive.infolist():
         entry = info.filename
-        seen.add(entry)
         if entry == MD5_TABLE:
             continue
         if entry == LICENSE_ENTRY:
@@ -1186,25 +1194,15 @@ def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
         if entry not in table:
             dropped.append((entry, "not listed in md5hashes.csv"))
             continue
-        md5, head = hash_entry(archive, info)
+        with archive.open(info) as stream:
+            keep, why, md5 = _take_entry(stream, info, series, table[entry], sink,
+                                         lambda: unique_file_name(entry, names_used))
         if md5 != table[entry]:
             raise TransientError(f"MD5 mismatch for {entry}")
-        if head[128:132] != b"DICM":
-            dropped.append((entry, "not a DICOM file"))
-            continue
-        uid = dicom_series_uid(archive, info)
-        if uid is None:
-            dropped.append((entry, "not a readable DICOM file"))
-            continue
-        if uid != series.uid:
-            dropped.append((entry, f"belongs to another series ({uid})"))
-            continue
-        members.append(Member(entry=entry, name=unique_file_name(entry, names_used),
-                              size=info.file_size, md5=md5))
-    missing = sorted(set(table) - seen)
-    if missing:
-        raise TransientError(f"{len(missing)} file(s) listed in md5hashes.csv are missing "
-                             f"from the zip (first: {missing[0]})")
+        if keep is None:
+            dropped.append((entry, why))
+        else:
+            members.append(Member(entry=entry, name=keep, size=info.file_size, md5=md5))
     if series.image_count is not None and len(members) != series.image_count:
         raise TransientError(f"{len(members)} DICOM files, but the server's ImageCount is "
                              f"{series.image_count}")
@@ -1213,15 +1211,45 @@ def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
     return VerifiedZip(path=path, members=members, license_text=license_text, dropped=dropped)
 
 
-def copy_entry(archive: zipfile.ZipFile, member: Member, sink: Callable[[bytes], object]) -> None:
-    """Stream an entry into sink, checking once more that it is the verified file."""
+def _take_entry(stream: io.BufferedIOBase, info: zipfile.ZipInfo, series: PlannedSeries,
+                expected_md5: str, sink: Optional[MemberSink],
+                name_for: Callable[[], str]) -> tuple[Optional[str], str, str]:
+    """Read one listed entry once: decide from its head whether it belongs to the series,
+    stream it into sink if so, and hash all of it. Returns (output name or None, why it was
+    dropped, md5)."""
     digest = hashlib.md5()
-    with archive.open(member.entry) as entry:
-        while chunk := entry.read(CHUNK_SIZE):
+    head = read_head(stream, info.file_size)
+    uid = None
+    if head[128:132] == b"DICM":
+        uid = series_uid_in(head)
+        while uid is None and len(head) < info.file_size:   # a header longer than the head
+            more = stream.read(max(len(head), HEAD_SIZE))
+            if not more:
+                break
+            head += more
+            uid = series_uid_in(head)
+    digest.update(head)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        while chunk := stream.read(CHUNK_SIZE):
             digest.update(chunk)
-            sink(chunk)
-    if digest.hexdigest() != member.md5:
-        raise TransientError(f"{member.entry} changed on the scratch disk after verification")
+            yield chunk
+
+    if head[128:132] != b"DICM":
+        keep, why = None, "not a DICOM file"
+    elif uid is None:
+        keep, why = None, "not a readable DICOM file"
+    elif uid != series.uid:
+        keep, why = None, f"belongs to another series ({uid})"
+    else:
+        keep, why = name_for(), ""
+    if keep is not None and sink is not None:
+        sink.add(keep, info.file_size, chunks())
+    else:
+        for _ in chunks():     # dropped files are hashed too: a mismatch means a bad transfer
+            pass
+    return keep, why, digest.hexdigest()
 
 
 # ==========================================================================================
@@ -1560,6 +1588,64 @@ class XzStreamWriter:
         self._file.close()
 
 
+class XzPacker:
+    """A MemberSink that turns a series into one tar fragment in one xz stream."""
+
+    def __init__(self, path: Path, preset: int, prefix: str, scratch: Path):
+        self.prepared = Prepared(path)
+        self._writer = XzStreamWriter(path, preset)
+        self._prefix = prefix
+        self._scratch = scratch
+        self._mtime = int(time.time())
+
+    def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        def fill(write: Callable[[bytes], None]) -> None:
+            for chunk in chunks:
+                write(chunk)
+        try:
+            self._writer.add_file(self._prefix + name, size, self._mtime, fill)
+        except OSError as exc:
+            raise_if_disk_full(exc, self._scratch)
+            raise
+
+    def finish(self) -> Prepared:
+        try:
+            self._writer.close()
+        except OSError as exc:
+            raise_if_disk_full(exc, self._scratch)
+            raise
+        self.prepared.tar_bytes = self._writer.tar_bytes
+        return self.prepared
+
+    def discard(self) -> None:
+        self._writer.abort()
+        self.prepared.discard()
+
+
+class FolderPacker:
+    """A MemberSink that writes a series' files into a scratch folder."""
+
+    def __init__(self, folder: Path, scratch: Path):
+        self.prepared = Prepared(folder)
+        self._scratch = scratch
+        folder.mkdir()
+
+    def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        try:
+            with open(self.prepared.path / name, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+        except OSError as exc:
+            raise_if_disk_full(exc, self._scratch)
+            raise
+
+    def finish(self) -> Prepared:
+        return self.prepared
+
+    def discard(self) -> None:
+        self.prepared.discard()
+
+
 class TarXzTarget(Target):
     """<output>/<name>.tar.xz written as one xz stream per committed series.
 
@@ -1609,29 +1695,10 @@ class TarXzTarget(Target):
                 handle.truncate(self.archive_end)
                 os.fsync(handle.fileno())
 
-    def prepare(self, series: PlannedSeries, verified: VerifiedZip) -> Prepared:
-        """Compress the series into its own xz stream in scratch (runs in parallel)."""
-        prepared = Prepared(self.scratch_path(series, ".tar.xz"))
-        writer = XzStreamWriter(prepared.path, self.preset)
-        mtime = int(time.time())
-        try:
-            with zipfile.ZipFile(verified.path) as archive:
-                for member in verified.members:
-                    writer.add_file(f"{series.collection}/{series.path}/{member.name}",
-                                    member.size, mtime,
-                                    lambda sink, m=member: copy_entry(archive, m, sink))
-            writer.close()
-        except OSError as exc:
-            writer.abort()
-            prepared.discard()
-            raise_if_disk_full(exc, self.scratch)
-            raise
-        except BaseException:
-            writer.abort()
-            prepared.discard()
-            raise
-        prepared.tar_bytes = writer.tar_bytes
-        return prepared
+    def packer(self, series: PlannedSeries) -> "XzPacker":
+        """Compresses the series into its own xz stream in scratch (in a worker, in parallel)."""
+        return XzPacker(self.scratch_path(series, ".tar.xz"), self.preset,
+                        f"{series.collection}/{series.path}/", self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
         """Append the stream, fsync, then journal it: a row never runs ahead of its data."""
@@ -1703,22 +1770,8 @@ class DirectoryTarget(Target):
     def series_folder(self, series: PlannedSeries) -> Path:
         return self.output / series.collection / series.path
 
-    def prepare(self, series: PlannedSeries, verified: VerifiedZip) -> Prepared:
-        prepared = Prepared(self.scratch_path(series, ".d"))
-        prepared.path.mkdir()
-        try:
-            with zipfile.ZipFile(verified.path) as archive:
-                for member in verified.members:
-                    with open(prepared.path / member.name, "wb") as out:
-                        copy_entry(archive, member, out.write)
-        except OSError as exc:
-            prepared.discard()
-            raise_if_disk_full(exc, self.scratch)
-            raise
-        except BaseException:
-            prepared.discard()
-            raise
-        return prepared
+    def packer(self, series: PlannedSeries) -> "FolderPacker":
+        return FolderPacker(self.scratch_path(series, ".d"), self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
         destination = self.series_folder(series)
@@ -2043,22 +2096,23 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
 
 def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
                    count: Callable[[int], None]) -> VerifiedZip:
-    """Download, verify and clean, prepare the output in scratch, commit it."""
+    """Download; verify, clean and pack in one pass over the zip; commit."""
     zip_path = ctx.target.scratch_path(series, ".zip")
-    prepared: Optional[Prepared] = None
+    packer = None
     try:
         ctx.api.download_zip(endpoint, series.uid, zip_path, count)
-        verified = verify_zip(zip_path, series)
+        packer = ctx.target.packer(series)
+        verified = verify_zip(zip_path, series, packer)
+        prepared = packer.finish()
+        zip_path.unlink()                 # scratch holds one zip or one stream per worker
         for entry, why in verified.dropped:
             log.warning("%s: dropped %s: %s", series.label, entry, why)
-        prepared = ctx.target.prepare(series, verified)
-        zip_path.unlink()                 # scratch holds one zip or one stream per worker
         ctx.target.commit(series, verified, prepared)
         return verified
     finally:
         zip_path.unlink(missing_ok=True)
-        if prepared is not None:
-            prepared.discard()
+        if packer is not None:
+            packer.discard()              # after a commit, only what is left in scratch
 
 
 def log_outcome(outcome: Outcome, position: int, total: int) -> None:

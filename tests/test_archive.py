@@ -99,8 +99,10 @@ def test_verify_reports_count_mismatch_truncation_and_missing_table(tmp_path):
 def commit_series(target: td.Target, tmp_path: Path, uid: str, path: str) -> dict[str, bytes]:
     zip_path, files = two_file_series(tmp_path, uid)
     series = planned(uid, path)
-    verified = td.verify_zip(zip_path, series)
-    target.commit(series, verified, target.prepare(series, verified))
+    packer = target.packer(series)
+    verified = td.verify_zip(zip_path, series, packer)
+    target.commit(series, verified, packer.finish())
+    packer.discard()
     return {f"COLL/{path}/{name}": data for name, data in files.items()}
 
 
@@ -261,3 +263,27 @@ def test_a_journal_record_is_all_or_nothing(tmp_path):
     assert journal.committed() == {}
     assert list(journal.files("COLL")) == []
     journal.close()
+
+
+def test_a_header_longer_than_the_first_read_is_still_recognised(tmp_path):
+    """The series check reads a 64 KiB head; a bigger header (a long comment before the
+    SeriesInstanceUID) must make it read on, not drop the file as unreadable."""
+    import io as _io
+    import pydicom
+    uid = "1.2.3.80"
+    dataset = pydicom.dcmread(_io.BytesIO(dicom_bytes(uid, 1)))
+    dataset.PatientComments = "x" * 200_000            # (0010,4000) comes before (0020,000E)
+    buffer = _io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert data.index(uid.encode()) > td.HEAD_SIZE
+    zip_path = write_series_zip(tmp_path / "long.zip", {"1-1.dcm": data})
+    collected = {}
+
+    class Sink:
+        def add(self, name, size, chunks):
+            collected[name] = b"".join(chunks)
+
+    verified = td.verify_zip(zip_path, planned(uid, "P/S/1", count=1), Sink())
+    assert [m.entry for m in verified.members] == ["1-1.dcm"]
+    assert collected == {"1-1.dcm": data}                 # streamed whole, exactly once

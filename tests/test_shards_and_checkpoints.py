@@ -107,7 +107,9 @@ def fetched_uids(fake) -> set[str]:
 def test_sigusr1_lets_series_in_progress_finish_then_exits_75(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(include_md5="honour", demo_series=10, conn_bandwidth=60_000)
     process = start(fake, tmp_path)
-    wait_until(lambda: len(journal_uids(tmp_path / "out")) >= 1, 60, "a first commit")
+    # The first series runs alone (it settles the MD5 endpoint); after the second commit
+    # the workers run side by side, so series are in flight when the signal comes.
+    wait_until(lambda: len(journal_uids(tmp_path / "out")) >= 2, 60, "two commits")
     process.send_signal(signal.SIGUSR1)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == td.EXIT_CHECKPOINT, errors

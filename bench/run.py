@@ -1,0 +1,1235 @@
+#!/usr/bin/env python3
+"""Benchmark tcia_downloader against TCIA's own client and against the limits of this machine.
+
+    python bench/run.py             # full default run (about 200 series, 1 GB of CT-like DICOM)
+    python bench/run.py --quick     # a small run in 1-2 minutes: also the benchmark's self-check
+    python bench/run.py --help      # scale, shaping, contenders, checks
+
+Everything runs on this machine against one shaped fake NBIA server (bench/fake_server.py,
+i.e. tests/fake_nbia.py with its zips pre-built), one contender at a time, each in its own
+process tree, which is sampled every 50 ms (RSS summed over the tree) and whose CPU time is
+taken from getrusage(RUSAGE_CHILDREN). The table comes first; the ratios and the PASS/FAIL
+lines of the targets are the last lines printed. See bench/README.md for what each number means.
+
+Exit status: 0 when every contender ran and every archive verified (targets may still FAIL;
+--strict makes a FAIL exit 1 too), 1 when something did not run or an archive is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CLK = os.sysconf("SC_CLK_TCK")
+NCPU = len(os.sched_getaffinity(0))
+MB = 1e6
+COLLECTION = "DEMO"
+UID_RE = re.compile(r"^\d+(?:\.\d+)+")
+ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "sweep", "profile")
+DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring a process tree
+# ---------------------------------------------------------------------------------------------
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants, from /proc/<pid>/task/<tid>/children."""
+    pids, i = [root], 0
+    while i < len(pids):
+        pid = pids[i]
+        i += 1
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    pids.extend(int(k) for k in f.read().split())
+            except OSError:
+                pass
+    return pids
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def proc_cpu(pid: Optional[int]) -> float:
+    """utime + stime of one live process, in seconds."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine_busy() -> tuple[float, float]:
+    """(CPU seconds the whole machine has spent busy, CPU seconds the hypervisor stole)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]] + [0] * 10
+    # user, nice, system, irq, softirq (guest is inside user); steal apart
+    return sum(values[i] for i in (0, 1, 2, 5, 6)) / CLK, values[7] / CLK
+
+
+_PROBE_DATA: Optional[bytes] = None
+_PROBE_BASE: Optional[float] = None
+
+
+def cpu_probe() -> float:
+    """CPU seconds of a fixed job (xz preset 1 of 1 MB of CT-like samples, about 0.1 s). On a
+    shared VM the same work can take 20-30 % more CPU time at times, which no process on the
+    machine accounts for; comparing this probe with its value at the start shows it."""
+    import array
+    import lzma
+    import random
+    global _PROBE_DATA
+    if _PROBE_DATA is None:
+        rng = random.Random(1)
+        _PROBE_DATA = array.array("h", (int(40 + 25 * ((i // 512) % 7) + rng.gauss(0, 20))
+                                        for i in range(1 << 19))).tobytes()
+    started = time.process_time()
+    lzma.compress(_PROBE_DATA, preset=1)
+    return time.process_time() - started
+
+
+def cpu_speed() -> float:
+    """This moment's CPU speed relative to the start of the benchmark (1.00 = as fast)."""
+    global _PROBE_BASE
+    if _PROBE_BASE is None:
+        _PROBE_BASE = min(cpu_probe() for _ in range(5))
+    return min(1.0, _PROBE_BASE / min(cpu_probe() for _ in range(3)))
+
+
+def scan_dir(root: Path) -> tuple[int, int, dict[str, int]]:
+    """(bytes of files, entries (files and folders: inodes), files per series UID)."""
+    size = entries = 0
+    per_series: dict[str, int] = {}
+    stack = [(root, None)]
+    while stack:
+        folder, series = stack.pop()
+        try:
+            it = os.scandir(folder)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                entries += 1
+                match = UID_RE.match(e.name)
+                key = series
+                if key is None and match:
+                    key = re.sub(r"\.(zip|tar\.xz|tar|d)$", "", e.name)
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append((Path(e.path), key))
+                        continue
+                    size += e.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+                if key is not None:
+                    per_series[key] = per_series.get(key, 0) + 1
+    return size, entries, per_series
+
+
+class Sampler(threading.Thread):
+    """RSS of the tree every 50 ms; size, inodes and files per series of folders every 100 ms."""
+
+    def __init__(self, root: int, dirs: dict[str, Path], scratch: Optional[str]):
+        super().__init__(daemon=True)
+        self.root = root
+        self.dirs = dirs
+        self.scratch = scratch
+        self.stop = threading.Event()
+        self.peak_rss = 0
+        self.timeline: list[tuple[float, int]] = []
+        self.peak_scratch = 0
+        self.peak_entries = 0
+        self.peak_per_series = 0
+        self.started = time.monotonic()
+
+    def run(self) -> None:
+        next_dirs = 0.0
+        while True:
+            now = time.monotonic()
+            rss = sum(rss_bytes(p) for p in tree_pids(self.root))
+            self.peak_rss = max(self.peak_rss, rss)
+            self.timeline.append((now - self.started, rss))
+            if now >= next_dirs and self.dirs:
+                next_dirs = now + 0.1
+                entries = 0
+                per_series: dict[str, int] = {}
+                for label, path in self.dirs.items():
+                    size, n, per = scan_dir(path)
+                    entries += n
+                    for k, v in per.items():
+                        per_series[k] = per_series.get(k, 0) + v
+                    if label == self.scratch:
+                        self.peak_scratch = max(self.peak_scratch, size)
+                self.peak_entries = max(self.peak_entries, entries)
+                self.peak_per_series = max([self.peak_per_series, *per_series.values()])
+            if self.stop.wait(0.05):
+                return
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    wall: float
+    cpu: float
+    rss: int
+    rc: Optional[int]
+    fake_cpu: float
+    other_load: float              # share of the machine's CPU used by processes not ours, or stolen
+    peak_scratch: int
+    peak_entries: int
+    peak_per_series: int
+    stopped_early: Optional[float] = None
+    speed: float = 1.0             # cpu_speed() around the run (worse of before and after)
+    timeline: list = dataclasses.field(default_factory=list, repr=False)
+    info: dict = dataclasses.field(default_factory=dict)
+    stdout: str = ""
+    stderr_path: Optional[Path] = None
+
+
+def child_env() -> dict[str, str]:
+    # A slurm array task would make the downloader download only its shard.
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+
+
+def measure(name: str, cmd: list[str], logdir: Path, *, dirs: dict[str, Path] | None = None,
+            scratch: Optional[str] = None, fake_pid: Optional[int] = None, timeout: float = 3600,
+            until: Optional[Callable[[], bool]] = None, stdin_devnull: bool = True) -> Run:
+    """Run cmd to its end (or until `until()` is true: then SIGTERM) and measure it."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    speed_before = cpu_speed()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    out_path, err_path = logdir / f"{slug}.out", logdir / f"{slug}.err"
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me0 = resource.getrusage(resource.RUSAGE_SELF)
+    (busy0, steal0), fake0 = machine_busy(), proc_cpu(fake_pid)
+    t0 = time.monotonic()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                env=child_env(), start_new_session=True)
+        sampler = Sampler(proc.pid, dirs or {}, scratch)
+        sampler.start()
+        stopped = None
+        try:
+            deadline = t0 + timeout
+            while proc.poll() is None:
+                if until is not None and stopped is None and until():
+                    stopped = time.monotonic() - t0
+                    proc.send_signal(signal.SIGTERM)
+                    deadline = min(deadline, time.monotonic() + 30)
+                if time.monotonic() > deadline:
+                    log(f"{name}: timed out, killing its process group")
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(0.02 if until is not None else 0.05)
+        except BaseException:
+            with_suppress(lambda: os.killpg(proc.pid, signal.SIGKILL))
+            proc.wait()
+            raise
+        wall = time.monotonic() - t0
+        sampler.stop.set()
+        sampler.join()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    mine = (me1.ru_utime - me0.ru_utime) + (me1.ru_stime - me0.ru_stime)
+    fake_cpu = proc_cpu(fake_pid) - fake0 if fake_pid else 0.0
+    busy1, steal1 = machine_busy()
+    other = max(0.0, busy1 - busy0 - cpu - fake_cpu - mine) + (steal1 - steal0)
+    speed = min(speed_before, cpu_speed())
+    return Run(name=name, wall=wall, cpu=cpu, rss=sampler.peak_rss, rc=proc.returncode,
+               fake_cpu=fake_cpu, other_load=other / max(wall * NCPU, 1e-9), speed=speed,
+               peak_scratch=sampler.peak_scratch, peak_entries=sampler.peak_entries,
+               peak_per_series=sampler.peak_per_series, stopped_early=stopped,
+               timeline=sampler.timeline, stdout=out_path.read_text(errors="replace"),
+               stderr_path=err_path)
+
+
+def with_suppress(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def tail(path: Optional[Path], n: int = 15) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The fake server
+# ---------------------------------------------------------------------------------------------
+
+class Fake:
+    def __init__(self, workdir: Path, *, series: int, instances: int, image_size: int, seed: int,
+                 first_byte_delay: float, conn_bandwidth: float, total_bandwidth: float,
+                 cache: bool, label: str):
+        self.workdir = workdir
+        self.stats_path = workdir / f"fake-{label}.json"
+        cmd = [sys.executable, str(HERE / "fake_server.py"), "--port", "0", "--no-real-collections",
+               "--demo-series", str(series), "--demo-patients", str(max(1, min(series, 50))),
+               "--instances", str(instances), "--image-size", str(image_size), "--seed", str(seed),
+               "--include-md5", "honour", "--first-byte-delay", str(first_byte_delay),
+               "--stats", str(self.stats_path)]
+        if conn_bandwidth > 0:
+            cmd += ["--conn-bandwidth", str(conn_bandwidth)]
+        if total_bandwidth > 0:
+            cmd += ["--total-bandwidth", str(total_bandwidth)]
+        if not cache:
+            cmd.append("--no-cache")
+        self.cmd = cmd
+        self.shaping = dict(first_byte_delay=first_byte_delay, conn_bandwidth=conn_bandwidth,
+                            total_bandwidth=total_bandwidth)
+        started = time.monotonic()
+        self.err = open(workdir / f"fake-{label}.err", "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"the fake server did not start: {line!r}\n"
+                               f"{tail(workdir / f'fake-{label}.err')}")
+        self.url = line.split()[1]
+        self.root = self.url.split("/nbia-api/")[0]
+        self.startup = time.monotonic() - started
+        self.stats = json.loads(self.stats_path.read_text())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def counters(self) -> dict:
+        with urllib.request.urlopen(self.root + "/_fake/counters", timeout=10) as r:
+            return json.loads(r.read())
+
+    def image_requests(self) -> int:
+        return sum(n for k, n in self.counters()["requests"].items() if k.startswith("getImage"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification of archives
+# ---------------------------------------------------------------------------------------------
+
+def verify_archive(path: Path, stats: dict, with_collection_files: bool) -> tuple[bool, str]:
+    """Decompress (which checks every xz CRC), hash every member; the DICOM files must be
+    exactly those served (count and MD5 digest), and ours' MD5SUMS must match the members."""
+    if not path.exists():
+        return False, f"{path.name} missing"
+    proc = subprocess.Popen(["xz", "-dc", str(path)], stdout=subprocess.PIPE)
+    md5s: dict[str, str] = {}
+    md5sums: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                digest = hashlib.md5()
+                f = tf.extractfile(member)
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    if name.endswith("/MD5SUMS"):
+                        md5sums[name] = md5sums.get(name, b"") + chunk
+                md5s[name] = digest.hexdigest()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        proc.kill()
+        proc.wait()
+        return False, f"unreadable tar: {exc}"
+    if proc.wait() != 0:
+        return False, "xz -d failed (corrupt stream)"
+    dicom = sorted(h for n, h in md5s.items() if n.endswith(".dcm"))
+    problems = []
+    if len(dicom) != stats["instances"]:
+        problems.append(f"{len(dicom)} DICOM files, {stats['instances']} served")
+    want = stats.get("served_md5_digest")
+    if want and hashlib.md5("\n".join(dicom).encode()).hexdigest() != want:
+        problems.append("DICOM contents differ from what the server sent")
+    if with_collection_files:
+        if len(md5sums) != 1:
+            problems.append("no MD5SUMS")
+        else:
+            # MD5SUMS covers every file of the collection folder; check it against the members.
+            (sums_name, text), = md5sums.items()
+            prefix = sums_name.rsplit("/", 1)[0] + "/"
+            member_md5 = {n[len(prefix):]: h for n, h in md5s.items() if n.startswith(prefix)}
+            listed = dict((line[34:], line[:32]) for line in text.decode().splitlines() if len(line) > 34)
+            wrong = [n for n, h in listed.items() if member_md5.get(n) != h]
+            if wrong or len(listed) != len(member_md5) - 1:
+                problems.append(f"MD5SUMS does not match the archive ({len(wrong)} wrong, "
+                                f"{len(listed)} listed, {len(member_md5) - 1} files)")
+    return (not problems), ("; ".join(problems) or f"{len(dicom)} DICOM files verified")
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------
+
+def downloader_defaults(path: Path) -> dict:
+    """The downloader's own defaults (workers, preset...), read from its argument parser."""
+    code = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('td_under_test', sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['td_under_test'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "a = m.build_parser().parse_args(['--collection', 'X'])\n"
+        "print(json.dumps({'workers': a.workers, 'preset': a.compression_level, "
+        "'stall_timeout': a.stall_timeout, 'chunk': getattr(m, 'CHUNK_SIZE', None), "
+        "'version': getattr(m, '__version__', '?')}))\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                             timeout=60, env=child_env())
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # a mid-edit downloader: say so, use the documented defaults
+        log(f"could not read the defaults of {path} ({exc}); assuming preset 1 and cores+2 workers")
+        return {"workers": max(2, min(NCPU + 2, 16)), "preset": 1, "stall_timeout": 120.0,
+                "chunk": None, "version": "?"}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self.logdir = workdir / "logs"
+        self.defaults = downloader_defaults(args.downloader)
+        self.preset = args.preset if args.preset is not None else self.defaults["preset"]
+        self.ours_workers = self.defaults["workers"]
+        self.failures: list[str] = []           # the benchmark could not do what it should
+        self.notes: list[str] = []
+        self.counter = 0
+
+    def fresh(self, name: str) -> Path:
+        self.counter += 1
+        d = self.workdir / f"{self.counter:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+        d.mkdir(parents=True)
+        return d
+
+    def cleanup(self, d: Path) -> None:
+        if not self.args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def ours_cmd(self, d: Path, url: str, extra: list[str] = (), downloader: Optional[Path] = None,
+                 preset: Optional[int] = None) -> list[str]:
+        cmd = [sys.executable, str(downloader or self.args.downloader), "--collection", COLLECTION,
+               "--compression", "--output", str(d / "out"), "--temp_dir", str(d / "tmp"),
+               "--cache_dir", str(d / "cache"), "--api-url", url, "--no-progress"]
+        p = preset if preset is not None else self.args.preset
+        if p is not None:
+            cmd += ["--compression-level", str(p)]
+        return cmd + list(extra)
+
+    def run_ours(self, name: str, fake: Fake, extra: list[str] = (), verify: bool = True,
+                 downloader: Optional[Path] = None, preset: Optional[int] = None,
+                 keep_dir: bool = False) -> Run:
+        d = self.fresh(name)
+        for sub in ("out", "tmp", "cache"):
+            (d / sub).mkdir()
+        run = measure(name, self.ours_cmd(d, fake.url, extra, downloader, preset), self.logdir,
+                      dirs={"output": d / "out", "scratch": d / "tmp"}, scratch="scratch",
+                      fake_pid=fake.pid, timeout=self.args.timeout)
+        archive = d / "out" / f"{COLLECTION}.tar.xz"
+        run.info["dir"] = d
+        run.info["archive_bytes"] = archive.stat().st_size if archive.exists() else 0
+        run.info["largest_stream"] = largest_stream(d / "out" / f"{COLLECTION}.tar.xz.journal")
+        if run.rc != 0:
+            self.fail(f"{name}: exit {run.rc}\n{tail(run.stderr_path)}")
+        elif verify:
+            ok, why = verify_archive(archive, fake.stats, with_collection_files=True)
+            run.info["verified"] = why
+            if not ok:
+                self.fail(f"{name}: the archive is wrong: {why}")
+        run.info["archive"] = archive
+        if not keep_dir:
+            self.cleanup(d)
+        return run
+
+    def run_tcia(self, name: str, fake: Fake, archive: bool = True, verify: bool = True) -> Run:
+        d = self.fresh(name)
+        cmd = [sys.executable, str(HERE / "tcia_utils_client.py"), "--api-url", fake.url,
+               "--collection", COLLECTION, "--path", str(d / "download")]
+        if archive:
+            cmd += ["--archive", str(d / f"{COLLECTION}.tar.xz"), "--preset", str(self.preset)]
+        run = measure(name, cmd, self.logdir, dirs={"output": d}, scratch="output",
+                      fake_pid=fake.pid, timeout=self.args.timeout)
+        try:
+            run.info.update(json.loads(run.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            pass
+        if run.rc != 0:
+            self.fail(f"{name}: exit {run.rc}\n{tail(run.stderr_path)}\n{run.stdout[-500:]}")
+        elif archive and verify:
+            ok, why = verify_archive(d / f"{COLLECTION}.tar.xz", fake.stats, with_collection_files=False)
+            run.info["verified"] = why
+            if not ok:
+                self.fail(f"{name}: the archive is wrong: {why}")
+        # Peak RSS while downloading (it holds zips in memory) vs while archiving.
+        if "download_s" in run.info:
+            cut = run.info.get("import_s", 0) + run.info["download_s"]
+            run.info["rss_download"] = max((r for t, r in run.timeline if t <= cut), default=0)
+        self.cleanup(d)
+        return run
+
+    def fail(self, message: str) -> None:
+        log("PROBLEM: " + message)
+        self.failures.append(message.splitlines()[0])
+
+
+def largest_stream(journal: Path) -> int:
+    """The largest series stream in an archive, from the journal's archive_end column."""
+    import sqlite3
+    try:
+        db = sqlite3.connect(journal.as_uri() + "?mode=ro", uri=True)
+        ends = sorted(e for (e,) in db.execute("SELECT archive_end FROM series"))
+        db.close()
+    except Exception:
+        return 0
+    return max((b - a for a, b in zip([0] + ends, ends)), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile
+# ---------------------------------------------------------------------------------------------
+
+WAIT_FRAMES = ("Event.wait", "Condition.wait", "Thread.join", "_wait_for_tstate_lock",
+               "Semaphore.acquire", "Queue.get", "sleep")
+CATEGORIES = (          # first match, searching the stack from the leaf up
+    ("lzma (xz compression)", ("lzma_code", "LZMACompressor", "liblzma")),
+    ("hashing (md5)", ("md5", "MD5", "EVP_Digest", "_hashlib")),
+    ("zip reading (inflate, crc)", ("inflate", "zlib", "crc32", "ZipExtFile", "_SharedFile", "zipfile.py")),
+    ("tar writing (headers)", ("tar_header", "tarfile.py", "tar_padding")),
+    ("network (socket, http, requests)", ("recv", "urllib3", "http/client", "socket.py", "ssl", "requests")),
+    ("journal (sqlite)", ("sqlite", "Journal.")),
+    ("DICOM header parse (pydicom)", ("pydicom",)),
+    ("file copy/write (os)", ("copyfileobj", "write", "read")),
+)
+HEAVY_OK = ("lzma (xz compression)", "hashing (md5)", "zip reading (inflate, crc)", "tar writing (headers)")
+
+
+def classify(parts: list[str]) -> tuple[bool, str]:
+    """(CPU-active?, category) of one sampled stack (py-spy --native, root first)."""
+    names = [p.split(" (")[0] for p in parts]
+    leaf = names[-1]
+    if any(n.startswith(WAIT_FRAMES) for n in names):
+        return False, "idle thread (Event/Condition wait, join, sleep)"
+    if "internal_select" in names or leaf in ("poll", "select", "epoll_wait", "__poll"):
+        return False, "waiting for the network"
+    if "fsync" in leaf or "fdatasync" in leaf:
+        return False, "waiting for the disk (fsync)"
+    if any("pthread_cond_timedwait" in n or "take_gil" in n for n in names[-3:]):
+        return False, "waiting for the GIL"
+    for p in reversed(parts):
+        for cat, keys in CATEGORIES:
+            if any(k in p for k in keys):
+                return True, cat
+    return True, "other (Python, imports, planning)"
+
+
+def summarize_profile(raw: Path, downloader: Path, top: int = 12) -> list[str]:
+    """py-spy --format raw (collapsed stacks) -> shares of CPU-active samples by category, the
+    waiting samples apart, and the heaviest frames of the downloader itself (function, line)."""
+    active = waiting = 0
+    cats: dict[str, int] = {}
+    waits: dict[str, int] = {}
+    frames: dict[str, int] = {}
+    own = downloader.name
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        parts = stack.split(";")
+        is_active, cat = classify(parts)
+        if not is_active:
+            waiting += count
+            waits[cat] = waits.get(cat, 0) + count
+            continue
+        active += count
+        cats[cat] = cats.get(cat, 0) + count
+        mine = [p for p in parts if f"{own}:" in p]
+        if mine:
+            frames[mine[-1]] = frames.get(mine[-1], 0) + count
+    heavy = sum(n for c, n in cats.items() if c in HEAVY_OK)
+    lines = [f"profile of ours (py-spy --native, 100 Hz): {active} CPU-active samples; "
+             f"lzma + hashing + zip reading + tar writing = {100 * heavy / max(active, 1):.1f}% of them"]
+    for c, n in sorted(cats.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {100 * n / max(active, 1):5.1f}%  {c}")
+    lines.append(f"  waiting samples ({waiting}, not CPU): " + ", ".join(
+        f"{w} {n}" for w, n in sorted(waits.items(), key=lambda kv: -kv[1])))
+    lines.append(f"  heaviest frames in {own} (innermost own frame of each CPU-active sample):")
+    for f, n in sorted(frames.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / max(active, 1):5.1f}%  {f}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+def med(runs: list[Run], attr: str) -> float:
+    return statistics.median(getattr(r, attr) for r in runs)
+
+
+def fmt_mb(n: float) -> str:
+    return f"{n / MB:,.0f}" if n >= 10 * MB else f"{n / MB:,.1f}"
+
+
+def row(label: str, runs: list[Run], dicom_bytes: int, scratch_label: str = "") -> list[str]:
+    walls = [r.wall for r in runs]
+    wall = statistics.median(walls)
+    spread = f"{min(walls):.1f}-{max(walls):.1f}" if len(walls) > 1 else "-"
+    return [label, f"{wall:.1f}", spread, f"{med(runs, 'cpu'):.1f}", fmt_mb(max(r.rss for r in runs)),
+            f"{dicom_bytes / MB / wall:.1f}",
+            fmt_mb(max(r.peak_scratch for r in runs)) if scratch_label != "-" else "-",
+            f"{max(r.peak_entries for r in runs):,}" if scratch_label != "-" else "-",
+            disturbance(runs)]
+
+
+def disturbance(runs: list[Run]) -> str:
+    """Worst other load and worst CPU speed of the runs; * when either may have moved the number."""
+    other = max(r.other_load for r in runs)
+    speed = min(r.speed for r in runs)
+    return f"{100 * other:.0f}% / {speed:.2f}" + (" *" if other > 0.10 or speed < 0.85 else "")
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                     for i, (c, w) in enumerate(zip(r, widths))) + " |")
+    return out
+
+
+def machine_description() -> list[str]:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    xz = subprocess.run(["xz", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    try:
+        os_name = platform.freedesktop_os_release().get("PRETTY_NAME", platform.system())
+    except OSError:
+        os_name = platform.system()
+    return [f"machine: {NCPU} CPUs (nproc), {model}, {mem_kb / 1024 ** 2:.0f} GiB RAM, {os_name}, "
+            f"kernel {platform.release()}",
+            f"software: Python {platform.python_version()}, {xz}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+
+def main_collection(b: Bench, res: dict) -> None:
+    a = b.args
+    log(f"starting the fake: {a.series} series x {a.instances} instances of {a.image_size}x{a.image_size}, "
+        f"first byte {a.first_byte_delay} s, {a.conn_bandwidth / MB:g} MB/s per connection, "
+        f"{a.total_bandwidth / MB:g} MB/s total")
+    fake = Fake(b.workdir, series=a.series, instances=a.instances, image_size=a.image_size, seed=a.seed,
+                first_byte_delay=a.first_byte_delay, conn_bandwidth=a.conn_bandwidth,
+                total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label="main")
+    res["fake"] = fake.stats
+    log(f"fake ready in {fake.startup:.0f} s: {fake.stats['series']} series, {fake.stats['instances']} "
+        f"DICOM files, {fake.stats['dicom_bytes'] / MB:,.0f} MB")
+    checks = set(a.only)
+    runs: dict[str, list[Run]] = {k: [] for k in ("ours", "tcia", "serial", "fetch", "xz")}
+    ref_tar: Optional[Path] = None
+    try:
+        for rep in range(a.repeat):
+            tag = f"#{rep + 1}"
+            if "ours" in checks:
+                r = b.run_ours(f"ours{tag}", fake, keep_dir=ref_tar is None and "limits" in checks)
+                runs["ours"].append(r)
+                log(f"ours {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, "
+                    f"other load {100 * r.other_load:.0f}% ({r.info.get('verified', 'not verified')})")
+                if ref_tar is None and "limits" in checks and r.rc == 0:
+                    ref_tar = make_ref_tar(b, r.info["archive"])
+                    b.cleanup(r.info["dir"])
+            if "tcia" in checks:
+                r = b.run_tcia(f"tcia_utils{tag}", fake)
+                runs["tcia"].append(r)
+                log(f"tcia_utils {tag}: {r.wall:.1f} s (download {r.info.get('download_s', '?')} s, "
+                    f"tar|xz {r.info.get('archive_s', '?')} s), RSS {r.rss / MB:.0f} MB, "
+                    f"other load {100 * r.other_load:.0f}%")
+            if "serial" in checks and (rep == 0 or not a.serial_once):
+                r = b.run_ours(f"ours_workers1{tag}", fake, ["--workers", "1"])
+                runs["serial"].append(r)
+                log(f"ours --workers 1 {tag}: {r.wall:.1f} s, other load {100 * r.other_load:.0f}%")
+            if "limits" in checks:
+                r = measure(f"fetch{tag}", [sys.executable, str(HERE / "fetch_all.py"), "--api-url", fake.url,
+                                            "--collection", COLLECTION, "--connections", str(a.fetch_connections)],
+                            b.logdir, fake_pid=fake.pid, timeout=a.timeout)
+                try:
+                    r.info.update(json.loads(r.stdout.strip().splitlines()[-1]))
+                except (ValueError, IndexError):
+                    b.fail(f"fetch{tag}: no result\n{tail(r.stderr_path)}")
+                runs["fetch"].append(r)
+                log(f"fetch to /dev/null {tag}: {r.wall:.1f} s")
+                if ref_tar is None:
+                    ref_tar = make_ref_tar(b, None, fake)
+                out = b.workdir / "xz-limit.tar.xz"
+                r = measure(f"xz{tag}", ["bash", "-c", f'xz -T0 -{b.preset} -c "$1" > "$2"', "bash",
+                                         str(ref_tar), str(out)], b.logdir, fake_pid=fake.pid,
+                            timeout=a.timeout)
+                r.info["tar_bytes"] = ref_tar.stat().st_size
+                out.unlink(missing_ok=True)
+                runs["xz"].append(r)
+                log(f"xz -T0 -{b.preset} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s")
+        if "profile" in checks:
+            res["profile"] = profile(b, fake)
+    finally:
+        fake.stop()
+        if ref_tar is not None and not a.keep:
+            ref_tar.unlink(missing_ok=True)
+    res["runs"] = runs
+
+
+def make_ref_tar(b: Bench, archive: Optional[Path], fake: Optional[Fake] = None) -> Path:
+    """The tar the xz limit compresses: ours' archive decompressed (the same bytes ours fed to
+    lzma), else one built from the served zips."""
+    ref = b.workdir / "reference.tar"
+    if archive is not None and archive.exists():
+        subprocess.run(["bash", "-c", 'xz -dc "$1" > "$2"', "bash", str(archive), str(ref)], check=True)
+        return ref
+    import io
+    import zipfile
+    import requests
+    assert fake is not None
+    series = requests.get(fake.url + "getSeries", params={"Collection": COLLECTION}, timeout=300).json()
+    with tarfile.open(ref, "w") as tf:
+        for s in series:
+            z = requests.get(fake.url + "getImage", params={"SeriesInstanceUID": s["SeriesInstanceUID"],
+                                                            "NewFileNames": "Yes"}, timeout=600).content
+            with zipfile.ZipFile(io.BytesIO(z)) as zf:
+                for info in zf.infolist():
+                    data = zf.read(info)
+                    ti = tarfile.TarInfo(f"{COLLECTION}/{s['SeriesInstanceUID']}/{info.filename}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+    return ref
+
+
+def profile(b: Bench, fake: Fake) -> list[str]:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return ["profile: py-spy is not installed (python3 -m pip install py-spy); skipped"]
+    d = b.fresh("profile")
+    for sub in ("out", "tmp", "cache"):
+        (d / sub).mkdir()
+    raw = d / "py-spy.txt"
+    cmd = [spy, "record", "--native", "--rate", "100", "--format", "raw", "--output", str(raw), "--",
+           *b.ours_cmd(d, fake.url)]
+    log("profiling ours with py-spy (--native)")
+    r = measure("profile", cmd, b.logdir, fake_pid=fake.pid, timeout=b.args.timeout)
+    if r.rc != 0 or not raw.exists():
+        b.fail(f"profile: py-spy run failed (exit {r.rc})\n{tail(r.stderr_path)}")
+        return ["profile: failed"]
+    lines = summarize_profile(raw, b.args.downloader)
+    if b.args.keep:
+        lines.append(f"  raw stacks: {raw} (flamegraph.pl or speedscope can draw them)")
+    else:
+        shutil.copy(raw, b.workdir / "py-spy.txt")
+        shutil.rmtree(d / "out", ignore_errors=True)
+    return lines
+
+
+def big_series(b: Bench, res: dict) -> None:
+    a = b.args
+    log(f"one big series: {a.big_instances} instances of {a.big_image_size}x{a.big_image_size} "
+        "(building its zips takes a while)")
+    fake = Fake(b.workdir, series=1, instances=a.big_instances, image_size=a.big_image_size, seed=a.seed,
+                first_byte_delay=a.first_byte_delay, conn_bandwidth=a.big_conn_bandwidth,
+                total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label="big")
+    res["big_fake"] = fake.stats
+    log(f"big series ready in {fake.startup:.0f} s: {fake.stats['dicom_bytes'] / MB:,.0f} MB")
+    try:
+        ours = b.run_ours("big_ours", fake)
+        log(f"big series, ours: {ours.wall:.0f} s, peak RSS {ours.rss / MB:.0f} MB")
+        tcia = b.run_tcia("big_tcia_utils", fake, archive=False)
+        log(f"big series, tcia_utils download: {tcia.wall:.0f} s, peak RSS {tcia.rss / MB:.0f} MB")
+    finally:
+        fake.stop()
+    res["big"] = {"ours": ours, "tcia": tcia}
+
+
+def scale(b: Bench, res: dict) -> None:
+    a = b.args
+    log(f"scale: a {a.scale_series:,}-series collection of tiny images")
+    fake = Fake(b.workdir, series=a.scale_series, instances=1, image_size=8, seed=a.seed,
+                first_byte_delay=0.0, conn_bandwidth=0, total_bandwidth=0, cache=False, label="scale")
+    out: dict[str, Any] = {"fake_startup": fake.startup}
+    try:
+        # 1. launch -> first image request seen by the server.
+        d = b.fresh("scale_start")
+        for sub in ("out", "tmp", "cache"):
+            (d / sub).mkdir()
+        seen = {"n": fake.image_requests()}
+
+        def first_request() -> bool:
+            return fake.image_requests() > seen["n"]
+
+        r = measure("scale_start", b.ours_cmd(d, fake.url), b.logdir, fake_pid=fake.pid,
+                    timeout=max(120.0, a.scale_start_limit * 6), until=first_request)
+        out["start"] = r
+        if r.stopped_early is None:
+            b.fail(f"scale_start: no image request before the downloader exited (exit {r.rc})\n"
+                   f"{tail(r.stderr_path)}")
+        else:
+            log(f"scale: first image request {r.stopped_early:.1f} s after launch")
+        # 2. a finished journal + archive for the whole collection, then a rerun.
+        e = b.fresh("scale_resume")
+        build = subprocess.run([sys.executable, str(HERE / "finished_journal.py"), "--downloader",
+                                str(a.downloader), "--api-url", fake.url, "--collection", COLLECTION,
+                                "--output", str(e / "out"), "--temp-dir", str(e / "tmp"),
+                                "--preset", str(b.preset)], capture_output=True, text=True,
+                               env=child_env(), timeout=3600)
+        if build.returncode != 0:
+            b.fail(f"scale_resume: could not build a finished journal with this downloader's classes\n"
+                   f"{build.stderr[-1500:]}")
+            return
+        out["built"] = json.loads(build.stdout.strip().splitlines()[-1])
+        log(f"scale: finished journal of {out['built']['series']:,} series built in "
+            f"{out['built']['seconds']:.0f} s")
+        for label, cache in (("warm", d / "cache"), ("cold", e / "cache")):
+            cmd = b.ours_cmd(e, fake.url)
+            cmd[cmd.index("--cache_dir") + 1] = str(cache)
+            r = measure(f"scale_resume_{label}", cmd, b.logdir, fake_pid=fake.pid, timeout=300)
+            text = r.stderr_path.read_text(errors="replace") if r.stderr_path else ""
+            r.info["nothing_to_do"] = "nothing to do" in text
+            if r.rc != 0 or not r.info["nothing_to_do"]:
+                b.fail(f"scale_resume_{label}: exit {r.rc}, 'nothing to do' "
+                       f"{'seen' if r.info['nothing_to_do'] else 'not seen'}\n{tail(r.stderr_path)}")
+            out[f"resume_{label}"] = r
+            log(f"scale: resume ({label} metadata cache): exit {r.rc} after {r.wall:.1f} s")
+        b.cleanup(d)
+        b.cleanup(e)
+    finally:
+        fake.stop()
+        res["scale"] = out
+
+
+def sweep(b: Bench, res: dict) -> None:
+    """Candidate defaults: --workers, --compression-level and the read chunk size, one at a time."""
+    a = b.args
+    log(f"sweep: {a.sweep_series} series x {a.instances} x {a.image_size}, same shaping")
+    fake = Fake(b.workdir, series=a.sweep_series, instances=a.instances, image_size=a.image_size,
+                seed=a.seed, first_byte_delay=a.first_byte_delay, conn_bandwidth=a.conn_bandwidth,
+                total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label="sweep")
+    rows: list[tuple[str, list[Run], Optional[list[Run]]]] = []
+    ref: Optional[Path] = None
+    try:
+        for rep in range(a.sweep_repeat):
+            for w in a.sweep_workers:
+                r = b.run_ours(f"sweep_w{w}#{rep + 1}", fake, ["--workers", str(w)], verify=rep == 0,
+                               keep_dir=ref is None)
+                if ref is None and r.rc == 0:
+                    ref = make_ref_tar(b, r.info["archive"])
+                    b.cleanup(r.info["dir"])
+                add_sweep(rows, f"--workers {w}", r)
+                log(f"sweep --workers {w}: {r.wall:.1f} s")
+            for p in a.sweep_presets:
+                r = b.run_ours(f"sweep_p{p}#{rep + 1}", fake, verify=rep == 0, preset=p)
+                add_sweep(rows, f"--compression-level {p}", r)
+                assert ref is not None
+                out = b.workdir / "xz-sweep.tar.xz"
+                x = measure(f"sweep_xz{p}#{rep + 1}", ["bash", "-c", f'xz -T0 -{p} -c "$1" > "$2"', "bash",
+                                                      str(ref), str(out)], b.logdir, fake_pid=fake.pid)
+                x.info["archive_bytes"] = out.stat().st_size if out.exists() else 0
+                out.unlink(missing_ok=True)
+                add_sweep(rows, f"  xz -T0 -{p} of the same tar", x)
+                log(f"sweep preset {p}: ours {r.wall:.1f} s, xz -T0 alone {x.wall:.1f} s")
+            for c in a.sweep_chunks:
+                patched = b.workdir / f"td_chunk_{c}.py"
+                src = a.downloader.read_text()
+                new, n = re.subn(r"(?m)^CHUNK_SIZE = .*$", f"CHUNK_SIZE = {c}", src)
+                if n != 1:
+                    b.notes.append("sweep: CHUNK_SIZE not found in the downloader; chunk sizes skipped")
+                    break
+                patched.write_text(new)
+                r = b.run_ours(f"sweep_c{c}#{rep + 1}", fake, verify=rep == 0, downloader=patched)
+                add_sweep(rows, f"read chunk {c // 1024} KiB", r)
+                log(f"sweep chunk {c}: {r.wall:.1f} s")
+    finally:
+        fake.stop()
+        if ref is not None and not a.keep:
+            ref.unlink(missing_ok=True)
+    res["sweep"] = {"rows": rows, "stats": fake.stats}
+
+
+def add_sweep(rows: list, label: str, run: Run) -> None:
+    for lab, runs, _ in rows:
+        if lab == label:
+            runs.append(run)
+            return
+    rows.append((label, [run], None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def report(b: Bench, res: dict) -> list[str]:
+    a = b.args
+    lines: list[str] = []
+    lines += machine_description()
+    lines.append(f"downloader: {a.downloader} (version {b.defaults.get('version')}, md5 "
+                 f"{hashlib.md5(a.downloader.read_bytes()).hexdigest()[:12]}), defaults: --workers "
+                 f"{b.ours_workers}, --compression-level {b.preset}")
+    results: dict[str, Any] = {}
+    targets: list[tuple[Optional[bool], str]] = []
+    runs = res.get("runs", {})
+    if "fake" in res:
+        st = res["fake"]
+        lines.append(f"collection: {st['series']} series, {st['instances']:,} DICOM files of "
+                     f"{a.image_size}x{a.image_size} CT-like slices, {st['dicom_bytes'] / MB:,.0f} MB DICOM"
+                     + (f", {st['zip_bytes']['ours'] / MB:,.0f} MB of zips on the wire" if "zip_bytes" in st else ""))
+        lines.append(f"server: fake NBIA, {a.first_byte_delay * 1000:.0f} ms to first byte, "
+                     f"{a.conn_bandwidth / MB:g} MB/s per connection, {a.total_bandwidth / MB:g} MB/s total"
+                     + (" (zips pre-built)" if st.get("cached") else " (zips generated per request)"))
+        lines.append(f"runs: median of {a.repeat} (wall range shown); CPU = user+sys of the process tree; "
+                     "RSS = peak of the tree's sum; other load = CPU used by processes outside the "
+                     "benchmark or stolen by the hypervisor, as a share of the machine (worst run); CPU "
+                     "speed = a fixed lzma job's speed around the run relative to the start (worst run); "
+                     "* when other load > 10 % or CPU speed < 0.85: the number may be disturbed")
+        dicom = st["dicom_bytes"]
+        header = ["contender", "wall s", "range", "CPU s", "peak RSS MB", "DICOM MB/s",
+                  "peak scratch MB", "peak files", "other load / CPU speed"]
+        rows = []
+        if runs.get("ours"):
+            rows.append(row(f"(a) ours, default flags (--workers {b.ours_workers}, -{b.preset})", runs["ours"], dicom))
+        if runs.get("tcia"):
+            rows.append(row(f"(b) tcia_utils downloadSeries + tar | xz -T0 -{b.preset}", runs["tcia"], dicom))
+        if runs.get("serial"):
+            rows.append(row("(c) ours --workers 1", runs["serial"], dicom))
+        floor = None
+        if "zip_bytes" in st and a.total_bandwidth > 0:
+            floor = st["zip_bytes"]["ours"] / a.total_bandwidth
+            rows.append(["(d) transfer floor: zip bytes / total bandwidth", f"{floor:.1f}", "-", "-", "-",
+                         f"{dicom / MB / floor:.1f}", "-", "-", "-"])
+        if runs.get("fetch"):
+            rows.append(row(f"(d) parallel fetch to /dev/null ({a.fetch_connections} connections)", runs["fetch"], dicom, "-"))
+        if runs.get("xz"):
+            rows.append(row(f"(d) xz -T0 -{b.preset} of the same tar alone", runs["xz"], dicom, "-"))
+        lines.append("")
+        lines += table(rows, header)
+        lines.append("")
+        if runs.get("tcia"):
+            t = runs["tcia"]
+            lines.append(f"(b) phases (median): import {statistics.median(r.info.get('import_s', 0) for r in t):.1f} s, "
+                         f"download+unzip {statistics.median(r.info.get('download_s', 0) for r in t):.1f} s, "
+                         f"tar | xz {statistics.median(r.info.get('archive_s', 0) for r in t):.1f} s; "
+                         f"peak RSS while downloading {max(r.info.get('rss_download', 0) for r in t) / MB:.0f} MB; "
+                         "its scratch is the unpacked collection, one file per image")
+        if runs.get("ours"):
+            o = runs["ours"][0]
+            lines.append(f"(a) archive {o.info['archive_bytes'] / MB:,.0f} MB "
+                         f"(ratio {dicom / max(o.info['archive_bytes'], 1):.2f}); {o.info.get('verified', '')}; "
+                         f"fake server CPU during the run {med(runs['ours'], 'fake_cpu'):.1f} s")
+        if runs.get("fetch"):
+            f = runs["fetch"]
+            lines.append(f"(d) fetch: first byte median {statistics.median(r.info.get('first_byte_median_s', 0) for r in f):.2f} s, "
+                         f"max {max(r.info.get('first_byte_max_s', 0) for r in f):.2f} s; longest silence "
+                         f"inside a healthy transfer {max(r.info.get('longest_silence_s', 0) for r in f):.2f} s")
+        # ratios
+        ours_wall = statistics.median(r.wall for r in runs["ours"]) if runs.get("ours") else None
+        b_wall = statistics.median(r.wall for r in runs["tcia"]) if runs.get("tcia") else None
+        c_wall = statistics.median(r.wall for r in runs["serial"]) if runs.get("serial") else None
+        limits = {}
+        if floor is not None:
+            limits["transfer floor"] = floor
+        if runs.get("fetch"):
+            limits["fetch"] = statistics.median(r.wall for r in runs["fetch"])
+        if runs.get("xz"):
+            limits[f"xz -T0 -{b.preset}"] = statistics.median(r.wall for r in runs["xz"])
+        results.update(ours=ours_wall, b=b_wall, c=c_wall, limits=limits)
+        if ours_wall and b_wall:
+            targets.append((ours_wall <= 0.5 * b_wall,
+                            f"ours <= 0.5 x (b) wall time: {ours_wall:.1f} s vs 0.5 x {b_wall:.1f} s = {0.5 * b_wall:.1f} s"))
+        if ours_wall and limits and "fetch" in limits:
+            name, worst = max(limits.items(), key=lambda kv: kv[1])
+            targets.append((ours_wall <= 1.25 * worst,
+                            f"ours <= 1.25 x max(limits): {ours_wall:.1f} s vs 1.25 x {worst:.1f} s ({name}) = {1.25 * worst:.1f} s"))
+        if runs.get("ours"):
+            o = runs["ours"]
+            largest_zip = st.get("largest_zip", {}).get("ours", 0)
+            largest_stream = max(r.info.get("largest_stream", 0) for r in o)
+            bound = b.ours_workers * (largest_zip + largest_stream)
+            peak = max(r.peak_scratch for r in o)
+            if largest_zip and largest_stream:
+                targets.append((peak <= bound,
+                                f"scratch never above workers x (largest zip + its stream): peak {peak / MB:.1f} MB "
+                                f"<= {b.ours_workers} x ({largest_zip / MB:.1f} + {largest_stream / MB:.1f}) MB = {bound / MB:.1f} MB"))
+            per = max(r.peak_per_series for r in o)
+            entries = max(r.peak_entries for r in o)
+            bline = ""
+            if runs.get("tcia"):
+                bline = f"; (b): {max(r.peak_entries for r in runs['tcia']):,} files"
+            targets.append((per <= 1,
+                            f"at most one file per series on --output's filesystem: peak {per} per series in flight, "
+                            f"{entries} files in all (--output and --temp_dir, one filesystem){bline}"))
+    if "big" in res:
+        big = res["big"]
+        st = res["big_fake"]
+        o, t = big["ours"], big["tcia"]
+        lines.append(f"one series of {st['dicom_bytes'] / 1e9:.2f} GB ({st['instances']:,} files): ours {o.wall:.0f} s, "
+                     f"peak RSS {o.rss / MB:.0f} MB, scratch {o.peak_scratch / MB:,.0f} MB; tcia_utils download "
+                     f"{t.wall:.0f} s, peak RSS {t.rss / MB:,.0f} MB (it holds each zip in memory)")
+        label = f"{st['dicom_bytes'] / 1e9:.1f} GB"
+        targets.append((o.rss < 500 * MB and o.rc == 0,
+                        f"memory flat in series size: one {label} series, ours peak RSS {o.rss / MB:.0f} MB < 500 MB "
+                        f"((b): {t.rss / MB:,.0f} MB)"))
+        largest_zip = st.get("largest_zip", {}).get("ours", 0)
+        stream = o.info.get("largest_stream", 0)
+        if largest_zip and stream:
+            bound = b.ours_workers * (largest_zip + stream)
+            targets.append((o.peak_scratch <= bound,
+                            f"scratch with the {label} series: peak {o.peak_scratch / MB:,.0f} MB <= workers x "
+                            f"(zip + stream) = {b.ours_workers} x ({largest_zip / MB:,.0f} + {stream / MB:,.0f}) MB"))
+    if "scale" in res:
+        sc = res["scale"]
+        n = a.scale_series
+        start = sc.get("start")
+        if start is not None:
+            lines.append(f"{n:,}-series collection: fake started in {sc['fake_startup']:.0f} s; ours' peak RSS while "
+                         f"planning {start.rss / MB:.0f} MB")
+            t = start.stopped_early
+            targets.append((t is not None and t <= a.scale_start_limit,
+                            f"{n:,} series: first download starts {t:.1f} s after launch (<= {a.scale_start_limit:g} s)"
+                            if t is not None else f"{n:,} series: no download started"))
+        for label in ("warm", "cold"):
+            r = sc.get(f"resume_{label}")
+            if r is None:
+                continue
+            ok = r.rc == 0 and r.info.get("nothing_to_do") and r.wall < a.scale_resume_limit
+            text = (f"resume of a finished {n:,}-series journal ({label} metadata cache): "
+                    f"'nothing to do', exit {r.rc}, after {r.wall:.1f} s (< {a.scale_resume_limit:g} s)")
+            targets.append((ok if label == "warm" else None, text))
+    if "profile" in res:
+        lines.append("")
+        lines += res["profile"]
+    if "sweep" in res:
+        sw = res["sweep"]
+        st = sw["stats"]
+        lines.append("")
+        lines.append(f"sweep: {st['series']} series, {st['dicom_bytes'] / MB:,.0f} MB DICOM, same shaping; "
+                     f"median of {a.sweep_repeat}")
+        srows = []
+        for label, rs, _ in sw["rows"]:
+            wall = statistics.median(r.wall for r in rs)
+            arch = statistics.median(r.info.get("archive_bytes", 0) for r in rs)
+            srows.append([label, f"{wall:.1f}", f"{min(r.wall for r in rs):.1f}-{max(r.wall for r in rs):.1f}",
+                          f"{statistics.median(r.cpu for r in rs):.1f}", fmt_mb(max(r.rss for r in rs)),
+                          fmt_mb(arch) if arch else "-",
+                          f"{st['dicom_bytes'] / max(arch, 1):.2f}" if arch else "-",
+                          fmt_mb(max(r.peak_scratch for r in rs)) if rs[0].peak_scratch else "-",
+                          disturbance(rs)])
+        lines += table(srows, ["setting", "wall s", "range", "CPU s", "peak RSS MB", "archive MB", "ratio",
+                               "peak scratch MB", "other load / CPU speed"])
+    if b.notes:
+        lines.append("")
+        lines += [f"note: {n}" for n in b.notes]
+    if b.failures:
+        lines.append("")
+        lines += [f"PROBLEM: {f}" for f in b.failures]
+    # Ratios and targets: the last lines.
+    lines.append("")
+    if results.get("ours"):
+        parts = []
+        if results.get("b"):
+            parts.append(f"ours/(b) = {results['ours'] / results['b']:.2f}")
+        if results.get("c"):
+            parts.append(f"ours/(c) = {results['ours'] / results['c']:.2f}")
+        if results.get("limits"):
+            name, worst = max(results["limits"].items(), key=lambda kv: kv[1])
+            parts.append(f"ours/max(d) = {results['ours'] / worst:.2f} (max(d) = {name}, {worst:.1f} s)")
+        lines.append("ratios (median wall time): " + ";  ".join(parts))
+    for ok, text in targets:
+        lines.append(f"{'INFO' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
+    res["targets"] = targets
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a small run (24 series, 125 MB; a 0.3 GB big series; 5,000-series scale check; "
+                        "one repeat): 1-2 minutes, the benchmark's self-check")
+    p.add_argument("--downloader", type=Path, default=REPO / "tcia_downloader.py",
+                   help="the tcia_downloader.py to measure (default: the repository's)")
+    p.add_argument("--only", default=",".join(DEFAULT_CHECKS),
+                   help=f"comma-separated checks, from {', '.join(ALL_CHECKS)} (default: %(default)s; "
+                        "sweep and profile are extra)")
+    p.add_argument("--repeat", type=int, help="runs of each contender; the table shows medians (default 3, quick 1)")
+    p.add_argument("--serial-once", action=argparse.BooleanOptionalAction, default=True,
+                   help="run (c) only in the first repeat: it is the slowest and its ratio is far from any "
+                        "target (default: on)")
+    p.add_argument("--keep", action="store_true", help="keep every output, log and scratch folder")
+    p.add_argument("--workdir", type=Path, help="where outputs go (default: a new folder in $TMPDIR)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds before a contender is killed")
+    p.add_argument("--results", type=Path, help="also write the report to this file")
+    g = p.add_argument_group("collection (the fake's DEMO collection of CT-like series)")
+    g.add_argument("--series", type=int, help="series (default 200, quick 24)")
+    g.add_argument("--instances", type=int, default=10, help="DICOM files per series (default %(default)s)")
+    g.add_argument("--image-size", type=int, default=512, help="rows = columns (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-fake-cache", action="store_true",
+                   help="let the fake generate every zip on each request (costs this machine's CPU)")
+    g = p.add_argument_group("WAN shaping of the fake")
+    g.add_argument("--first-byte-delay", type=float, default=0.15, help="seconds (default %(default)s)")
+    g.add_argument("--conn-bandwidth", type=float, default=10e6, help="bytes/s per connection (default 10 MB/s)")
+    g.add_argument("--total-bandwidth", type=float, default=150e6, help="bytes/s over all (default 150 MB/s)")
+    g = p.add_argument_group("contenders")
+    g.add_argument("--preset", type=int,
+                   help="xz preset for every contender (default: the downloader's default; ours then "
+                        "runs with its default flags)")
+    g.add_argument("--fetch-connections", type=int, default=32, help="connections of the fetch limit")
+    g = p.add_argument_group("big series (memory flat in series size)")
+    g.add_argument("--big-instances", type=int, help="files in the one big series (default 4000: 2.1 GB; quick 600)")
+    g.add_argument("--big-image-size", type=int, default=512)
+    g.add_argument("--big-conn-bandwidth", type=float, default=0,
+                   help="bytes/s per connection for the big series (default: unlimited, so that the check "
+                        "takes minutes, not a quarter of an hour; memory does not depend on it)")
+    g = p.add_argument_group("scale")
+    g.add_argument("--scale-series", type=int, help="series of tiny images (default 50,000; quick 5,000)")
+    g.add_argument("--scale-start-limit", type=float, default=10.0)
+    g.add_argument("--scale-resume-limit", type=float, default=5.0)
+    g = p.add_argument_group("sweep (extra: --only sweep)")
+    g.add_argument("--sweep-series", type=int, default=40)
+    g.add_argument("--sweep-repeat", type=int, default=2)
+    g.add_argument("--sweep-workers", default="1,2,3,4,6,8")
+    g.add_argument("--sweep-presets", default="0,1,2,3,6")
+    g.add_argument("--sweep-chunks", default="65536,262144,1048576,4194304")
+    a = p.parse_args(argv)
+    a.only = [c.strip() for c in a.only.split(",") if c.strip()]
+    bad = [c for c in a.only if c not in ALL_CHECKS]
+    if bad:
+        p.error(f"unknown check(s) {bad}; choose from {', '.join(ALL_CHECKS)}")
+    a.repeat = a.repeat or (1 if a.quick else 3)
+    a.series = a.series or (24 if a.quick else 200)
+    a.big_instances = a.big_instances or (600 if a.quick else 4000)
+    a.scale_series = a.scale_series or (5000 if a.quick else 50000)
+    a.sweep_workers = [int(x) for x in a.sweep_workers.split(",") if x]
+    a.sweep_presets = [int(x) for x in a.sweep_presets.split(",") if x]
+    a.sweep_chunks = [int(x) for x in a.sweep_chunks.split(",") if x]
+    a.downloader = a.downloader.resolve()
+    if not a.downloader.exists():
+        p.error(f"--downloader {a.downloader} does not exist")
+    return a
+
+
+def preflight() -> list[str]:
+    missing = [tool for tool in ("xz", "tar", "bash") if shutil.which(tool) is None]
+    problems = [f"{tool} is not installed" for tool in missing]
+    for module in ("numpy", "pydicom", "requests", "requests_cache", "tcia_utils"):
+        try:
+            __import__(module)
+        except ImportError:
+            problems.append(f"python module {module} is missing: python3 -m pip install -r requirements-dev.txt")
+    return problems
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = parse_args(argv)
+    problems = preflight()
+    if "tcia" not in a.only and "big" not in a.only:
+        problems = [p for p in problems if "tcia_utils" not in p]
+    if problems:
+        for p in problems:
+            print(f"bench: {p}", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="tcia-bench-", dir=a.workdir))
+    log(f"work folder {workdir}; downloader {a.downloader}")
+    b = Bench(a, workdir)
+    res: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        if set(a.only) & {"ours", "tcia", "serial", "limits", "profile"}:
+            main_collection(b, res)
+        if "big" in a.only:
+            big_series(b, res)
+        if "scale" in a.only:
+            scale(b, res)
+        if "sweep" in a.only:
+            sweep(b, res)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        b.failures.append(f"the benchmark itself failed: {exc!r}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    lines = report(b, res)
+    lines.insert(3, f"benchmark: {' '.join(sys.argv[1:]) or '(defaults)'}; took {(time.monotonic() - started) / 60:.1f} min")
+    text = "\n".join(lines)
+    print(text)
+    if a.results:
+        a.results.write_text(text + "\n")
+    if a.keep:
+        (workdir / "report.txt").write_text(text + "\n")
+        log(f"kept everything in {workdir}")
+    failed = [t for ok, t in res.get("targets", []) if ok is False]
+    return 1 if b.failures or (a.strict and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,9 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -173,16 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         stats.update(warm(fake, max(1, mine.warm_procs)))
     if mine.stats:
         mine.stats.write_text(json.dumps(stats))
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    fake.start(port=args.port, host=args.host)
-    print(f"READY {fake.url}", flush=True)
-    try:
-        while not done.wait(0.5):
-            pass
-    finally:
-        fake.stop()
+    fake_nbia.serve_until_signalled(fake, args.host, args.port)
     return 0
 
 

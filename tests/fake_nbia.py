@@ -1720,17 +1720,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fake_nbia: {exc}", file=sys.stderr)
         return 2
+    serve_until_signalled(fake, args.host, args.port)
+    return 0
+
+
+def serve_until_signalled(fake: FakeNbia, host: str, port: int) -> None:
+    """Listen, print the READY line, serve until SIGTERM or SIGINT (programs, not tests)."""
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    fake.start(port=args.port, host=args.host)
+    fake.start(port=port, host=host)
     print(f"READY {fake.url}", flush=True)
     try:
         while not done.wait(0.5):
             pass
     finally:
         fake.stop()
-    return 0
 
 
 if __name__ == "__main__":

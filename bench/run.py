@@ -692,8 +692,8 @@ def main_collection(b: Bench, res: dict) -> None:
             if "ours" in checks:
                 r = b.run_ours(f"ours{tag}", fake, keep_dir=ref_tar is None and "limits" in checks)
                 runs["ours"].append(r)
-                log(f"ours {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, "
-                    f"other load {100 * r.other_load:.0f}% ({r.info.get('verified', 'not verified')})")
+                log(f"ours {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, other load / "
+                    f"CPU speed {disturbance([r])} ({r.info.get('verified', 'not verified')})")
                 if ref_tar is None and "limits" in checks and r.rc == 0:
                     ref_tar = make_ref_tar(b, r.info["archive"])
                     b.cleanup(r.info["dir"])
@@ -701,12 +701,13 @@ def main_collection(b: Bench, res: dict) -> None:
                 r = b.run_tcia(f"tcia_utils{tag}", fake)
                 runs["tcia"].append(r)
                 log(f"tcia_utils {tag}: {r.wall:.1f} s (download {r.info.get('download_s', '?')} s, "
-                    f"tar|xz {r.info.get('archive_s', '?')} s), RSS {r.rss / MB:.0f} MB, "
-                    f"other load {100 * r.other_load:.0f}%")
+                    f"tar|xz {r.info.get('archive_s', '?')} s), CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, "
+                    f"other load / CPU speed {disturbance([r])}")
             if "serial" in checks and (rep == 0 or not a.serial_once):
                 r = b.run_ours(f"ours_workers1{tag}", fake, ["--workers", "1"])
                 runs["serial"].append(r)
-                log(f"ours --workers 1 {tag}: {r.wall:.1f} s, other load {100 * r.other_load:.0f}%")
+                log(f"ours --workers 1 {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, other load / CPU speed "
+                    f"{disturbance([r])}")
             if "limits" in checks:
                 r = measure(f"fetch{tag}", [sys.executable, str(HERE / "fetch_all.py"), "--api-url", fake.url,
                                             "--collection", COLLECTION, "--connections", str(a.fetch_connections)],
@@ -716,7 +717,7 @@ def main_collection(b: Bench, res: dict) -> None:
                 except (ValueError, IndexError):
                     b.fail(f"fetch{tag}: no result\n{tail(r.stderr_path)}")
                 runs["fetch"].append(r)
-                log(f"fetch to /dev/null {tag}: {r.wall:.1f} s")
+                log(f"fetch to /dev/null {tag}: {r.wall:.1f} s, other load / CPU speed {disturbance([r])}")
                 if ref_tar is None:
                     ref_tar = make_ref_tar(b, None, fake)
                 out = b.workdir / "xz-limit.tar.xz"
@@ -726,7 +727,8 @@ def main_collection(b: Bench, res: dict) -> None:
                 r.info["tar_bytes"] = ref_tar.stat().st_size
                 out.unlink(missing_ok=True)
                 runs["xz"].append(r)
-                log(f"xz -T0 -{b.preset} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s")
+                log(f"xz -T0 -{b.preset} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, other load / "
+                    f"CPU speed {disturbance([r])}")
         if "profile" in checks:
             res["profile"] = profile(b, fake)
     finally:
@@ -796,7 +798,7 @@ def big_series(b: Bench, res: dict) -> None:
     log(f"big series ready in {fake.startup:.0f} s: {fake.stats['dicom_bytes'] / MB:,.0f} MB")
     try:
         ours = b.run_ours("big_ours", fake)
-        log(f"big series, ours: {ours.wall:.0f} s, peak RSS {ours.rss / MB:.0f} MB")
+        log(f"big series, ours: {ours.wall:.0f} s, peak RSS {ours.rss / MB:.0f} MB, {disturbance([ours])}")
         tcia = b.run_tcia("big_tcia_utils", fake, archive=False)
         log(f"big series, tcia_utils download: {tcia.wall:.0f} s, peak RSS {tcia.rss / MB:.0f} MB")
     finally:
@@ -878,7 +880,7 @@ def sweep(b: Bench, res: dict) -> None:
                     ref = make_ref_tar(b, r.info["archive"])
                     b.cleanup(r.info["dir"])
                 add_sweep(rows, f"--workers {w}", r)
-                log(f"sweep --workers {w}: {r.wall:.1f} s")
+                log(f"sweep --workers {w}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
             for p in a.sweep_presets:
                 r = b.run_ours(f"sweep_p{p}#{rep + 1}", fake, verify=rep == 0, preset=p)
                 add_sweep(rows, f"--compression-level {p}", r)
@@ -889,7 +891,8 @@ def sweep(b: Bench, res: dict) -> None:
                 x.info["archive_bytes"] = out.stat().st_size if out.exists() else 0
                 out.unlink(missing_ok=True)
                 add_sweep(rows, f"  xz -T0 -{p} of the same tar", x)
-                log(f"sweep preset {p}: ours {r.wall:.1f} s, xz -T0 alone {x.wall:.1f} s")
+                log(f"sweep preset {p}: ours {r.wall:.1f} s ({disturbance([r])}), xz -T0 alone {x.wall:.1f} s "
+                    f"({disturbance([x])})")
             for c in a.sweep_chunks:
                 patched = b.workdir / f"td_chunk_{c}.py"
                 src = a.downloader.read_text()
@@ -900,7 +903,7 @@ def sweep(b: Bench, res: dict) -> None:
                 patched.write_text(new)
                 r = b.run_ours(f"sweep_c{c}#{rep + 1}", fake, verify=rep == 0, downloader=patched)
                 add_sweep(rows, f"read chunk {c // 1024} KiB", r)
-                log(f"sweep chunk {c}: {r.wall:.1f} s")
+                log(f"sweep chunk {c}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
     finally:
         fake.stop()
         if ref is not None and not a.keep:
@@ -1023,8 +1026,10 @@ def report(b: Bench, res: dict) -> list[str]:
         big = res["big"]
         st = res["big_fake"]
         o, t = big["ours"], big["tcia"]
-        lines.append(f"one series of {st['dicom_bytes'] / 1e9:.2f} GB ({st['instances']:,} files): ours {o.wall:.0f} s, "
-                     f"peak RSS {o.rss / MB:.0f} MB, scratch {o.peak_scratch / MB:,.0f} MB; tcia_utils download "
+        lines.append(f"one series of {st['dicom_bytes'] / 1e9:.2f} GB ({st['instances']:,} files): ours {o.wall:.0f} s "
+                     f"({st['dicom_bytes'] / MB / o.wall:.1f} MB/s, CPU {o.cpu:.0f} s: one series is one xz stream, "
+                     f"compressed by one thread), peak RSS {o.rss / MB:.0f} MB, scratch {o.peak_scratch / MB:,.0f} MB, "
+                     f"{disturbance([o])}; tcia_utils download "
                      f"{t.wall:.0f} s, peak RSS {t.rss / MB:,.0f} MB (it holds each zip in memory)")
         label = f"{st['dicom_bytes'] / 1e9:.1f} GB"
         targets.append((o.rss < 500 * MB and o.rc == 0,

@@ -86,12 +86,16 @@ MD5_TABLE = "md5hashes.csv"
 LICENSE_ENTRY = "LICENSE"
 
 
+def usable_cores() -> int:
+    """The cores this job may use: slurm's grant, else the process's CPU affinity."""
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, int(slurm_cpus) if slurm_cpus.isdigit() else len(os.sched_getaffinity(0)))
+
+
 def default_workers() -> int:
     """Series in parallel: one per usable core (lzma and hashing release the GIL) plus
     two so that downloads keep flowing while every core compresses."""
-    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    cores = int(slurm_cpus) if slurm_cpus.isdigit() else len(os.sched_getaffinity(0))
-    return max(2, min(cores + 2, 16))
+    return max(2, min(usable_cores() + 2, 16))
 
 
 # ==========================================================================================
@@ -1449,8 +1453,10 @@ def collection_files(journal: Journal, collection: str,
 
 @dataclass
 class Prepared:
-    """A series made ready in scratch by a worker: an xz stream file or a folder."""
+    """A series made ready in scratch by a worker: an xz stream, which starts at `offset`
+    in its file, or a folder."""
     path: Path
+    offset: int = 0
     tar_bytes: int = 0
 
     def discard(self) -> None:
@@ -1558,10 +1564,12 @@ def tar_padding(size: int) -> bytes:
 
 
 class XzStreamWriter:
-    """One complete xz stream in a file: tar fragments go in, compressed bytes come out."""
+    """One complete xz stream in a file: tar fragments go in, compressed bytes come out.
+    With after_existing, the stream goes after what the file already holds, from `start`."""
 
-    def __init__(self, path: Path, preset: int):
-        self._file = open(path, "wb")
+    def __init__(self, path: Path, preset: int, after_existing: bool = False):
+        self._file = open(path, "r+b" if after_existing else "wb")
+        self.start = self._file.seek(0, os.SEEK_END)
         self._compressor = lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
                                                preset=preset)
         self.tar_bytes = 0
@@ -1589,11 +1597,13 @@ class XzStreamWriter:
 
 
 class XzPacker:
-    """A MemberSink that turns a series into one tar fragment in one xz stream."""
+    """A MemberSink that turns a series into one tar fragment in one xz stream, written
+    after the series' zip in the zip's own scratch file: one file per series in flight
+    (inode quotas), and the zip is read, never rewritten, while the stream grows."""
 
-    def __init__(self, path: Path, preset: int, prefix: str, scratch: Path):
-        self.prepared = Prepared(path)
-        self._writer = XzStreamWriter(path, preset)
+    def __init__(self, zip_path: Path, preset: int, prefix: str, scratch: Path):
+        self._writer = XzStreamWriter(zip_path, preset, after_existing=True)
+        self.prepared = Prepared(zip_path, offset=self._writer.start)
         self._prefix = prefix
         self._scratch = scratch
         self._mtime = int(time.time())
@@ -1695,23 +1705,24 @@ class TarXzTarget(Target):
                 handle.truncate(self.archive_end)
                 os.fsync(handle.fileno())
 
-    def packer(self, series: PlannedSeries) -> "XzPacker":
+    def packer(self, series: PlannedSeries, zip_path: Path) -> "XzPacker":
         """Compresses the series into its own xz stream in scratch (in a worker, in parallel)."""
-        return XzPacker(self.scratch_path(series, ".tar.xz"), self.preset,
-                        f"{series.collection}/{series.path}/", self.scratch)
+        return XzPacker(zip_path, self.preset, f"{series.collection}/{series.path}/",
+                        self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
         """Append the stream, fsync, then journal it: a row never runs ahead of its data."""
         with self.commit_lock:
             self.check_open()
-            new_end = self._append(prepared.path)
+            new_end = self._append(prepared)
             self.journal.record(series, verified, new_end, self.tar_end + prepared.tar_bytes)
             self.archive_end, self.tar_end = new_end, self.tar_end + prepared.tar_bytes
 
-    def _append(self, stream_path: Path) -> int:
+    def _append(self, prepared: Prepared) -> int:
         try:
-            with open(self.part, "r+b") as out, open(stream_path, "rb") as stream:
+            with open(self.part, "r+b") as out, open(prepared.path, "rb") as stream:
                 out.seek(self.archive_end)
+                stream.seek(prepared.offset)
                 shutil.copyfileobj(stream, out, CHUNK_SIZE)
                 out.flush()
                 os.fsync(out.fileno())
@@ -1736,7 +1747,7 @@ class TarXzTarget(Target):
         writer.close()
         with self.commit_lock:
             self.check_open()
-            end = self._append(closing.path)
+            end = self._append(closing)
             self.journal.put("closing_end", str(end))
             os.replace(self.part, self.final)
             fsync_directory(self.output)
@@ -1770,7 +1781,7 @@ class DirectoryTarget(Target):
     def series_folder(self, series: PlannedSeries) -> Path:
         return self.output / series.collection / series.path
 
-    def packer(self, series: PlannedSeries) -> "FolderPacker":
+    def packer(self, series: PlannedSeries, zip_path: Path) -> "FolderPacker":
         return FolderPacker(self.scratch_path(series, ".d"), self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
@@ -2015,6 +2026,7 @@ class RunContext:
     retry: RetryPolicy
     stopping: StopControl
     breaker: "OutageBreaker"
+    packing_slots: threading.Semaphore
     fatal: list[FatalRunError] = field(default_factory=list)
 
 
@@ -2101,10 +2113,12 @@ def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
     packer = None
     try:
         ctx.api.download_zip(endpoint, series.uid, zip_path, count)
-        packer = ctx.target.packer(series)
-        verified = verify_zip(zip_path, series, packer)
-        prepared = packer.finish()
-        zip_path.unlink()                 # scratch holds one zip or one stream per worker
+        # One series packed per core: more would share the cores and thrash their caches;
+        # meanwhile the other workers keep downloading, so the next zip is ready.
+        with ctx.packing_slots:
+            packer = ctx.target.packer(series, zip_path)
+            verified = verify_zip(zip_path, series, packer)
+            prepared = packer.finish()
         for entry, why in verified.dropped:
             log.warning("%s: dropped %s: %s", series.label, entry, why)
         ctx.target.commit(series, verified, prepared)
@@ -2570,7 +2584,8 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
     progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
     ctx = RunContext(api=api, target=target, endpoint=ImageEndpoint(), progress=progress,
                      retry=retry_policy(options), stopping=stopping,
-                     breaker=OutageBreaker(max(5, 2 * options.workers)))
+                     breaker=OutageBreaker(max(5, 2 * options.workers)),
+                     packing_slots=threading.Semaphore(min(usable_cores(), options.workers)))
     outcomes: list[Outcome] = []
     try:
         if todo:

@@ -67,7 +67,7 @@ def main() -> int:
         members[s.uid] = td.Member(entry=name, name=name, size=len(data), md5=hashlib.md5(data).hexdigest())
         writer.add_file(f"{s.collection}/{s.path}/{name}", len(data), mtime, lambda sink, d=data: sink(d))
     writer.close()
-    archive_end = target._append(stream)
+    archive_end = target._append(td.Prepared(stream))
     stream.unlink()
     tar_end = writer.tar_bytes
     for s in planned:

@@ -99,7 +99,7 @@ def test_verify_reports_count_mismatch_truncation_and_missing_table(tmp_path):
 def commit_series(target: td.Target, tmp_path: Path, uid: str, path: str) -> dict[str, bytes]:
     zip_path, files = two_file_series(tmp_path, uid)
     series = planned(uid, path)
-    packer = target.packer(series)
+    packer = target.packer(series, zip_path)
     verified = td.verify_zip(zip_path, series, packer)
     target.commit(series, verified, packer.finish())
     packer.discard()
@@ -110,6 +110,41 @@ def member_md5s(archive: Path) -> dict[str, str]:
     with tarfile.open(archive, "r:xz") as tar:
         return {m.name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
                 for m in tar.getmembers() if m.isfile()}
+
+
+def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
+    """Inode quotas: the series' xz stream grows after its zip, in the zip's own file,
+    and only that stream reaches the archive."""
+    out = tmp_path / "out"
+    out.mkdir()
+    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    series = planned("1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
+    source, files = two_file_series(tmp_path, series.uid)
+    zip_path = target.scratch_path(series, ".zip")
+    shutil.move(source, zip_path)
+    zip_size = zip_path.stat().st_size
+    packer = target.packer(series, zip_path)
+    scratch_seen: list[list[str]] = []
+    add = packer.add
+
+    def add_and_look(name, size, chunks):
+        add(name, size, chunks)
+        scratch_seen.append(sorted(p.name for p in target.scratch.iterdir()))
+
+    packer.add = add_and_look
+    verified = td.verify_zip(zip_path, series, packer)
+    prepared = packer.finish()
+    assert scratch_seen == [[zip_path.name]] * len(files)
+    assert prepared.path == zip_path and prepared.offset == zip_size
+    target.commit(series, verified, prepared)
+    packer.discard()
+    assert list(target.scratch.iterdir()) == []
+    target.finalize()
+    target.close()
+    members = member_md5s(out / "COLL.tar.xz")
+    expected = {f"COLL/{series.path}/{name}": md5(data) for name, data in files.items()}
+    assert {k: v for k, v in members.items() if k in expected} == expected
+    assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/metadata.csv", "COLL/MD5SUMS"}
 
 
 def test_archive_is_standard_and_self_verifying(tmp_path):

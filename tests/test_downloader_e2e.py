@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -119,6 +120,54 @@ def test_a_clean_collection_becomes_one_verified_archive(tmp_path, fake_nbia_fac
     assert f"downloaded and verified now: {n}" in run.log
     # nothing is left in scratch or beside the archive but the journal
     assert sorted(p.name for p in run.output.iterdir()) == ["DEMO.tar.xz", "DEMO.tar.xz.journal"]
+
+
+def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path,
+                                                                         fake_nbia_factory,
+                                                                         monkeypatch):
+    """With one usable core and three workers, a second series never packs beside the
+    first (it would only share the core), yet the other workers' downloads go on."""
+    fake = fake_nbia_factory()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    state = threading.Condition()
+    seen = {"downloaded": 0, "packing": 0, "peak": 0, "downloaded_while_packing": 0}
+    packed_uids: list[str] = []
+    real_download, real_verify = td.TciaApi.download_zip, td.verify_zip
+
+    def download_zip(self, *args, **kwargs):
+        result = real_download(self, *args, **kwargs)
+        with state:
+            seen["downloaded"] += 1
+            seen["downloaded_while_packing"] += seen["packing"] > 0
+            state.notify_all()
+        return result
+
+    def verify_zip(path, series, sink=None):
+        with state:
+            seen["packing"] += 1
+            seen["peak"] = max(seen["peak"], seen["packing"])
+            state.notify_all()
+            if series.uid not in packed_uids:
+                packed_uids.append(series.uid)
+                if len(packed_uids) == 2:      # the first series of the parallel phase
+                    # Hold the core until another worker has its zip: without the limit it
+                    # would start packing now. This wait can only time out when it works.
+                    downloads = seen["downloaded"]
+                    assert state.wait_for(lambda: seen["downloaded"] > downloads, timeout=30)
+                    state.wait_for(lambda: seen["packing"] >= 2, timeout=0.5)
+        try:
+            return real_verify(path, series, sink)
+        finally:
+            with state:
+                seen["packing"] -= 1
+
+    monkeypatch.setattr(td.TciaApi, "download_zip", download_zip)
+    monkeypatch.setattr(td, "verify_zip", verify_zip)
+    run = Run(tmp_path, fake)
+    assert run.code == td.EXIT_OK, run.log
+    assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
+    assert seen["peak"] == 1
+    assert seen["downloaded_while_packing"] >= 1
 
 
 def test_a_finished_archive_is_not_downloaded_again(tmp_path, fake_nbia_factory):

@@ -31,7 +31,7 @@ COLLECTION="${COLLECTION:-Pancreas-CT}"
 OUTPUT_DIR="${OUTPUT_DIR:-$HOME/tcia}"                            # the archive goes here
 TEMP_DIR="${TEMP_DIR:-${SLURM_TMPDIR:-${TMPDIR:-$OUTPUT_DIR}}}"    # node-local scratch if any
 CACHE_DIR="${CACHE_DIR:-$HOME/.cache/tcia_downloader}"             # logs and metadata cache
-WORKERS="${WORKERS:-${SLURM_CPUS_PER_TASK:-}}"                     # empty: the script decides
+WORKERS="${WORKERS:-}"            # empty: 4 per CPU of the job (16 at most), one packing per CPU
 STOP_GRACE="${STOP_GRACE:-240}"
 PYTHON="${PYTHON:-python3}"
 # source "$HOME/venvs/tcia/bin/activate"                           # optional virtual environment

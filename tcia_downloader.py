@@ -2403,7 +2403,7 @@ class SpaceNeed:
 
 def space_needs(todo: list[PlannedSeries], options: Options) -> list[SpaceNeed]:
     """What the rest of the run will put on each filesystem: the archive (or the tree) on
-    --output, one zip and one compressed stream (or folder) per worker on --temp_dir."""
+    --output, one zip and its compressed stream (or a folder) per worker on --temp_dir."""
     if not todo:
         return []
     largest = max(s.file_size for s in todo)
@@ -2412,7 +2412,7 @@ def space_needs(todo: list[PlannedSeries], options: Options) -> list[SpaceNeed]:
         output = SpaceNeed("--output", options.output,
                            int(estimated_archive_bytes(todo, options.compression_level) * 1.05), 4)
         scratch = SpaceNeed("--temp_dir", options.temp_dir, int(parallel * largest * 1.5),
-                            2 * parallel + 1)
+                            parallel + 1)     # one file per worker, in the scratch folder
     else:
         files = sum(s.image_count or 1 for s in todo)
         folders = len({s.path for s in todo}) + len({s.path.rsplit("/", 1)[0] for s in todo})

@@ -385,3 +385,14 @@ def test_update_reports_series_that_vanished_from_the_server(tmp_path, fake_nbia
         in run.log
     assert "nothing new since the last archive" in run.log
     assert archive_members(run.output / "DEMO.tar.xz")          # the archive is untouched
+
+
+@pytest.mark.parametrize("cpus, workers", [("1", 4), ("2", 8), ("3", 12), ("8", 16)])
+def test_workers_default_to_four_per_granted_cpu_and_at_most_16(monkeypatch, tmp_path, cpus,
+                                                                 workers):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", cpus)
+    options = td.parse_options(["--collection", "X", "--output", str(tmp_path)])
+    assert options.workers == workers
+    assert td.usable_cores() == int(cpus)
+    assert td.parse_options(["--collection", "X", "--output", str(tmp_path),
+                             "--workers", "3"]).workers == 3

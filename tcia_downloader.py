@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--output", default=".", metavar="DIR",
                        help="where <name>.tar.xz (or the <Collection>/ folders) go (default: .)")
     where.add_argument("--temp_dir", "--temp-dir", dest="temp_dir", metavar="DIR",
-                       help="scratch for one zip and one compressed stream per worker; "
+                       help="scratch: one file per worker (a zip, then its compressed stream); "
                             "node-local disk on a cluster (default: --output)")
     where.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
                        metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")

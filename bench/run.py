@@ -429,8 +429,8 @@ def downloader_defaults(path: Path) -> dict:
                              timeout=60, env=child_env())
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # a mid-edit downloader: say so, use the documented defaults
-        log(f"could not read the defaults of {path} ({exc}); assuming preset 1 and cores+2 workers")
-        return {"workers": max(2, min(NCPU + 2, 16)), "preset": 1, "stall_timeout": 120.0,
+        log(f"could not read the defaults of {path} ({exc}); assuming preset 1 and 4 workers per core")
+        return {"workers": min(4 * NCPU, 16), "preset": 1, "stall_timeout": 120.0,
                 "chunk": None, "version": "?"}
 
 

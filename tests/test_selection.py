@@ -179,12 +179,20 @@ def test_list_collections_prints_one_name_per_line(fake_nbia_factory, tmp_path, 
 
 # -- later runs ------------------------------------------------------------------------------
 
-def test_update_fetches_only_new_series_into_a_dated_archive(tmp_path, fake_nbia_factory):
-    old = fake_nbia_factory(demo_series=12)
-    assert Run(tmp_path, old).code == td.EXIT_OK
-    new = fake_nbia_factory(demo_series=14)             # two series published since
-    run = Run(tmp_path, new, "--update")
+def archive_then_update(tmp_path: Path, fake_nbia_factory, series_before: int,
+                        series_after: int) -> tuple[Run, object, object]:
+    """A finished archive of one server's DEMO, then --update against another's."""
+    before = fake_nbia_factory(demo_series=series_before)
+    assert Run(tmp_path, before).code == td.EXIT_OK
+    after = fake_nbia_factory(demo_series=series_after)
+    run = Run(tmp_path, after, "--update")
     assert run.code == td.EXIT_OK, run.log
+    return run, before, after
+
+
+def test_update_fetches_only_new_series_into_a_dated_archive(tmp_path, fake_nbia_factory):
+    # two series published since
+    run, old, new = archive_then_update(tmp_path, fake_nbia_factory, 12, 14)
     updates = list(run.output.glob("DEMO.update-*.tar.xz"))
     assert len(updates) == 1
     fresh = set(uids_of(new, "DEMO")) - set(uids_of(old, "DEMO"))
@@ -375,11 +383,8 @@ def test_help_groups_the_flags_and_shows_three_examples():
 
 
 def test_update_reports_series_that_vanished_from_the_server(tmp_path, fake_nbia_factory):
-    before = fake_nbia_factory(demo_series=14)
-    assert Run(tmp_path, before).code == td.EXIT_OK
-    after = fake_nbia_factory(demo_series=12)          # two series withdrawn since
-    run = Run(tmp_path, after, "--update")
-    assert run.code == td.EXIT_OK, run.log
+    # two series withdrawn since
+    run, before, after = archive_then_update(tmp_path, fake_nbia_factory, 14, 12)
     gone = sorted(set(uids_of(before, "DEMO")) - set(uids_of(after, "DEMO")))
     assert f"2 series in the archives are no longer listed by the server (kept): {', '.join(gone)}" \
         in run.log

@@ -120,7 +120,7 @@ def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
     target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     series = planned("1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
     source, files = two_file_series(tmp_path, series.uid)
-    zip_path = target.scratch_path(series, ".zip")
+    zip_path = target.scratch_path(".zip")
     shutil.move(source, zip_path)
     zip_size = zip_path.stat().st_size
     packer = target.packer(series, zip_path)
@@ -189,14 +189,16 @@ def test_a_kill_during_an_append_loses_only_that_append(tmp_path):
     # by a dead process (the lock file stays), stale scratch files.
     with open(out / "COLL.tar.xz.part", "ab") as part:
         part.write(b"\xfd7zXZ\x00 half a stream")
-    (tmp_path / "scratch" / ".tcia_downloader-COLL.tmp" / "stale.zip").write_bytes(b"junk")
+    stale = target.scratch / "stale.zip"
+    stale.write_bytes(b"junk")
     target.journal.close()
     target._lock_file.close()
+    target._scratch_owner.close()       # the dead run's scratch is no longer owned
 
     resumed = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     assert (out / "COLL.tar.xz.part").stat().st_size == committed_size
     assert set(resumed.committed()) == {"1.2.3.20"}
-    assert not (tmp_path / "scratch" / ".tcia_downloader-COLL.tmp" / "stale.zip").exists()
+    assert not stale.exists() and not stale.parent.exists()
     second = commit_series(resumed, tmp_path, "1.2.3.21", "P1/d-S-00020/2-CT-3.21")
     resumed.finalize()
     resumed.close()

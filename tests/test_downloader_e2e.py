@@ -142,7 +142,7 @@ def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path
             state.notify_all()
         return result
 
-    def verify_zip(path, series, sink=None):
+    def verify_zip(path, series, sink=None, stop=None):
         with state:
             seen["packing"] += 1
             seen["peak"] = max(seen["peak"], seen["packing"])
@@ -156,7 +156,7 @@ def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path
                     assert state.wait_for(lambda: seen["downloaded"] > downloads, timeout=30)
                     state.wait_for(lambda: seen["packing"] >= 2, timeout=0.5)
         try:
-            return real_verify(path, series, sink)
+            return real_verify(path, series, sink, stop)
         finally:
             with state:
                 seen["packing"] -= 1
@@ -506,8 +506,19 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
 
 @pytest.mark.parametrize("argv, message", [
     (["--collection", "X", "--mode", "aspera"], "not available in this version"),
-    (["--collection", "X", "--workers", "0"], "--workers must be at least 1"),
-    (["--collection", "X", "--compression-level", "12"], "xz preset from 0 to 9"),
+    (["--collection", "X", "--workers", "0"], "--workers must be a number from 1 to 64"),
+    (["--collection", "X", "--workers", "10000"], "--workers must be a number from 1 to 64"),
+    (["--collection", "X", "--compression-level", "12"],
+     "--compression-level must be a number from 0 to 9"),
+    # numbers that would overflow the backoff or switch a timer off
+    (["--collection", "X", "--stall-timeout", "nan"], "--stall-timeout must be a number"),
+    (["--collection", "X", "--stall-timeout", "inf"], "--stall-timeout must be a number"),
+    (["--collection", "X", "--connect-timeout", "nan"], "--connect-timeout must be a number"),
+    (["--collection", "X", "--cache-expiry", "1e12"], "--cache-expiry must be a number"),
+    (["--collection", "X", "--cache-expiry", "nan"], "--cache-expiry must be a number"),
+    (["--collection", "X", "--summary-interval", "inf"], "--summary-interval must be a"),
+    (["--collection", "X", "--retry-wait", "nan"], "--retry-wait must be a number"),
+    (["--collection", "X", "--retries", "2000"], "--retries must be a number from 1 to 100"),
     (["--collection", "X", "--api-url", "ftp://x"], "is not an http(s) URL"),
     (["--collection", "X", "--password", "p"], "--password was given without --user"),
     ([], "say what to download"),

@@ -8,6 +8,12 @@ with chunked transfer encoding, the three possible treatments of ``IncludeMD5``,
 tokens, and the failures seen on the live service (500s, 429s, resets, stalls, corrupt
 entries, truncated zips, wrong MD5 rows) with deterministic, seedable probabilities.
 
+It can also play a malicious or broken server: ``script_faults`` takes HOSTILE_KINDS (trickled
+or endless bodies, huge LICENSE/md5hashes.csv/DICOM entries, encrypted or AES-method entries,
+an HTTP-date Retry-After, names with terminal escapes); ``FakeConfig.series_rows_hook`` rewrites
+getSeries rows; ``FakeNbia.override_metadata`` makes an endpoint answer fixed bytes; and
+``FakeConfig.metadata_hang`` makes metadata requests hang silently or trickle at 1 byte/s.
+
 Use it from Python::
 
     with FakeNbia(seed=1, faults=Faults(p500=0.2)).start() as fake:
@@ -30,10 +36,12 @@ import argparse
 import collections
 import dataclasses
 import datetime as _dt
+import email.utils
 import hashlib
 import html
 import http.server
 import io
+import itertools
 import json
 import random
 import re
@@ -50,7 +58,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import pydicom
@@ -58,7 +66,8 @@ import pydicom.data
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 
-__all__ = ["Faults", "FakeConfig", "FakeNbia", "Counters", "NASTY_KINDS", "FAULT_KINDS", "main"]
+__all__ = ["Faults", "FakeConfig", "FakeNbia", "Counters", "NASTY_KINDS", "FAULT_KINDS", "HOSTILE_KINDS",
+           "main"]
 
 # ---------------------------------------------------------------------------------------------
 # Constants (immutable)
@@ -69,9 +78,15 @@ TOKEN_PATH = "/nbia-api/oauth/token"
 
 NASTY_KINDS = frozenset({"contaminate", "junk", "hostile_names", "duplicate_series_numbers", "missing_dates"})
 FAULT_KINDS = ("500", "429", "reset", "stall", "corrupt", "truncate", "bad_md5_row")
-# Only by script_faults: a listed series the server refuses, as NBIA does for series the user
-# may not see (and for withdrawn ones).
-SCRIPTED_ONLY_KINDS = ("not_granted",)
+# A malicious or broken server, only by script_faults (see its docstring for what each does).
+HOSTILE_KINDS = ("trickle", "endless", "huge_license", "huge_md5_table", "huge_dicom", "encrypted_entry",
+                 "unsupported_method", "retry_after_date", "control_names")
+# Only by script_faults: "not_granted" is a listed series the server refuses, as NBIA does for
+# series the user may not see (and for withdrawn ones).
+SCRIPTED_ONLY_KINDS = ("not_granted",) + HOSTILE_KINDS
+# Faults whose zip is built in memory so that header bytes can be patched before sending.
+PATCHED_KINDS = frozenset({"encrypted_entry", "unsupported_method"})
+METADATA_HANGS = ("silent", "trickle")
 INCLUDE_MD5_MODES = ("honour", "ignore", "refuse")
 
 # The live service answers a failing request with exactly these 48 bytes.
@@ -149,6 +164,8 @@ GET_PARAMS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType({
 })
 POST_ENDPOINTS = MappingProxyType({"getSeriesMetadata": ("format",), "getMD5Hierarchy": ()})
 IMAGE_ENDPOINTS = frozenset({"getImage", "getImageWithMD5Hash"})
+# metadata_hang spares these: they serve image bytes, not metadata.
+BULK_ENDPOINTS = IMAGE_ENDPOINTS | {"getSingleImage"}
 
 LICENSE_URLS = MappingProxyType({
     "CC BY 3.0": "https://creativecommons.org/licenses/by/3.0/",
@@ -161,6 +178,12 @@ ZIP_DATE = (2024, 1, 2, 3, 4, 6)     # fixed entry timestamps: byte-identical zi
 CHUNK = 32 * 1024                    # HTTP chunk size of streamed zips
 SEND_PIECE = 16 * 1024               # granularity of bandwidth shaping
 CACHE_BYTES = 64 * 1024 * 1024       # bound of the in-memory cache of generated DICOM files
+TRICKLE_FREE = 1024                  # body bytes a "trickle" image fault sends at full speed
+METADATA_TRICKLE_RATE = 1.0          # bytes/s of metadata_hang="trickle"
+ENDLESS_BLOCK = 64 * 1024            # the block an "endless" body repeats
+STREAM_BLOCK = 1 << 20               # piece size of streamed huge entries
+CONTROL_NAME = "\x1b[31mred\x1b[0m\x07bell.dcm"   # "control_names": ANSI escapes and BEL
+ZIP_AES_METHOD = 99                  # WinZip AES: a method number Python's zipfile refuses
 
 # Descriptions the "hostile_names" nastiness puts in the DEMO collection's metadata.
 HOSTILE_SERIES_DESCRIPTIONS = (
@@ -198,6 +221,9 @@ class Faults:
     corrupt: float = 0.0              # one DICOM entry's bytes altered before zipping
     truncate: float = 0.0             # clean end of the HTTP response, no central directory
     bad_md5_row: float = 0.0          # one wrong hash in md5hashes.csv
+    # Parameters of scripted-only kinds (HOSTILE_KINDS):
+    trickle_rate: float = 1.0         # bytes/s of "trickle" after its first TRICKLE_FREE bytes
+    huge_entry_bytes: int = 64 * 1024 * 1024   # size of the huge_license/md5_table/dicom entries
 
 
 @dataclass
@@ -223,6 +249,12 @@ class FakeConfig:
     # Additions beyond the agreed interface (defaults keep the agreed behaviour):
     metadata_headers: str = "spaced"      # getSeriesMetadata column names: "spaced" | "compact"
     verbose: bool = False                 # log each request to stderr
+    # Hostile metadata (defaults: none). The hook gets getSeries' JSON rows (copies, after the
+    # query's filters) and whatever it returns is served as JSON ([] keeps 200 + empty body).
+    series_rows_hook: Callable[[list[dict]], list[Any]] | None = None
+    # "silent": metadata requests get no answer until stop(); "trickle": their real answer at
+    # METADATA_TRICKLE_RATE bytes/s. Image endpoints (BULK_ENDPOINTS) are not affected.
+    metadata_hang: str | None = None
 
 
 def _normalised(cfg: FakeConfig) -> FakeConfig:
@@ -242,6 +274,10 @@ def _normalised(cfg: FakeConfig) -> FakeConfig:
         raise ValueError(f"include_md5 must be one of {INCLUDE_MD5_MODES}")
     if cfg.metadata_headers not in ("spaced", "compact"):
         raise ValueError("metadata_headers must be 'spaced' or 'compact'")
+    if cfg.metadata_hang not in (None, *METADATA_HANGS):
+        raise ValueError(f"metadata_hang must be None or one of {METADATA_HANGS}")
+    if cfg.faults.trickle_rate <= 0 or cfg.faults.huge_entry_bytes < 0:
+        raise ValueError("faults.trickle_rate > 0, faults.huge_entry_bytes >= 0")
     if cfg.instances < 1 or cfg.image_size < 8 or cfg.demo_series < 0 or cfg.demo_patients < 1:
         raise ValueError("instances >= 1, image_size >= 8, demo_series >= 0, demo_patients >= 1")
     return cfg
@@ -303,6 +339,13 @@ def _license_uri(name: str | None) -> str | None:
     if not name:
         return None
     return LICENSE_URLS.get(name, "https://creativecommons.org/licenses/by/4.0/")
+
+
+def _repeated(unit: bytes, total: int) -> Iterator[bytes]:
+    """``total`` bytes of ``unit`` over and over, in ~1 MiB pieces: huge entries never sit in memory."""
+    block = unit * max(1, STREAM_BLOCK // len(unit))
+    for start in range(0, total, len(block)):
+        yield block[:total - start]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -942,6 +985,43 @@ class _ChunkedWire:
             self._buf.clear()
 
 
+class _MemoryWire:
+    """An unseekable in-memory zip sink (no tell(): data descriptors, as on the wire), for the
+    PATCHED_KINDS faults, whose header bytes are altered after zipfile has written them."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+
+def _patch_entry(data: bytearray, name: str, flag_bits: int = 0, method: int | None = None) -> None:
+    """OR ``flag_bits`` into one member's general-purpose flags and/or set its compression
+    method, in its local header and its central directory record alike (in both the method
+    field directly follows the flags), so every reader sees the same lie."""
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        offsets = [zf.getinfo(name).header_offset + 6]        # local header: flags at +6
+        pos = zf.start_dir
+    target = name.encode("utf-8")
+    while data[pos:pos + 4] == b"PK\x01\x02":                 # central records: flags at +8
+        n, m, k = struct.unpack_from("<HHH", data, pos + 28)
+        if data[pos + 46:pos + 46 + n] == target:
+            offsets.append(pos + 8)
+        pos += 46 + n + m + k
+    for at in offsets:
+        struct.pack_into("<H", data, at, struct.unpack_from("<H", data, at)[0] | flag_bits)
+        if method is not None:
+            struct.pack_into("<H", data, at + 2, method)
+
+
 # ---------------------------------------------------------------------------------------------
 # The server
 # ---------------------------------------------------------------------------------------------
@@ -959,6 +1039,7 @@ class FakeNbia:
         self._lock = threading.Lock()
         self._request_no: collections.Counter[str] = collections.Counter()
         self._scripted: dict[str, collections.deque[str]] = {}
+        self._overrides: dict[str, tuple[int, bytes, tuple[tuple[str, str], ...]]] = {}
         self._stop = threading.Event()
         self._total_bucket = _TokenBucket()
         self._connections: set[socket.socket] = set()
@@ -1010,13 +1091,40 @@ class FakeNbia:
 
     # -- test helpers --------------------------------------------------------------------------
     def script_faults(self, series_uid: str, kinds: list[str]) -> None:
-        """The next image requests of this series get these faults in order, then normal service."""
+        """The next image requests of this series get these faults in order, then normal service.
+
+        Besides FAULT_KINDS and "not_granted", the HOSTILE_KINDS of a malicious or broken server
+        (on getImage and getImageWithMD5Hash alike; sizes and rates come from config.faults):
+        trickle = the real zip, its body at trickle_rate bytes/s after the first TRICKLE_FREE
+        bytes; endless = 200, chunked, one 64 KiB random block repeated until the client hangs
+        up or stop() (never a complete download); huge_license = a LICENSE entry (even without
+        one normally) of huge_entry_bytes bytes of a repeated sentence; huge_md5_table =
+        md5hashes.csv (even without one normally) followed by huge_entry_bytes of filler rows;
+        huge_dicom = an extra <name>.dcm: instance 0's bytes padded with zeros to
+        huge_entry_bytes, listed in md5hashes.csv with its true MD5; encrypted_entry = one DICOM
+        entry with the encrypted flag bit (bit 0) set; unsupported_method = one DICOM entry with
+        compression method 99 (AES); retry_after_date = 429 with an HTTP-date Retry-After
+        retry_after seconds ahead; control_names = an extra entry CONTROL_NAME (ANSI escapes,
+        BEL), not listed in md5hashes.csv. Huge entries are streamed, as zip64 entries."""
         bad = [k for k in kinds if k not in FAULT_KINDS + SCRIPTED_ONLY_KINDS]
         if bad:
             raise ValueError(f"unknown fault kinds {bad}; choose from "
                              f"{FAULT_KINDS + SCRIPTED_ONLY_KINDS}")
         with self._lock:
             self._scripted.setdefault(series_uid, collections.deque()).extend(kinds)
+
+    def override_metadata(self, endpoint: str, status: int, body: bytes,
+                          headers: Sequence[tuple[str, str]] = ()) -> None:
+        """From now on ``endpoint`` (a v4 endpoint name) answers exactly this, whatever the request:
+        status, body, these headers, and a Content-Length unless ``headers`` has one. Counted."""
+        if endpoint not in GET_PARAMS and endpoint not in POST_ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}")
+        with self._lock:
+            self._overrides[endpoint] = (int(status), bytes(body), tuple(headers))
+
+    def clear_overrides(self) -> None:
+        with self._lock:
+            self._overrides.clear()
 
     def collections(self) -> list[str]:
         return self._catalogue.collections()
@@ -1057,6 +1165,10 @@ class FakeNbia:
                     kind = name
                     break
         return kind, h
+
+    def _override(self, endpoint: str) -> tuple[int, bytes, tuple[tuple[str, str], ...]] | None:
+        with self._lock:
+            return self._overrides.get(endpoint)
 
     def _md5_of_series(self, s: _Series) -> str:
         return _md5("".join(sorted(self._instance_md5(s, k) for k in range(s.n))).encode())
@@ -1151,6 +1263,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self._conn_bucket = _TokenBucket()
         self._shaped = False
+        self._trickle_rate: float | None = None    # bytes/s of this response's body, if trickled
+        self._trickle_free = 0                     # body bytes still to send at full speed
 
     def _count(self, endpoint: str, status: int) -> None:
         if endpoint:
@@ -1162,15 +1276,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         if ctype and body:
             self.send_header("Content-Type", ctype)
+        headers = list(headers)
         for k, v in headers:
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
+        if not any(k.lower() == "content-length" for k, _ in headers):   # an override may lie
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self._write(body)
 
     def _write(self, data: bytes) -> None:
         """Send bytes, shaped by the per-connection and total bandwidth caps for image responses."""
         if not data:
+            return
+        if self._trickle_rate:
+            self._trickle(data, self._trickle_rate)
             return
         cfg = self.fake.config
         if not self._shaped or (not cfg.conn_bandwidth and not cfg.total_bandwidth):
@@ -1183,6 +1302,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._conn_bucket.take(len(piece), cfg.conn_bandwidth, self.fake._stop)
             self.fake._total_bucket.take(len(piece), cfg.total_bandwidth, self.fake._stop)
             self.wfile.write(piece)
+
+    def _trickle(self, data: bytes, rate: float) -> None:
+        """Send the first _trickle_free bytes at once, the rest at ``rate`` bytes/s in about 20
+        pieces a second. Waiting on the stop event lets stop() end it at once."""
+        free = min(len(data), self._trickle_free)
+        self._trickle_free -= free
+        if free:
+            self.wfile.write(data[:free])
+        step = max(1, int(rate / 20))
+        for i in range(free, len(data), step):
+            if self.fake._stop.wait(step / rate):
+                raise ConnectionAbortedError("server stopping")
+            self.wfile.write(data[i:i + step])
 
     def _read_form(self) -> dict[str, list[str]]:
         length = int(self.headers.get("Content-Length") or 0)
@@ -1199,6 +1331,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._shaped = False
         self._responded = False
+        self._trickle_rate, self._trickle_free = None, 0
         parsed = urllib.parse.urlsplit(self.path)
         path = parsed.path
         query = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
@@ -1234,8 +1367,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _v4(self, method: str, name: str, query: list[tuple[str, str]], form: dict[str, list[str]]) -> None:
         cfg = self.fake.config
+        if cfg.metadata_hang and name not in BULK_ENDPOINTS:
+            if cfg.metadata_hang == "silent":
+                self.fake._stop.wait()                        # request read, never an answer
+                self.close_connection = True
+                return
+            self._trickle_rate = METADATA_TRICKLE_RATE        # the real answer, byte by byte
         if name not in GET_PARAMS and name not in POST_ENDPOINTS:
             self._reply(name, 404, b"Not Found", "text/plain")
+            return
+        override = self.fake._override(name)
+        if override is not None:
+            status, body, headers = override
+            self._reply(name, status, body, None, headers)
             return
         if not self._auth_ok():
             self._reply(name, 401)                            # the live service: empty body
@@ -1310,6 +1454,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         filters = [(k, v) for k, v in q.items() if k not in ("format", "Collection")]
         rows = [s.record for s in self._series_of(q.get("Collection"))
                 if all(str(s.record.get(k)) == v for k, v in filters)]
+        hook = self.fake.config.series_rows_hook
+        if hook is not None and (q.get("format") or "json").lower() == "json":
+            served = hook([dict(r) for r in rows])            # copies: the hook may mutate them
+            if isinstance(served, list) and not served:
+                self._reply("getSeries", 200)                 # empty result: 200, empty body
+            else:
+                self._reply("getSeries", 200, json.dumps(served, ensure_ascii=False).encode(),
+                            "application/json")
+            return
         self._rows("getSeries", rows, SERIES_COLUMNS, q.get("format"))
 
     def _ep_getUpdatedSeries(self, q: dict[str, str], form: dict) -> None:
@@ -1458,9 +1611,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "500":
             self._reply(endpoint, 500, BODY_500, "text/plain")
             return
-        if fault == "429":
+        if fault in ("429", "retry_after_date"):
             ra = cfg.faults.retry_after
             ra_text = str(int(ra)) if float(ra).is_integer() else f"{ra:g}"
+            if fault == "retry_after_date":                    # the other form RFC 9110 allows
+                ra_text = email.utils.formatdate(time.time() + ra, usegmt=True)
             self._reply(endpoint, 429, b"", None, [("Retry-After", ra_text)])
             return
 
@@ -1470,6 +1625,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Disposition", f'attachment; filename="{s.uid}.zip"')
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if fault == "endless":
+            self._endless(h)
+        if fault == "trickle":
+            self._trickle_rate, self._trickle_free = cfg.faults.trickle_rate, TRICKLE_FREE
 
         wire = _ChunkedWire(self._write)
         if fault in ("reset", "stall"):
@@ -1477,7 +1636,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             wire.cut = 1 + int((0.2 + 0.5 * h[8] / 255) * max(estimate, 2))
             wire.cut_kind = fault
         try:
-            self._write_zip(wire, s, fault, h, license=license, new_names=new_names, md5=md5)
+            if fault in PATCHED_KINDS:
+                self._write_patched_zip(wire, s, fault, h, license=license, new_names=new_names, md5=md5)
+            else:
+                self._write_zip(wire, s, fault, h, license=license, new_names=new_names, md5=md5)
         except _Abort as abort:
             self._break_off(abort.kind, cfg.faults.stall_seconds)
             raise
@@ -1491,7 +1653,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             fake.counters.add_complete(s.uid, -1)
             raise
 
-    def _write_zip(self, wire: _ChunkedWire, s: _Series, fault: str | None, h: bytes, *,
+    def _endless(self, h: bytes) -> NoReturn:
+        """An "endless" body: one random-looking block as chunk after chunk. It ends only by the
+        client hanging up or stop(), both raising, so it is never counted as complete."""
+        block = random.Random(h).randbytes(ENDLESS_BLOCK)
+        chunk = b"%x\r\n" % len(block) + block + b"\r\n"
+        while not self.fake._stop.is_set():
+            self._write(chunk)
+        raise ConnectionAbortedError("server stopping")
+
+    def _write_patched_zip(self, wire: _ChunkedWire, s: _Series, fault: str, h: bytes, *,
+                           license: bool, new_names: bool, md5: bool) -> None:
+        """PATCHED_KINDS: the zip is built in memory (test series are small), then one DICOM
+        entry is marked encrypted or given method 99, and the result goes out as usual."""
+        mem = _MemoryWire()
+        self._write_zip(mem, s, fault, h, license=license, new_names=new_names, md5=md5)
+        k = h[9] % s.n
+        name = s.new_file_name(k) if new_names else s.old_file_name(k)
+        if fault == "encrypted_entry":
+            _patch_entry(mem.data, name, flag_bits=0x1)
+        else:
+            _patch_entry(mem.data, name, method=ZIP_AES_METHOD)
+        wire.write(bytes(mem.data))
+        wire.drain()
+
+    def _write_zip(self, wire: _ChunkedWire | _MemoryWire, s: _Series, fault: str | None, h: bytes, *,
                    license: bool, new_names: bool, md5: bool) -> None:
         fake, cfg = self.fake, self.fake.config
         nasty = cfg.nasty if s.demo else frozenset()
@@ -1503,10 +1689,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Fixed timestamps keep zips byte-identical across runs.
             zf.writestr(zipfile.ZipInfo(name, ZIP_DATE), data, compress_type=method, compresslevel=level)
 
+        def put_stream(zf: zipfile.ZipFile, name: str, pieces: Iterable[bytes]) -> str:
+            """A huge entry written piece by piece (zip64: its size is not known up front);
+            returns its MD5, computed on the way."""
+            info = zipfile.ZipInfo(name, ZIP_DATE)
+            info.compress_type, info._compresslevel = method, level   # what writestr would set
+            digest = hashlib.md5()
+            with zf.open(info, "w", force_zip64=True) as f:
+                for piece in pieces:
+                    digest.update(piece)
+                    f.write(piece)
+            return digest.hexdigest()
+
+        def name_of(k: int) -> str:
+            return s.new_file_name(k) if new_names else s.old_file_name(k)
+
+        huge = cfg.faults.huge_entry_bytes
         rows: list[tuple[str, str]] = []
         corrupt_k = h[9] % s.n if fault == "corrupt" else -1
         with zipfile.ZipFile(wire, "w", compression=method) as zf:
-            if license:
+            if fault == "huge_license":
+                put_stream(zf, "LICENSE", _repeated(self._license_text(s).encode(), huge))
+            elif license:
                 put(zf, "LICENSE", self._license_text(s))
             for k in range(s.n):
                 name = s.new_file_name(k) if new_names else s.old_file_name(k)
@@ -1519,6 +1723,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         data[i] ^= 0x5A
                     data = bytes(data)
                 put(zf, name, data)
+            if fault == "huge_dicom":                          # a real header, then zeros
+                name = name_of(s.n + 1)
+                head = fake._instance(s, 0)
+                rows.append((name, put_stream(zf, name, itertools.chain(
+                    [head], _repeated(b"\0", huge - len(head))))))
+            if fault == "control_names":
+                put(zf, CONTROL_NAME, fake._instance(s, 0))   # not in md5hashes.csv
             if "junk" in nasty:
                 junk_name, junk = self._junk(s)
                 put(zf, junk_name, junk)
@@ -1528,14 +1739,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if other is not None:
                     name = s.new_file_name(s.n) if new_names else s.old_file_name(s.n)
                     put(zf, name, fake._instance(other, 0))   # not in md5hashes.csv
-            if md5:
+            if md5 or fault == "huge_md5_table":
                 order = list(rows)
                 random.Random(h).shuffle(order)                # arbitrary row order, like a HashMap
                 if fault == "bad_md5_row" and order:
                     i = h[10] % len(order)
                     order[i] = (order[i][0], _md5(order[i][1].encode()))
                 csv = "Filename,MD5Hash\n" + "".join(f"{n},{m}\n" for n, m in order)
-                put(zf, "md5hashes.csv", csv)
+                if fault == "huge_md5_table":                  # whole filler rows, >= huge bytes
+                    filler = f"x.dcm,{_digest('filler', s.uid).hex()[:32]}\n".encode()
+                    total = -(-huge // len(filler)) * len(filler)
+                    put_stream(zf, "md5hashes.csv", itertools.chain([csv.encode()], _repeated(filler, total)))
+                else:
+                    put(zf, "md5hashes.csv", csv)
             if fault in ("reset", "stall"):
                 wire.trip()                                    # never let these zips complete
             if fault == "truncate":
@@ -1633,7 +1849,9 @@ def _parser() -> argparse.ArgumentParser:
                "studies of one patient with the same date, description, StudyID and last 5 "
                "characters of StudyInstanceUID; missing_dates = extra series without SeriesDate, "
                "in a study without StudyDate. "
-               "Test hooks: GET /_fake/counters (JSON), POST /_fake/expire_tokens.")
+               "Test hooks: GET /_fake/counters (JSON), POST /_fake/expire_tokens. "
+               "From Python only: hostile image faults by script_faults (" + ", ".join(HOSTILE_KINDS) +
+               "), FakeConfig.series_rows_hook, FakeNbia.override_metadata.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
     g = p.add_argument_group("data")
@@ -1656,6 +1874,8 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("behaviour")
     g.add_argument("--include-md5", choices=INCLUDE_MD5_MODES, default=d.include_md5,
                    help="getImage IncludeMD5=Yes: honour, ignore (default) or refuse with 400")
+    g.add_argument("--metadata-hang", choices=METADATA_HANGS, default=argparse.SUPPRESS,
+                   help="metadata requests: 'silent' = never answered, 'trickle' = 1 byte/s (default: neither)")
     g.add_argument("--require-token", action="store_true",
                    help="a private server: 401 without a valid Bearer token")
     g.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD",
@@ -1710,7 +1930,8 @@ def config_from_args(args: argparse.Namespace) -> FakeConfig:
                       corrupt=args.fault_corrupt, truncate=args.fault_truncate,
                       bad_md5_row=args.fault_bad_md5_row),
         first_byte_delay=args.first_byte_delay, conn_bandwidth=getattr(args, "conn_bandwidth", None),
-        total_bandwidth=getattr(args, "total_bandwidth", None), metadata_headers=args.metadata_headers, verbose=args.verbose)
+        total_bandwidth=getattr(args, "total_bandwidth", None), metadata_headers=args.metadata_headers, verbose=args.verbose,
+        metadata_hang=getattr(args, "metadata_hang", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import email.utils
 import errno
 import hashlib
 import io
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -986,3 +988,225 @@ def test_custom_data_dir(tmp_path):
     (tmp_path / "X.series.json").write_text(json.dumps([{**rec, "Collection": "X-Coll"}]))
     fake = FakeNbia(data_dir=tmp_path, demo_series=0)
     assert fake.collections() == ["X-Coll"] and fake.series("X-Coll")[0]["SeriesInstanceUID"] == rec["SeriesInstanceUID"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile server: metadata hooks, overrides, hangs and the HOSTILE_KINDS image faults
+# ---------------------------------------------------------------------------------------------
+
+HUGE = 2 * 1024 * 1024
+# Both image endpoints, each asked for md5hashes.csv.
+MD5_ENDPOINTS = [("getImage", {"IncludeMD5": "Yes"}), ("getImageWithMD5Hash", {})]
+
+
+@pytest.fixture
+def hostile(fake_nbia_factory):
+    return fake_nbia_factory(real_collections=False, demo_series=2, include_md5="honour",
+                             faults=Faults(huge_entry_bytes=HUGE))
+
+
+def hostile_zip(fake: FakeNbia, kind: str, endpoint: str, params: dict) -> tuple[zipfile.ZipFile, bytes, str]:
+    uid = demo_uids(fake)[0]
+    fake.script_faults(uid, [kind])
+    resp = get(fake, endpoint, {"SeriesInstanceUID": uid, **params})
+    return zip_of(resp), resp.content, uid
+
+
+def test_series_rows_hook_serves_whatever_it_returns(fake_nbia_factory):
+    def hook(rows):
+        rows[0]["SeriesInstanceUID"] = "../../x"
+        return rows + [rows[0], "not a dict", {}, 7]
+    fake = fake_nbia_factory(real_collections=False, demo_series=4, series_rows_hook=hook)
+    served = get(fake, "getSeries", {"Collection": "DEMO"}).json()
+    clean = fake.series("DEMO")                                                 # the hook got copies
+    assert served == [{**clean[0], "SeriesInstanceUID": "../../x"}, *clean[1:],
+                      {**clean[0], "SeriesInstanceUID": "../../x"}, "not a dict", {}, 7]
+    assert get(fake, "getImage", {"SeriesInstanceUID": "../../x"}).status_code == 400
+    assert get(fake, "getSeries", {"Collection": "DEMO", "format": "csv"}).text.count("\n") == 5   # json only
+    fake.config.series_rows_hook = lambda rows: {"rows": len(rows)}
+    assert get(fake, "getSeries", {"Collection": "DEMO", "Modality": "PT"}).json() == {"rows": 1}
+    fake.config.series_rows_hook = lambda rows: []
+    r = get(fake, "getSeries")
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_override_metadata_answers_exactly_that(hostile):
+    hostile.override_metadata("getCollectionValues", 503, b"<html>busy</html>",
+                              [("Content-Type", "text/html"), ("X-Odd", "1")])
+    raw = raw_get(hostile, "getCollectionValues", {"bogus": "param"})
+    assert (raw.status, raw.body, raw.header("X-Odd"), raw.header("Content-Type")) == (
+        503, b"<html>busy</html>", "1", "text/html")
+    hostile.override_metadata("getSeries", 200, b"", [("Content-Length", "0")])
+    raw = raw_get(hostile, "getSeries")
+    assert raw.status == 200 and [k for k, _ in raw.headers].count("Content-Length") == 1
+    assert hostile.counters.requests("getCollectionValues", 503) == 1
+    hostile.clear_overrides()
+    assert get(hostile, "getCollectionValues").json() == [{"Collection": "DEMO"}]
+    with pytest.raises(ValueError):
+        hostile.override_metadata("getNothing", 200, b"")
+
+
+def test_metadata_hang_silent_until_stop(fake_nbia_factory):
+    fake = fake_nbia_factory(real_collections=False, demo_series=1, metadata_hang="silent")
+    uid = fake._catalogue.all_series()[0].uid
+    assert get(fake, "getImage", {"SeriesInstanceUID": uid}).status_code == 200   # images unaffected
+    with connect(fake, timeout=0.5) as s:
+        s.sendall(request_bytes(v4_path("getSeries")))
+        got, exc = read_until_error(s)
+        assert isinstance(exc, socket.timeout) and got == b""
+        t0 = time.monotonic()
+        fake.stop()
+        s.settimeout(5)
+        got, _ = read_until_error(s)
+        assert got == b"" and time.monotonic() - t0 < 3
+
+
+def test_metadata_hang_trickle_one_byte_per_second(fake_nbia_factory):
+    fake = fake_nbia_factory(real_collections=False, demo_series=1, metadata_hang="trickle")
+    body = json.dumps([{"Collection": "DEMO"}]).encode()
+    with connect(fake) as s, s.makefile("rb") as f:
+        s.sendall(request_bytes(v4_path("getCollectionValues")))
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        headers = []
+        while (line := f.readline()) != b"\r\n":
+            headers.append(line.decode().strip())
+        assert f"Content-Length: {len(body)}" in headers
+        t0 = time.monotonic()
+        assert f.read(2) == body[:2]
+        assert 1.5 < time.monotonic() - t0 < 3.5
+        t0 = time.monotonic()
+        fake.stop()
+        s.settimeout(5)
+        assert len(f.read()) < len(body) - 2 and time.monotonic() - t0 < 3
+
+
+def test_fault_trickle_respects_the_rate(fake_nbia_factory):
+    fake = fake_nbia_factory(real_collections=False, demo_series=1, instances=1, image_size=32,
+                             zip_deflate=False, faults=Faults(trickle_rate=4000))
+    uid = demo_uids(fake)[0]
+    fake.script_faults(uid, ["trickle"])
+    t0 = time.monotonic()
+    raw = raw_get(fake, "getImageWithMD5Hash", {"SeriesInstanceUID": uid})
+    elapsed = time.monotonic() - t0
+    wire = sum(len(b"%x\r\n\r\n" % len(c)) + len(c) for c in raw.chunks) + len(b"0\r\n\r\n")
+    expected = (wire - fake_nbia.TRICKLE_FREE) / 4000
+    assert expected > 0.3 and 0.8 * expected < elapsed < 1.5 * expected + 0.3, (wire, elapsed)
+    assert raw.terminated and zipfile.ZipFile(io.BytesIO(raw.body)).testzip() is None
+    assert fake.counters.complete_downloads(uid) == 1
+
+
+def test_fault_endless_until_hang_up_or_stop(hostile):
+    uid = demo_uids(hostile)[0]
+    for stop in (False, True):
+        hostile.script_faults(uid, ["endless"])
+        with connect(hostile) as s, s.makefile("rb") as f:
+            s.sendall(request_bytes(v4_path("getImage", {"SeriesInstanceUID": uid})))
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            while f.readline() != b"\r\n":
+                pass
+            blocks = []
+            for _ in range(20):                                                # 1.25 MiB
+                size = int(f.readline(), 16)
+                blocks.append(f.read(size))
+                assert f.read(2) == b"\r\n"
+            assert size == 64 * 1024 and len(set(blocks)) == 1 and len(set(blocks[0])) > 200
+            if stop:
+                t0 = time.monotonic()
+                hostile.stop()
+                s.settimeout(5)
+                read_until_error(s)
+                assert time.monotonic() - t0 < 3
+        assert hostile.counters.complete_downloads(uid) == 0
+        if not stop:
+            deadline = time.monotonic() + 5
+            while hostile.counters.requests("getImage", 200) < 1:               # then normal service
+                assert time.monotonic() < deadline
+            assert zip_of(get(hostile, "getImage", {"SeriesInstanceUID": uid})).testzip() is None
+            assert hostile.counters.complete_downloads(uid) == 1
+            hostile.counters.reset()
+
+
+@pytest.mark.parametrize("endpoint,params", MD5_ENDPOINTS)
+def test_fault_huge_license(hostile, endpoint, params):
+    z, body, _ = hostile_zip(hostile, "huge_license", endpoint, params)
+    info = z.getinfo("LICENSE")
+    assert info.file_size == HUGE and info.compress_size < HUGE // 20               # a deflate bomb
+    assert z.read("LICENSE").startswith(b"License Information. The DEMO collection")
+    assert all(md5(z.read(n)) == h for n, h in md5_rows(z))                      # the rest is normal
+
+
+@pytest.mark.parametrize("endpoint,params", MD5_ENDPOINTS)
+def test_fault_huge_md5_table(hostile, endpoint, params):
+    z, _, uid = hostile_zip(hostile, "huge_md5_table", endpoint, params)
+    info = z.getinfo("md5hashes.csv")
+    assert HUGE <= info.file_size < HUGE + 1000 and info.compress_size < HUGE // 20
+    rows = md5_rows(z)
+    real = {n: h for n, h in rows if n != "x.dcm"}
+    assert real == {n: h for n, h in ((name, md5(z.read(name))) for name in z.namelist()) if n in real}
+    assert len(real) == len(hostile.instances(uid)) and len(rows) > HUGE // 40
+    assert rows[:len(real)] == [r for r in rows if r[0] != "x.dcm"]             # the table, then filler
+    assert all(re.fullmatch(r"[0-9a-f]{32}", h) for _, h in rows[-3:])
+
+
+@pytest.mark.parametrize("endpoint,params", MD5_ENDPOINTS)
+def test_fault_huge_dicom_listed_with_its_true_md5(hostile, endpoint, params):
+    z, _, uid = hostile_zip(hostile, "huge_dicom", endpoint, params)
+    rows = dict(md5_rows(z))
+    (big,) = [i for i in z.infolist() if i.file_size == HUGE]
+    assert big.filename.endswith(".dcm") and rows[big.filename] == md5(z.read(big.filename))
+    assert all(md5(z.read(n)) == h for n, h in rows.items())
+    ds = pydicom.dcmread(z.open(big.filename), stop_before_pixels=True)
+    assert ds.SeriesInstanceUID == uid
+
+
+@pytest.mark.parametrize("endpoint,params", MD5_ENDPOINTS)
+@pytest.mark.parametrize("kind,error", [("encrypted_entry", RuntimeError), ("unsupported_method", NotImplementedError)])
+def test_fault_unreadable_entry(hostile, endpoint, params, kind, error):
+    z, body, _ = hostile_zip(hostile, kind, endpoint, params)
+    bad = []
+    for info in z.infolist():
+        local_flags, local_method = struct.unpack_from("<HH", body, info.header_offset + 6)
+        assert (local_flags, local_method) == (info.flag_bits, info.compress_type)   # both headers agree
+        try:
+            z.read(info.filename)
+        except error:
+            bad.append(info)
+    assert len(bad) == 1 and bad[0].filename.endswith(".dcm")
+    if kind == "encrypted_entry":
+        assert bad[0].flag_bits & 1 and bad[0].compress_type == zipfile.ZIP_DEFLATED
+    else:
+        assert bad[0].compress_type == 99 and not bad[0].flag_bits & 1
+    assert {n for n, _ in md5_rows(z)} == {i.filename for i in z.infolist()} - {"LICENSE", "md5hashes.csv"}
+
+
+@pytest.mark.parametrize("endpoint", ["getImage", "getImageWithMD5Hash"])
+def test_fault_retry_after_as_http_date(hostile, endpoint):
+    hostile.config.faults.retry_after = 30
+    uid = demo_uids(hostile)[0]
+    hostile.script_faults(uid, ["retry_after_date"])
+    raw = raw_get(hostile, endpoint, {"SeriesInstanceUID": uid})
+    when = email.utils.parsedate_to_datetime(raw.header("Retry-After"))
+    assert raw.status == 429 and raw.header("Retry-After").endswith(" GMT")
+    assert 25 < when.timestamp() - time.time() < 35
+    assert get(hostile, endpoint, {"SeriesInstanceUID": uid}).status_code == 200
+
+
+@pytest.mark.parametrize("endpoint,params", MD5_ENDPOINTS)
+def test_fault_control_names(hostile, endpoint, params):
+    z, _, uid = hostile_zip(hostile, "control_names", endpoint, params)
+    assert fake_nbia.CONTROL_NAME in z.namelist() and "\x1b" in fake_nbia.CONTROL_NAME
+    rows = dict(md5_rows(z))
+    assert fake_nbia.CONTROL_NAME not in rows
+    assert sorted(rows.values()) == sorted(md5(b) for _, b in hostile.instances(uid))
+
+
+def test_hostile_settings_validation_and_cli():
+    assert set(fake_nbia.HOSTILE_KINDS) <= set(fake_nbia.SCRIPTED_ONLY_KINDS)
+    with pytest.raises(ValueError):
+        FakeNbia(demo_series=1, real_collections=False, metadata_hang="sometimes")
+    with pytest.raises(ValueError):
+        FakeNbia(demo_series=1, real_collections=False, faults=Faults(trickle_rate=0))
+    args = fake_nbia._parser().parse_args(["--metadata-hang", "silent"])
+    assert fake_nbia.config_from_args(args).metadata_hang == "silent"
+    assert fake_nbia.config_from_args(fake_nbia._parser().parse_args([])).metadata_hang is None
+    assert "huge_dicom" in fake_nbia._parser().format_help()

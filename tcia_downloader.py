@@ -179,8 +179,22 @@ exit codes: 0 complete and verified; 1 some series failed (rerun to resume);
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (not the 20 lines of usage), with the close flag
+    when one was misspelled."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown[1].split("=")[0]
+            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
+            message = f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else
+                                               "; --help lists the flags")
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tcia_downloader.py",
         description="Download TCIA series from NBIA v4 into one verified, resumable .tar.xz "
                     "(or a folder tree).",
@@ -1598,6 +1612,11 @@ def read_journal(path: Path) -> tuple[dict[str, str], bool]:
     if not path.exists():
         return {}, False
     try:
+        if Path(f"{path}-journal").exists():
+            # A kill mid-commit left a hot journal: a read-only connection cannot roll it
+            # back (SQLITE_READONLY_ROLLBACK), a read-write one does so on its first read.
+            with contextlib.closing(sqlite3.connect(str(path))) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             tables = {name for (name,) in db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
@@ -1999,6 +2018,20 @@ def journal_path(output: Path, name: str, compression: bool) -> Path:
     return output / (f"{name}.tar.xz.journal" if compression else f"{name}.journal")
 
 
+def lock_path(output: Path, name: str, compression: bool) -> Path:
+    return output / (f"{name}.tar.xz.lock" if compression else f"{name}.lock")
+
+
+def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
+    """A run killed after its output was finished leaves its lock file and its scratch;
+    the run that finds the output finished removes them, unless a run still uses them."""
+    path = lock_path(options.output, plan.name, options.compression)
+    if path.exists():
+        with contextlib.suppress(FatalRunError):
+            release_lock(path, acquire_lock(path, plan.name))
+    sweep_abandoned_scratch(options.temp_dir, plan.name)
+
+
 def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -2229,7 +2262,7 @@ class TarXzTarget(Target):
                  file_suffix: str = ""):
         super().__init__(name, output, temp_dir, output / f"{name}.tar.xz",
                          journal_path(output, name, compression=True),
-                         output / f"{name}.tar.xz.lock", file_suffix)
+                         lock_path(output, name, compression=True), file_suffix)
         self.part = output / f"{name}.tar.xz.part"
         self.preset = preset
         self.archive_end = self.tar_end = 0
@@ -2385,7 +2418,7 @@ class DirectoryTarget(Target):
         # another shard may be moving one in right now.
         super().__init__(name, output, temp_dir, output,
                          journal_path(output, name, compression=False),
-                         output / f"{name}.lock", file_suffix)
+                         lock_path(output, name, compression=False), file_suffix)
         self.audit()
 
     def audit(self, full: bool = True) -> list[str]:
@@ -2438,9 +2471,12 @@ def move_folder(folder: Path, destination: Path) -> None:
     """Put a finished series folder in place so that it appears whole or not at all."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     incoming = destination.parent / f".{destination.name}.incoming"
+    stale = destination.parent / f".{destination.name}.stale"
     shutil.rmtree(incoming, ignore_errors=True)
-    if destination.exists():            # moved by a run killed before its journal row
-        shutil.rmtree(destination)
+    if destination.exists():            # moved by a run killed before its journal row:
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(destination, stale)   # hidden at once, so a kill never shows half of it
+    shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(folder, incoming)
     except OSError as exc:
@@ -3241,6 +3277,8 @@ def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
         log.info("%s", line)
     if finished:
         log.info("%s is finished; nothing to do", plan.name)
+        if not options.dry_run:
+            tidy_after_a_late_kill(options, plan)
         if todo:
             log.warning("%d series were published after it was finished; --update fetches "
                         "them into an update archive", len(todo))

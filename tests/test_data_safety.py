@@ -372,3 +372,77 @@ def test_a_stop_cuts_a_transfer_blocked_in_a_read_at_once():
     watchdog.close()
     for s in (client, peer, server):
         s.close()
+
+
+# -- what a kill leaves behind (found by the kill -9 campaign) ----------------------------------
+
+HOT_JOURNAL = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import tcia_downloader as td
+journal = td.Journal(td.Path(sys.argv[2]))
+journal._db.execute("PRAGMA cache_size=1")      # spill pages into the file before COMMIT
+journal._db.execute("BEGIN IMMEDIATE")
+for n in range(2000):
+    journal._db.execute("INSERT INTO requested VALUES (?)", (f"1.2.{n}" * 8,))
+os._exit(9)                                      # as kill -9 between the writes and COMMIT
+"""
+
+
+def test_a_journal_killed_mid_commit_is_read_not_refused(tmp_path):
+    """0.3 opened it read-only, which cannot roll back the hot journal: every rerun
+    exited 2 ('attempt to write a readonly database') and the run could not resume."""
+    path = tmp_path / "COLL.tar.xz.journal"
+    journal = td.Journal(path)
+    journal.put("finished", "no")
+    journal.close()
+    subprocess.run([td.sys.executable, "-c", HOT_JOURNAL, str(Path(td.__file__).parent),
+                    str(path)], check=False)
+    assert Path(f"{path}-journal").exists()          # the kill left a hot journal
+    assert td.read_journal(path) == ({}, False)
+
+
+def test_a_stale_series_folder_is_hidden_before_it_is_deleted(tmp_path, monkeypatch):
+    """A kill while a stale folder (moved in by a run killed before its journal row) is
+    deleted must not leave half a series visible."""
+    destination = tmp_path / "COLL" / "P" / "S"
+    destination.mkdir(parents=True)
+    for n in range(3):
+        (destination / f"{n}.dcm").write_bytes(b"old")
+    new = tmp_path / "scratch" / "series-1.d"
+    new.mkdir(parents=True)
+    (new / "1.dcm").write_bytes(b"new")
+    real_rmtree = td.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.endswith(".stale") and path.exists():
+            next(path.iterdir()).unlink()             # deleted one file, then the kill
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(td.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        td.move_folder(new, destination)
+    assert not destination.exists()                   # never a half-deleted series in view
+    monkeypatch.setattr(td.shutil, "rmtree", real_rmtree)
+    td.move_folder(new, destination)
+    assert sorted(p.name for p in destination.iterdir()) == ["1.dcm"]
+    assert [p.name for p in destination.parent.iterdir()] == ["S"]
+
+
+def test_a_run_finding_its_output_finished_removes_what_a_late_kill_left(tmp_path,
+                                                                         fake_nbia_factory):
+    """A kill after the journal said finished, before the run cleaned up, left its lock
+    file and scratch for ever: the rerun stopped at 'nothing to do' before tidying."""
+    from test_downloader_e2e import Run
+    fake = fake_nbia_factory(demo_series=2)
+    assert Run(tmp_path, fake).code == td.EXIT_OK
+    out = tmp_path / "out"
+    (out / "DEMO.tar.xz.lock").write_text("pid 1 on a node that died\n")
+    scratch, owner = td.claim_scratch(out, "DEMO")
+    (scratch / "series-1.zip").write_bytes(b"left by the killed run")
+    owner.close()                                     # its run is gone
+    rerun = Run(tmp_path, fake)
+    assert rerun.code == td.EXIT_OK and "nothing to do" in rerun.log
+    assert sorted(p.name for p in out.iterdir()) == ["DEMO.tar.xz", "DEMO.tar.xz.journal"]

@@ -528,6 +528,7 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
     (["--collection", "X", "--proxy", "socks5://h:1"], "http:// or https:// proxy"),
     (["--collection", "X", "--ca-bundle", "/nonexistent.pem"], "no such file"),
     (["--collection", "X", "--shard", "3/3"], "give I/N with 0 <= I < N"),
+    (["--colection", "X"], "unknown flag --colection; did you mean --collection?"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(argv, message):
     result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
+
+from fake_nbia import dicom_file_bytes
 
 
 def dicom_bytes(series_uid: str, instance: int) -> bytes:
@@ -17,9 +18,7 @@ def dicom_bytes(series_uid: str, instance: int) -> bytes:
     dataset.SeriesInstanceUID = series_uid
     dataset.SOPInstanceUID = f"{series_uid}.{instance}"
     dataset.InstanceNumber = instance
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return dicom_file_bytes(dataset)
 
 
 def md5(data: bytes) -> str:

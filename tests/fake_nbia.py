@@ -562,12 +562,21 @@ class _Generator:
             if kw == "PixelData":
                 value = self.pixels(s, k).tobytes()
             ds.add_new(tag_for_keyword(kw), vr, value)
-        buf = io.BytesIO()
-        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-        data = buf.getvalue()
+        data = dicom_file_bytes(ds)
         if len(data) != s.sizes[k]:      # FileSize must equal what is served: fail loudly
             raise AssertionError(f"size of {s.uid} #{k}: predicted {s.sizes[k]}, wrote {len(data)}")
         return data
+
+
+def dicom_file_bytes(ds: Dataset) -> bytes:
+    """A dataset as a DICOM file (preamble, DICM, file meta), with pydicom 3 (Python 3.10+)
+    and with pydicom 2.4, which is what pip gives Python 3.9."""
+    buf = io.BytesIO()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    else:
+        pydicom.dcmwrite(buf, ds, write_like_original=False)
+    return buf.getvalue()
 
 
 def _rewrite_sample(path: str, s: _Series, k: int) -> bytes:
@@ -590,9 +599,7 @@ def _rewrite_sample(path: str, s: _Series, k: int) -> bytes:
         ds.StudyDate = _dicom_date(r["StudyDate"])
     if r.get("SeriesDate"):
         ds.SeriesDate = _dicom_date(r["SeriesDate"])
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_file_bytes(ds)
 
 
 class _Catalogue:

@@ -14,6 +14,7 @@ import pytest
 
 import tcia_downloader as td
 from dicom_helpers import dicom_bytes, md5, write_series_zip
+from fake_nbia import dicom_file_bytes
 
 
 def planned(uid: str, path: str, count: int | None = 2, collection: str = "COLL") -> td.PlannedSeries:
@@ -310,9 +311,7 @@ def test_a_header_longer_than_the_first_read_is_still_recognised(tmp_path):
     uid = "1.2.3.80"
     dataset = pydicom.dcmread(_io.BytesIO(dicom_bytes(uid, 1)))
     dataset.PatientComments = "x" * 200_000            # (0010,4000) comes before (0020,000E)
-    buffer = _io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
+    data = dicom_file_bytes(dataset)
     assert data.index(b"\x20\x00\x0e\x00") > td.HEAD_SIZE     # the SeriesInstanceUID tag
     zip_path = write_series_zip(tmp_path / "long.zip", {"1-1.dcm": data})
     collected = {}

@@ -59,10 +59,12 @@ def test_an_array_of_three_yields_shards_whose_union_is_the_collection(slurm_clu
 def test_a_time_limit_mid_download_checkpoints_requeues_and_completes(slurm_cluster, tmp_path,
                                                                      fake_nbia_factory):
     """slurm warns (USR1) 2..32 s into a 1-minute job (its timer ticks every 30 s). 16
-    series of ~6 s on 2 workers need ~48 s, so the warning always comes mid-download; the
-    grace (20 s) is far longer than a series, so nothing in flight is ever abandoned and
-    every series must have been downloaded exactly once, across all the job's runs."""
-    fake = fake_nbia_factory(include_md5="honour", demo_series=16, conn_bandwidth=6_500)
+    series of ~6 s (zips of ~17.6 kB at 3 kB/s) on 2 workers need ~48 s, so the warning
+    always comes mid-download (at 6.5 kB/s they needed 26 s: one run in five finished
+    before the warning); the grace (20 s) is far longer than a series, so nothing in flight
+    is ever abandoned and every series must have been downloaded exactly once, across all
+    the job's runs."""
+    fake = fake_nbia_factory(include_md5="honour", demo_series=16, conn_bandwidth=3_000)
     job = submit_template(slurm_cluster, tmp_path, fake, "--time=1", "--signal=B:USR1@28",
                           STOP_GRACE="20", WORKERS="2")
     state = slurm_cluster.wait(job, timeout=420)

@@ -578,7 +578,9 @@ def test_nasty_hostile_names(fake_nbia_factory):
             assert pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID == r["SeriesInstanceUID"]
     text = requests.post(fake.url + "getSeriesMetadata", data={"list": ",".join(r["SeriesInstanceUID"] for r in served)},
                          timeout=10).content.decode("utf-8")                  # text/csv, no charset
-    assert sorted(row["Series Description"] for row in csv.DictReader(io.StringIO(text))) == sorted(descs)
+    # csv readers before Python 3.11 refuse NUL: carry it through as a character they accept
+    rows = csv.DictReader(io.StringIO(text.replace("\x00", "\ufffe")))
+    assert sorted(row["Series Description"].replace("\ufffe", "\x00") for row in rows) == sorted(descs)
 
 
 def test_nasty_duplicate_series_numbers_and_colliding_suffixes(fake_nbia_factory):

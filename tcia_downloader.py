@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import tarfile
 import tempfile
@@ -331,6 +332,13 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     if ca_bundle and not ca_bundle.is_file():
         raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
     output = Path(args.output).expanduser()
+    compression = args.compression
+    if selection.retry_failed:
+        # The failed series go back into the output of the run that failed them, whatever
+        # --output and --compression say: anything else would start a second, partial output.
+        origin = failed_run_origin(selection.retry_failed)
+        output = Path(origin["output"]) if "output" in origin else output
+        compression = origin.get("compression", "yes" if compression else "no") == "yes"
     password = resolve_password(args.user, args.password)
     return Options(
         selection=selection,
@@ -342,7 +350,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         password=password,
         proxy=args.proxy,
         ca_bundle=ca_bundle,
-        compression=args.compression,
+        compression=compression,
         compression_level=args.compression_level,
         workers=args.workers,
         retries=args.retries,
@@ -484,11 +492,37 @@ class FatalRunError(Exception):
 
 
 class ApiError(FatalRunError):
-    """A metadata request the server refuses (4xx): retrying will not help."""
+    """A metadata request the server refuses (4xx): retrying will not help. 404 means the
+    URL is not an NBIA v4 API: a mistake in --api-url (exit 2)."""
 
     def __init__(self, endpoint: str, status: int, body: str):
-        super().__init__(f"{endpoint} answered HTTP {status}: {body}")
+        if status == 404:
+            super().__init__(f"{endpoint} answered HTTP 404 (not found): check --api-url, "
+                             "which ends in /nbia-api/services/v4/", EXIT_USAGE)
+        else:
+            super().__init__(f"{endpoint} answered HTTP {status}: {body}")
         self.status = status
+
+
+# getaddrinfo's answers for a name that does not exist (EAI_AGAIN, a resolver that did not
+# answer, may pass: it is retried like an outage).
+UNKNOWN_HOST = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
+                if hasattr(socket, name)}
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """exc and everything behind it: causes, contexts, and what requests and urllib3 wrap
+    (MaxRetryError.reason, exceptions passed as arguments)."""
+    seen: set[int] = set()
+    stack: list[object] = [exc]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack += [current.__cause__, current.__context__, getattr(current, "reason", None),
+                  *current.args]
 
 
 class Interrupted(Exception):
@@ -896,6 +930,9 @@ class TciaApi:
                                                   **self.transport)
             except requests.RequestException as exc:
                 self.check_stop()
+                misconfigured = self._misconfiguration(exc)
+                if misconfigured:
+                    raise FatalRunError(misconfigured, EXIT_USAGE) from None
                 last = self._describe_request_error(exc)
                 self._pause(attempt, f"{endpoint}: {last}")
                 continue
@@ -911,7 +948,22 @@ class TciaApi:
                 continue
             raise ApiError(endpoint, response.status_code, response.text.strip()[:200])
         raise FatalRunError(f"{endpoint} kept failing ({last}) after {self.retry.attempts} "
-                            "attempts; the service may be down, try again later")
+                            "attempts; the service may be down, try again later (if it is "
+                            "not: check --api-url, and --proxy or HTTPS_PROXY on a node "
+                            "without internet)")
+
+    def _misconfiguration(self, exc: requests.RequestException) -> Optional[str]:
+        """What to fix when a request failed for a reason that waiting will not cure: a
+        host name that does not exist, or TLS that fails (a site proxy inspecting TLS)."""
+        host = urlsplit(self.base_url).hostname
+        for cause in exception_chain(exc):
+            if isinstance(cause, socket.gaierror) and cause.errno in UNKNOWN_HOST:
+                return (f"the host {host} does not exist (DNS): check --api-url; on a "
+                        "compute node without internet, set --proxy (or HTTPS_PROXY)")
+            if isinstance(cause, ssl.SSLError):
+                return (f"TLS with {host} failed ({cause.reason or cause}): a site proxy "
+                        "that inspects TLS needs --ca-bundle; check --api-url and --proxy")
+        return None
 
     def _describe_request_error(self, exc: requests.RequestException) -> str:
         host = urlsplit(self.base_url).netloc
@@ -1227,6 +1279,22 @@ MANIFEST_HEADER = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*=")     # key=value, befor
 MANIFEST_LINE = 1024       # longer lines are read in pieces, each a stray line
 STRAY_SHOWN = 5            # stray lines quoted in the log
 STRAY_LIMIT = 1000         # past this many stray lines, a file that is mostly not UIDs is refused
+
+
+def failed_run_origin(path: Path) -> dict[str, str]:
+    """The tcia_downloader.* keys of a <name>.failed.tcia header (none in other manifests)."""
+    origin: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            for line in iter(lambda: handle.readline(MANIFEST_LINE), ""):
+                if line.strip().startswith(MANIFEST_MARKER):
+                    break
+                key, _, value = line.strip().partition("=")
+                if key.startswith(FAILED_RUN_KEY):
+                    origin[key[len(FAILED_RUN_KEY):]] = value.strip()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror})") from None
+    return origin
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -1771,6 +1839,9 @@ class Journal:
                 "INSERT INTO files VALUES (?,?,?,?)",
                 [(series.uid, f"{series.path}/{m.name}", m.md5, m.size)
                  for m in verified.members])
+
+    def total_bytes(self) -> int:
+        return self._db.execute("SELECT coalesce(sum(bytes), 0) FROM series").fetchone()[0]
 
     def collections(self) -> list[str]:
         return [c for (c,) in self._db.execute("SELECT DISTINCT collection FROM series "
@@ -2562,6 +2633,21 @@ class LogSanitiser(logging.Filter):
         return True
 
 
+ALWAYS = {"always": True}     # extra= of the lines a person reads last: summaries, the report
+
+
+class LevelOrAlways(logging.Filter):
+    """stderr's --log-level, except for the progress summaries and the final report: a
+    user who quietens a slurm .out file with --log-level WARNING still wants those."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or getattr(record, "always", False)
+
+
 class TqdmHandler(logging.StreamHandler):
     """Log lines printed above the progress bars instead of through them."""
 
@@ -2596,7 +2682,7 @@ def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Callable[[]
     secret_filter = LogSanitiser(secrets)
     file_format = logging.Formatter("%(asctime)s %(levelname)-7s %(threadName)s %(message)s")
     console = TqdmHandler() if bars else logging.StreamHandler(sys.stderr)
-    console.setLevel(options.log_level)
+    console.addFilter(LevelOrAlways(logging.getLevelName(options.log_level)))
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                            datefmt="%H:%M:%S"))
     handlers: list[logging.Handler] = [console]
@@ -2696,7 +2782,7 @@ class Progress:
 
     def _summaries(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            log.info("%s", self.summary())
+            log.info("%s", self.summary(), extra=ALWAYS)
 
     def close(self) -> None:
         self._stop.set()
@@ -2716,6 +2802,7 @@ class Outcome:
     files: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    dropped: int = 0               # files in the zip that were not the series'
 
 
 @dataclass
@@ -2793,7 +2880,7 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
         else:
             ctx.progress.series_finished(True, received, series.file_size)
             return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
-                           seconds=time.monotonic() - started)
+                           seconds=time.monotonic() - started, dropped=len(verified.dropped))
         if ctx.stopping.abort.is_set():
             raise Interrupted()            # the failure is the stop's doing, not the series'
         failures += 1
@@ -2822,8 +2909,14 @@ def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
             packer = ctx.target.packer(series, zip_path)
             verified = verify_zip(zip_path, series, packer, ctx.stopping.abort)
             prepared = packer.finish()
-        for entry, why in verified.dropped:
-            log.warning("%s: dropped %s: %s", series.label, entry, why)
+        if verified.dropped:
+            # One line per series in the .out file; every name and reason in the debug log.
+            reasons = defaultdict(int)
+            for entry, why in verified.dropped:
+                log.debug("%s: dropped %s: %s", series.label, entry, why)
+                reasons[why.split(" (")[0]] += 1
+            log.warning("%s: dropped %d file(s): %s", series.label, len(verified.dropped),
+                        "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
         if series.file_size and verified.bytes != series.file_size:
             log.debug("%s: %d bytes of DICOM kept; the server's FileSize says %d",
                       series.label, verified.bytes, series.file_size)
@@ -2923,11 +3016,18 @@ class WorkerPool:
                 return
 
 
-def write_failed_manifest(path: Path, failures: list[Outcome]) -> None:
-    """The failed series as a .tcia manifest, the format TCIA's portal hands out."""
+FAILED_RUN_KEY = "tcia_downloader."      # header keys that say which run failed the series
+
+
+def write_failed_manifest(path: Path, failures: list[Outcome], compression: bool) -> None:
+    """The failed series as a .tcia manifest, the format TCIA's portal hands out, with two
+    header keys of our own (other readers skip unknown keys): the output it belongs to."""
     lines = ["downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/"
              "DownloadServlet", "includeAnnotation=true", "noOfrRetry=4",
-             f"databasketId={path.name}", "manifestVersion=3.0", "ListOfSeriesToDownload="]
+             f"databasketId={path.name}", "manifestVersion=3.0",
+             f"{FAILED_RUN_KEY}output={path.parent.resolve()}",
+             f"{FAILED_RUN_KEY}compression={'yes' if compression else 'no'}",
+             "ListOfSeriesToDownload="]
     lines += [o.series.uid for o in failures]
     temporary = path.with_name(path.name + ".incoming")
     temporary.write_text("\n".join(lines) + "\n")
@@ -3394,28 +3494,48 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         f"  already present:             {skipped}",
         f"  failed:                      {len(failures)}",
         f"  not attempted:               {missing - len(failures)}",
+        f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
         f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
-        f"  output: {target.describe()}",
+        f"  output: {describe_output(target)}",
+        f"  logs: {', '.join(log_files()) or 'none'}",
     ]
     for line in lines:
-        log.info("%s", line)
+        log.info("%s", line, extra=ALWAYS)
     manifest = options.output / f"{target.name}.failed.tcia"
     if not failures:
         manifest.unlink(missing_ok=True)     # an earlier run's list would mislead
     else:
-        write_failed_manifest(manifest, failures)
+        write_failed_manifest(manifest, failures, options.compression)
         for outcome in failures:
             log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,
                       outcome.reason)
         log.error("the %d failed series are listed in %s; rerun the same command (or "
-                  "--retry-failed %s) to retry them", len(failures), manifest, manifest.name)
+                  "--retry-failed %s) to retry them", len(failures), manifest.resolve(),
+                  manifest.resolve())
     if plan.unknown:
         log.error("%d series UIDs are unknown to the server (withdrawn, or a typo): %s",
                   len(plan.unknown), ", ".join(plan.unknown[:20])
                   + (", ..." if len(plan.unknown) > 20 else ""))
         log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
     if interrupted or failures or missing:
-        log.info("the output is resumable: rerun the same command to continue")
+        log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
+
+
+def describe_output(target: Target) -> str:
+    """Where the output is (absolute: the line is pasted into other shells), how big it is,
+    and for an archive how much xz saved."""
+    path = Path(target.describe()).resolve()
+    if not path.is_file():
+        return str(path)
+    size = path.stat().st_size
+    dicom = target.journal.total_bytes()
+    ratio = f", {dicom / size:.2f}x smaller than its DICOM" if dicom and size else ""
+    return f"{path} ({human_bytes(size)}{ratio})"
+
+
+def log_files() -> list[str]:
+    return [handler.baseFilename for handler in log.handlers
+            if isinstance(handler, logging.FileHandler)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -321,6 +322,11 @@ def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path
     dropped = [line for line in run.log.splitlines() if "WARNING" in line and "dropped" in line]
     assert any("not listed in md5hashes.csv" in line for line in dropped)
     assert any("not a DICOM file" in line for line in dropped)
+    # one warning per series that had drops, with the count; the names go to the debug log
+    labels = [line.split(" WARNING ")[1].split(": dropped ")[0] for line in dropped]
+    assert len(labels) == len(set(labels))
+    dropped_files = sum(int(line.split(": dropped ")[1].split(" ")[0]) for line in dropped)
+    assert f"files dropped (not the series'): {dropped_files}" in run.log
     for name in members:
         for part in name.split("/"):
             assert part and not part.startswith(".") and part.isascii() and part.isprintable()
@@ -605,6 +611,25 @@ def test_a_slurm_out_file_gets_summary_lines_not_bars(tmp_path, fake_nbia_factor
     assert text.count(" done DEMO/") == 6
 
 
+def test_log_level_warning_quietens_the_out_file_but_keeps_summaries_and_the_report(
+        tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
+    slurm_out = tmp_path / "slurm-1.out"
+    with open(slurm_out, "w") as stderr:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(tmp_path / "o"),
+             "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--compression",
+             "--workers", "2", "--summary-interval", "0.3", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
+    assert result.returncode == td.EXIT_OK
+    text = slurm_out.read_text()
+    assert " done DEMO/" not in text                          # the INFO lines are gone
+    assert " progress: " in text and "report for DEMO: 6 series requested" in text
+    archive = (tmp_path / "o" / "DEMO.tar.xz").resolve()
+    assert re.search(rf"output: {re.escape(str(archive))} \(\S+ \S+, [0-9.]+x smaller", text)
+    assert re.search(r"logs: \S+-info\.log, \S+-debug\.log", text)
+
+
 def test_a_terminal_gets_progress_bars(tmp_path, fake_nbia_factory):
     import fcntl
     import pty
@@ -656,3 +681,40 @@ def test_an_unreachable_server_names_the_host(tmp_path, capsys):
     assert code == td.EXIT_INCOMPLETE
     err = capsys.readouterr().err
     assert f"cannot connect to 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def run_against(tmp_path, api_url: str) -> int:
+    return td.main(["--collection", "DEMO", "--output", str(tmp_path / "o"), "--cache_dir",
+                    str(tmp_path / "c"), "--api-url", api_url, "--retries", "3",
+                    "--retry-wait", "5", "--no-progress"])
+
+
+def test_a_host_that_does_not_exist_is_a_mistake_to_fix_not_an_outage(tmp_path, capsys,
+                                                                      monkeypatch):
+    """No 40 s of retries ending in 'the service may be down', exit 1: one line, exit 2."""
+    import socket
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host == "nbia.example.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    started = time.monotonic()
+    code = run_against(tmp_path, "https://nbia.example.invalid/nbia-api/services/v4/")
+    assert code == td.EXIT_USAGE and time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "nbia.example.invalid does not exist" in err and "--proxy" in err
+    assert "Traceback" not in err
+
+
+def test_a_wrong_api_path_and_a_tls_failure_are_mistakes_to_fix(tmp_path, fake_nbia_factory,
+                                                                 capsys):
+    fake = fake_nbia_factory()
+    assert run_against(tmp_path, fake.url.replace("/services/v4/", "/v4/")) == td.EXIT_USAGE
+    assert "HTTP 404 (not found): check --api-url" in capsys.readouterr().err
+    started = time.monotonic()       # TLS spoken to a plain-HTTP server fails the handshake
+    assert run_against(tmp_path, fake.url.replace("http://", "https://")) == td.EXIT_USAGE
+    assert time.monotonic() - started < 5
+    assert "TLS with 127.0.0.1 failed" in capsys.readouterr().err

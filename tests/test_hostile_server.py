@@ -391,9 +391,11 @@ def test_escape_sequences_in_entry_names_never_reach_a_terminal_or_a_log(tmp_pat
     assert len(logs) == 2
     for text in [err, *(p.read_text(encoding="utf-8", errors="replace") for p in logs)]:
         assert "\x1b" not in text and "\x07" not in text
-    dropped = [line for line in run.log.splitlines() if "dropped" in line]
-    assert len(dropped) == 1 and "\\x1b[31mred" in dropped[0] and "\\x07bell" in dropped[0]
-    assert f"{label_of(fake, victim)}: dropped" in dropped[0]
+    dropped = [line for line in run.log.splitlines() if ": dropped " in line]
+    assert len(dropped) == 1 and f"{label_of(fake, victim)}: dropped 1 file(s)" in dropped[0]
+    debug = next(p for p in logs if p.name.endswith("-debug.log")).read_text()
+    named = [line for line in debug.splitlines() if ": dropped " in line and "red" in line]
+    assert len(named) == 1 and "\\x1b[31mred" in named[0] and "\\x07bell" in named[0]
     members = archive_members(run.output / "DEMO.tar.xz")
     assert not any("\x1b" in name or "\x07" in name for name in members)
     assert series_folders(members) == expected_folders(fake)

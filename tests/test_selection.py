@@ -238,6 +238,28 @@ def test_retry_failed_fetches_exactly_the_failed_series_into_the_same_archive(
     verify_with_standard_tools(archive, tmp_path)
 
 
+def test_retry_failed_goes_into_the_failed_runs_output_whatever_the_flags_say(
+        tmp_path, fake_nbia_factory, monkeypatch):
+    """0.3 fetched the failed series of a .tar.xz run into a new folder tree when
+    --compression was left out, reported 'failed: 0' and left the .part unfinished."""
+    fake = fake_nbia_factory(include_md5="honour")
+    uids = uids_of(fake, "DEMO")
+    fake.script_faults(uids[1], ["500"] * 2)
+    first = Run(tmp_path, fake, "--retries", "2")
+    assert first.code == td.EXIT_INCOMPLETE
+    failed = first.output / "DEMO.failed.tcia"
+    assert f"--retry-failed {failed.resolve()}" in first.log     # a path that works pasted
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    retry = Run(tmp_path, fake, "--retry-failed", str(failed), collection=None,
+                compression=False, output=elsewhere / "out")
+    assert retry.code == td.EXIT_OK, retry.log
+    assert not (elsewhere / "out").exists() and not (first.output / "DEMO").exists()
+    archive = first.output / "DEMO.tar.xz"
+    assert series_folders(archive_members(archive)) == expected_folders(fake)
+
+
 def test_retry_failed_does_not_finish_an_archive_with_other_series_missing(tmp_path,
                                                                            fake_nbia_factory):
     """An interrupted first run left series unattempted: fetching its failures alone must

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import concurrent.futures
+import csv
 import difflib
 import errno
 import fcntl
 import getpass
 import hashlib
 import io
+import itertools
 import json
 import logging
 import lzma
@@ -53,7 +54,6 @@ import sys
 import tarfile
 import tempfile
 import threading
-import itertools
 import time
 import unicodedata
 import zipfile
@@ -296,7 +296,7 @@ MAX_WORKERS = 64     # beyond this, threads and connections only load the servic
 
 # (flag, lowest, highest, unit): every number a user types is finite and in a sane range, so
 # that no later arithmetic (backoff, timers, the outage breaker's limit) can overflow or
-# switch itself off. A lowest of 0.0 for seconds means "more than zero" where it is a timeout.
+# switch itself off. Timeouts and intervals start above zero.
 NUMERIC_FLAGS: tuple[tuple[str, float, float, str], ...] = (
     ("--compression-level", 0, 9, "an xz preset"),
     ("--workers", 1, MAX_WORKERS, "series in flight"),
@@ -508,6 +508,12 @@ class ApiError(FatalRunError):
 # answer, may pass: it is retried like an outage).
 UNKNOWN_HOST = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
                 if hasattr(socket, name)}
+
+
+# OpenSSL's reasons for a handshake that can never succeed as configured (TLS spoken to a
+# plain-HTTP port, no common protocol); a reset mid-handshake is an outage, not one of these.
+TLS_MISMATCH = {"WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION",
+                "NO_PROTOCOLS_AVAILABLE", "RECORD_LAYER_FAILURE"}
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -960,7 +966,8 @@ class TciaApi:
             if isinstance(cause, socket.gaierror) and cause.errno in UNKNOWN_HOST:
                 return (f"the host {host} does not exist (DNS): check --api-url; on a "
                         "compute node without internet, set --proxy (or HTTPS_PROXY)")
-            if isinstance(cause, ssl.SSLError):
+            if isinstance(cause, ssl.SSLCertVerificationError) or (
+                    isinstance(cause, ssl.SSLError) and cause.reason in TLS_MISMATCH):
                 return (f"TLS with {host} failed ({cause.reason or cause}): a site proxy "
                         "that inspects TLS needs --ca-bundle; check --api-url and --proxy")
         return None
@@ -1096,6 +1103,13 @@ class PlannedSeries:
         return f"{self.collection}/{self.path}"
 
     @property
+    def short_label(self) -> str:
+        """<Collection>/<patient>/<series folder>: enough to find it, short enough for the
+        lines of a slurm .out file read in a 100-column terminal (the study is in label)."""
+        parts = self.path.split("/")
+        return f"{self.collection}/{parts[0]}/{parts[-1]}"
+
+    @property
     def byte_limit(self) -> Optional[int]:
         """The most bytes a zip of this series may hold, inflated or not: twice its FileSize
         plus room for zip headers, LICENSE and md5hashes.csv. None when the server gave no
@@ -1151,6 +1165,8 @@ def usable_records(rows: list[dict], endpoint: str) -> list[dict]:
         log.warning("%s: skipped %d row(s) without a valid SeriesInstanceUID (first: %.80r)",
                     endpoint, len(bad), bad[0])
     return usable
+
+
 NBIA_DATE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
 
 
@@ -1270,8 +1286,8 @@ class Manifest:
     path: Path
     basket: Optional[str]                  # databasketId, as the TCIA portal names the cart
     uids: list[str]
-    stray: list[tuple[int, str]]           # (line number, text) of the first lines that are no UID
-    stray_count: int = 0                   # how many lines were no UID
+    stray: list[tuple[int, str]]           # (line number, text): the first lines not a UID
+    stray_count: int = 0                   # how many lines were not a UID
 
 
 MANIFEST_MARKER = "ListOfSeriesToDownload="
@@ -2887,7 +2903,7 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
         reason = str(error)
         if failures < ctx.retry.attempts:
             delay = 0.0 if error.immediate else ctx.retry.delay(failures, error.retry_after)
-            log.warning("%s: attempt %d/%d failed: %s; retrying in %.0f s", series.label,
+            log.warning("%s: attempt %d/%d failed: %s; retrying in %.0f s", series.short_label,
                         failures, ctx.retry.attempts, reason, delay)
             # Waiting ends early on a drain: a series between attempts is not in progress.
             if ctx.stopping.drain.wait(delay):
@@ -2915,7 +2931,7 @@ def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
             for entry, why in verified.dropped:
                 log.debug("%s: dropped %s: %s", series.label, entry, why)
                 reasons[why.split(" (")[0]] += 1
-            log.warning("%s: dropped %d file(s): %s", series.label, len(verified.dropped),
+            log.warning("%s: dropped %d file(s): %s", series.short_label, len(verified.dropped),
                         "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
         if series.file_size and verified.bytes != series.file_size:
             log.debug("%s: %d bytes of DICOM kept; the server's FileSize says %d",
@@ -2930,10 +2946,9 @@ def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
 
 def log_outcome(outcome: Outcome, position: int, total: int) -> None:
     series = outcome.series
-    if outcome.ok:
-        rate = outcome.bytes / max(outcome.seconds, 1e-6)
-        log.info("[%d/%d] done %s: %d files, %s in %.1f s (%s/s)", position, total, series.label,
-                 outcome.files, human_bytes(outcome.bytes), outcome.seconds, human_bytes(rate))
+    if outcome.ok:    # short: a slurm .out file is read in a terminal (the rate: summaries)
+        log.info("[%d/%d] done %s: %d files, %s in %.1f s", position, total, series.short_label,
+                 outcome.files, human_bytes(outcome.bytes), outcome.seconds)
     else:
         log.error("[%d/%d] FAILED %s (%s): %s", position, total, series.label, series.uid,
                   outcome.reason)

@@ -105,9 +105,11 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
 
 # -- clean runs -----------------------------------------------------------------------------
 
-def test_a_clean_collection_becomes_one_verified_archive(tmp_path, fake_nbia_factory):
+def test_a_clean_collection_becomes_one_verified_archive(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory()
     run = Run(tmp_path, fake)
+    done_lines = [line for line in capsys.readouterr().err.splitlines() if " done " in line]
+    assert done_lines and max(map(len, done_lines)) <= 100     # a 100-column terminal
     assert run.code == td.EXIT_OK, run.log
     archive = run.output / "DEMO.tar.xz"
     assert archive.exists() and not (run.output / "DEMO.tar.xz.part").exists()

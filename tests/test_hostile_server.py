@@ -43,8 +43,9 @@ def expected_from(fake, records: list[dict], collection: str = "DEMO") -> dict[s
 
 
 def label_of(fake, uid: str, collection: str = "DEMO") -> str:
+    """How the per-series log lines name the series."""
     planned = {p.uid: p for p in td.plan_collection(collection, fake.series(collection))}
-    return planned[uid].label
+    return planned[uid].short_label
 
 
 def attempt_lines(log: str, label: str) -> list[str]:

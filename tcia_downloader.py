@@ -25,7 +25,16 @@ Exit codes (documented in the README):
     130  interrupted by SIGINT (Ctrl-C)       143  terminated by SIGTERM
 """
 
-from __future__ import annotations
+import sys
+
+# Before anything a newer Python needs: on RHEL 8's python3 (3.6) a user gets one line that
+# says what to do, not a SyntaxError or a traceback from deep in the file. (This is why the
+# file compiles on 3.6: no `from __future__ import annotations`, no `:=`.)
+if sys.version_info < (3, 9):
+    sys.stderr.write("tcia_downloader: error: it needs Python 3.9 or newer; this is Python "
+                     "%d.%d. Load a newer one (e.g. `module load python/3.11`) or run it with "
+                     "python3.9 ... python3.13\n" % sys.version_info[:2])
+    sys.exit(2)
 
 import argparse
 import contextlib
@@ -50,7 +59,6 @@ import signal
 import socket
 import sqlite3
 import ssl
-import sys
 import tarfile
 import tempfile
 import threading
@@ -66,9 +74,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
-import requests_cache
-import urllib3
+try:
+    import requests
+    import requests_cache
+    import urllib3
+except ImportError as missing:
+    sys.stderr.write(f"tcia_downloader: error: the Python package {missing.name!r} is missing: "
+                     "install requirements.txt (python3 -m pip install -r requirements.txt, "
+                     "in a venv: see the README)\n")
+    sys.exit(2)
 
 __version__ = "0.4.0"
 
@@ -1663,7 +1677,7 @@ def _take_entry(stream: io.BufferedIOBase, info: zipfile.ZipInfo, series: Planne
 
     def chunks() -> Iterator[bytes]:
         yield head
-        while chunk := stream.read(CHUNK_SIZE):
+        for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
             if stop is not None and stop.is_set():
                 raise Interrupted()
             digest.update(chunk)
@@ -2109,16 +2123,6 @@ def lock_path(output: Path, name: str, compression: bool) -> Path:
     return output / (f"{name}.tar.xz.lock" if compression else f"{name}.lock")
 
 
-def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
-    """A run killed after its output was finished leaves its lock file and its scratch;
-    the run that finds the output finished removes them, unless a run still uses them."""
-    path = lock_path(options.output, plan.name, options.compression)
-    if path.exists():
-        with contextlib.suppress(FatalRunError):
-            release_lock(path, acquire_lock(path, plan.name))
-    sweep_abandoned_scratch(options.temp_dir, plan.name)
-
-
 def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -2445,7 +2449,7 @@ class TarXzTarget(Target):
             with open(self.part, "r+b") as out, open(prepared.path, "rb") as stream:
                 out.seek(self.archive_end)
                 stream.seek(prepared.offset)
-                while chunk := stream.read(CHUNK_SIZE):
+                for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
                     copied.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -2828,7 +2832,7 @@ class RunContext:
     endpoint: ImageEndpoint
     progress: Progress
     retry: RetryPolicy
-    stopping: StopControl
+    stopping: "StopControl"
     breaker: "OutageBreaker"
     packing_slots: threading.Semaphore
     fatal: list[FatalRunError] = field(default_factory=list)
@@ -2982,7 +2986,7 @@ class WorkerPool:
 
     def _work(self) -> None:
         try:
-            while (series := self._next()) is not None:
+            for series in iter(self._next, None):
                 try:
                     outcome = process_series(self.ctx, series)
                 except Interrupted:
@@ -3348,6 +3352,16 @@ def still_on_disk(options: Options, plan: Plan, committed: dict[str, str],
              for name in collection_file_names(plan.file_suffix)}
     whole = len(present) == len(committed) and all(path.is_file() for path in files)
     return present, finished and whole
+
+
+def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
+    """A run killed after its output was finished leaves its lock file and its scratch;
+    the run that finds the output finished removes them, unless a run still uses them."""
+    path = lock_path(options.output, plan.name, options.compression)
+    if path.exists():
+        with contextlib.suppress(FatalRunError):
+            release_lock(path, acquire_lock(path, plan.name))
+    sweep_abandoned_scratch(options.temp_dir, plan.name)
 
 
 def open_target(options: Options, plan: Plan) -> Target:

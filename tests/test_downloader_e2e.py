@@ -720,3 +720,36 @@ def test_a_wrong_api_path_and_a_tls_failure_are_mistakes_to_fix(tmp_path, fake_n
     assert run_against(tmp_path, fake.url.replace("http://", "https://")) == td.EXIT_USAGE
     assert time.monotonic() - started < 5
     assert "TLS with 127.0.0.1 failed" in capsys.readouterr().err
+
+
+def old_pythons() -> list[Path]:
+    """RHEL 8's python3 is 3.6: pyenv's 3.6 to 3.8 on this machine kind, where present."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    return sorted(p for version in ("3.6", "3.7", "3.8")
+                  for p in root.glob(f"{version}.*/bin/python3"))
+
+
+def test_an_old_python_gets_one_line_saying_what_to_load(tmp_path):
+    pythons = old_pythons()
+    if not pythons:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no Python 3.6-3.8 under pyenv to check the version message with")
+        pytest.skip("no Python 3.6-3.8 under pyenv")
+    for python in pythons:
+        result = subprocess.run([str(python), str(SCRIPT), "--collection", "X"],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert result.returncode == td.EXIT_USAGE, (python, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "needs Python 3.9 or newer" in lines[0], (python, lines)
+        assert "module load" in lines[0]
+
+
+def test_a_missing_package_gets_one_line_saying_how_to_install(tmp_path):
+    # -S: no site-packages, so requests cannot be imported
+    result = subprocess.run([sys.executable, "-S", str(SCRIPT), "--collection", "X"],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == td.EXIT_USAGE
+    assert result.stderr.strip().splitlines() == [
+        "tcia_downloader: error: the Python package 'requests' is missing: install "
+        "requirements.txt (python3 -m pip install -r requirements.txt, in a venv: see the "
+        "README)"]

@@ -446,3 +446,17 @@ def test_a_run_finding_its_output_finished_removes_what_a_late_kill_left(tmp_pat
     rerun = Run(tmp_path, fake)
     assert rerun.code == td.EXIT_OK and "nothing to do" in rerun.log
     assert sorted(p.name for p in out.iterdir()) == ["DEMO.tar.xz", "DEMO.tar.xz.journal"]
+
+
+def test_metadata_with_control_characters_still_makes_a_metadata_csv(tmp_path):
+    """Python 3.10's csv writer refuses NUL ('need to escape'): hostile metadata stopped
+    every run at its last step, for ever. Control characters are removed on every Python."""
+    journal = td.Journal(tmp_path / "j")
+    series = td.PlannedSeries(uid="1.2.3", collection="C", path="P/S/1",
+                              record={"SeriesInstanceUID": "1.2.3",
+                                      "SeriesDescription": "nul\x00 bell\x07 tab\tok"},
+                              image_count=1, file_size=1)
+    journal.record(series, td.VerifiedZip(tmp_path, [], None, []), 0, 0)
+    text = td.metadata_csv(journal, "C").decode()
+    assert "nul bell tab\tok" in text and "\x00" not in text
+    journal.close()

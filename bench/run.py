@@ -45,8 +45,8 @@ NCPU = len(os.sched_getaffinity(0))
 MB = 1e6
 COLLECTION = "DEMO"
 UID_RE = re.compile(r"^\d+(?:\.\d+)+")
-ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "sweep", "profile")
-DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale")
+ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "sweep", "profile")
+DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume")
 
 
 def log(msg: str) -> None:
@@ -923,6 +923,43 @@ def add_sweep(rows: list, label: str, run: Run) -> None:
 # Report
 # ---------------------------------------------------------------------------------------------
 
+def resume_check(b: Bench, res: dict) -> None:
+    """What a resume costs: every committed stream of a .part is read and compared with the
+    SHA-256 its journal row keeps (tcia_downloader.first_damaged_stream). Against the limit:
+    coreutils' sha256sum of the same file, one core, from the same (warm) page cache. The
+    .part is one 8 MiB xz stream of random bytes repeated (streams are independent)."""
+    import importlib.util
+    import lzma
+    spec = importlib.util.spec_from_file_location("downloader_under_test", b.args.downloader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    d = b.fresh("resume")
+    part = d / f"{COLLECTION}.tar.xz.part"
+    stream = lzma.compress(os.urandom(8 << 20), format=lzma.FORMAT_XZ, preset=0)
+    count = max(1, int(b.args.resume_gib * 2 ** 30) // len(stream))
+    with open(part, "wb") as out:
+        for _ in range(count):
+            out.write(stream)
+    sha = hashlib.sha256(stream).hexdigest()
+    streams = [(str(n), "x", n * len(stream), (n + 1) * len(stream), sha) for n in range(count)]
+    subprocess.run(["cat", str(part)], stdout=subprocess.DEVNULL, check=True)   # warm the cache
+    started = time.monotonic()
+    subprocess.run(["cat", str(part)], stdout=subprocess.DEVNULL, check=True)
+    read = time.monotonic() - started
+    started = time.monotonic()
+    subprocess.run(["sha256sum", str(part)], stdout=subprocess.DEVNULL, check=True)
+    limit = time.monotonic() - started
+    started = time.monotonic()
+    damaged = module.first_damaged_stream(part, streams)
+    ours = time.monotonic() - started
+    if damaged is not None:
+        b.fail(f"resume: stream {damaged} of an intact .part was reported damaged")
+    res["resume"] = {"bytes": part.stat().st_size, "streams": count, "ours": ours,
+                     "sha256sum": limit, "cat": read, "cores": module.usable_cores()}
+    b.cleanup(d)
+
+
 def report(b: Bench, res: dict) -> list[str]:
     a = b.args
     lines: list[str] = []
@@ -1061,6 +1098,15 @@ def report(b: Bench, res: dict) -> list[str]:
             text = (f"resume of a finished {n:,}-series journal ({label} metadata cache): "
                     f"'nothing to do', exit {r.rc}, after {r.wall:.1f} s (< {a.scale_resume_limit:g} s)")
             targets.append((ok if label == "warm" else None, text))
+    if "resume" in res:
+        rs = res["resume"]
+        gb = rs["bytes"] / 1e9
+        text = (f"resume check of a {gb:.1f} GB .part ({rs['streams']} streams, page cache warm): "
+                f"{rs['ours']:.1f} s ({gb / rs['ours']:.2f} GB/s on {rs['cores']} cores); "
+                f"sha256sum of the file: {rs['sha256sum']:.1f} s, cat: {rs['cat']:.1f} s; "
+                f"ours/sha256sum = {rs['ours'] / rs['sha256sum']:.2f}, ours/cat = "
+                f"{rs['ours'] / rs['cat']:.2f}")
+        targets.append((rs["ours"] <= rs["sha256sum"], text + " (target: <= 1.00)"))
     if "profile" in res:
         lines.append("")
         lines += res["profile"]
@@ -1155,6 +1201,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--scale-series", type=int, help="series of tiny images (default 50,000; quick 5,000)")
     g.add_argument("--scale-start-limit", type=float, default=10.0)
     g.add_argument("--scale-resume-limit", type=float, default=5.0)
+    g = p.add_argument_group("resume")
+    g.add_argument("--resume-gib", type=float, help="size of the .part whose streams a resume "
+                   "checks (default 10 GiB; quick 1)")
     g = p.add_argument_group("sweep (extra: --only sweep)")
     g.add_argument("--sweep-series", type=int, default=40)
     g.add_argument("--sweep-repeat", type=int, default=2)
@@ -1170,6 +1219,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a.series = a.series or (24 if a.quick else 200)
     a.big_instances = a.big_instances or (600 if a.quick else 4000)
     a.scale_series = a.scale_series or (5000 if a.quick else 50000)
+    a.resume_gib = a.resume_gib or (1 if a.quick else 10)
     a.sweep_workers = [int(x) for x in a.sweep_workers.split(",") if x]
     a.sweep_presets = [int(x) for x in a.sweep_presets.split(",") if x]
     a.sweep_chunks = [int(x) for x in a.sweep_chunks.split(",") if x]
@@ -1211,6 +1261,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             big_series(b, res)
         if "scale" in a.only:
             scale(b, res)
+        if "resume" in a.only:
+            resume_check(b, res)
         if "sweep" in a.only:
             sweep(b, res)
     except KeyboardInterrupt:

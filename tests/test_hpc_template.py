@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import tcia_downloader as td
@@ -15,10 +16,13 @@ TEMPLATE = ROOT / "tcia_downloader_hpc.sh"
 
 
 def template_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The template's settings; PYTHON is the interpreter running the tests, whose venv
+    need not be on PATH (the template's default, python3 from PATH, may lack the packages)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.pop("TMPDIR", None)
     env.update(COLLECTION="DEMO", OUTPUT_DIR=str(tmp_path / "out"), CACHE_DIR=str(tmp_path / "cache"),
-               TEMP_DIR=str(tmp_path / "scratch"), **extra)
+               TEMP_DIR=str(tmp_path / "scratch"), PYTHON=sys.executable)
+    env.update(extra)
     return env
 
 
@@ -56,7 +60,7 @@ def test_a_warning_before_python_is_ready_still_counts_as_a_checkpoint(tmp_path)
     stand_in = tmp_path / "tcia_downloader.py"
     stand_in.write_text("import os, signal\nos.kill(os.getppid(), signal.SIGUSR1)\n"
                         "signal.pause()\n")
-    env = template_env(tmp_path, TCIA_DOWNLOADER=str(stand_in), PYTHON="python3")
+    env = template_env(tmp_path, TCIA_DOWNLOADER=str(stand_in))
     # the stand-in skips the requirements check only if they are importable: they are here
     result = subprocess.run(["bash", str(TEMPLATE)], env=env, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, cwd=tmp_path, timeout=60)

@@ -1,10 +1,15 @@
 """A real one-node slurm cluster for tests (see cluster.sh next to this file).
 
-Fixture ``slurm_cluster`` (session scope) starts the cluster unless it already runs, and
-stops it at session end if it started it. It yields a :class:`SlurmCluster`:
+Fixture ``slurm_cluster`` (session scope) starts a cluster of its own for the session, in a
+fresh state directory (ports, cluster name, config: all its own, so a slurm the machine runs
+already, or another test run's cluster, is neither used nor disturbed), and stops it at the
+end; the directory (logs) is removed unless a test failed. With TCIA_SLURM_DIR set, the
+cluster of that directory is used, started if it does not run (and then stopped at the end).
+It yields a :class:`SlurmCluster`:
 
     env                       dict for subprocess: os.environ without SLURM_*/SBATCH_*
                               variables of an outer job, plus SLURM_CONF of the test cluster
+                              (every slurm command the tests run, and the jobs, use it)
     submit(script, *args, sbatch_args=[], cwd=None) -> job id (str, e.g. "7")
     cancel(*job_ids)          scancel and wait until they no longer run
     (jobs a test submitted and left running are cancelled after the test)
@@ -31,7 +36,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_SH = HERE / "cluster.sh"
-DEFAULT_STATE_DIR = "/tmp/tcia-slurm"
 
 # Job states in which a job stays until purged (SPECIAL_EXIT: requeued and held, needs a human).
 TERMINAL = frozenset(
@@ -230,8 +234,24 @@ def _missing() -> list[str]:
     return [b for b in NEEDED if shutil.which(b, path=SEARCH_PATH) is None]
 
 
+def _say(config, line: str) -> None:
+    # Not print(): a session fixture's teardown output is captured and usually not shown.
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
+
+def _state_dir() -> tuple[Path, bool]:
+    """The cluster's state directory, and whether it is this session's own (to remove)."""
+    given = os.environ.get("TCIA_SLURM_DIR")
+    if given:
+        return Path(given).resolve(), False
+    # Short: slurmd's spool holds unix sockets, whose paths must stay under 108 bytes.
+    return Path(tempfile.mkdtemp(prefix="tcia-slurm-")).resolve(), True
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_cluster(request):
     missing = _missing()
     if missing:
         if not _ci():
@@ -247,10 +267,10 @@ def slurm_cluster():
     if os.geteuid() != 0:
         pytest.skip("starting the test slurm cluster needs root (tests/slurm/cluster.sh start)")
 
-    state_dir = Path(os.environ.get("TCIA_SLURM_DIR") or DEFAULT_STATE_DIR).resolve()
+    state_dir, own_dir = _state_dir()
     env = dict(os.environ, TCIA_SLURM_DIR=str(state_dir))
-    rc, out = _cluster_sh("status", env=env)
-    started = rc != 0
+    # A given directory's cluster may be up already (a developer's): use it, leave it running.
+    started = own_dir or _cluster_sh("status", env=env)[0] != 0
     if started:
         rc, out = _cluster_sh("start", env=env)
         if rc != 0:
@@ -262,7 +282,11 @@ def slurm_cluster():
         if started:
             rc, out = _cluster_sh("stop", env=env)
             if rc != 0:
-                print(f"cluster.sh stop failed ({rc}):\n{out}")
+                _say(request.config, f"cluster.sh stop failed ({rc}):\n{out}")
+            elif own_dir and not request.session.testsfailed:
+                shutil.rmtree(state_dir, ignore_errors=True)
+            if own_dir and state_dir.exists():
+                _say(request.config, f"the slurm test cluster's logs are in {state_dir}/log")
 
 
 @pytest.fixture(autouse=True)

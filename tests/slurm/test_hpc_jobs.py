@@ -3,6 +3,7 @@ whose time limit falls in the middle of the download."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from test_downloader_e2e import (ROOT, archive_members, expected_folders, series_folders,
@@ -13,10 +14,11 @@ TEMPLATE = ROOT / "tcia_downloader_hpc.sh"
 
 def submit_template(cluster, tmp_path: Path, fake, *sbatch_args: str, **variables: str) -> str:
     """sbatch the unmodified template from the project folder (as users do); its variables
-    come from the environment that sbatch exports, and --api-url passes through."""
+    come from the environment that sbatch exports, and --api-url passes through. PYTHON is
+    the interpreter running the tests (its venv's bin need not be on PATH)."""
     settings = {"COLLECTION": "DEMO", "OUTPUT_DIR": str(tmp_path / "out"),
                 "CACHE_DIR": str(tmp_path / "cache"), "TEMP_DIR": str(tmp_path / "scratch"),
-                **variables}
+                "PYTHON": sys.executable, **variables}
     export = "ALL," + ",".join(f"{k}={v}" for k, v in settings.items())
     return cluster.submit(TEMPLATE, "--api-url", fake.url, cwd=ROOT,
                           sbatch_args=["--cpus-per-task=2", f"--export={export}",

@@ -595,17 +595,22 @@ def test_cache_and_log_folders_are_private(tmp_path, fake_nbia_factory):
     assert any(n.endswith("-info.log") for n in logs) and any(n.endswith("-debug.log") for n in logs)
 
 
-def test_a_slurm_out_file_gets_summary_lines_not_bars(tmp_path, fake_nbia_factory):
-    fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
+def run_into_slurm_out(tmp_path: Path, fake, *extra: str) -> tuple[int, str]:
+    """A run whose stderr is a file, as in a slurm job: (exit code, what the file holds)."""
     slurm_out = tmp_path / "slurm-1.out"
     with open(slurm_out, "w") as stderr:
         result = subprocess.run(
             [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(tmp_path / "o"),
              "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--compression",
-             "--workers", "2", "--summary-interval", "0.3"],
+             "--workers", "2", "--summary-interval", "0.3", *extra],
             stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
-    assert result.returncode == td.EXIT_OK
-    text = slurm_out.read_text()
+    return result.returncode, slurm_out.read_text()
+
+
+def test_a_slurm_out_file_gets_summary_lines_not_bars(tmp_path, fake_nbia_factory):
+    fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
+    code, text = run_into_slurm_out(tmp_path, fake)
+    assert code == td.EXIT_OK
     assert "\r" not in text                                   # no bars in a file
     summaries = [line for line in text.splitlines() if " progress: " in line]
     assert len(summaries) >= 2
@@ -616,15 +621,8 @@ def test_a_slurm_out_file_gets_summary_lines_not_bars(tmp_path, fake_nbia_factor
 def test_log_level_warning_quietens_the_out_file_but_keeps_summaries_and_the_report(
         tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
-    slurm_out = tmp_path / "slurm-1.out"
-    with open(slurm_out, "w") as stderr:
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(tmp_path / "o"),
-             "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--compression",
-             "--workers", "2", "--summary-interval", "0.3", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
-    assert result.returncode == td.EXIT_OK
-    text = slurm_out.read_text()
+    code, text = run_into_slurm_out(tmp_path, fake, "--log-level", "warning")
+    assert code == td.EXIT_OK
     assert " done DEMO/" not in text                          # the INFO lines are gone
     assert " progress: " in text and "report for DEMO: 6 series requested" in text
     archive = (tmp_path / "o" / "DEMO.tar.xz").resolve()

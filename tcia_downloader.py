@@ -179,6 +179,7 @@ class Options:
     log_level: str
     progress: bool
     summary_interval: float
+    verify: Optional[Path] = None      # --verify: check this output instead of downloading
 
 
 EXAMPLES = """examples:
@@ -293,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
                          help="how long cached metadata answers stay fresh (default: 6)")
 
+    check = parser.add_argument_group("checking what is on disk")
+    check.add_argument("--verify", metavar="PATH",
+                       help="check an archive (.tar.xz or .part) or a folder tree this tool "
+                            "wrote, against its own MD5SUMS; no network, no journal needed")
+
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--log-level", default="INFO", type=str.upper,
                                choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -381,6 +387,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         log_level=args.log_level,
         progress=not args.no_progress,
         summary_interval=args.summary_interval,
+        verify=Path(args.verify).expanduser() if args.verify else None,
     )
 
 
@@ -398,13 +405,14 @@ def parse_selection(args: argparse.Namespace) -> Selection:
         retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
     by_name = bool(collection or selection.filters())
     ways = sum([by_name, bool(selection.manifests), bool(selection.retry_failed),
-                bool(args.list_collections)])
+                bool(args.list_collections), bool(args.verify)])
     if ways == 0:
         raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
-                         "filters such as --patient ID, or --list-collections")
+                         "filters such as --patient ID, or --list-collections (or --verify "
+                         "PATH to check an output)")
     if ways > 1:
-        raise UsageError("choose one of --collection/filters, --manifest, --retry-failed and "
-                         "--list-collections")
+        raise UsageError("choose one of --collection/filters, --manifest, --retry-failed, "
+                         "--list-collections and --verify")
     if args.update and (selection.retry_failed or args.list_collections):
         raise UsageError("--update goes with --collection, filters or --manifest")
     for path in (*selection.manifests, *([selection.retry_failed] if selection.retry_failed else [])):
@@ -2584,6 +2592,352 @@ def move_folder(folder: Path, destination: Path) -> None:
     fsync_directory(destination.parent)
 
 
+# -- checking an output: --verify ------------------------------------------------------------
+
+@dataclass
+class VerifiedMember:
+    name: str
+    size: int
+    md5: str
+    stream: int                  # which xz stream of the archive holds it (0 for a tree)
+
+
+@dataclass
+class Findings:
+    """What --verify found: the members (files), the collection files' text, problems."""
+    members: list[VerifiedMember] = field(default_factory=list)
+    texts: dict[str, bytes] = field(default_factory=dict)    # MD5SUMS*, metadata*.csv
+    problems: list[str] = field(default_factory=list)
+    streams: int = 0
+
+
+def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError(f"the file ends before byte {offset + size}")
+    return data
+
+
+def xz_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
+def xz_stream_spans(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of every xz stream in the file, found from its end as `xz --list` does:
+    a stream's footer gives the size of its index, the index the sizes of its blocks; NUL
+    padding may stand between streams. Reads a few bytes a stream. ValueError where the
+    bytes are not whole xz streams (a .part cut in an append, a damaged footer)."""
+    spans: list[tuple[int, int]] = []
+    with open(path, "rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        while end > 0:
+            while end >= 4 and read_exactly(handle, end - 4, 4) == b"\0\0\0\0":
+                end -= 4                                     # stream padding
+            footer = read_exactly(handle, end - 12, 12)
+            if footer[10:] != XZ_FOOTER_MAGIC:
+                raise ValueError(f"no xz stream ends at byte {end}")
+            index_size = (int.from_bytes(footer[4:8], "little") + 1) * 4
+            index = read_exactly(handle, end - 12 - index_size, index_size)
+            if index[0] != 0:
+                raise ValueError(f"the xz index before byte {end - 12} is damaged")
+            count, position = xz_varint(index, 1)
+            blocks = 0
+            for _ in range(count):
+                unpadded, position = xz_varint(index, position)
+                _, position = xz_varint(index, position)
+                blocks += (unpadded + 3) & ~3
+            start = end - 12 - index_size - blocks - 12
+            if start < 0 or read_exactly(handle, start, 6) != XZ_HEADER_MAGIC:
+                raise ValueError(f"the xz stream ending at byte {end} has no header")
+            spans.append((start, end))
+            end = start
+    return spans[::-1]
+
+
+class TarFragmentReader:
+    """The tar members of one xz stream of our archives (whole members, a series each; the
+    closing stream adds the end-of-archive blocks), hashed as they stream by, never written
+    to disk. Names come from ustar headers, or a pax header before them (long names)."""
+
+    KEEP = re.compile(r"(^|/)(MD5SUMS|metadata)[^/]*$")     # collection files kept as text
+
+    def __init__(self, stream: int, findings: Findings):
+        self._stream = stream
+        self._findings = findings
+        self._buffer = bytearray()
+        self._member: Optional[tuple[str, int]] = None       # (name, size) being read
+        self._content_left = 0
+        self._padding_left = 0
+        self._digest = hashlib.md5()
+        self._text: Optional[bytearray] = None
+        self._pax_name: Optional[str] = None
+        self._ended = False
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if self._member is not None:
+                if not self._take_content():
+                    return
+            elif len(self._buffer) >= TAR_BLOCK:
+                self._take_header(bytes(self._buffer[:TAR_BLOCK]))
+                del self._buffer[:TAR_BLOCK]
+            else:
+                return
+
+    def _take_header(self, block: bytes) -> None:
+        if block == tarfile.NUL * TAR_BLOCK:
+            self._ended = True                  # end-of-archive blocks and record padding
+            return
+        if self._ended:
+            raise ValueError("data after the end-of-archive blocks")
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        name = self._pax_name or info.name
+        self._pax_name = None
+        self._member = (f"{'pax:' if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE) else ''}"
+                        f"{name}", info.size)
+        self._content_left, self._padding_left = info.size, -info.size % TAR_BLOCK
+        self._digest = hashlib.md5()
+        keep = info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE) or self.KEEP.search(name)
+        self._text = bytearray() if keep else None
+
+    def _take_content(self) -> bool:
+        """Consume what the buffer holds of the current member; True when it is done."""
+        name, size = self._member
+        piece = bytes(self._buffer[:self._content_left])
+        del self._buffer[:len(piece)]
+        self._content_left -= len(piece)
+        self._digest.update(piece)
+        if self._text is not None and len(self._text) < 64 * 1024 * 1024:
+            self._text += piece
+        padding = min(self._padding_left, len(self._buffer))
+        del self._buffer[:padding]
+        self._padding_left -= padding
+        if self._content_left or self._padding_left:
+            return False
+        self._member = None
+        if name.startswith("pax:"):
+            self._pax_name = pax_path(bytes(self._text or b""))
+        else:
+            self._findings.members.append(
+                VerifiedMember(name, size, self._digest.hexdigest(), self._stream))
+            if self._text is not None:
+                self._findings.texts[name] = bytes(self._text)
+        return True
+
+    def close(self) -> None:
+        if self._member is not None or self._buffer.strip(b"\0"):
+            raise ValueError("the stream ends inside a tar member")
+
+
+def pax_path(data: bytes) -> Optional[str]:
+    """The path record of a pax extended header ("<length> path=<name>\\n" records)."""
+    position = 0
+    while position < len(data):
+        length_text, _, _ = data[position:position + 20].partition(b" ")
+        if not length_text.isdigit():
+            return None
+        record = data[position:position + int(length_text)]
+        key, _, value = record.partition(b" ")[2].partition(b"=")
+        if key == b"path":
+            return value.rstrip(b"\n").decode("utf-8", "surrogateescape")
+        position += int(length_text)
+    return None
+
+
+def check_stream(path: Path, index: int, start: int, end: int) -> Findings:
+    """Decompress one stream (its CRC64 and index checked by lzma) and read its members."""
+    found = Findings()
+    reader = TarFragmentReader(index, found)
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    try:
+        for chunk in read_range(path, start, end):
+            reader.feed(decompressor.decompress(chunk))
+        if not decompressor.eof:
+            raise ValueError("the stream is cut short")
+        reader.close()
+    except (lzma.LZMAError, EOFError, ValueError) as exc:
+        found.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: {exc}; "
+                              f"members read before: {len(found.members)}")
+    return found
+
+
+def verify_archive(path: Path) -> Findings:
+    """Every stream, on all usable cores (they are independent): its xz checks, its tar
+    headers, every member's MD5. A .part is checked up to its last whole stream."""
+    findings = Findings()
+    try:
+        spans = xz_stream_spans(path)
+    except ValueError as exc:
+        spans = journal_spans(path)
+        if spans is None:
+            findings.problems.append(f"{path.name}: {exc}; without its journal nothing "
+                                     "behind that can be located")
+            return findings
+        findings.problems.append(f"{path.name}: {exc}; the journal's streams are checked")
+    findings.streams = len(spans)
+    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
+        for part in pool.map(lambda s: check_stream(path, s[0], *s[1]), enumerate(spans)):
+            findings.members += part.members
+            findings.texts.update(part.texts)
+            findings.problems += part.problems
+    return findings
+
+
+def journal_beside(path: Path) -> Optional[Path]:
+    """<name>.tar.xz.journal beside <name>.tar.xz(.part), if it is there and readable."""
+    name = path.name[:-len(".part")] if path.name.endswith(".part") else path.name
+    journal = path.with_name(name + ".journal")
+    if not journal.exists() or not read_journal(journal)[0]:
+        return None
+    return journal
+
+
+def journal_spans(path: Path) -> Optional[list[tuple[int, int]]]:
+    """The committed streams of an archive, from its journal beside it, if there is one."""
+    journal = journal_beside(path)
+    if journal is None:
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        ends = [end for (end,) in db.execute("SELECT archive_end FROM series "
+                                             "ORDER BY archive_end")]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def journal_files(path: Path) -> Optional[dict[str, str]]:
+    """name -> MD5 of every committed file, from the journal beside a .part (which has no
+    MD5SUMS yet), if there is one."""
+    journal = journal_beside(path)
+    if journal is None:
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        return dict(db.execute("SELECT s.collection || '/' || f.name, f.md5 FROM files f "
+                               "JOIN series s ON s.uid = f.uid"))
+
+
+def verify_tree(path: Path) -> Findings:
+    """Every file of a collection folder (PATH itself, or the folders with an MD5SUMS in
+    an output), hashed on all usable cores; names as in an archive: <Collection>/..."""
+    findings = Findings()
+    collections = [path] if list(path.glob("MD5SUMS*")) else \
+        sorted(d for d in path.iterdir() if d.is_dir() and list(d.glob("MD5SUMS*")))
+    files = sorted(p for folder in collections for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+    def hashed(file: Path) -> VerifiedMember:
+        digest = hashlib.md5()
+        for chunk in read_range(file, 0, file.stat().st_size):
+            digest.update(chunk)
+        return VerifiedMember(str(file.relative_to(file_root(file, collections))),
+                              file.stat().st_size, digest.hexdigest(), 0)
+    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
+        findings.members = list(pool.map(hashed, files))
+    for member, file in zip(findings.members, files):
+        if TarFragmentReader.KEEP.search(member.name):
+            findings.texts[member.name] = file.read_bytes()
+    return findings
+
+
+def file_root(file: Path, collections: list[Path]) -> Path:
+    """The folder that holds the collection folder of file (names start <Collection>/)."""
+    return next(folder.parent for folder in collections if folder in file.parents)
+
+
+MD5SUMS_LINE = re.compile(r"^([0-9a-f]{32})  (.+)$")
+
+
+def cross_check(findings: Findings, reference: Optional[dict[str, str]] = None,
+                whole: bool = True) -> None:
+    """Members against every MD5SUMS (each line has its member with that MD5, each member
+    its line, nothing twice) and every metadata.csv's series against the series present.
+    A .part has no MD5SUMS yet (whole=False): its journal's MD5s stand in, if given."""
+    by_name: dict[str, list[VerifiedMember]] = defaultdict(list)
+    for member in findings.members:
+        by_name[member.name].append(member)
+    for name, copies in sorted(by_name.items()):
+        if len(copies) > 1:
+            findings.problems.append(f"{name} is in the archive {len(copies)} times")
+    listed: set[str] = set()
+    md5sums = sorted(n for n in findings.texts if re.search(r"(^|/)MD5SUMS[^/]*$", n))
+    if not md5sums and whole:
+        findings.problems.append("no MD5SUMS: the output is not whole (cut short?)")
+    for name, md5 in sorted((reference or {}).items()):
+        if name not in by_name:
+            findings.problems.append(f"{name}: committed in the journal, missing")
+        elif by_name[name][0].md5 != md5:
+            findings.problems.append(f"{name}: MD5 {by_name[name][0].md5}, but the journal "
+                                     f"says {md5}" + series_of(name))
+    for sums in md5sums:
+        folder = sums.rsplit("/", 1)[0] + "/" if "/" in sums else ""
+        for number, line in enumerate(findings.texts[sums].decode("utf-8", "replace")
+                                      .splitlines(), start=1):
+            match = MD5SUMS_LINE.match(line)
+            if not match:
+                findings.problems.append(f"{sums} line {number} is not an MD5SUMS line")
+                continue
+            name = folder + match[2]
+            listed.add(name)
+            if name not in by_name:
+                findings.problems.append(f"{name}: listed in {sums}, missing")
+            elif by_name[name][0].md5 != match[1]:
+                findings.problems.append(f"{name}: MD5 {by_name[name][0].md5}, but {sums} says "
+                                         f"{match[1]}" + series_of(name))
+    for name in sorted(set(by_name) - listed - set(md5sums) - set(reference or {})):
+        if md5sums or reference is not None:
+            findings.problems.append(f"{name}: in the output but in no MD5SUMS")
+    present = {name.rsplit("/", 1)[0] for name in by_name if name.count("/") == 4}
+    for csv_name in sorted(n for n in findings.texts if n.endswith(".csv")):
+        collection = csv_name.split("/")[0]
+        rows = csv.DictReader(io.StringIO(findings.texts[csv_name].decode("utf-8", "replace")))
+        for row in rows:
+            folder = f"{collection}/{row.get('Path', '')}"
+            if folder not in present:
+                findings.problems.append(f"{folder}: listed in {csv_name}, no file of it is "
+                                         "in the output")
+
+
+def series_of(name: str) -> str:
+    return f" (series {name.rsplit('/', 1)[0]})" if name.count("/") == 4 else ""
+
+
+def verify_output(path: Path) -> int:
+    """--verify: one line per problem on stdout, then a summary; 0 whole, 1 a problem,
+    2 nothing that can be checked."""
+    started = time.monotonic()
+    if path.is_dir():
+        findings, kind = verify_tree(path), "folder tree"
+        cross_check(findings)
+    elif path.is_file():
+        part = path.name.endswith(".part")
+        findings, kind = verify_archive(path), "unfinished archive" if part else "archive"
+        cross_check(findings, journal_files(path) if part else None, whole=not part)
+    else:
+        print(f"tcia_downloader: error: --verify {path}: no such file or folder",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for problem in findings.problems:
+        print(printable(problem))
+    size = sum(m.size for m in findings.members)
+    series = {m.name.rsplit("/", 1)[0] for m in findings.members if m.name.count("/") == 4}
+    elapsed = time.monotonic() - started
+    verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
+    read = path.stat().st_size if path.is_file() else size
+    print(f"{path}: {kind}, {len(series)} series, {len(findings.members)} files, "
+          f"{human_bytes(size)}" + (f" in {findings.streams} xz streams" if findings.streams
+                                    else "")
+          + f"; checked in {elapsed:.1f} s ({human_bytes(read / max(elapsed, 1e-6))}/s): "
+          + verdict)
+    return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
+
+
 # ==========================================================================================
 # 6. Orchestration
 # ==========================================================================================
@@ -3588,6 +3942,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USAGE
     log.debug("options %s", options)
     try:
+        if options.verify:
+            return verify_output(options.verify)
         return run(options, stopping, secrets)
     except Interrupted:
         return stopping.exit_code or EXIT_SIGINT

@@ -13,7 +13,7 @@ The file reads top to bottom:
     2. API client                        (TciaApi, TokenManager)
     3. planning                          (PlannedSeries, plan_collection, names)
     4. per-series work                   (download, verify, clean)
-    5. archive writing                   (Journal, TarXzTarget, DirectoryTarget)
+    5. archive writing                   (Journal, TarXzTarget, DirectoryTarget, --verify)
     6. orchestration                     (progress, workers, report, main)
 
 Exit codes (documented in the README):
@@ -2929,11 +2929,10 @@ def verify_output(path: Path) -> int:
     series = {m.name.rsplit("/", 1)[0] for m in findings.members if m.name.count("/") == 4}
     elapsed = time.monotonic() - started
     verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
-    read = path.stat().st_size if path.is_file() else size
     print(f"{path}: {kind}, {len(series)} series, {len(findings.members)} files, "
           f"{human_bytes(size)}" + (f" in {findings.streams} xz streams" if findings.streams
                                     else "")
-          + f"; checked in {elapsed:.1f} s ({human_bytes(read / max(elapsed, 1e-6))}/s): "
+          + f"; checked in {elapsed:.1f} s ({human_bytes(size / max(elapsed, 1e-6))}/s): "
           + verdict)
     return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
 

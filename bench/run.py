@@ -45,8 +45,9 @@ NCPU = len(os.sched_getaffinity(0))
 MB = 1e6
 COLLECTION = "DEMO"
 UID_RE = re.compile(r"^\d+(?:\.\d+)+")
-ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "sweep", "profile")
-DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume")
+ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "sweep",
+              "profile")
+DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify")
 
 
 def log(msg: str) -> None:
@@ -960,6 +961,40 @@ def resume_check(b: Bench, res: dict) -> None:
     b.cleanup(d)
 
 
+def verify_check(b: Bench, res: dict) -> None:
+    """--verify of an archive ours made (its streams on all cores, every member hashed),
+    against the usual check of an xz archive, `xz -dc A | tar -t > /dev/null` (one stream
+    of decompression, no hashing), both from a warm page cache; medians of --repeat."""
+    a = b.args
+    fake = Fake(b.workdir, series=a.verify_series, instances=a.instances, image_size=a.image_size,
+                seed=a.seed, first_byte_delay=0, conn_bandwidth=0, total_bandwidth=0,
+                cache=not a.no_fake_cache, label="verify")
+    try:
+        made = b.run_ours("verify_source", fake, keep_dir=True)
+    finally:
+        fake.stop()
+    archive = made.info["archive"]
+    if made.rc != 0 or not archive.exists():
+        return
+    subprocess.run(["cat", str(archive)], stdout=subprocess.DEVNULL, check=True)
+    ours, reference, summary = [], [], ""
+    for _ in range(a.repeat):
+        started = time.monotonic()
+        subprocess.run(f"xz -dc '{archive}' | tar -t > /dev/null", shell=True, check=True)
+        reference.append(time.monotonic() - started)
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, str(a.downloader), "--verify", str(archive),
+                              "--cache_dir", str(made.info["dir"] / "cache")],
+                             capture_output=True, text=True)
+        ours.append(time.monotonic() - started)
+        summary = (run.stdout.strip().splitlines() or [""])[-1]
+        if run.returncode != 0:
+            b.fail(f"verify: exit {run.returncode} on a clean archive: {summary}")
+    res["verify"] = {"ours": statistics.median(ours), "reference": statistics.median(reference),
+                     "bytes": archive.stat().st_size, "summary": summary}
+    b.cleanup(made.info["dir"])
+
+
 def report(b: Bench, res: dict) -> list[str]:
     a = b.args
     lines: list[str] = []
@@ -1107,6 +1142,13 @@ def report(b: Bench, res: dict) -> list[str]:
                 f"ours/sha256sum = {rs['ours'] / rs['sha256sum']:.2f}, ours/cat = "
                 f"{rs['ours'] / rs['cat']:.2f}")
         targets.append((rs["ours"] <= rs["sha256sum"], text + " (target: <= 1.00)"))
+    if "verify" in res:
+        vr = res["verify"]
+        targets.append((vr["reference"] >= 1.5 * vr["ours"],
+                        f"--verify of a {vr['bytes'] / MB:,.0f} MB archive {vr['ours']:.1f} s, "
+                        f"xz -dc | tar -t {vr['reference']:.1f} s: "
+                        f"{vr['reference'] / vr['ours']:.2f}x faster (target: >= 1.5x)"))
+        lines.append(f"verify: {vr['summary']}")
     if "profile" in res:
         lines.append("")
         lines += res["profile"]
@@ -1204,6 +1246,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("resume")
     g.add_argument("--resume-gib", type=float, help="size of the .part whose streams a resume "
                    "checks (default 10 GiB; quick 1)")
+    g.add_argument("--verify-series", type=int, help="series of the archive --verify checks "
+                   "(default 60: about 310 MB of DICOM; quick 12)")
     g = p.add_argument_group("sweep (extra: --only sweep)")
     g.add_argument("--sweep-series", type=int, default=40)
     g.add_argument("--sweep-repeat", type=int, default=2)
@@ -1220,6 +1264,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a.big_instances = a.big_instances or (600 if a.quick else 4000)
     a.scale_series = a.scale_series or (5000 if a.quick else 50000)
     a.resume_gib = a.resume_gib or (1 if a.quick else 10)
+    a.verify_series = a.verify_series or (12 if a.quick else 60)
     a.sweep_workers = [int(x) for x in a.sweep_workers.split(",") if x]
     a.sweep_presets = [int(x) for x in a.sweep_presets.split(",") if x]
     a.sweep_chunks = [int(x) for x in a.sweep_chunks.split(",") if x]
@@ -1263,6 +1308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             scale(b, res)
         if "resume" in a.only:
             resume_check(b, res)
+        if "verify" in a.only:
+            verify_check(b, res)
         if "sweep" in a.only:
             sweep(b, res)
     except KeyboardInterrupt:

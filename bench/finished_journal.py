@@ -67,12 +67,15 @@ def main() -> int:
         members[s.uid] = td.Member(entry=name, name=name, size=len(data), md5=hashlib.md5(data).hexdigest())
         writer.add_file(f"{s.collection}/{s.path}/{name}", len(data), mtime, lambda sink, d=data: sink(d))
     writer.close()
-    archive_end = target._append(td.Prepared(stream))
+    appended = target._append(td.Prepared(stream))
+    # 0.4 returns (end, sha256 of the stream); 0.3 the end alone
+    archive_end, stream_sha = appended if isinstance(appended, tuple) else (appended, None)
     stream.unlink()
     tar_end = writer.tar_bytes
     for s in planned:
         verified = td.VerifiedZip(path=stream, members=[members[s.uid]], license_text=None, dropped=[])
-        journal.record(s, verified, archive_end, tar_end)
+        journal.record(s, verified, archive_end, tar_end,
+                       *([stream_sha] if stream_sha else []))
     journal._db.execute("PRAGMA synchronous=FULL")
     with open(journal.path, "rb") as handle:
         os.fsync(handle.fileno())

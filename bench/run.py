@@ -44,7 +44,8 @@ CLK = os.sysconf("SC_CLK_TCK")
 NCPU = len(os.sched_getaffinity(0))
 MB = 1e6
 COLLECTION = "DEMO"
-UID_RE = re.compile(r"^\d+(?:\.\d+)+")
+# A series' scratch files: named by its UID up to 0.3, by the tool (series-N.zip) since 0.4.
+UID_RE = re.compile(r"^(?:\d+(?:\.\d+)+|series-\d+)")
 ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "sweep",
               "profile")
 DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify")
@@ -135,7 +136,7 @@ def cpu_speed() -> float:
 
 
 def scan_dir(root: Path) -> tuple[int, int, dict[str, int]]:
-    """(bytes of files, entries (files and folders: inodes), files per series UID)."""
+    """(bytes of files, entries (files and folders: inodes), files per series)."""
     size = entries = 0
     per_series: dict[str, int] = {}
     stack = [(root, None)]

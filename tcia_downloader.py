@@ -3707,6 +3707,28 @@ def still_on_disk(options: Options, plan: Plan, committed: dict[str, str],
     return present, finished and whole
 
 
+def finished_archive_damage(options: Options, plan: Plan) -> Optional[str]:
+    """What is wrong with a finished archive, from what is cheap to check on a rerun: its
+    size, and its last series' stream against the journal (an archive cut short, or
+    overwritten at its end). Reading all of it is --verify's job."""
+    final = options.output / f"{plan.name}.tar.xz"
+    journal = plan.journal(options)
+    if not options.compression or not journal.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        closing = db.execute("SELECT value FROM meta WHERE key='closing_end'").fetchone()
+        last = db.execute("SELECT archive_end, stream_sha256 FROM series "
+                          "ORDER BY archive_end DESC LIMIT 2").fetchall()
+    size = final.stat().st_size
+    if closing and int(closing[0]) != size:
+        return f"{final} is {size} bytes, but its journal says {closing[0]}: it changed"
+    if last and last[0][1]:
+        start = last[1][0] if len(last) > 1 else 0
+        if stream_sha256(final, start, last[0][0]) != last[0][1]:
+            return f"the last series' stream in {final} is not the one that was appended"
+    return None
+
+
 def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
     """A run killed after its output was finished leaves its lock file and its scratch;
     the run that finds the output finished removes them, unless a run still uses them."""
@@ -3758,7 +3780,15 @@ def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
     for line in describe_plan(plan, todo, options):
         log.info("%s", line)
     if finished:
-        log.info("%s is finished; nothing to do", plan.name)
+        damage = finished_archive_damage(options, plan)
+        if damage:
+            log.error("%s; --verify %s says what is damaged", damage,
+                      (options.output / f"{plan.name}.tar.xz").resolve())
+            return EXIT_INCOMPLETE
+        log.info("%s is finished; nothing to do%s", plan.name,
+                 f" (its size and last stream match the journal; --verify "
+                 f"{(options.output / f'{plan.name}.tar.xz').resolve()} reads all of it)"
+                 if options.compression else "")
         if not options.dry_run:
             tidy_after_a_late_kill(options, plan)
         if todo:

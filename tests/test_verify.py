@@ -132,3 +132,27 @@ def test_verify_of_nothing_is_bad_usage(tmp_path, capsys):
     assert td.main(["--verify", str(tmp_path / "nope.tar.xz"), "--cache_dir",
                     str(tmp_path / "c")]) == td.EXIT_USAGE
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_a_rerun_of_a_finished_archive_checks_what_is_cheap(tmp_path, fake_nbia_factory):
+    """'Nothing to do' without reading the archive, but its size and last series' stream
+    are checked against the journal: 0.3 said 'finished' of an archive cut short."""
+    fake = fake_nbia_factory(demo_series=4)
+    assert Run(tmp_path, fake).code == td.EXIT_OK
+    archive = tmp_path / "out" / "DEMO.tar.xz"
+    again = Run(tmp_path, fake)
+    assert again.code == td.EXIT_OK and f"--verify {archive.resolve()} reads all of it" in again.log
+
+    spans = td.xz_stream_spans(archive)
+    start, end = spans[-2]                             # the last series' stream
+    original = archive.read_bytes()
+    damaged = bytearray(original)
+    damaged[(start + end) // 2] ^= 0xFF
+    archive.write_bytes(bytes(damaged))
+    rerun = Run(tmp_path, fake)
+    assert rerun.code == td.EXIT_INCOMPLETE
+    assert "the last series' stream" in rerun.log and "--verify" in rerun.log
+
+    archive.write_bytes(original[:-512])
+    rerun = Run(tmp_path, fake)
+    assert rerun.code == td.EXIT_INCOMPLETE and "but its journal says" in rerun.log

@@ -2784,12 +2784,26 @@ def verify_archive(path: Path) -> Findings:
             return findings
         findings.problems.append(f"{path.name}: {exc}; the journal's streams are checked")
     findings.streams = len(spans)
+    series_at = journal_series_ends(path)
     with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
-        for part in pool.map(lambda s: check_stream(path, s[0], *s[1]), enumerate(spans)):
+        checked = pool.map(lambda s: check_stream(path, s[0], *s[1]), enumerate(spans))
+        for (_, end), part in zip(spans, checked):
             findings.members += part.members
             findings.texts.update(part.texts)
-            findings.problems += part.problems
+            findings.problems += [f"{problem} (series {series_at[end]}, from the journal)"
+                                  if end in series_at else problem for problem in part.problems]
     return findings
+
+
+def journal_series_ends(path: Path) -> dict[int, str]:
+    """Where each committed series' stream ends -> its <Collection>/<path>, from the journal
+    beside the archive (none at another site: then problems name streams only)."""
+    journal = journal_beside(path)
+    if journal is None:
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        return {end: f"{collection}/{where}" for end, collection, where in
+                db.execute("SELECT archive_end, collection, path FROM series")}
 
 
 def journal_beside(path: Path) -> Optional[Path]:

@@ -59,7 +59,9 @@ def test_a_flipped_byte_names_its_stream_and_the_series_it_holds(made, capsys):
         handle.write(bytes([byte[0] ^ 0x01]))
     code, lines = verify(archive, capsys)
     assert code == td.EXIT_INCOMPLETE
-    assert any(line.startswith(f"stream 3 (bytes {start}-{end}) is damaged") for line in lines)
+    damaged = [line for line in lines if line.startswith(f"stream 3 (bytes {start}-{end}) is "
+                                                         "damaged")]
+    assert len(damaged) == 1 and damaged[0].endswith(", from the journal)")   # names the series
     assert any("listed in DEMO/MD5SUMS, missing" in line for line in lines)
     assert lines[-1].endswith("problem(s)")
 

@@ -266,33 +266,37 @@ def test_sigterm_during_a_hung_metadata_request_exits_promptly(tmp_path, fake_nb
     # A stall timeout far beyond the bound: only the signal can end the request in time.
     process = start_subprocess(fake, tmp_path / "out", tmp_path / "cache",
                                "--stall-timeout", "60")
-    try:
-        wait_until(lambda: fake._connections, 30, "the downloader's first request")
+
+    def request_in_flight() -> bool:
         if hang == "trickle":          # its answer has begun, at a byte per second
-            wait_until(lambda: fake.counters.requests("getSeries") >= 1, 30, "getSeries")
+            return fake.counters.requests("getSeries") >= 1
+        return bool(fake._connections)
+
+    elapsed, errors = sigterm_once(process, request_in_flight, "the hung request")
+    assert process.returncode == td.EXIT_SIGTERM, errors
+    assert elapsed < 5, elapsed
+    no_traceback(errors)
+
+
+def sigterm_once(process, ready, what: str) -> tuple[float, str]:
+    """SIGTERM once ready() holds: (seconds from the signal to the exit, stderr)."""
+    try:
+        wait_until(ready, 60, what)
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
     finally:
         errors = finish(process, 30)
-    elapsed = time.monotonic() - sent
-    assert process.returncode == td.EXIT_SIGTERM, errors
-    assert elapsed < 5, elapsed
-    no_traceback(errors)
+    return time.monotonic() - sent, errors
 
 
 def test_sigterm_with_several_series_in_flight_is_clean(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(instances=8, image_size=128, conn_bandwidth=100_000)
     output = tmp_path / "out"
     process = start_subprocess(fake, output, tmp_path / "cache", "--workers", "4")
-    try:
-        # the metadata connection stays open (keep-alive): 3 means 2 or more zips in flight
-        wait_until(lambda: len(journal_uids(output)) >= 2 and len(fake._connections) >= 3,
-                   60, "two commits and downloads in flight")
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-    finally:
-        errors = finish(process, 30)
-    elapsed = time.monotonic() - sent
+    # the metadata connection stays open (keep-alive): 3 means 2 or more zips in flight
+    elapsed, errors = sigterm_once(
+        process, lambda: len(journal_uids(output)) >= 2 and len(fake._connections) >= 3,
+        "two commits and downloads in flight")
     assert process.returncode == td.EXIT_SIGTERM, errors
     assert elapsed < 10, elapsed
     no_traceback(errors)

@@ -180,6 +180,7 @@ class Options:
     progress: bool
     summary_interval: float
     verify: Optional[Path] = None      # --verify: check this output instead of downloading
+    extract: Optional[Path] = None     # --extract: write (part of) this archive into output
 
 
 EXAMPLES = """examples:
@@ -209,6 +210,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# The filters on a selection: flag -> the getSeries parameter (and metadata.csv column).
+FILTER_FLAGS = {"--patient": "PatientID", "--study-uid": "StudyInstanceUID",
+                "--series-uid": "SeriesInstanceUID", "--modality": "Modality",
+                "--body-part": "BodyPartExamined"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="tcia_downloader.py",
@@ -222,13 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--manifest", action="append", default=[], metavar="FILE.tcia",
                       help="exactly the series of a .tcia manifest from the TCIA portal "
                            "(repeatable; may span collections)")
-    filters = [("--patient", "PatientID"), ("--study-uid", "StudyInstanceUID"),
-               ("--series-uid", "SeriesInstanceUID"), ("--modality", "Modality"),
-               ("--body-part", "BodyPartExamined")]
-    for flag, parameter in filters:
-        what.add_argument(flag, nargs="+", action="extend", default=[], metavar="VALUE",
-                          help=f"only series with one of these {parameter} values "
-                               "(with or without --collection)")
+    for flag, parameter in FILTER_FLAGS.items():
+        aliases = ["--series"] if flag == "--series-uid" else []
+        what.add_argument(flag, *aliases, nargs="+", action="extend", default=[],
+                          metavar="VALUE", help=f"only series with one of these {parameter} "
+                                                "values (with or without --collection)")
     what.add_argument("--update", action="store_true",
                       help="after a complete archive: only the series published since, into "
                            "<name>.update-<YYYY-MM-DD>.tar.xz")
@@ -298,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--verify", metavar="PATH",
                        help="check an archive (.tar.xz or .part) or a folder tree this tool "
                             "wrote, against its own MD5SUMS; no network, no journal needed")
+    check.add_argument("--extract", metavar="ARCHIVE",
+                       help="write the files of an archive into --output, verified against "
+                            "its MD5SUMS; with --series-uid/--patient/--study-uid (or "
+                            "--modality, --body-part, --collection) only those series, "
+                            "decompressing only their streams")
 
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--log-level", default="INFO", type=str.upper,
@@ -388,6 +398,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         progress=not args.no_progress,
         summary_interval=args.summary_interval,
         verify=Path(args.verify).expanduser() if args.verify else None,
+        extract=Path(args.extract).expanduser() if args.extract else None,
     )
 
 
@@ -404,15 +415,19 @@ def parse_selection(args: argparse.Namespace) -> Selection:
         body_parts=tuple(args.body_part),
         retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
     by_name = bool(collection or selection.filters())
-    ways = sum([by_name, bool(selection.manifests), bool(selection.retry_failed),
-                bool(args.list_collections), bool(args.verify)])
+    ways = sum([by_name and not args.extract, bool(selection.manifests),
+                bool(selection.retry_failed), bool(args.list_collections), bool(args.verify),
+                bool(args.extract)])
     if ways == 0:
         raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
                          "filters such as --patient ID, or --list-collections (or --verify "
-                         "PATH to check an output)")
+                         "PATH to check an output, --extract ARCHIVE to unpack one)")
     if ways > 1:
         raise UsageError("choose one of --collection/filters, --manifest, --retry-failed, "
-                         "--list-collections and --verify")
+                         "--list-collections, --verify and --extract (which takes filters)")
+    if args.extract and (args.update or args.dry_run or args.shard not in (None, "none")):
+        raise UsageError("--extract takes filters (--series-uid, --patient, --study-uid, "
+                         "--modality, --body-part, --collection) and --output, nothing else")
     if args.update and (selection.retry_failed or args.list_collections):
         raise UsageError("--update goes with --collection, filters or --manifest")
     for path in (*selection.manifests, *([selection.retry_failed] if selection.retry_failed else [])):
@@ -2604,11 +2619,13 @@ class VerifiedMember:
 
 @dataclass
 class Findings:
-    """What --verify found: the members (files), the collection files' text, problems."""
+    """What --verify (or --extract) found: the members (files), the collection files'
+    text, problems."""
     members: list[VerifiedMember] = field(default_factory=list)
     texts: dict[str, bytes] = field(default_factory=dict)    # MD5SUMS*, metadata*.csv
     problems: list[str] = field(default_factory=list)
     streams: int = 0
+    extracted: list[VerifiedMember] = field(default_factory=list)   # --extract: written
 
 
 def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
@@ -2669,9 +2686,12 @@ class TarFragmentReader:
 
     KEEP = re.compile(r"(^|/)(MD5SUMS|metadata)[^/]*$")     # collection files kept as text
 
-    def __init__(self, stream: int, findings: Findings):
+    def __init__(self, stream: int, findings: Findings,
+                 output: Optional["MemberOutput"] = None):
         self._stream = stream
         self._findings = findings
+        self._output = output              # --extract: where members go (None: nowhere)
+        self._writing = False
         self._buffer = bytearray()
         self._member: Optional[tuple[str, int]] = None       # (name, size) being read
         self._content_left = 0
@@ -2706,8 +2726,10 @@ class TarFragmentReader:
                         f"{name}", info.size)
         self._content_left, self._padding_left = info.size, -info.size % TAR_BLOCK
         self._digest = hashlib.md5()
-        keep = info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE) or self.KEEP.search(name)
-        self._text = bytearray() if keep else None
+        pax = info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE)
+        self._text = bytearray() if pax or self.KEEP.search(name) else None
+        if self._output is not None and not pax:
+            self._writing = self._output.begin(info, name)
 
     def _take_content(self) -> bool:
         """Consume what the buffer holds of the current member; True when it is done."""
@@ -2716,6 +2738,8 @@ class TarFragmentReader:
         del self._buffer[:len(piece)]
         self._content_left -= len(piece)
         self._digest.update(piece)
+        if self._writing:
+            self._output.write(piece)
         if self._text is not None and len(self._text) < 64 * 1024 * 1024:
             self._text += piece
         padding = min(self._padding_left, len(self._buffer))
@@ -2727,8 +2751,11 @@ class TarFragmentReader:
         if name.startswith("pax:"):
             self._pax_name = pax_path(bytes(self._text or b""))
         else:
-            self._findings.members.append(
-                VerifiedMember(name, size, self._digest.hexdigest(), self._stream))
+            member = VerifiedMember(name, size, self._digest.hexdigest(), self._stream)
+            if self._writing:
+                self._writing = False
+                self._output.end(member)
+            self._findings.members.append(member)
             if self._text is not None:
                 self._findings.texts[name] = bytes(self._text)
         return True
@@ -2736,6 +2763,12 @@ class TarFragmentReader:
     def close(self) -> None:
         if self._member is not None or self._buffer.strip(b"\0"):
             raise ValueError("the stream ends inside a tar member")
+
+    def abort(self) -> None:
+        """The stream is damaged: a member being written is not kept."""
+        if self._writing:
+            self._writing = False
+            self._output.abort()
 
 
 def pax_path(data: bytes) -> Optional[str]:
@@ -2753,10 +2786,12 @@ def pax_path(data: bytes) -> Optional[str]:
     return None
 
 
-def check_stream(path: Path, index: int, start: int, end: int) -> Findings:
-    """Decompress one stream (its CRC64 and index checked by lzma) and read its members."""
+def check_stream(path: Path, index: int, start: int, end: int,
+                 output: Optional[Callable[[Findings], "MemberOutput"]] = None) -> Findings:
+    """Decompress one stream (its CRC64 and index checked by lzma) and read its members;
+    with output, also write them (--extract)."""
     found = Findings()
-    reader = TarFragmentReader(index, found)
+    reader = TarFragmentReader(index, found, output(found) if output else None)
     decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
     try:
         for chunk in read_range(path, start, end):
@@ -2764,9 +2799,13 @@ def check_stream(path: Path, index: int, start: int, end: int) -> Findings:
         if not decompressor.eof:
             raise ValueError("the stream is cut short")
         reader.close()
-    except (lzma.LZMAError, EOFError, ValueError) as exc:
+    except (lzma.LZMAError, EOFError, ValueError, tarfile.TarError) as exc:
+        reader.abort()
         found.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: {exc}; "
                               f"members read before: {len(found.members)}")
+    except OSError:
+        reader.abort()                  # --extract cannot write: no half file stays behind
+        raise
     return found
 
 
@@ -2948,6 +2987,307 @@ def verify_output(path: Path) -> int:
                                     else "")
           + f"; checked in {elapsed:.1f} s ({human_bytes(size / max(elapsed, 1e-6))}/s): "
           + verdict)
+    return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
+
+
+# -- using an archive: --extract --------------------------------------------------------------
+
+class MemberOutput(Protocol):
+    """Where a TarFragmentReader puts the members it reads (--extract)."""
+
+    def begin(self, info: tarfile.TarInfo, name: str) -> bool: ...    # False: not written
+
+    def write(self, data: bytes) -> None: ...
+
+    def end(self, member: VerifiedMember) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+TAR_KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
+             tarfile.DIRTYPE: "folder", tarfile.CHRTYPE: "character device",
+             tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
+
+
+def unsafe_member(info: tarfile.TarInfo, name: str) -> Optional[str]:
+    """Why a member must not be written under the extraction folder, or None. The rules of
+    tarfile's `data` filter, stricter where our archives never need more: regular files
+    only (no links, devices or modes to honour), no absolute path, no `..`."""
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return f"a {TAR_KINDS.get(info.type, 'special file')}, not a regular file"
+    if not name.strip("/") or "\0" in name or name.startswith("/"):
+        return "an absolute or empty path"
+    if ".." in name.split("/"):
+        return "a path that leaves the folder (..)"
+    return None
+
+
+def inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+class TreeWriter:
+    """Writes the members of one stream under a folder. Each goes to a hidden file beside
+    its place and is renamed into place only when its MD5 is the one MD5SUMS lists, so the
+    folder never shows a file that was not verified, even after a kill."""
+
+    def __init__(self, folder: Path, expected: Optional[dict[str, str]], findings: Findings,
+                 stream: int):
+        self._folder = os.path.realpath(folder)
+        self._expected = expected         # name -> MD5; None: xz's own checks only
+        self._findings = findings
+        self._stream = stream
+        self._file: Optional[io.BufferedWriter] = None
+        self._target = self._scratch = Path()
+        self._mtime = 0
+
+    def begin(self, info: tarfile.TarInfo, name: str) -> bool:
+        reason = unsafe_member(info, name)
+        target = Path(self._folder, name)
+        # realpath resolves the links that already exist on the way: a folder in DIR that
+        # is a symbolic link elsewhere must not carry a member out (checked before mkdir).
+        if reason is None and not inside(os.path.realpath(target.parent), self._folder):
+            reason = "a path through a symbolic link that leaves the folder"
+        if reason is not None:
+            if info.type != tarfile.DIRTYPE:       # folders come from the files' paths
+                self._findings.problems.append(f"{name}: {reason}; refused")
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._target, self._mtime = target, int(info.mtime)
+        self._scratch = target.with_name(f".{target.name}.{self._stream}.tcia-extract")
+        descriptor = os.open(self._scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                             getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self._file = os.fdopen(descriptor, "wb")
+        return True
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def end(self, member: VerifiedMember) -> None:
+        self._file.close()
+        self._file = None
+        expected = None if self._expected is None else self._expected.get(member.name)
+        if self._expected is not None and expected != member.md5:
+            self._scratch.unlink()
+            why = "in no MD5SUMS" if expected is None else \
+                f"MD5 {member.md5}, but MD5SUMS says {expected}"
+            self._findings.problems.append(f"{member.name}: {why}{series_of(member.name)}; "
+                                           "not extracted")
+            return
+        os.utime(self._scratch, (self._mtime, self._mtime))
+        os.replace(self._scratch, self._target)
+        self._findings.extracted.append(member)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._scratch.unlink(missing_ok=True)
+
+
+@dataclass
+class ArchiveMap:
+    """What --extract learns of an archive before it decompresses a series: where its
+    streams are, the series folder of each, the rows of its metadata.csv (or journal),
+    and the MD5 each file must have."""
+    spans: list[tuple[int, int]]
+    folders: dict[int, str]                   # stream -> <Collection>/<series path>
+    rows: list[dict]                          # with "_folder": <Collection>/<series path>
+    expected: Optional[dict[str, str]]        # name -> MD5 (None: no MD5SUMS, no journal)
+    closing: Optional[int] = None             # the stream with LICENSE, metadata, MD5SUMS
+    read: int = 0                             # compressed bytes read to learn all this
+    problems: list[str] = field(default_factory=list)
+
+
+def first_member_name(path: Path, start: int, end: int) -> tuple[Optional[str], int]:
+    """The name of a stream's first member, decompressing only its first kilobytes; and
+    how many compressed bytes that took."""
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    data, read = bytearray(), 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while read < end - start and not decompressor.eof:
+            chunk = handle.read(min(16 * 1024, end - start - read))
+            if not chunk:
+                break
+            read += len(chunk)
+            data += decompressor.decompress(chunk, max_length=256 * 1024)
+            name = tar_header_name(bytes(data))
+            if name is not None or len(data) >= 256 * 1024:
+                return name, read
+    return tar_header_name(bytes(data)), read
+
+
+def tar_header_name(data: bytes) -> Optional[str]:
+    """The name the first (pax and) ustar header of data gives, once data holds them."""
+    if len(data) < TAR_BLOCK:
+        return None
+    info = tarfile.TarInfo.frombuf(data[:TAR_BLOCK], "utf-8", "surrogateescape")
+    if info.type not in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+        return info.name
+    header_end = TAR_BLOCK + info.size + -info.size % TAR_BLOCK
+    if len(data) < header_end + TAR_BLOCK:
+        return None
+    return pax_path(data[TAR_BLOCK:TAR_BLOCK + info.size]) or tar_header_name(data[header_end:])
+
+
+def map_archive(path: Path) -> ArchiveMap:
+    """Streams from the file itself (or its journal, for a .part cut inside an append);
+    each stream's series from the journal beside it, else from its first tar header; the
+    closing stream decompressed whole (it is small) for MD5SUMS and metadata.csv."""
+    problems: list[str] = []
+    try:
+        spans = xz_stream_spans(path)
+    except ValueError as exc:
+        spans = journal_spans(path) or []
+        problems.append(f"{path.name}: {exc}; " + ("the journal's streams are used" if spans
+                                                     else "no journal beside it to say more"))
+    archive = ArchiveMap(spans, {}, [], None, problems=problems)
+    if spans and not path.name.endswith(".part"):
+        archive.closing = len(spans) - 1
+        closing = check_stream(path, archive.closing, *spans[-1])
+        archive.read += spans[-1][1] - spans[-1][0]
+        archive.problems += closing.problems
+        archive.rows = metadata_rows(closing.texts)
+        archive.expected = md5sums_table(closing.texts)
+    else:
+        archive.rows = journal_records(path) or []
+        archive.expected = journal_files(path)
+    ends = journal_series_ends(path)
+    for index, (start, end) in enumerate(spans):
+        if index == archive.closing:
+            continue
+        if end in ends:
+            archive.folders[index] = ends[end]
+            continue
+        try:
+            name, read = first_member_name(path, start, end)
+        except (lzma.LZMAError, EOFError, tarfile.TarError) as exc:
+            name, read = None, 0
+            archive.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: "
+                                    f"{exc}")
+        archive.read += read
+        if name is not None:
+            archive.folders[index] = name.rsplit("/", 1)[0]
+    return archive
+
+
+def metadata_rows(texts: dict[str, bytes]) -> list[dict]:
+    """The rows of every metadata*.csv, each with its series folder as "_folder"."""
+    rows = []
+    for name in sorted(n for n in texts if n.endswith(".csv")):
+        collection = name.split("/")[0]
+        for row in csv.DictReader(io.StringIO(texts[name].decode("utf-8", "replace"))):
+            rows.append({**row, "_folder": f"{collection}/{row.get('Path', '')}"})
+    return rows
+
+
+def md5sums_table(texts: dict[str, bytes]) -> Optional[dict[str, str]]:
+    """name -> MD5 from every MD5SUMS* (and each MD5SUMS' own MD5, as it was read)."""
+    table: dict[str, str] = {}
+    for name in (n for n in texts if re.search(r"(^|/)MD5SUMS[^/]*$", n)):
+        folder = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+        table[name] = hashlib.md5(texts[name]).hexdigest()
+        for line in texts[name].decode("utf-8", "replace").splitlines():
+            match = MD5SUMS_LINE.match(line)
+            if match:
+                table[folder + match[2]] = match[1]
+    return table or None
+
+
+def journal_records(path: Path) -> Optional[list[dict]]:
+    """The getSeries record of every committed series, from the journal beside a .part."""
+    journal = journal_beside(path)
+    if journal is None:
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        return [{**json.loads(record), "_folder": f"{collection}/{where}"} for
+                collection, where, record in db.execute(
+                    "SELECT collection, path, record FROM series")]
+
+
+def selected_folders(rows: list[dict], selection: Selection) -> tuple[set[str], list[str]]:
+    """The series folders a selection names, and what it names that the archive lacks."""
+    wanted = {column: set(values) for column, values in selection.filters().items()}
+    if selection.collection:
+        wanted["Collection"] = {selection.collection.lower()}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        for column in wanted:
+            seen[column].add((row.get(column) or "").lower() if column == "Collection"
+                             else row.get(column) or "")
+    chosen = {row["_folder"] for row in rows if all(
+        ((row.get(c) or "").lower() if c == "Collection" else row.get(c)) in values
+        for c, values in wanted.items())}
+    flags = {**{p: f for f, p in FILTER_FLAGS.items()}, "Collection": "--collection"}
+    absent = [f"{flags[column]} {value}" for column, values in wanted.items()
+              for value in sorted(values - seen[column])]
+    return chosen, absent
+
+
+def extract_output(path: Path, selection: Selection, folder: Path) -> int:
+    """--extract: the selected series (all without a selection) and the collection files,
+    written under folder and verified; one line per problem, then a summary. 0 all
+    written and verified, 1 a problem, 2 bad usage (no such archive, nothing selected)."""
+    started = time.monotonic()
+    if not path.is_file():
+        print(f"tcia_downloader: error: --extract {path}: no such archive", file=sys.stderr)
+        return EXIT_USAGE
+    archive = map_archive(path)
+    everything = not (selection.filters() or selection.collection)
+    chosen, absent = selected_folders(archive.rows, selection)
+    if not everything and (absent or not chosen):
+        why = ", ".join(absent) if absent else "the selection"
+        source = "metadata.csv" if archive.closing is not None else "journal"
+        print(f"tcia_downloader: error: {why}: no series of {path.name} matches (its "
+              f"{source} lists {len(archive.rows)} series)", file=sys.stderr)
+        return EXIT_USAGE
+    streams = [i for i in range(len(archive.spans)) if everything or i == archive.closing
+               or archive.folders.get(i) in chosen]
+    if archive.expected is None:
+        archive.problems.append(f"{path.name} has no MD5SUMS and no journal beside it: files "
+                                "are checked by xz's CRC64 only")
+    folder.mkdir(parents=True, exist_ok=True)
+    findings = Findings(streams=len(streams), problems=list(archive.problems))
+
+    def extract(index: int) -> Findings:
+        return check_stream(path, index, *archive.spans[index], output=lambda found:
+                            TreeWriter(folder, archive.expected, found, index))
+    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
+        for part in pool.map(extract, streams):
+            findings.members += part.members
+            findings.extracted += part.extracted
+            findings.problems += part.problems
+    report_missing(findings, archive, None if everything else chosen)
+    read = archive.read + sum(archive.spans[i][1] - archive.spans[i][0] for i in streams
+                              if i != archive.closing)
+    return summarise_extract(path, folder, findings, archive, read, time.monotonic() - started)
+
+
+def report_missing(findings: Findings, archive: ArchiveMap, chosen: Optional[set[str]]) -> None:
+    """Files MD5SUMS lists in the extracted series that no stream held; files twice."""
+    counts: dict[str, int] = defaultdict(int)
+    for member in findings.members:
+        counts[member.name] += 1
+    findings.problems += [f"{name} is in the archive {count} times" for name, count in
+                          sorted(counts.items()) if count > 1]
+    for name in sorted(archive.expected or {}):
+        if name not in counts and (chosen is None or name.rsplit("/", 1)[0] in chosen):
+            findings.problems.append(f"{name}: listed in MD5SUMS, missing from the archive")
+
+
+def summarise_extract(path: Path, folder: Path, findings: Findings, archive: ArchiveMap,
+                      read: int, elapsed: float) -> int:
+    for problem in findings.problems:
+        print(printable(problem))
+    size = sum(m.size for m in findings.extracted)
+    series = {m.name.rsplit("/", 1)[0] for m in findings.extracted if m.name.count("/") == 4}
+    verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
+    total = archive.spans[-1][1] if archive.spans else 0
+    print(f"{path} -> {folder.resolve()}: {len(series)} series, {len(findings.extracted)} "
+          f"files, {human_bytes(size)} from {findings.streams} of {len(archive.spans)} xz "
+          f"streams (read {human_bytes(read)} of {human_bytes(total)}) in {elapsed:.1f} s: "
+          f"{verdict}")
     return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
 
 
@@ -3987,6 +4327,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if options.verify:
             return verify_output(options.verify)
+        if options.extract:
+            return extract_output(options.extract, options.selection, options.output)
         return run(options, stopping, secrets)
     except Interrupted:
         return stopping.exit_code or EXIT_SIGINT

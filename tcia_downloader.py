@@ -72,7 +72,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 try:
     import requests
@@ -96,6 +96,7 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
+DEFAULT_DOI_RESOLVER = "https://doi.org/"
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_CACHE_DIR = "~/.cache/tcia_downloader"
 # xz preset 1 compresses CT about 6x faster than preset 6 for about 10 % more output
@@ -181,6 +182,7 @@ class Options:
     summary_interval: float
     verify: Optional[Path] = None      # --verify: check this output instead of downloading
     extract: Optional[Path] = None     # --extract: write (part of) this archive into output
+    doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
 
 
 EXAMPLES = """examples:
@@ -296,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
     network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
                          help="give up a connection attempt after this long (default: 30)")
+    network.add_argument("--doi-resolver", metavar="URL",
+                         default=os.environ.get("TCIA_DOI_RESOLVER", DEFAULT_DOI_RESOLVER),
+                         help="where CITATION.md's BibTeX comes from, by content negotiation; "
+                              "'none': DOI links only (default: $TCIA_DOI_RESOLVER or "
+                              f"{DEFAULT_DOI_RESOLVER})")
     network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
                          help="how long cached metadata answers stay fresh (default: 6)")
 
@@ -354,6 +361,9 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     selection = parse_selection(args)
     for flag, low, high, unit in NUMERIC_FLAGS:
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)
+    if args.doi_resolver.lower() != "none" and \
+            urlsplit(args.doi_resolver).scheme not in ("http", "https"):
+        raise UsageError(f"--doi-resolver {args.doi_resolver!r}: give an http(s) URL or none")
     if urlsplit(args.api_url).scheme not in ("http", "https"):
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
     if args.proxy and urlsplit(args.proxy).scheme not in ("http", "https"):
@@ -399,6 +409,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         summary_interval=args.summary_interval,
         verify=Path(args.verify).expanduser() if args.verify else None,
         extract=Path(args.extract).expanduser() if args.extract else None,
+        doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
     )
 
 
@@ -1122,6 +1133,63 @@ class ImageEndpoint:
                 log.info("this server %s; using getImageWithMD5Hash for the rest of the run", why)
 
 
+class DoiResolver:
+    """BibTeX for DOIs from doi.org by content negotiation: the one request of a run that
+    is not to NBIA. Best effort and bounded: a cluster without a route to doi.org still
+    finishes its archive, whose CITATION.md then gives the DOI links only."""
+
+    BUDGET = 30.0                 # seconds for all the DOIs of a run
+    LIMIT = 64 * 1024             # a BibTeX entry is a few hundred bytes
+
+    def __init__(self, base_url: str, watchdog: TransferWatchdog, transport: dict[str, object],
+                 connect_timeout: float):
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self._session = watched_session(requests.Session(), watchdog,
+                                        f"tcia_downloader/{__version__}")
+        self._transport = transport
+        self._connect_timeout = min(connect_timeout, 10.0)
+
+    def bibtex(self, dois: list[str]) -> dict[str, str]:
+        """doi -> its BibTeX entry, for those the resolver gave within the budget."""
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + self.BUDGET
+        with self._session:
+            for doi in dois:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.info("no more time for BibTeX from %s; CITATION.md gives links for "
+                             "the other DOIs", self.base_url)
+                    break
+                try:
+                    entry = self._entry(doi, min(self._connect_timeout, left), min(10.0, left))
+                except requests.RequestException as exc:
+                    log.info("%s cannot be reached (%s): CITATION.md gives DOI links only",
+                             self.base_url, type(exc).__name__)
+                    log.debug("BibTeX request for %s failed", doi, exc_info=True)
+                    break
+                if entry:
+                    found[doi] = entry
+        return found
+
+    def _entry(self, doi: str, connect: float, read: float) -> Optional[str]:
+        response = self._session.get(
+            self.base_url + quote(doi, safe="/"), stream=True, timeout=(connect, read),
+            headers={"Accept": "application/x-bibtex; charset=utf-8"}, **self._transport)
+        with response:
+            body = bytearray()
+            for chunk in response.iter_content(8192):
+                body += chunk
+                if len(body) > self.LIMIT:
+                    break
+        text = bytes(body).decode("utf-8", "replace").strip()
+        if response.status_code != 200 or len(body) > self.LIMIT or not text.startswith("@"):
+            log.info("no BibTeX for %s (HTTP %d); CITATION.md links it", doi,
+                     response.status_code)
+            return None
+        # Server text inside a fenced Markdown block: no control characters, no fence.
+        return CSV_UNSAFE.sub("", text).replace("```", "'''")
+
+
 # ==========================================================================================
 # 3. Planning: which series, and where each goes
 # ==========================================================================================
@@ -1160,7 +1228,8 @@ SAFE_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 # Names of the collection files (LICENSE, metadata.csv, MD5SUMS, with a part's suffix): no
 # patient folder may take one of them.
-COLLECTION_FILE_NAME = re.compile(r"^(license|md5sums|metadata)(\..*)?$", re.IGNORECASE)
+COLLECTION_FILE_NAME = re.compile(r"^(license|md5sums|metadata|citation)(\..*)?$",
+                                  re.IGNORECASE)
 
 
 def is_uid(text: object) -> bool:
@@ -1305,7 +1374,7 @@ def plan_collection(collection: str, records: list[dict]) -> list[PlannedSeries]
 
 def _unique_patient_dirs(patient_ids: list[str]) -> dict[str, str]:
     """Two IDs that clean to the same folder ('A/B', 'A_B') get -2, -3... in sorted order;
-    an ID named like a collection file (MD5SUMS, LICENSE, metadata.csv) gets -patient."""
+    an ID named like a collection file (MD5SUMS, LICENSE, CITATION, metadata) gets -patient."""
     taken: dict[str, int] = defaultdict(int)
     dirs = {}
     for patient_id in patient_ids:
@@ -1965,13 +2034,106 @@ def metadata_csv(journal: Journal, collection: str) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+# TCIA's data usage policy: cite each dataset's DOI, and TCIA's own paper.
+TCIA_POLICY_URL = "https://www.cancerimagingarchive.net/data-usage-policies-and-restrictions/"
+TCIA_CITATION = (
+    "Clark K, Vendt B, Smith K, Freymann J, Kirby J, Koppel P, Moore S, Phillips S, Maffitt D, "
+    "Pringle M, Tarbox L, Prior F. The Cancer Imaging Archive (TCIA): Maintaining and Operating "
+    "a Public Information Repository. Journal of Digital Imaging 26(6), 1045-1057 (2013). "
+    "https://doi.org/10.1007/s10278-013-9622-7")
+DOI_IN_URI = re.compile(r"^\s*(?:https?://(?:dx\.)?doi\.org/|doi:)(10\.\d{4,9}/\S+?)\s*$", re.I)
+CC_LICENSE = re.compile(r"^CC[ -]BY((?:[ -](?:NC|SA|ND))*)[ -](\d\.\d)$", re.I)
+
+
+def doi_of(uri: object) -> Optional[str]:
+    """The DOI in a DataDescriptionURI ("https://doi.org/10.7937/..."), lower case (DOIs
+    are case-insensitive; NBIA spells the same one both ways)."""
+    match = DOI_IN_URI.match(uri) if isinstance(uri, str) else None
+    return match[1].lower() if match else None
+
+
+def license_url(name: str, uri: Optional[str]) -> str:
+    """The license's URL: the server's, else Creative Commons' for a "CC BY..." name."""
+    if uri:
+        return uri
+    match = CC_LICENSE.match(name.strip())
+    if not match:
+        return ""
+    kinds = "".join(f"-{kind.lower()}" for kind in re.findall(r"NC|SA|ND", match[1], re.I))
+    return f"https://creativecommons.org/licenses/by{kinds}/{match[2]}/"
+
+
+@dataclass
+class Dataset:
+    """One DOI (or description link) of a collection, as its series' metadata give it."""
+    link: str                              # https://doi.org/<doi>, or the URI as sent
+    doi: Optional[str]
+    series: int = 0
+    licenses: set[tuple[str, str]] = field(default_factory=set)    # (name, url)
+
+
+def datasets(journal: Journal, collection: str) -> list[Dataset]:
+    """The DOIs of the committed series of a collection, with their licenses; series
+    without any DataDescriptionURI are one dataset with an empty link."""
+    found: dict[str, Dataset] = {}
+    for _, record, _, _ in journal.series_rows(collection):
+        uri = str(record.get("DataDescriptionURI") or "").strip()
+        doi = doi_of(uri)
+        link = f"https://doi.org/{doi}" if doi else printable(uri)
+        dataset = found.setdefault(link, Dataset(link, doi))
+        dataset.series += 1
+        name = str(record.get("LicenseName") or "").strip()
+        if name:
+            dataset.licenses.add((printable(name), printable(license_url(
+                name, str(record.get("LicenseURI") or "").strip() or None))))
+    return sorted(found.values(), key=lambda d: (not d.link, d.link))
+
+
+def utc_day() -> str:
+    """Days, not seconds, in CITATION.md: the same data fetched twice on a day (or resumed
+    after a kill) gives the same archive, byte for byte."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+def citation_text(journal: Journal, collection: str, file_suffix: str) -> bytes:
+    """CITATION.md: what to cite (each DOI with its license and BibTeX when doi.org gave
+    it, TCIA's paper) and how this copy was made. Markdown, because it is read by people:
+    CITATION.cff describes one work of a software repository, and this lists several."""
+    lines = [f"# Citing the {printable(collection)} data in this copy", "",
+             "TCIA's data usage policy asks everyone who uses these data to cite each dataset "
+             "below and The Cancer Imaging Archive itself, and to follow each license:",
+             f"<{TCIA_POLICY_URL}>", "", "## Datasets", ""]
+    for dataset in datasets(journal, collection):
+        licenses = "; ".join(f"{name}" + (f" <{url}>" if url else "")
+                             for name, url in sorted(dataset.licenses)) or "not stated"
+        lines.append(f"- <{dataset.link}>" if dataset.link else "- (no DOI in the metadata)")
+        lines += [f"  - series in this copy: {dataset.series}", f"  - license: {licenses}"]
+        bibtex = journal.get(f"bibtex {dataset.doi}") if dataset.doi else None
+        if bibtex:
+            lines += ["", "  ```bibtex", *(f"  {line}" for line in bibtex.splitlines()),
+                      "  ```"]
+    lines += ["", "## The Cancer Imaging Archive", "", TCIA_CITATION, "",
+              "## How this copy was made", "",
+              f"- tool: tcia_downloader {__version__}",
+              f"- source: {journal.get('made source') or 'not recorded'}",
+              f"- selection: {journal.get('made selection') or 'not recorded'}"
+              + (f" (this part: {file_suffix.lstrip('.')})" if file_suffix else ""),
+              f"- started: {journal.get('made started') or 'not recorded'}, finished: "
+              f"{utc_day()} (UTC)",
+              f"- every file was checked against the MD5 the server gave for it; MD5SUMS "
+              "lists them all", ""]
+    return "\n".join(lines).encode("utf-8")
+
+
 def collection_files(journal: Journal, collection: str,
                      file_suffix: str = "") -> list[tuple[str, bytes]]:
     """(name relative to <Collection>/, content); MD5SUMS last and covering the others.
     A part's files (shard, update, selection) carry its suffix, so that parts extract side
     by side with each other and with the whole collection."""
-    license_name, metadata_name, md5sums_name = collection_file_names(file_suffix)
+    license_name, citation_name, metadata_name, md5sums_name = \
+        collection_file_names(file_suffix)
     extras = [(license_name, license_text(journal, collection)),
+              (citation_name, citation_text(journal, collection, file_suffix)),
               (metadata_name, metadata_csv(journal, collection))]
     lines = [f"{hashlib.md5(data).hexdigest()}  {name}\n" for name, data in extras]
     lines += [f"{md5}  {name}\n" for name, md5 in journal.files(collection)]
@@ -1979,9 +2141,11 @@ def collection_files(journal: Journal, collection: str,
     return extras + [(md5sums_name, md5sums)]
 
 
-def collection_file_names(file_suffix: str) -> tuple[str, str, str]:
-    """LICENSE, metadata.csv and MD5SUMS of a collection (or of a part: a shard, an update)."""
-    return f"LICENSE{file_suffix}", f"metadata{file_suffix}.csv", f"MD5SUMS{file_suffix}"
+def collection_file_names(file_suffix: str) -> tuple[str, str, str, str]:
+    """LICENSE, CITATION.md, metadata.csv and MD5SUMS of a collection (or of a part: a
+    shard, an update)."""
+    return (f"LICENSE{file_suffix}", f"CITATION{file_suffix}.md", f"metadata{file_suffix}.csv",
+            f"MD5SUMS{file_suffix}")
 
 
 # -- shared parts of the two targets ----------------------------------------------------------
@@ -4170,6 +4334,7 @@ def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
             return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
         target.journal.request([s.uid for s in plan.series],
                                replace=options.selection.retry_failed is None)
+        record_provenance(target.journal, options)
         return _download_into(target, plan, api, options, stopping, started)
     finally:
         target.close()
@@ -4236,6 +4401,7 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
     failures = [o for o in outcomes if not o.ok]
     missing = target.journal.missing_requested() if not failures else []
     if not failures and not missing:
+        add_bibtex(target.journal, api, options)
         target.finalize()
     report(options, target, plan, skipped, outcomes, started, interrupted=False)
     if missing:
@@ -4245,6 +4411,41 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
 
 
 AUDIT_ROUNDS = 3       # downloads, each followed by a check of everything committed
+
+
+def record_provenance(journal: Journal, options: Options) -> None:
+    """What CITATION.md says of how the copy was made: the server (without credentials),
+    when the first run started, and its selection (a --retry-failed run only completes it)."""
+    parts = urlsplit(options.api_url)
+    server = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+    journal.put("made source", f"NBIA v4 at {server}")
+    if journal.get("made started") is None:
+        journal.put("made started", utc_day())
+    if options.selection.retry_failed is None and journal.get("made selection") is None:
+        journal.put("made selection", describe_selection(options.selection))
+
+
+def describe_selection(selection: Selection) -> str:
+    """The selection as the flags that make it (manifests by file name)."""
+    words = [f"--collection {selection.collection}"] if selection.collection else []
+    chosen = selection.filters()
+    words += [f"{flag} {' '.join(chosen[parameter])}" for flag, parameter in
+              FILTER_FLAGS.items() if parameter in chosen]
+    words += [f"--manifest {manifest.name}" for manifest in selection.manifests]
+    return printable(" ".join(words))
+
+
+def add_bibtex(journal: Journal, api: TciaApi, options: Options) -> None:
+    """BibTeX of the output's DOIs into the journal, once: CITATION.md is made from it."""
+    dois = sorted({dataset.doi for collection in journal.collections()
+                   for dataset in datasets(journal, collection)
+                   if dataset.doi and journal.get(f"bibtex {dataset.doi}") is None})
+    if not dois or not options.doi_resolver:
+        return
+    resolver = DoiResolver(options.doi_resolver, api.watchdog, api.transport,
+                           options.connect_timeout)
+    for doi, entry in resolver.bibtex(dois).items():
+        journal.put(f"bibtex {doi}", entry)
 
 
 def report(options: Options, target: Target, plan: Plan, skipped: int,
@@ -4263,6 +4464,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
         f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
         f"  output: {describe_output(target)}",
+        *citation_lines(target.journal),
         f"  logs: {', '.join(log_files()) or 'none'}",
     ]
     for line in lines:
@@ -4285,6 +4487,16 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
+
+
+def citation_lines(journal: Journal) -> list[str]:
+    """The DOIs to cite, in the report: TCIA's policy asks every user of the data."""
+    links = sorted({d.link for c in journal.collections() for d in datasets(journal, c)
+                    if d.link})
+    if not links:
+        return []
+    return [f"  cite: {', '.join(links)} and TCIA (https://doi.org/10.1007/s10278-013-9622-7); "
+            "CITATION.md in each collection folder says how"]
 
 
 def describe_output(target: Target) -> str:

@@ -145,7 +145,8 @@ def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
     members = member_md5s(out / "COLL.tar.xz")
     expected = {f"COLL/{series.path}/{name}": md5(data) for name, data in files.items()}
     assert {k: v for k, v in members.items() if k in expected} == expected
-    assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/metadata.csv", "COLL/MD5SUMS"}
+    assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/CITATION.md", "COLL/metadata.csv",
+                                            "COLL/MD5SUMS"}
 
 
 def test_archive_is_standard_and_self_verifying(tmp_path):
@@ -161,7 +162,8 @@ def test_archive_is_standard_and_self_verifying(tmp_path):
 
     members = member_md5s(archive)
     assert {k: v for k, v in members.items() if k in expected} == {k: md5(v) for k, v in expected.items()}
-    assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/metadata.csv", "COLL/MD5SUMS"}
+    assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/CITATION.md", "COLL/metadata.csv",
+                                            "COLL/MD5SUMS"}
     # three xz streams: two series and the closing one
     assert archive.read_bytes().count(b"\xfd7zXZ\x00") == 3
 
@@ -174,7 +176,7 @@ def test_archive_is_standard_and_self_verifying(tmp_path):
     subprocess.run(["tar", "-xJf", str(archive), "-C", str(extract)], check=True)
     check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=extract / "COLL", check=True,
                            capture_output=True, text=True).stdout
-    assert check.count(": OK") == len(expected) + 2      # + LICENSE and metadata.csv
+    assert check.count(": OK") == len(expected) + 3      # + LICENSE, CITATION.md, metadata.csv
     metadata = (extract / "COLL" / "metadata.csv").read_text().splitlines()
     assert len(metadata) == 3 and "Path" in metadata[0]
     assert (extract / "COLL" / "LICENSE").read_text() == "License Information. Test.\n"

@@ -43,7 +43,7 @@ def repack(members: list[tuple[tarfile.TarInfo, bytes]], path: Path) -> Path:
 def test_a_clean_archive_and_tree_verify(made, capsys):
     code, lines = verify(made / "DEMO.tar.xz", capsys)
     assert code == td.EXIT_OK and lines[-1].endswith(": OK") and len(lines) == 1
-    assert "6 series, 25 files" in lines[-1] and "7 xz streams" in lines[-1]
+    assert "6 series, 26 files" in lines[-1] and "7 xz streams" in lines[-1]
     code, lines = verify(made / "DEMO", capsys)
     assert code == td.EXIT_OK and lines == [lines[-1]] and "folder tree, 6 series" in lines[-1]
 

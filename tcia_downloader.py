@@ -1142,12 +1142,12 @@ class DoiResolver:
     LIMIT = 64 * 1024             # a BibTeX entry is a few hundred bytes
 
     def __init__(self, base_url: str, watchdog: TransferWatchdog, transport: dict[str, object],
-                 connect_timeout: float):
+                 timeout: tuple[float, float]):
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self._session = watched_session(requests.Session(), watchdog,
                                         f"tcia_downloader/{__version__}")
         self._transport = transport
-        self._connect_timeout = min(connect_timeout, 10.0)
+        self._connect_timeout, self._read_timeout = (min(t, 10.0) for t in timeout)
 
     def bibtex(self, dois: list[str]) -> dict[str, str]:
         """doi -> its BibTeX entry, for those the resolver gave within the budget."""
@@ -1161,7 +1161,8 @@ class DoiResolver:
                              "the other DOIs", self.base_url)
                     break
                 try:
-                    entry = self._entry(doi, min(self._connect_timeout, left), min(10.0, left))
+                    entry = self._entry(doi, min(self._connect_timeout, left),
+                                        min(self._read_timeout, left))
                 except requests.RequestException as exc:
                     log.info("%s cannot be reached (%s): CITATION.md gives DOI links only",
                              self.base_url, type(exc).__name__)
@@ -4442,8 +4443,7 @@ def add_bibtex(journal: Journal, api: TciaApi, options: Options) -> None:
                    if dataset.doi and journal.get(f"bibtex {dataset.doi}") is None})
     if not dois or not options.doi_resolver:
         return
-    resolver = DoiResolver(options.doi_resolver, api.watchdog, api.transport,
-                           options.connect_timeout)
+    resolver = DoiResolver(options.doi_resolver, api.watchdog, api.transport, api.timeout)
     for doi, entry in resolver.bibtex(dois).items():
         journal.put(f"bibtex {doi}", entry)
 

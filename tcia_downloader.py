@@ -183,6 +183,7 @@ class Options:
     verify: Optional[Path] = None      # --verify: check this output instead of downloading
     extract: Optional[Path] = None     # --extract: write (part of) this archive into output
     doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
+    repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
 
 
 EXAMPLES = """examples:
@@ -373,12 +374,14 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
     output = Path(args.output).expanduser()
     compression = args.compression
+    repair = False
     if selection.retry_failed:
         # The failed series go back into the output of the run that failed them, whatever
         # --output and --compression say: anything else would start a second, partial output.
         origin = failed_run_origin(selection.retry_failed)
         output = Path(origin["output"]) if "output" in origin else output
         compression = origin.get("compression", "yes" if compression else "no") == "yes"
+        repair = origin.get("repair") == "yes"
     password = resolve_password(args.user, args.password)
     return Options(
         selection=selection,
@@ -410,6 +413,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         verify=Path(args.verify).expanduser() if args.verify else None,
         extract=Path(args.extract).expanduser() if args.extract else None,
         doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
+        repair=repair,
     )
 
 
@@ -1457,7 +1461,8 @@ def read_manifest(path: Path) -> Manifest:
                                             "it a .tcia manifest?", EXIT_USAGE)
     except OSError as exc:
         raise FatalRunError(f"{path}: cannot read it ({exc.strerror})", EXIT_USAGE) from None
-    if not uids:
+    if not uids and failed_run_origin(path).get("repair") != "yes":
+        # (A repair manifest may list none: only the collection files were damaged.)
         raise FatalRunError(f"{path} lists no SeriesInstanceUID: is it a .tcia manifest?",
                             EXIT_USAGE)
     return Manifest(path, basket, list(uids), stray, stray_count)
@@ -1509,7 +1514,7 @@ def selection_name(selection: Selection, manifests: list[Manifest]) -> str:
     filters the collection plus what was filtered, so that a part never poses as the whole."""
     if selection.retry_failed:
         stem = selection.retry_failed.name
-        for ending in (".failed.tcia", ".tcia"):
+        for ending in (".failed.tcia", ".damaged.tcia", ".tcia"):
             if stem.endswith(ending):
                 return stem[:-len(ending)]
         return clean_component(stem, 100)
@@ -1948,6 +1953,28 @@ class Journal:
         return [(uid, label, start, end, sha)
                 for (uid, label, end, sha), start in zip(rows, starts)]
 
+    def layout(self) -> list[tuple[str, str, int, int, int, Optional[str]]]:
+        """(uid, path, start, end, tar bytes, sha256) of every stream, in archive order."""
+        rows = self._db.execute("SELECT uid, collection || '/' || path, archive_end, tar_end, "
+                                "stream_sha256 FROM series ORDER BY archive_end").fetchall()
+        before = [(0, 0)] + [(end, tar) for _, _, end, tar, _ in rows[:-1]]
+        return [(uid, label, start, end, tar - tar_start, sha)
+                for (uid, label, end, tar, sha), (start, tar_start) in zip(rows, before)]
+
+    def rearrange(self, kept: list[tuple[str, int, int]], gone: list[str],
+                  replacing: int) -> None:
+        """After a repair built a new .part: the kept series' new (archive end, tar end),
+        the damaged ones forgotten, and the old archive marked as being replaced (it stays
+        until the new one is renamed over it). One transaction: a kill leaves the journal
+        describing the old archive or the new .part, never a mix."""
+        with self._transaction():
+            self._forget(gone)
+            self._db.executemany("UPDATE series SET archive_end=?, tar_end=? WHERE uid=?",
+                                 [(end, tar, uid) for uid, end, tar in kept])
+            self._db.execute("DELETE FROM meta WHERE key='closing_end'")
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 [("finished", "no"), ("replacing", str(replacing))])
+
     def record(self, series: PlannedSeries, verified: VerifiedZip, archive_end: int,
                tar_end: int, stream_sha256: Optional[str] = None) -> None:
         with self._transaction():  # one transaction: the series and its files, or nothing
@@ -2219,6 +2246,12 @@ class Target:
         """Forget committed series the disk no longer holds intact; returns their UIDs."""
         raise NotImplementedError
 
+    def replace_damaged(self, uids: list[str]) -> None:
+        """--retry-failed of a <name>.damaged.tcia (written by --verify): take these series
+        out of the output, keeping every other one, so that this run fetches them again and
+        finishes the output anew (collection files too)."""
+        raise NotImplementedError
+
 
 def acquire_lock(path: Path, what: str) -> io.TextIOWrapper:
     """One run per output: an flock on path, held until release_lock. A run that ends
@@ -2414,6 +2447,20 @@ def first_damaged_stream(path: Path, streams: list[tuple[str, str, int, int, Opt
     return None
 
 
+def copy_stream(path: Path, start: int, end: int, out: io.BufferedWriter,
+                sha256: Optional[str]) -> bool:
+    """Append one committed stream of path to out if it is the one its journal row
+    describes (by its sha256; a 0.3 row has none: by xz's own checks). False: not copied
+    whole, and out must be cut back."""
+    if sha256 is None and not xz_stream_intact(path, start, end):
+        return False
+    digest = hashlib.sha256()
+    for chunk in read_range(path, start, end):
+        digest.update(chunk)
+        out.write(chunk)
+    return sha256 is None or digest.hexdigest() == sha256
+
+
 def tar_header(name: str, size: int, mtime: int) -> bytes:
     """A ustar header, preceded by a pax header only where a name is too long for ustar."""
     info = tarfile.TarInfo(name)
@@ -2552,14 +2599,19 @@ class TarXzTarget(Target):
         return self.final.exists() and self.journal.get("finished") == "yes"
 
     def _resume(self) -> None:
-        if self.final.exists():
+        repairing = bool(self.journal.get("replacing")) and self.part.exists()
+        if self.final.exists() and not repairing:
             closing_end = self.journal.get("closing_end")
             if closing_end and int(closing_end) == self.final.stat().st_size:
                 self.journal.put("finished", "yes")   # killed between rename and journal
+                self.journal.put("replacing", "")
                 return
             raise FatalRunError(f"{self.final} exists but its journal "
                                 f"{self.journal.path.name} does not describe it; move one of "
                                 "them away", EXIT_USAGE)
+        if repairing and self.final.exists():
+            log.info("repairing %s: it stays as it is until %s replaces it", self.final.name,
+                     self.part.name)
         self.journal.put("finished", "no")
         if not self.part.exists():
             if self.journal.forget_beyond(0):
@@ -2612,6 +2664,41 @@ class TarXzTarget(Target):
         with open(self.part, "r+b") as handle:
             handle.truncate(self.archive_end)
             os.fsync(handle.fileno())
+
+    def replace_damaged(self, uids: list[str]) -> None:
+        """A new .part of the intact streams of the finished archive, each checked against
+        its journal row as it is copied (a stream found damaged here is dropped too), and
+        the journal moved onto it in one transaction. The damaged archive stays, readable,
+        until finalize renames the repaired one over it. A kill anywhere leaves either the
+        old archive, finished, or a resumable repair."""
+        if not self.complete:
+            return            # a .part: its resume check already cut off what is damaged
+        bad = set(uids)
+        building = self.part.with_name(self.part.name + ".repair")
+        kept: list[tuple[str, int, int]] = []
+        end = tar_end = 0
+        with open(building, "wb") as out:
+            for uid, label, start, stop, tar_bytes, sha256 in self.journal.layout():
+                if uid in bad:
+                    continue
+                if not copy_stream(self.final, start, stop, out, sha256):
+                    log.warning("%s: the stream of %s is damaged too; it is fetched again",
+                                self.final.name, label)
+                    out.seek(end)
+                    out.truncate()
+                    bad.add(uid)
+                    continue
+                end, tar_end = end + stop - start, tar_end + tar_bytes
+                kept.append((uid, end, tar_end))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(building, self.part)
+        fsync_directory(self.output)
+        gone = sorted(bad & set(self.journal.committed()))
+        self.journal.rearrange(kept, gone, replacing=self.final.stat().st_size)
+        self.archive_end, self.tar_end = self.journal.ends()
+        log.info("repairing %s: %d intact series copied into %s (%s), %d to fetch again",
+                 self.final.name, len(kept), self.part.name, human_bytes(end), len(gone))
 
     def packer(self, series: PlannedSeries, zip_path: Path) -> "XzPacker":
         """Compresses the series into its own xz stream in scratch (in a worker, in parallel)."""
@@ -2676,6 +2763,7 @@ class TarXzTarget(Target):
             os.replace(self.part, self.final)
             fsync_directory(self.output)
             self.journal.put("finished", "yes")
+            self.journal.put("replacing", "")
         closing.discard()
 
     def describe(self) -> str:
@@ -2716,6 +2804,25 @@ class DirectoryTarget(Target):
 
     def series_folder(self, series: PlannedSeries) -> Path:
         return self.output / series.collection / series.path
+
+    def replace_damaged(self, uids: list[str]) -> None:
+        """Each damaged series folder is hidden at once (renamed), then removed and
+        forgotten; the collection files are written anew when the run finishes."""
+        locations = self.journal.locations()
+        gone = [uid for uid in uids if uid in locations]
+        for uid in gone:
+            folder = self.output / locations[uid]
+            stale = folder.parent / f".{folder.name}.stale"
+            if folder.exists():
+                shutil.rmtree(stale, ignore_errors=True)
+                os.rename(folder, stale)
+        self.journal.forget(gone)
+        self.journal.put("finished", "no")
+        for uid in gone:
+            folder = self.output / locations[uid]
+            shutil.rmtree(folder.parent / f".{folder.name}.stale", ignore_errors=True)
+        log.info("repairing %s: %d damaged series folders removed, to fetch again",
+                 self.output, len(gone))
 
     def packer(self, series: PlannedSeries, zip_path: Path) -> "FolderPacker":
         return FolderPacker(self.scratch_path(".d"), self.scratch)
@@ -2791,6 +2898,7 @@ class Findings:
     problems: list[str] = field(default_factory=list)
     streams: int = 0
     extracted: list[VerifiedMember] = field(default_factory=list)   # --extract: written
+    affected: set[str] = field(default_factory=set)    # series folders with a problem
 
 
 def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
@@ -2996,6 +3104,8 @@ def verify_archive(path: Path) -> Findings:
             findings.texts.update(part.texts)
             findings.problems += [f"{problem} (series {series_at[end]}, from the journal)"
                                   if end in series_at else problem for problem in part.problems]
+            if part.problems and end in series_at:
+                findings.affected.add(series_at[end])
     return findings
 
 
@@ -3077,21 +3187,25 @@ def cross_check(findings: Findings, reference: Optional[dict[str, str]] = None,
     """Members against every MD5SUMS (each line has its member with that MD5, each member
     its line, nothing twice) and every metadata.csv's series against the series present.
     A .part has no MD5SUMS yet (whole=False): its journal's MD5s stand in, if given."""
+    def problem(name: str, text: str) -> None:
+        findings.problems.append(text)
+        if name.count("/") == 4:                     # <Collection>/<patient>/<study>/<series>/
+            findings.affected.add(name.rsplit("/", 1)[0])
     by_name: dict[str, list[VerifiedMember]] = defaultdict(list)
     for member in findings.members:
         by_name[member.name].append(member)
     for name, copies in sorted(by_name.items()):
         if len(copies) > 1:
-            findings.problems.append(f"{name} is in the archive {len(copies)} times")
+            problem(name, f"{name} is in the archive {len(copies)} times")
     listed: set[str] = set()
     md5sums = sorted(n for n in findings.texts if re.search(r"(^|/)MD5SUMS[^/]*$", n))
     if not md5sums and whole:
         findings.problems.append("no MD5SUMS: the output is not whole (cut short?)")
     for name, md5 in sorted((reference or {}).items()):
         if name not in by_name:
-            findings.problems.append(f"{name}: committed in the journal, missing")
+            problem(name, f"{name}: committed in the journal, missing")
         elif by_name[name][0].md5 != md5:
-            findings.problems.append(f"{name}: MD5 {by_name[name][0].md5}, but the journal "
+            problem(name, f"{name}: MD5 {by_name[name][0].md5}, but the journal "
                                      f"says {md5}" + series_of(name))
     for sums in md5sums:
         folder = sums.rsplit("/", 1)[0] + "/" if "/" in sums else ""
@@ -3104,13 +3218,13 @@ def cross_check(findings: Findings, reference: Optional[dict[str, str]] = None,
             name = folder + match[2]
             listed.add(name)
             if name not in by_name:
-                findings.problems.append(f"{name}: listed in {sums}, missing")
+                problem(name, f"{name}: listed in {sums}, missing")
             elif by_name[name][0].md5 != match[1]:
-                findings.problems.append(f"{name}: MD5 {by_name[name][0].md5}, but {sums} says "
+                problem(name, f"{name}: MD5 {by_name[name][0].md5}, but {sums} says "
                                          f"{match[1]}" + series_of(name))
     for name in sorted(set(by_name) - listed - set(md5sums) - set(reference or {})):
         if md5sums or reference is not None:
-            findings.problems.append(f"{name}: in the output but in no MD5SUMS")
+            problem(name, f"{name}: in the output but in no MD5SUMS")
     present = {name.rsplit("/", 1)[0] for name in by_name if name.count("/") == 4}
     for csv_name in sorted(n for n in findings.texts if n.endswith(".csv")):
         collection = csv_name.split("/")[0]
@@ -3143,6 +3257,8 @@ def verify_output(path: Path) -> int:
         return EXIT_USAGE
     for problem in findings.problems:
         print(printable(problem))
+    for line in repair_manifests(path, findings):
+        print(line)
     size = sum(m.size for m in findings.members)
     series = {m.name.rsplit("/", 1)[0] for m in findings.members if m.name.count("/") == 4}
     elapsed = time.monotonic() - started
@@ -3153,6 +3269,45 @@ def verify_output(path: Path) -> int:
           + f"; checked in {elapsed:.1f} s ({human_bytes(size / max(elapsed, 1e-6))}/s): "
           + verdict)
     return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
+
+
+def repair_manifests(path: Path, findings: Findings) -> list[str]:
+    """For a finished output whose journal is beside it: its damaged series as
+    <name>.damaged.tcia, which --retry-failed turns into a repaired output (intact series
+    kept, the damaged ones fetched again, the collection files written anew). An old one
+    goes when the output is whole again. Returns what to tell the user."""
+    if path.name.endswith(".part"):
+        return ["the resume of this .part checks every stream against its journal: rerun "
+                "the command that made it"] if findings.problems else []
+    if path.is_file():
+        journal = journal_beside(path)
+        name = path.name[:-len(".tar.xz")] if path.name.endswith(".tar.xz") else path.stem
+        journals = [(journal, name, True)] if journal else []
+    else:
+        folder = path.parent if list(path.glob("MD5SUMS*")) else path
+        journals = [(j, j.name[:-len(".journal")], False) for j in sorted(folder.glob("*.journal"))
+                    if not j.name.endswith(".tar.xz.journal")]
+    lines = []
+    for journal, name, compression in journals:
+        manifest = journal.with_name(f"{name}.damaged.tcia")
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+            where = {f"{c}/{p}": uid for uid, c, p in
+                     db.execute("SELECT uid, collection, path FROM series")}
+        uids = sorted({where[folder] for folder in findings.affected if folder in where})
+        if not findings.problems or (not uids and len(journals) > 1):
+            manifest.unlink(missing_ok=True)
+            continue
+        try:
+            write_failed_manifest(manifest, uids, compression, repair=True)
+        except OSError as exc:
+            lines.append(f"cannot write {manifest} ({exc.strerror}): copy the output where "
+                         "it can be repaired")
+            continue
+        what = f"{len(uids)} damaged series are listed in {manifest.resolve()}" if uids else \
+            f"only collection files are damaged ({manifest.resolve()})"
+        lines.append(f"{what}; --retry-failed {manifest.resolve()} fetches them again and "
+                     "rebuilds the output around its intact series")
+    return lines
 
 
 # -- using an archive: --extract --------------------------------------------------------------
@@ -3910,16 +4065,19 @@ class WorkerPool:
 FAILED_RUN_KEY = "tcia_downloader."      # header keys that say which run failed the series
 
 
-def write_failed_manifest(path: Path, failures: list[Outcome], compression: bool) -> None:
-    """The failed series as a .tcia manifest, the format TCIA's portal hands out, with two
-    header keys of our own (other readers skip unknown keys): the output it belongs to."""
+def write_failed_manifest(path: Path, uids: list[str], compression: bool,
+                          repair: bool = False) -> None:
+    """Series as a .tcia manifest, the format TCIA's portal hands out, with header keys of
+    our own (other readers skip unknown keys): the output it belongs to, and for damaged
+    series (--verify) that --retry-failed must replace them, not add them."""
     lines = ["downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/"
              "DownloadServlet", "includeAnnotation=true", "noOfrRetry=4",
              f"databasketId={path.name}", "manifestVersion=3.0",
              f"{FAILED_RUN_KEY}output={path.parent.resolve()}",
              f"{FAILED_RUN_KEY}compression={'yes' if compression else 'no'}",
+             *([f"{FAILED_RUN_KEY}repair=yes"] if repair else []),
              "ListOfSeriesToDownload="]
-    lines += [o.series.uid for o in failures]
+    lines += uids
     temporary = path.with_name(path.name + ".incoming")
     temporary.write_text("\n".join(lines) + "\n")
     os.replace(temporary, path)
@@ -4249,12 +4407,21 @@ def finished_archive_damage(options: Options, plan: Plan) -> Optional[str]:
 
 
 def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
-    """A run killed after its output was finished leaves its lock file and its scratch;
-    the run that finds the output finished removes them, unless a run still uses them."""
+    """A run killed after its output was finished leaves its lock file and its scratch (a
+    repair killed early, a .part); the run that finds the output finished removes them,
+    unless a run still uses them."""
     path = lock_path(options.output, plan.name, options.compression)
-    if path.exists():
+    part = options.output / f"{plan.name}.tar.xz.part"
+    if path.exists() or (options.compression and part.exists()):
         with contextlib.suppress(FatalRunError):
-            release_lock(path, acquire_lock(path, plan.name))
+            lock = acquire_lock(path, plan.name)
+            # Beside a finished archive, a .part is a repair killed before its journal
+            # moved onto it (it would have said "replacing"): nothing describes it.
+            if part.exists():
+                log.info("removing %s: a repair of the finished archive that did not get "
+                         "far; --retry-failed of the .damaged.tcia starts it again", part.name)
+                part.unlink()
+            release_lock(path, lock)
     sweep_abandoned_scratch(options.temp_dir, plan.name)
 
 
@@ -4295,10 +4462,14 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
 def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
               started: float) -> int:
     committed, finished = still_on_disk(options, plan, *read_journal(plan.journal(options)))
+    repairing = options.repair and not options.dry_run
+    if repairing:                   # the damaged series count as not there
+        committed = {uid: where for uid, where in committed.items() if uid not in
+                     {s.uid for s in plan.series} | set(plan.unknown)}
     todo = [s for s in plan.series if s.uid not in committed]
     for line in describe_plan(plan, todo, options):
         log.info("%s", line)
-    if finished:
+    if finished and not repairing:
         damage = finished_archive_damage(options, plan)
         if damage:
             log.error("%s; --verify %s says what is damaged", damage,
@@ -4330,6 +4501,8 @@ def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
         return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
     target = open_target(options, plan)
     try:
+        if repairing:
+            target.replace_damaged([s.uid for s in plan.series] + plan.unknown)
         if target.complete:     # a run killed after its last rename, now recognised
             log.info("%s is finished; nothing to do", target.describe())
             return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
@@ -4473,7 +4646,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
     if not failures:
         manifest.unlink(missing_ok=True)     # an earlier run's list would mislead
     else:
-        write_failed_manifest(manifest, failures, options.compression)
+        write_failed_manifest(manifest, [o.series.uid for o in failures], options.compression)
         for outcome in failures:
             log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,
                       outcome.reason)

@@ -216,7 +216,8 @@ def test_a_folder_tree_is_checked_against_the_disk_not_the_journal(tmp_path, fak
     assert third.code == td.EXIT_OK, third.log
     md5sum_check(root)
     assert tree_folders(root) == expected_folders(fake)
-    assert {(root / name).is_file() for name in ("LICENSE", "metadata.csv", "MD5SUMS")} == {True}
+    assert {(root / name).is_file() for name in ("LICENSE", "CITATION.md", "metadata.csv",
+                                               "MD5SUMS")} == {True}
 
 
 def test_a_deleted_archive_is_rebuilt_though_its_journal_says_finished(tmp_path,

@@ -50,7 +50,7 @@ SEED = int(os.environ.get("TCIA_KILL_SEED", DEFAULT_SEED))
 FAKE_CONFIG = dict(demo_series=18, instances=4, image_size=64, conn_bandwidth=120_000,
                    faults=Faults(p500=0.04, reset=0.04, truncate=0.02))
 WORKERS = 2
-COLLECTION_FILES = {"DEMO/LICENSE", "DEMO/metadata.csv", "DEMO/MD5SUMS"}
+COLLECTION_FILES = {"DEMO/LICENSE", "DEMO/CITATION.md", "DEMO/metadata.csv", "DEMO/MD5SUMS"}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import json
 import logging
 import lzma
 import math
+import mmap
 import os
 import random
 import re
@@ -2899,6 +2900,7 @@ class Findings:
     streams: int = 0
     extracted: list[VerifiedMember] = field(default_factory=list)   # --extract: written
     affected: set[str] = field(default_factory=set)    # series folders with a problem
+    notes: list[str] = field(default_factory=list)       # worth saying, not a problem
 
 
 def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
@@ -2950,6 +2952,34 @@ def xz_stream_spans(path: Path) -> list[tuple[int, int]]:
             spans.append((start, end))
             end = start
     return spans[::-1]
+
+
+def xz_stream_spans_from_headers(path: Path) -> list[tuple[int, int]]:
+    """The whole streams at the start of a file whose end is not a stream's (a .part cut
+    in an append, at another site without its journal): each stream header, recognised by
+    its magic and the CRC32 of its flags, ends the stream before it, whose footer magic
+    must stand just before it (after any padding). Stops at the first stream without one."""
+    with open(path, "rb") as handle:
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) \
+            if os.fstat(handle.fileno()).st_size else b""
+        starts, position = [], data.find(XZ_HEADER_MAGIC) if data else -1
+        while position >= 0:
+            header = data[position:position + 12]
+            if len(header) == 12 and zlib.crc32(header[6:8]) == \
+                    int.from_bytes(header[8:12], "little"):
+                starts.append(position)
+            position = data.find(XZ_HEADER_MAGIC, position + 1)
+        spans = []
+        for start, following in zip(starts, starts[1:] + [len(data)]):
+            end = following
+            while end - 4 > start and data[end - 4:end] == b"\0\0\0\0":
+                end -= 4
+            if data[end - 2:end] != XZ_FOOTER_MAGIC:
+                break
+            spans.append((start, end))
+        if isinstance(data, mmap.mmap):
+            data.close()
+    return spans
 
 
 class TarFragmentReader:
@@ -3089,12 +3119,18 @@ def verify_archive(path: Path) -> Findings:
     try:
         spans = xz_stream_spans(path)
     except ValueError as exc:
-        spans = journal_spans(path)
-        if spans is None:
-            findings.problems.append(f"{path.name}: {exc}; without its journal nothing "
-                                     "behind that can be located")
-            return findings
-        findings.problems.append(f"{path.name}: {exc}; the journal's streams are checked")
+        # Cut inside an append (a kill: normal for a .part) or damaged at its end: the
+        # streams before that are found from the journal, or else from their headers.
+        spans = journal_spans(path) or xz_stream_spans_from_headers(path)
+        whole_end = spans[-1][1] if spans else 0
+        size = path.stat().st_size
+        if path.name.endswith(".part"):
+            findings.notes.append(f"{path.name}: {size - whole_end} bytes after byte "
+                                  f"{whole_end} are an append cut short (a resume cuts them "
+                                  f"off); the {len(spans)} whole streams before are checked")
+        else:
+            findings.problems.append(f"{path.name}: {exc}; the {len(spans)} streams found "
+                                     f"before byte {whole_end} are checked")
     findings.streams = len(spans)
     series_at = journal_series_ends(path)
     with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
@@ -3257,6 +3293,8 @@ def verify_output(path: Path) -> int:
         return EXIT_USAGE
     for problem in findings.problems:
         print(printable(problem))
+    for note in findings.notes:
+        print(printable(note))
     for line in repair_manifests(path, findings):
         print(line)
     size = sum(m.size for m in findings.members)
@@ -3459,9 +3497,10 @@ def map_archive(path: Path) -> ArchiveMap:
     try:
         spans = xz_stream_spans(path)
     except ValueError as exc:
-        spans = journal_spans(path) or []
-        problems.append(f"{path.name}: {exc}; " + ("the journal's streams are used" if spans
-                                                     else "no journal beside it to say more"))
+        spans = journal_spans(path) or xz_stream_spans_from_headers(path)
+        if not path.name.endswith(".part"):      # for a .part, a torn append is normal
+            problems.append(f"{path.name}: {exc}; the {len(spans)} streams before it are "
+                            "extracted")
     archive = ArchiveMap(spans, {}, [], None, problems=problems)
     if spans and not path.name.endswith(".part"):
         archive.closing = len(spans) - 1

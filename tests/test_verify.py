@@ -158,3 +158,31 @@ def test_a_rerun_of_a_finished_archive_checks_what_is_cheap(tmp_path, fake_nbia_
     archive.write_bytes(original[:-512])
     rerun = Run(tmp_path, fake)
     assert rerun.code == td.EXIT_INCOMPLETE and "but its journal says" in rerun.log
+
+
+def test_a_part_cut_in_an_append_verifies_without_its_journal(tmp_path, fake_nbia_factory,
+                                                              capsys):
+    """A kill inside an append leaves half a stream at the end of the .part; at another
+    site, without the journal, the whole streams before it are found from their headers."""
+    fake = fake_nbia_factory(demo_series=6)
+    fake.script_faults(fake.series("DEMO")[2]["SeriesInstanceUID"], ["500"] * 3)
+    assert Run(tmp_path, fake, "--retries", "1").code == td.EXIT_INCOMPLETE
+    part = tmp_path / "out" / "DEMO.tar.xz.part"
+    spans = td.xz_stream_spans(part)
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    torn = elsewhere / part.name
+    data = part.read_bytes()
+    start, end = spans[1]
+    torn.write_bytes(data + data[start:(start + end) // 2])        # half a stream behind
+    code, lines = verify(torn, capsys)
+    assert code == td.EXIT_OK, lines
+    assert f"after byte {len(data)} are an append cut short" in lines[0]
+    assert f"the {len(spans)} whole streams before are checked" in lines[0]
+    assert "unfinished archive, 5 series" in lines[-1]
+
+    flipped = bytearray(torn.read_bytes())
+    flipped[(spans[0][0] + spans[0][1]) // 2] ^= 1                # and a damaged stream
+    torn.write_bytes(bytes(flipped))
+    code, lines = verify(torn, capsys)
+    assert code == td.EXIT_INCOMPLETE and any(l.startswith("stream 1 ") for l in lines)

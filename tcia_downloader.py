@@ -10,10 +10,11 @@ no finished work and a rerun continues where the last one stopped.
 
 The file reads top to bottom:
     1. command line                      (Options, parse_options)
-    2. API client                        (TciaApi, TokenManager)
+    2. sources                           (NbiaSource over TciaApi, TokenManager; DoiResolver)
     3. planning                          (PlannedSeries, plan_collection, names)
     4. per-series work                   (download, verify, clean)
-    5. archive writing                   (Journal, TarXzTarget, DirectoryTarget, --verify)
+    5. archive writing                   (Journal, TarXzTarget, DirectoryTarget, --verify,
+                                          repair, --extract, CITATION.md)
     6. orchestration                     (progress, workers, report, main)
 
 Exit codes (documented in the README):
@@ -515,7 +516,7 @@ def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[s
 
 
 # ==========================================================================================
-# 2. API client
+# 2. Sources: NBIA v4 (its API client, and NbiaSource over it); the DOI resolver
 # ==========================================================================================
 
 class TransientError(Exception):
@@ -1196,6 +1197,110 @@ class DoiResolver:
         return CSV_UNSAFE.sub("", text).replace("```", "'''")
 
 
+# -- NBIA as a source of series ----------------------------------------------------------------
+
+@dataclass
+class Selected:
+    """A source's answer to a selection: the series records, the UIDs it does not know,
+    and the manifests it read (their names name the output)."""
+    records: list[dict]
+    unknown: list[str]
+    manifests: list["Manifest"]
+
+
+class NbiaSource:
+    """NBIA v4 as a source of series, the one object the planning and the per-series loop
+    talk to: the records of a selection, and "fetch this series, verified, into a sink",
+    raising only TransientError (retry), SeriesUnavailable (skip) or FatalRunError / Interrupted
+    (stop). Zips, endpoints and md5hashes.csv stay in here.
+
+    Which image endpoint works is settled by the first fetch of a run, while the others
+    wait: getImage with IncludeMD5=Yes (MD5s in the zip) if the server honours it, else
+    getImageWithMD5Hash; a zip fetched from the wrong one would only be thrown away."""
+
+    name = "nbia"
+    scratch_suffix = ".zip"          # what it downloads into a series' scratch file
+
+    def __init__(self, api: TciaApi):
+        self.api = api
+        self._endpoint = ImageEndpoint()
+        self._settled = threading.Event()
+        self._settling = threading.Lock()
+
+    def collections(self) -> list[str]:
+        return self.api.collections()
+
+    def records(self, selection: Selection) -> Selected:
+        """getSeries records for a manifest (or failure list), filters, or a collection."""
+        if selection.manifests or selection.retry_failed:
+            manifests = [read_manifest(path) for path in
+                         (selection.manifests or (selection.retry_failed,))]
+            for manifest in manifests:
+                warn_stray_lines(manifest)
+            uids = list(dict.fromkeys(uid for manifest in manifests for uid in manifest.uids))
+            records, unknown = records_for_uids(self.api, uids)
+            log.info("%d series listed in %s; the server knows %d", len(uids),
+                     ", ".join(str(m.path) for m in manifests), len(records))
+            return Selected(records, unknown, manifests)
+        if selection.filters():
+            records = records_for_filters(self.api, selection)
+            listed = {r["SeriesInstanceUID"] for r in records}
+            if not records:
+                if selection.collection and not self.api.series(Collection=selection.collection):
+                    raise FatalRunError(unknown_collection_message(self.api,
+                                                                   selection.collection),
+                                        EXIT_USAGE)
+                raise FatalRunError("no series matches these filters: check the values (NBIA "
+                                    "compares them exactly)", EXIT_USAGE)
+            return Selected(records, [u for u in selection.series_uids if u not in listed], [])
+        records = self.api.series(Collection=selection.collection)
+        if not records:
+            raise FatalRunError(unknown_collection_message(self.api, selection.collection),
+                                EXIT_USAGE)
+        return Selected(records, [], [])
+
+    def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+              pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        """Download the series' zip into scratch, then hand pack() the verification, which
+        pack runs on the sink it makes (packing is the caller's: it chooses when a core is
+        free). count(n) reports bytes received, and takes back those of a zip that the
+        endpoint switch throws away."""
+        if not self._settled.is_set():
+            with self._settling:
+                if not self._settled.is_set():
+                    # An attempt that fails before a zip is read settles nothing: the next
+                    # fetch, of whichever series, tries again while the others wait.
+                    fetched = self._fetch(series, scratch, count, pack, stop)
+                    self._settled.set()
+                    return fetched
+        return self._fetch(series, scratch, count, pack, stop)
+
+    def _fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+               pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        while True:
+            endpoint = self._endpoint.name
+            received = 0
+
+            def counted(n: int) -> None:
+                nonlocal received
+                received += n
+                count(n)
+            try:
+                self.api.download_zip(endpoint, series.uid, scratch, counted, series.byte_limit)
+                return pack(lambda sink: verify_zip(scratch, series, sink, stop))
+            except Md5ParameterRefused:
+                self._endpoint.fall_back("refuses IncludeMD5 (a build older than 2025-11)")
+            except Md5TableMissing:
+                if endpoint != "getImage":
+                    raise TransientError("the zip has no md5hashes.csv (cut short)") from None
+                count(-received)
+                self._endpoint.fall_back("ignores IncludeMD5=Yes (its zips have no "
+                                         "md5hashes.csv)")
+
+    def close(self) -> None:
+        self.api.close()
+
+
 # ==========================================================================================
 # 3. Planning: which series, and where each goes
 # ==========================================================================================
@@ -1425,6 +1530,15 @@ def failed_run_origin(path: Path) -> dict[str, str]:
     return origin
 
 
+def warn_stray_lines(manifest: Manifest) -> None:
+    for number, text in manifest.stray:
+        log.warning("%s line %d is not a SeriesInstanceUID; skipped: %r", manifest.path,
+                    number, text)
+    if manifest.stray_count > len(manifest.stray):
+        log.warning("%s: %d more lines are not SeriesInstanceUIDs; skipped", manifest.path,
+                    manifest.stray_count - len(manifest.stray))
+
+
 def read_manifest(path: Path) -> Manifest:
     """A .tcia manifest: key=value lines, then one SeriesInstanceUID per line after
     ListOfSeriesToDownload=. CRLF, blank lines, a missing last newline and stray lines
@@ -1589,7 +1703,8 @@ class Member:
 
 
 @dataclass
-class VerifiedZip:
+class VerifiedSeries:
+    """A series as its source delivered it, every file verified: what the output records."""
     path: Path
     members: list[Member]
     license_text: Optional[str]
@@ -1676,7 +1791,7 @@ def series_uid_in(head: bytes) -> Optional[str]:
 
 
 def verify_zip(path: Path, series: PlannedSeries, sink: Optional[MemberSink] = None,
-               stop: Optional[threading.Event] = None) -> VerifiedZip:
+               stop: Optional[threading.Event] = None) -> VerifiedSeries:
     """Check every listed file's MD5 and keep what belongs to the series, streaming what is
     kept into sink in the same pass: each entry is inflated and hashed once. md5hashes.csv
     is the zip's last entry, but the central directory gives it first.
@@ -1719,7 +1834,7 @@ def check_entry_sizes(archive: zipfile.ZipFile, series: PlannedSeries) -> None:
 
 def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
                    table: dict[str, str], sink: Optional[MemberSink],
-                   stop: Optional[threading.Event]) -> VerifiedZip:
+                   stop: Optional[threading.Event]) -> VerifiedSeries:
     members: list[Member] = []
     dropped: list[tuple[str, str]] = []
     license_text: Optional[str] = None
@@ -1752,7 +1867,7 @@ def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
                              f"{series.image_count}")
     if not members:
         raise TransientError("the zip holds no DICOM file of this series")
-    return VerifiedZip(path=path, members=members, license_text=license_text, dropped=dropped)
+    return VerifiedSeries(path=path, members=members, license_text=license_text, dropped=dropped)
 
 
 def _take_entry(stream: io.BufferedIOBase, info: zipfile.ZipInfo, series: PlannedSeries,
@@ -1976,7 +2091,7 @@ class Journal:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                  [("finished", "no"), ("replacing", str(replacing))])
 
-    def record(self, series: PlannedSeries, verified: VerifiedZip, archive_end: int,
+    def record(self, series: PlannedSeries, verified: VerifiedSeries, archive_end: int,
                tar_end: int, stream_sha256: Optional[str] = None) -> None:
         with self._transaction():  # one transaction: the series and its files, or nothing
             self._db.execute(
@@ -2149,7 +2264,7 @@ def citation_text(journal: Journal, collection: str, file_suffix: str) -> bytes:
               + (f" (this part: {file_suffix.lstrip('.')})" if file_suffix else ""),
               f"- started: {journal.get('made started') or 'not recorded'}, finished: "
               f"{utc_day()} (UTC)",
-              f"- every file was checked against the MD5 the server gave for it; MD5SUMS "
+              "- every file was checked against the MD5 the server gave for it; MD5SUMS "
               "lists them all", ""]
     return "\n".join(lines).encode("utf-8")
 
@@ -2706,7 +2821,7 @@ class TarXzTarget(Target):
         return XzPacker(zip_path, self.preset, f"{series.collection}/{series.path}/",
                         self.scratch)
 
-    def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
+    def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
         """Append the stream, fsync, then journal it: a row never runs ahead of its data."""
         with self.commit_lock:
             self.check_open()
@@ -2828,7 +2943,7 @@ class DirectoryTarget(Target):
     def packer(self, series: PlannedSeries, zip_path: Path) -> "FolderPacker":
         return FolderPacker(self.scratch_path(".d"), self.scratch)
 
-    def commit(self, series: PlannedSeries, verified: VerifiedZip, prepared: Prepared) -> None:
+    def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
         destination = self.series_folder(series)
         with self.commit_lock:
             self.check_open()
@@ -3893,9 +4008,8 @@ class Outcome:
 
 @dataclass
 class RunContext:
-    api: TciaApi
+    source: NbiaSource
     target: Target
-    endpoint: ImageEndpoint
     progress: Progress
     retry: RetryPolicy
     stopping: "StopControl"
@@ -3937,31 +4051,18 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
         received += n
         ctx.progress.add_bytes(n)
 
-    def forget_attempt() -> None:
-        count(-received)
-
     failures = 0
     reason = ""
     while failures < ctx.retry.attempts:
-        endpoint = ctx.endpoint.name
         try:
-            verified = attempt_series(ctx, series, endpoint, count)
-        except Md5ParameterRefused:
-            ctx.endpoint.fall_back("refuses IncludeMD5 (a build older than 2025-11)")
-            continue                                  # not the series' fault: no attempt used
-        except Md5TableMissing:
-            forget_attempt()
-            if endpoint == "getImage":
-                ctx.endpoint.fall_back("ignores IncludeMD5=Yes (its zips have no md5hashes.csv)")
-                continue
-            error = TransientError("the zip has no md5hashes.csv (cut short)")
+            verified = attempt_series(ctx, series, count)
         except SeriesUnavailable as exc:
-            forget_attempt()
+            count(-received)
             ctx.progress.series_finished(False, received, series.file_size)
             return Outcome(series, False, reason=str(exc), refused=True,
                            seconds=time.monotonic() - started)
         except TransientError as exc:
-            forget_attempt()
+            count(-received)
             error = exc
         else:
             ctx.progress.series_finished(True, received, series.file_size)
@@ -3982,36 +4083,51 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
     return Outcome(series, False, reason=reason, seconds=time.monotonic() - started)
 
 
-def attempt_series(ctx: RunContext, series: PlannedSeries, endpoint: str,
-                   count: Callable[[int], None]) -> VerifiedZip:
-    """Download; verify, clean and pack in one pass over the zip; commit."""
-    zip_path = ctx.target.scratch_path(".zip")
-    packer = None
-    try:
-        ctx.api.download_zip(endpoint, series.uid, zip_path, count, series.byte_limit)
+# What a source gets to verify a series into the output: pack(verify) makes the sink (the
+# target's packer), runs verify(sink) on it and returns what the series became.
+Packing = Callable[[Callable[[MemberSink], "VerifiedSeries"]], "tuple[VerifiedSeries, Prepared]"]
+
+
+def attempt_series(ctx: RunContext, series: PlannedSeries,
+                   count: Callable[[int], None]) -> VerifiedSeries:
+    """Fetch from the source, verifying, cleaning and packing in one pass; commit."""
+    scratch = ctx.target.scratch_path(ctx.source.scratch_suffix)
+
+    def pack(verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries, Prepared]:
         # One series packed per core: more would share the cores and thrash their caches;
-        # meanwhile the other workers keep downloading, so the next zip is ready.
+        # meanwhile the other workers keep downloading, so the next series is ready.
         with ctx.packing_slots:
-            packer = ctx.target.packer(series, zip_path)
-            verified = verify_zip(zip_path, series, packer, ctx.stopping.abort)
-            prepared = packer.finish()
-        if verified.dropped:
-            # One line per series in the .out file; every name and reason in the debug log.
-            reasons = defaultdict(int)
-            for entry, why in verified.dropped:
-                log.debug("%s: dropped %s: %s", series.label, entry, why)
-                reasons[why.split(" (")[0]] += 1
-            log.warning("%s: dropped %d file(s): %s", series.short_label, len(verified.dropped),
-                        "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
-        if series.file_size and verified.bytes != series.file_size:
-            log.debug("%s: %d bytes of DICOM kept; the server's FileSize says %d",
-                      series.label, verified.bytes, series.file_size)
-        ctx.target.commit(series, verified, prepared)
+            packer = ctx.target.packer(series, scratch)
+            try:
+                verified = verify(packer)
+                return verified, packer.finish()
+            except BaseException:
+                packer.discard()
+                raise
+    try:
+        verified, prepared = ctx.source.fetch(series, scratch, count, pack, ctx.stopping.abort)
+        try:
+            log_dropped(series, verified)
+            ctx.target.commit(series, verified, prepared)
+        finally:
+            prepared.discard()            # after a commit, only what is left in scratch
         return verified
     finally:
-        zip_path.unlink(missing_ok=True)
-        if packer is not None:
-            packer.discard()              # after a commit, only what is left in scratch
+        scratch.unlink(missing_ok=True)
+
+
+def log_dropped(series: PlannedSeries, verified: VerifiedSeries) -> None:
+    if verified.dropped:
+        # One line per series in the .out file; every name and reason in the debug log.
+        reasons: dict[str, int] = defaultdict(int)
+        for entry, why in verified.dropped:
+            log.debug("%s: dropped %s: %s", series.label, entry, why)
+            reasons[why.split(" (")[0]] += 1
+        log.warning("%s: dropped %d file(s): %s", series.short_label, len(verified.dropped),
+                    "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
+    if series.file_size and verified.bytes != series.file_size:
+        log.debug("%s: %d bytes of DICOM kept; the server's FileSize says %d",
+                  series.label, verified.bytes, series.file_size)
 
 
 def log_outcome(outcome: Outcome, position: int, total: int) -> None:
@@ -4198,40 +4314,11 @@ class Plan:
         return journal_path(options.output, self.name, options.compression)
 
 
-def make_plan(api: TciaApi, options: Options) -> Plan:
+def make_plan(source: NbiaSource, options: Options) -> Plan:
     """Which series, named how, into which archive: selection, then --update, then --shard."""
     selection = options.selection
-    manifests: list[Manifest] = []
-    unknown: list[str] = []
-    if selection.manifests or selection.retry_failed:
-        manifests = [read_manifest(path) for path in
-                     (selection.manifests or (selection.retry_failed,))]
-        for manifest in manifests:
-            for number, text in manifest.stray:
-                log.warning("%s line %d is not a SeriesInstanceUID; skipped: %r",
-                            manifest.path, number, text)
-            if manifest.stray_count > len(manifest.stray):
-                log.warning("%s: %d more lines are not SeriesInstanceUIDs; skipped",
-                            manifest.path, manifest.stray_count - len(manifest.stray))
-        uids = list(dict.fromkeys(uid for manifest in manifests for uid in manifest.uids))
-        records, unknown = records_for_uids(api, uids)
-        log.info("%d series listed in %s; the server knows %d", len(uids),
-                 ", ".join(str(m.path) for m in manifests), len(records))
-    elif selection.filters():
-        records = records_for_filters(api, selection)
-        listed = {r["SeriesInstanceUID"] for r in records}
-        unknown = [uid for uid in selection.series_uids if uid not in listed]
-        if not records:
-            if selection.collection and not api.series(Collection=selection.collection):
-                raise FatalRunError(unknown_collection_message(api, selection.collection),
-                                    EXIT_USAGE)
-            raise FatalRunError("no series matches these filters: check the values (NBIA "
-                                "compares them exactly)", EXIT_USAGE)
-    else:
-        records = api.series(Collection=selection.collection)
-        if not records:
-            raise FatalRunError(unknown_collection_message(api, selection.collection),
-                                EXIT_USAGE)
+    selected = source.records(selection)
+    records, unknown, manifests = selected.records, selected.unknown, selected.manifests
     name = selection_name(selection, manifests)
     served = {str(r.get("Collection")) for r in records}
     if not selection.filters() and not manifests and len(served) == 1:
@@ -4486,19 +4573,20 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
                   retry=retry_policy(options), stop=stopping.abort,
                   proxy=options.proxy, ca_bundle=options.ca_bundle)
     secrets.add(api.tokens.secrets)
+    source = NbiaSource(api)
     try:
         if options.list_collections:
-            for name in api.collections():
+            for name in source.collections():
                 print(name)
             return EXIT_OK
         log.info("tcia_downloader %s from %s", __version__, options.api_url)
-        plan = make_plan(api, options)
-        return _run_plan(api, plan, options, stopping, started)
+        plan = make_plan(source, options)
+        return _run_plan(source, plan, options, stopping, started)
     finally:
-        api.close()
+        source.close()
 
 
-def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
+def _run_plan(source: NbiaSource, plan: Plan, options: Options, stopping: StopControl,
               started: float) -> int:
     committed, finished = still_on_disk(options, plan, *read_journal(plan.journal(options)))
     repairing = options.repair and not options.dry_run
@@ -4548,18 +4636,18 @@ def _run_plan(api: TciaApi, plan: Plan, options: Options, stopping: StopControl,
         target.journal.request([s.uid for s in plan.series],
                                replace=options.selection.retry_failed is None)
         record_provenance(target.journal, options)
-        return _download_into(target, plan, api, options, stopping, started)
+        return _download_into(target, plan, source, options, stopping, started)
     finally:
         target.close()
 
 
-def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
+def _download_into(target: Target, plan: Plan, source: NbiaSource, options: Options,
                    stopping: StopControl, started: float) -> int:
     committed = target.committed()
-    # The smallest series goes first and alone: it settles getImage against
-    # getImageWithMD5Hash for the run before several workers each fetch a zip that might
-    # have to be thrown away. Then largest first, so that no big series is left to
-    # compress on one core at the end while the other workers idle.
+    # The smallest series goes first: a source that settles something on its first fetch
+    # (NBIA: which image endpoint serves MD5s) holds the others back only that long. Then
+    # largest first, so that no big series is left to compress on one core at the end
+    # while the other workers idle.
     todo = sorted((s for s in plan.series if s.uid not in committed),
                   key=lambda s: (-s.file_size, s.uid))
     if todo:
@@ -4571,7 +4659,7 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
 
     bars = options.progress and sys.stderr.isatty()
     progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
-    ctx = RunContext(api=api, target=target, endpoint=ImageEndpoint(), progress=progress,
+    ctx = RunContext(source=source, target=target, progress=progress,
                      retry=retry_policy(options), stopping=stopping,
                      breaker=OutageBreaker(max(5, 2 * options.workers)),
                      packing_slots=threading.Semaphore(packing))
@@ -4579,13 +4667,10 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
     try:
         for _ in range(AUDIT_ROUNDS):
             if todo:
-                first = WorkerPool(ctx, todo[:1], 1, skipped + len(outcomes), len(plan.series))
-                first.run()
-                outcomes += first.outcomes
-                rest = WorkerPool(ctx, todo[1:], options.workers, skipped + len(outcomes),
+                pool = WorkerPool(ctx, todo, options.workers, skipped + len(outcomes),
                                   len(plan.series))
-                rest.run()
-                outcomes += rest.outcomes
+                pool.run()
+                outcomes += pool.outcomes
             if ctx.fatal or stopping.abort.is_set() or any(not o.ok for o in outcomes):
                 break
             # Nothing is finished unchecked: what was committed must still be in place.
@@ -4614,7 +4699,7 @@ def _download_into(target: Target, plan: Plan, api: TciaApi, options: Options,
     failures = [o for o in outcomes if not o.ok]
     missing = target.journal.missing_requested() if not failures else []
     if not failures and not missing:
-        add_bibtex(target.journal, api, options)
+        add_bibtex(target.journal, source.api, options)
         target.finalize()
     report(options, target, plan, skipped, outcomes, started, interrupted=False)
     if missing:

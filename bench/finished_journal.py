@@ -73,7 +73,7 @@ def main() -> int:
     stream.unlink()
     tar_end = writer.tar_bytes
     for s in planned:
-        verified = td.VerifiedZip(path=stream, members=[members[s.uid]], license_text=None, dropped=[])
+        verified = td.VerifiedSeries(path=stream, members=[members[s.uid]], license_text=None, dropped=[])
         journal.record(s, verified, archive_end, tar_end,
                        *([stream_sha] if stream_sha else []))
     journal._db.execute("PRAGMA synchronous=FULL")

@@ -297,7 +297,7 @@ def test_a_journal_record_is_all_or_nothing(tmp_path):
     journal = td.Journal(tmp_path / "j.sqlite")
     series = planned("1.2.3.70", "P/d-S-1/1-CT-70")
     members = [td.Member("a.dcm", "a.dcm", 1, "0" * 32), td.Member("b.dcm", "b.dcm", 1, None)]
-    broken = td.VerifiedZip(tmp_path / "x.zip", members, None, [])   # md5 NULL: 2nd row fails
+    broken = td.VerifiedSeries(tmp_path / "x.zip", members, None, [])   # md5 NULL: 2nd row fails
     with pytest.raises(Exception):
         journal.record(series, broken, 100, 1024)
     assert journal.committed() == {}

@@ -456,7 +456,7 @@ def test_metadata_with_control_characters_still_makes_a_metadata_csv(tmp_path):
                               record={"SeriesInstanceUID": "1.2.3",
                                       "SeriesDescription": "nul\x00 bell\x07 tab\tok"},
                               image_count=1, file_size=1)
-    journal.record(series, td.VerifiedZip(tmp_path, [], None, []), 0, 0)
+    journal.record(series, td.VerifiedSeries(tmp_path, [], None, []), 0, 0)
     text = td.metadata_csv(journal, "C").decode()
     assert "nul bell tab\tok" in text and "\x00" not in text
     journal.close()

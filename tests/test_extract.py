@@ -79,7 +79,7 @@ def test_one_series_decompresses_only_its_stream_and_matches_tar(archive, tmp_pa
     code, lines = extract(archive, tmp_path / "one", capsys, "--series-uid",
                           wanted["SeriesInstanceUID"])
     assert code == td.EXIT_OK, lines
-    assert f"1 series" in lines[-1] and f"from 2 of {len(spans)} xz streams" in lines[-1]
+    assert "1 series" in lines[-1] and f"from 2 of {len(spans)} xz streams" in lines[-1]
     # the series' own stream and the small closing one (LICENSE, metadata, MD5SUMS): the
     # closing one twice (read for MD5SUMS first, then written), no other stream
     folder = f"DEMO/{wanted['Path']}"

@@ -186,6 +186,10 @@ class Options:
     extract: Optional[Path] = None     # --extract: write (part of) this archive into output
     doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
     repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
+    mode: str = "nbia"                 # where series come from: nbia, idc
+    idc_index: Optional[Path] = None   # another parquet of IDC's schema
+    idc_endpoint: Optional[str] = None         # another S3 endpoint (path-style addressing)
+    include_analysis_results: bool = False
 
 
 EXAMPLES = """examples:
@@ -251,8 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the server's collection names, one per line, and exit")
     what.add_argument("--dry-run", action="store_true",
                       help="say what would be downloaded and whether it fits; write nothing")
-    what.add_argument("--mode", default="nbia", choices=["nbia", "aspera"],
-                      help="download service: nbia (default); aspera is not available yet")
+    what.add_argument("--mode", default="nbia", choices=["nbia", "idc", "auto", "aspera"],
+                      help="where series come from: nbia (TCIA's NBIA v4, default), idc "
+                           "(NCI's Imaging Data Commons: public S3 buckets and an offline "
+                           "index; needs requirements-idc.txt); auto and aspera are not "
+                           "available yet")
+    what.add_argument("--include-analysis-results", action="store_true",
+                      help="--mode idc: also the series IDC files under a collection as "
+                           "analysis results (NBIA serves only the original ones)")
 
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
@@ -301,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
     network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
                          help="give up a connection attempt after this long (default: 30)")
+    network.add_argument("--idc-index", metavar="FILE.parquet",
+                         help="--mode idc: this index instead of idc-index-data's (same schema)")
+    network.add_argument("--idc-endpoint", metavar="URL",
+                         help="--mode idc: another S3-compatible endpoint, addressed path-style "
+                              "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS's "
+                              "public buckets)")
     network.add_argument("--doi-resolver", metavar="URL",
                          default=os.environ.get("TCIA_DOI_RESOLVER", DEFAULT_DOI_RESOLVER),
                          help="where CITATION.md's BibTeX comes from, by content negotiation; "
@@ -359,8 +375,16 @@ def check_number(flag: str, value: float, low: float, high: float, unit: str) ->
 def parse_options(argv: Optional[list[str]] = None) -> Options:
     """Parse and validate the command line; raise UsageError with one clear line."""
     args = build_parser().parse_args(argv)
-    if args.mode != "nbia":
-        raise UsageError(f"--mode {args.mode} is not available in this version; use --mode nbia")
+    if args.mode not in ("nbia", "idc"):
+        raise UsageError(f"--mode {args.mode} is not available in this version; use --mode "
+                         "nbia or --mode idc")
+    idc_endpoint = args.idc_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+        os.environ.get("AWS_ENDPOINT_URL") or None
+    if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
+        raise UsageError(f"--idc-endpoint {idc_endpoint!r} is not an http(s) URL")
+    idc_index = Path(args.idc_index).expanduser() if args.idc_index else None
+    if idc_index is not None and not idc_index.is_file():
+        raise UsageError(f"--idc-index {args.idc_index}: no such file")
     selection = parse_selection(args)
     for flag, low, high, unit in NUMERIC_FLAGS:
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)
@@ -416,6 +440,10 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         extract=Path(args.extract).expanduser() if args.extract else None,
         doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
         repair=repair,
+        mode=args.mode,
+        idc_index=idc_index,
+        idc_endpoint=idc_endpoint if args.mode == "idc" else None,
+        include_analysis_results=args.include_analysis_results,
     )
 
 
@@ -1208,6 +1236,35 @@ class Selected:
     manifests: list["Manifest"]
 
 
+class Source(Protocol):
+    """Where series come from (NBIA, IDC). The planning asks it for the records of a
+    selection; the per-series loop asks it to fetch one series, verified, into a sink, and
+    hears back only TransientError (retry the series), SeriesUnavailable (skip it),
+    FatalRunError or Interrupted (stop)."""
+
+    name: str
+    scratch_suffix: str             # of the one scratch file a series in flight gets
+    watchdog: TransferWatchdog      # the run's network settings, for other requests
+    transport: dict[str, object]
+    timeout: tuple[float, float]
+
+    def describe(self) -> str: ...
+
+    def collections(self) -> list[str]: ...
+
+    def records(self, selection: Selection) -> "Selected": ...
+
+    def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+              pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]": ...
+
+    def close(self) -> None: ...
+
+
+def from_nbia(records: list[dict]) -> list[dict]:
+    """metadata.csv says which source served each series (an archive may mix them)."""
+    return [{**record, "Source": "nbia"} for record in records]
+
+
 class NbiaSource:
     """NBIA v4 as a source of series, the one object the planning and the per-series loop
     talk to: the records of a selection, and "fetch this series, verified, into a sink",
@@ -1223,9 +1280,16 @@ class NbiaSource:
 
     def __init__(self, api: TciaApi):
         self.api = api
+        self.watchdog, self.transport, self.timeout = api.watchdog, api.transport, api.timeout
         self._endpoint = ImageEndpoint()
         self._settled = threading.Event()
         self._settling = threading.Lock()
+
+    def describe(self) -> str:
+        """The server, without credentials (it goes into logs and CITATION.md)."""
+        parts = urlsplit(self.api.base_url)
+        server = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+        return f"NBIA v4 at {server}"
 
     def collections(self) -> list[str]:
         return self.api.collections()
@@ -1241,7 +1305,7 @@ class NbiaSource:
             records, unknown = records_for_uids(self.api, uids)
             log.info("%d series listed in %s; the server knows %d", len(uids),
                      ", ".join(str(m.path) for m in manifests), len(records))
-            return Selected(records, unknown, manifests)
+            return Selected(from_nbia(records), unknown, manifests)
         if selection.filters():
             records = records_for_filters(self.api, selection)
             listed = {r["SeriesInstanceUID"] for r in records}
@@ -1252,12 +1316,13 @@ class NbiaSource:
                                         EXIT_USAGE)
                 raise FatalRunError("no series matches these filters: check the values (NBIA "
                                     "compares them exactly)", EXIT_USAGE)
-            return Selected(records, [u for u in selection.series_uids if u not in listed], [])
+            return Selected(from_nbia(records),
+                            [u for u in selection.series_uids if u not in listed], [])
         records = self.api.series(Collection=selection.collection)
         if not records:
             raise FatalRunError(unknown_collection_message(self.api, selection.collection),
                                 EXIT_USAGE)
-        return Selected(records, [], [])
+        return Selected(from_nbia(records), [], [])
 
     def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
               pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
@@ -1299,6 +1364,550 @@ class NbiaSource:
 
     def close(self) -> None:
         self.api.close()
+
+
+# -- IDC as a source of series: its offline index and its public S3 buckets --------------------
+
+IDC_INSTALL = "pip install -r requirements-idc.txt"
+IDC_INDEX_COLUMNS = {"collection_id", "analysis_result_id", "PatientID", "SeriesInstanceUID",
+                     "StudyInstanceUID", "instanceCount", "aws_bucket", "crdc_series_uuid",
+                     "series_size_MB", "license_short_name", "source_DOI"}
+S3_NAMESPACE = re.compile(r"^\{[^}]*\}")
+S3_OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+MULTIPART_SIZES = (8, 16, 5, 15, 32, 64, 100, 128)   # MiB: the AWS CLI's default first
+OBJECTS_IN_FLIGHT = 8          # objects of one series fetched at once
+OBJECT_ATTEMPTS = 3            # before the series' attempt fails (then it is retried whole)
+
+
+def idc_date(value: object) -> Optional[str]:
+    """IDC's YYYY-MM-DD as NBIA's MM-DD-YYYY: one archive, one way of writing dates."""
+    match = re.match(r"^(\d{4})-(\d{2})-(\d{2})", str(value or ""))
+    return f"{match[2]}-{match[3]}-{match[1]}" if match else None
+
+
+@dataclass(frozen=True)
+class IdcCollection:
+    name: str                     # TCIA's: Pancreas-CT
+    id: str                       # IDC's: pancreas_ct
+    licenses: dict[str, str]      # source DOI -> license URL
+
+
+class IdcIndex:
+    """IDC's offline index: idc-index-data's parquet of one row per series (or another of
+    the same schema), read with duckdb (measured: a collection out of 1 M rows in 0.27 s,
+    pyarrow 0.7-1.2 s), and its collections index (TCIA's names, DOIs, licenses)."""
+
+    def __init__(self, path: Optional[Path]):
+        try:
+            import duckdb
+        except ImportError:
+            raise FatalRunError(f"--mode idc needs duckdb: {IDC_INSTALL}", EXIT_USAGE) from None
+        collections_path: Optional[Path] = None
+        if path is None:
+            try:
+                import idc_index_data
+            except ImportError:
+                raise FatalRunError(f"--mode idc needs IDC's index (idc-index-data), or "
+                                    f"--idc-index FILE: {IDC_INSTALL}", EXIT_USAGE) from None
+            path = Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH)
+            collections_path = Path(idc_index_data.INDEX_METADATA["collections_index"]
+                                    ["parquet_filepath"])
+            self.version = getattr(idc_index_data, "__version__", "?")
+        else:
+            beside = path.with_name("collections_index.parquet")
+            collections_path = beside if beside.is_file() else None
+            self.version = path.name
+        self.path = path
+        self._db = duckdb.connect()
+        try:
+            self._db.execute(f"CREATE VIEW series AS SELECT * FROM read_parquet({sql_text(path)})")
+            columns = {row[0] for row in self._db.execute("DESCRIBE series").fetchall()}
+        except duckdb.Error as exc:
+            raise FatalRunError(f"{path}: not a parquet file duckdb can read ({exc})",
+                                EXIT_USAGE) from None
+        missing = sorted(IDC_INDEX_COLUMNS - columns)
+        if missing:
+            raise FatalRunError(f"{path} is not an IDC index: it has no {', '.join(missing)} "
+                                "column(s)", EXIT_USAGE)
+        self.collections = self._read_collections(collections_path)
+
+    def _read_collections(self, path: Optional[Path]) -> dict[str, IdcCollection]:
+        """collection_id -> its TCIA name and licenses; without a collections index the
+        IDC id stands in for the name."""
+        found: dict[str, IdcCollection] = {}
+        if path is not None:
+            rows = self._db.execute(f"SELECT collection_id, collection_name, sources FROM "
+                                    f"read_parquet({sql_text(path)})").fetchall()
+            for collection_id, name, sources in rows:
+                licenses = {str(s.get("source_doi") or "").lower():
+                            str((s.get("license") or {}).get("license_url") or "")
+                            for s in (sources or []) if isinstance(s, dict)}
+                found[collection_id] = IdcCollection(name or collection_id, collection_id,
+                                                     licenses)
+        for (collection_id,) in self._db.execute("SELECT DISTINCT collection_id FROM series"
+                                                 ).fetchall():
+            found.setdefault(collection_id, IdcCollection(collection_id, collection_id, {}))
+        return found
+
+    def collection(self, name: str) -> Optional[IdcCollection]:
+        """By TCIA's name (any case) or IDC's id."""
+        wanted = name.casefold()
+        return next((c for c in self.collections.values()
+                     if wanted in (c.name.casefold(), c.id.casefold())), None)
+
+    def rows(self, conditions: list[tuple[str, list[str]]], original_only: bool) -> list[dict]:
+        """The series whose column is one of the values, for every (column, values)."""
+        where = [f'"{column}" IN ({", ".join("?" for _ in values)})'
+                 for column, values in conditions]
+        if original_only:
+            where.append("analysis_result_id IS NULL")
+        query = "SELECT * FROM series" + (" WHERE " + " AND ".join(where) if where else "")
+        cursor = self._db.execute(query, [v for _, values in conditions for v in values])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def sql_text(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def idc_record(row: dict, collection: IdcCollection) -> dict:
+    """An index row in the shape of NBIA's getSeries record, so that planning, folder names,
+    metadata.csv, LICENSE and CITATION.md are the same whichever source served a series."""
+    doi = str(row.get("source_DOI") or "").strip()
+    license_name = str(row.get("license_short_name") or "")
+    size_mb = row.get("series_size_MB")
+    return {
+        "SeriesInstanceUID": row["SeriesInstanceUID"],
+        "StudyInstanceUID": row.get("StudyInstanceUID"),
+        "Modality": row.get("Modality"), "SeriesDate": idc_date(row.get("SeriesDate")),
+        "SeriesDescription": row.get("SeriesDescription"),
+        "BodyPartExamined": row.get("BodyPartExamined"),
+        "SeriesNumber": row.get("SeriesNumber"), "Collection": collection.name,
+        "PatientID": row.get("PatientID"), "PatientSex": row.get("PatientSex"),
+        "PatientAge": row.get("PatientAge"), "Manufacturer": row.get("Manufacturer"),
+        "ManufacturerModelName": row.get("ManufacturerModelName"),
+        "ImageCount": row.get("instanceCount"),
+        "LicenseName": license_name,
+        "LicenseURI": collection.licenses.get(doi.lower()) or license_url(license_name, None),
+        "DataDescriptionURI": f"https://doi.org/{doi}" if doi else None,
+        "FileSize": int(float(size_mb) * 1e6) if size_mb else None,
+        "StudyDesc": row.get("StudyDescription"), "StudyDate": idc_date(row.get("StudyDate")),
+        "Source": "idc", "crdc_series_uuid": row.get("crdc_series_uuid"),
+        "aws_bucket": row.get("aws_bucket"),
+        "analysis_result_id": row.get("analysis_result_id"),
+    }
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str                     # without quotes: <md5 hex> or <hex>-<parts>
+
+
+class S3Client:
+    """Anonymous S3 REST: ListObjectsV2 of a prefix, and GET of an object into a file at
+    an offset. The one place where S3's answers become TransientError (retry) or
+    SeriesUnavailable (refused). Against AWS the bucket is in the host name; against
+    another endpoint (--idc-endpoint) in the path, as s5cmd and the AWS CLI address it."""
+
+    LIST_LIMIT = 16 * 1024 * 1024          # one page of 1,000 keys is ~300 kB of XML
+
+    def __init__(self, endpoint: Optional[str], watchdog: TransferWatchdog,
+                 transport: dict[str, object], timeout: tuple[float, float],
+                 stop: threading.Event):
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self._watchdog = watchdog
+        self._transport = transport
+        self._timeout = timeout
+        self._stop = stop
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = watched_session(requests.Session(), self._watchdog,
+                                      f"tcia_downloader/{__version__}")
+            self._local.session = session
+        return session
+
+    def url(self, bucket: str, key: str = "") -> str:
+        if self.endpoint:
+            return f"{self.endpoint}/{bucket}/{quote(key)}"
+        return f"https://{bucket}.s3.amazonaws.com/{quote(key)}"
+
+    def list(self, bucket: str, prefix: str) -> list[S3Object]:
+        objects: list[S3Object] = []
+        token: Optional[str] = None
+        while True:
+            params = {"list-type": "2", "prefix": prefix,
+                      **({"continuation-token": token} if token else {})}
+            body = self._get(self.url(bucket), params, self.LIST_LIMIT)
+            page, token = parse_list_page(body)
+            objects += page
+            if not token:
+                return objects
+
+    def _get(self, url: str, params: dict[str, str], limit: int) -> bytes:
+        try:
+            with self._session().get(url, params=params, stream=True, timeout=self._timeout,
+                                     **self._transport) as response:
+                self._raise_for_status(response)
+                body = bytearray()
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    body += chunk
+                    if len(body) > limit:
+                        raise TransientError(f"a listing page of more than {limit} bytes")
+                return bytes(body)
+        except requests.RequestException as exc:
+            raise self._transfer_error(exc, 0) from None
+
+    def download(self, bucket: str, item: S3Object, handle: int, offset: int,
+                 on_bytes: Callable[[int], None]) -> "hashlib._Hash":
+        """The object's bytes written at offset of the open file, hashed as they come:
+        exactly its listed size, or TransientError. Returns the MD5 of what was written."""
+        digest = hashlib.md5()
+        written = 0
+        try:
+            with self._session().get(self.url(bucket, item.key), stream=True,
+                                     timeout=self._timeout, **self._transport) as response:
+                self._raise_for_status(response)
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    if self._stop.is_set():
+                        raise Interrupted()
+                    if written + len(chunk) > item.size:
+                        raise TransientError(f"{item.key}: more bytes than its listed "
+                                             f"{item.size}")
+                    os.pwrite(handle, chunk, offset + written)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    on_bytes(len(chunk))
+        except requests.RequestException as exc:
+            raise self._transfer_error(exc, written) from None
+        if written != item.size:
+            raise TransientError(f"{item.key}: {written} of its {item.size} bytes arrived")
+        return digest
+
+    def _raise_for_status(self, response: requests.Response) -> None:
+        status = response.status_code
+        if status in (200, 206):
+            return
+        code = re.search(r"<Code>([^<]{1,64})</Code>", response.text[:4096])
+        what = f"HTTP {status}" + (f" {code[1]}" if code else "")
+        if status == 403 or (code and code[1] == "NoSuchBucket"):
+            raise SeriesUnavailable(f"{what}: the bucket refuses anonymous reading")
+        if status in (429, 500, 502, 503, 504) or status == 404:
+            # 503 SlowDown is S3 throttling; 404 means the listing changed under us.
+            raise TransientError(what, parse_retry_after(response.headers.get("Retry-After")))
+        raise TransientError(what)
+
+    def _transfer_error(self, exc: requests.RequestException, written: int) -> Exception:
+        if self._stop.is_set():
+            return Interrupted()
+        cut = self._watchdog.cut_reason()
+        if cut:
+            return TransientError(f"{cut}, after {written} bytes")
+        return TransientError(f"connection failed after {written} bytes "
+                              f"({type(exc).__name__})")
+
+
+def parse_list_page(body: bytes) -> tuple[list[S3Object], Optional[str]]:
+    """The objects of a ListObjectsV2 page, and the token of the next page (None: last)."""
+    import xml.etree.ElementTree as ElementTree
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise TransientError(f"a listing that is not S3's XML ({exc})") from None
+
+    def text(element: ElementTree.Element, name: str) -> str:
+        for child in element:
+            if S3_NAMESPACE.sub("", child.tag) == name:
+                return (child.text or "").strip()
+        return ""
+    objects = []
+    for element in root:
+        if S3_NAMESPACE.sub("", element.tag) != "Contents":
+            continue
+        size = as_count(text(element, "Size"))
+        if size is None:
+            raise TransientError(f"a listing with no size for {text(element, 'Key')!r}")
+        objects.append(S3Object(text(element, "Key"), size, text(element, "ETag").strip('"')))
+    truncated = text(root, "IsTruncated").lower() == "true"
+    token = text(root, "NextContinuationToken") if truncated else ""
+    if truncated and not token:
+        raise TransientError("a truncated listing without a continuation token")
+    return objects, token or None
+
+
+def multipart_etag_matches(etag: str, handle: int, offset: int, size: int) -> Optional[int]:
+    """The part size (MiB) that reproduces a multipart ETag (<md5 of part MD5s>-<parts>)
+    from the bytes, or None: S3 does not store the part size, so the usual ones are tried."""
+    digest, _, parts = etag.partition("-")
+    for mib in MULTIPART_SIZES:
+        part = mib * 1024 * 1024
+        if -(-size // part) != int(parts):
+            continue
+        combined = hashlib.md5()
+        for start in range(0, size, part):
+            piece = hashlib.md5()
+            for at in range(start, min(start + part, size), CHUNK_SIZE):
+                piece.update(os.pread(handle, min(CHUNK_SIZE, start + part - at, size - at),
+                                      offset + at))
+            combined.update(piece.digest())
+        if combined.hexdigest() == digest:
+            return mib
+    return None
+
+
+@dataclass
+class FetchedObject:
+    item: S3Object
+    offset: int
+    md5: str
+    by_size_only: bool = False
+
+
+class IdcSource:
+    """IDC as a source of series: the records of a selection from its offline index, and a
+    series fetched from its bucket, one object per instance, into one scratch file (one
+    inode per series in flight), every object checked against its ETag and as DICOM of
+    this series, then handed to the sink in InstanceNumber order under the names NBIA's
+    NewFileNames gives, so the same series lands in the same place from either source."""
+
+    name = "idc"
+    scratch_suffix = ".objects"
+
+    def __init__(self, index: IdcIndex, s3: S3Client, include_analysis_results: bool,
+                 watchdog: TransferWatchdog, transport: dict[str, object],
+                 timeout: tuple[float, float]):
+        self.index = index
+        self.s3 = s3
+        self.include_analysis_results = include_analysis_results
+        self.watchdog, self.transport, self.timeout = watchdog, transport, timeout
+        self._by_size_lock = threading.Lock()
+        self.verified_by_size_only = 0
+
+    def describe(self) -> str:
+        where = self.s3.endpoint or "AWS S3 (public buckets)"
+        return f"IDC (index {self.index.version}) at {where}"
+
+    def collections(self) -> list[str]:
+        return sorted(c.name for c in self.index.collections.values())
+
+    def records(self, selection: Selection) -> Selected:
+        conditions: list[tuple[str, list[str]]] = []
+        manifests: list[Manifest] = []
+        uids: list[str] = []
+        if selection.manifests or selection.retry_failed:
+            manifests = [read_manifest(path) for path in
+                         (selection.manifests or (selection.retry_failed,))]
+            for manifest in manifests:
+                warn_stray_lines(manifest)
+            uids = list(dict.fromkeys(uid for m in manifests for uid in m.uids))
+            conditions.append(("SeriesInstanceUID", uids))
+        if selection.collection:
+            collection = self.index.collection(selection.collection)
+            if collection is None:
+                raise FatalRunError(self._unknown_collection(selection.collection), EXIT_USAGE)
+            conditions.append(("collection_id", [collection.id]))
+        conditions += [(column, list(values)) for column, values in selection.filters().items()]
+        # Named series are fetched whatever they are; a collection means what NBIA serves
+        # for it: its original data, not the analysis results IDC files beside it.
+        original_only = not (uids or selection.series_uids or self.include_analysis_results)
+        rows = self.index.rows(conditions, original_only)
+        records = [idc_record(row, self.index.collections[row["collection_id"]])
+                   for row in rows]
+        found = {r["SeriesInstanceUID"] for r in records}
+        unknown = [u for u in (uids or list(selection.series_uids)) if u not in found]
+        if manifests:
+            log.info("%d series listed in %s; IDC's index has %d", len(uids),
+                     ", ".join(str(m.path) for m in manifests), len(records))
+        elif not records:
+            raise FatalRunError("no series of IDC's index matches these filters: check the "
+                                "values (compared exactly)", EXIT_USAGE)
+        return Selected(records, unknown, manifests)
+
+    def _unknown_collection(self, name: str) -> str:
+        names = self.collections()
+        close = suggest_collections(name, names)
+        return (f"IDC's index has no collection {name!r}" +
+                (f"; did you mean: {', '.join(close)}?" if close else
+                 "; --mode idc --list-collections prints its names"))
+
+    def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+              pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        bucket = str(series.record.get("aws_bucket") or "")
+        uuid = str(series.record.get("crdc_series_uuid") or "")
+        if not bucket or not uuid:
+            raise SeriesUnavailable("IDC's index gives no bucket for it")
+        listed = self._listing(series, bucket, uuid)
+        fetched = self._download_all(series, bucket, listed, scratch, count, stop)
+        return pack(lambda sink: self._verify_into(series, scratch, fetched, sink, stop))
+
+    def _listing(self, series: "PlannedSeries", bucket: str, uuid: str) -> list[S3Object]:
+        """The series' objects: exactly instanceCount of them, named like instances, and no
+        more bytes than the index's size allows. A series prefix never changes in IDC (a
+        revision gets a new uuid): anything else is a listing to distrust."""
+        objects = self.s3.list(bucket, f"{uuid}/")
+        for item in objects:
+            name = item.key[len(uuid) + 1:]
+            if not item.key.startswith(f"{uuid}/") or not S3_OBJECT_NAME.match(name):
+                raise TransientError(f"the listing of {uuid}/ holds {item.key[:80]!r}, not "
+                                     "an instance of the series")
+        if series.image_count is not None and len(objects) != series.image_count:
+            raise TransientError(f"the bucket lists {len(objects)} objects for it, IDC's "
+                                 f"index {series.image_count}")
+        total = sum(item.size for item in objects)
+        if series.byte_limit is not None and total > series.byte_limit:
+            raise TransientError(f"the listing adds up to {total} bytes, more than the index's "
+                                 "size for the series allows")
+        return objects
+
+    def _download_all(self, series: "PlannedSeries", bucket: str, listed: list[S3Object],
+                      scratch: Path, count: Callable[[int], None],
+                      stop: threading.Event) -> list[FetchedObject]:
+        """All objects at once (OBJECTS_IN_FLIGHT), each at its own offset of scratch, each
+        retried a few times before the series' attempt fails."""
+        offsets = list(itertools.accumulate([0] + [item.size for item in listed[:-1]]))
+        handle = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            def fetch_one(pair: tuple[S3Object, int]) -> FetchedObject:
+                return self._download_one(series, bucket, pair[0], handle, pair[1], count,
+                                          stop)
+            with concurrent.futures.ThreadPoolExecutor(OBJECTS_IN_FLIGHT) as pool:
+                futures = [pool.submit(fetch_one, pair) for pair in zip(listed, offsets)]
+                try:
+                    return [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        except OSError as exc:
+            raise_if_disk_full(exc, scratch.parent)
+            raise
+        finally:
+            os.close(handle)
+
+    def _download_one(self, series: "PlannedSeries", bucket: str, item: S3Object, handle: int,
+                      offset: int, count: Callable[[int], None],
+                      stop: threading.Event) -> FetchedObject:
+        for attempt in range(1, OBJECT_ATTEMPTS + 1):
+            received = 0
+
+            def counted(n: int) -> None:
+                nonlocal received
+                received += n
+                count(n)
+            try:
+                digest = self.s3.download(bucket, item, handle, offset, counted)
+                return self._checked(series, item, handle, offset, digest.hexdigest())
+            except TransientError as exc:
+                count(-received)
+                if attempt == OBJECT_ATTEMPTS or stop.is_set():
+                    raise TransientError(f"{item.key}: {exc}") from None
+                log.debug("%s: %s: attempt %d failed: %s", series.label, item.key, attempt, exc)
+                if stop.wait(min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)):
+                    raise Interrupted() from None
+        raise AssertionError("unreachable")
+
+    def _checked(self, series: "PlannedSeries", item: S3Object, handle: int, offset: int,
+                 md5: str) -> FetchedObject:
+        """The bytes against the ETag: an MD5 for a single-part upload; a multipart ETag is
+        recomputed with the usual part sizes, and only where none reproduces it is the
+        object trusted by its size, which is logged and counted in the report."""
+        if re.fullmatch(r"[0-9a-f]{32}", item.etag):
+            if md5 != item.etag:
+                raise TransientError(f"MD5 {md5}, but its ETag says {item.etag}")
+            return FetchedObject(item, offset, md5)
+        if re.fullmatch(r"[0-9a-f]{32}-[0-9]{1,5}", item.etag):
+            if multipart_etag_matches(item.etag, handle, offset, item.size) is not None:
+                return FetchedObject(item, offset, md5)
+        log.warning("%s: %s has the ETag %s, which no usual part size reproduces: verified "
+                    "by its size only", series.short_label, item.key, item.etag[:40])
+        with self._by_size_lock:
+            self.verified_by_size_only += 1
+        return FetchedObject(item, offset, md5, by_size_only=True)
+
+    def _verify_into(self, series: "PlannedSeries", scratch: Path, fetched: list[FetchedObject],
+                     sink: "MemberSink", stop: threading.Event) -> "VerifiedSeries":
+        """Every object must be DICOM of this series (header only); then, in InstanceNumber
+        order, into the sink as <acquisition>-<instance>.dcm."""
+        headers = []
+        with open(scratch, "rb") as handle:
+            for number, item in enumerate(fetched):
+                fields = dicom_naming_fields(FileRegion(handle, item.offset, item.item.size))
+                if fields is None or fields[0] != series.uid:
+                    raise TransientError(f"{item.item.key} is not DICOM of this series")
+                headers.append((fields[1] if fields[1] is not None else number + 1,
+                                fields[2] if fields[2] is not None else 1, item))
+        width = len(str(len(fetched)))
+        used: set[str] = set()
+        members = []
+        for instance, acquisition, item in sorted(headers, key=lambda h: (h[0], h[2].item.key)):
+            if stop.is_set():
+                raise Interrupted()
+            name = unique_file_name(f"{acquisition}-{instance:0{width}d}.dcm", used)
+            sink.add(name, item.item.size, read_range(scratch, item.offset,
+                                                      item.offset + item.item.size))
+            members.append(Member(item.item.key, name, item.item.size, item.md5))
+        return VerifiedSeries(scratch, members, None, [])
+
+    def close(self) -> None:
+        self.index.close()
+        self.watchdog.close()
+
+
+class FileRegion(io.RawIOBase):
+    """A read-only view of bytes [offset, offset + size) of an open file, for pydicom: a
+    header is read as far as it goes (a SEG's per-frame groups run to megabytes), never
+    beyond the object, and nothing is copied into memory first."""
+
+    def __init__(self, handle: io.BufferedReader, offset: int, size: int):
+        super().__init__()
+        self._handle, self._offset, self._size, self._at = handle, offset, size, 0
+        self.name = f"{handle.name}@{offset}"      # pydicom names its dataset after it
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
+        self._at = min(max(base + position, 0), self._size)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def readinto(self, buffer: bytearray) -> int:
+        wanted = min(len(buffer), self._size - self._at)
+        data = os.pread(self._handle.fileno(), wanted, self._offset + self._at) if wanted else b""
+        buffer[:len(data)] = data
+        self._at += len(data)
+        return len(data)
+
+
+def dicom_naming_fields(region: io.RawIOBase) -> Optional[tuple[str, Optional[int], Optional[int]]]:
+    """(SeriesInstanceUID, InstanceNumber, AcquisitionNumber) from a DICOM header, or None
+    when the bytes are no DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    try:
+        dataset = pydicom.dcmread(io.BufferedReader(region), stop_before_pixels=True, specific_tags=[
+            "SeriesInstanceUID", "InstanceNumber", "AcquisitionNumber"])
+        uid = str(dataset.get("SeriesInstanceUID", "")) or None
+    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
+            AttributeError, IndexError):
+        return None
+    if uid is None:
+        return None
+    return uid, as_count(dataset.get("InstanceNumber")), as_count(dataset.get("AcquisitionNumber"))
 
 
 # ==========================================================================================
@@ -2264,8 +2873,8 @@ def citation_text(journal: Journal, collection: str, file_suffix: str) -> bytes:
               + (f" (this part: {file_suffix.lstrip('.')})" if file_suffix else ""),
               f"- started: {journal.get('made started') or 'not recorded'}, finished: "
               f"{utc_day()} (UTC)",
-              "- every file was checked against the MD5 the server gave for it; MD5SUMS "
-              "lists them all", ""]
+              "- every file was checked against the checksum its source gave for it (NBIA: "
+              "its MD5 list; IDC: the object's ETag); MD5SUMS lists them all", ""]
     return "\n".join(lines).encode("utf-8")
 
 
@@ -4008,7 +4617,7 @@ class Outcome:
 
 @dataclass
 class RunContext:
-    source: NbiaSource
+    source: Source
     target: Target
     progress: Progress
     retry: RetryPolicy
@@ -4314,7 +4923,7 @@ class Plan:
         return journal_path(options.output, self.name, options.compression)
 
 
-def make_plan(source: NbiaSource, options: Options) -> Plan:
+def make_plan(source: Source, options: Options) -> Plan:
     """Which series, named how, into which archive: selection, then --update, then --shard."""
     selection = options.selection
     selected = source.records(selection)
@@ -4564,6 +5173,35 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
     writes = not (options.list_collections or options.dry_run)
     if writes:
         check_folders(options)
+    source = open_source(options, stopping)
+    if isinstance(source, NbiaSource):
+        secrets.add(source.api.tokens.secrets)
+    try:
+        if options.list_collections:
+            for name in source.collections():
+                print(name)
+            return EXIT_OK
+        log.info("tcia_downloader %s from %s", __version__, source.describe())
+        plan = make_plan(source, options)
+        return _run_plan(source, plan, options, stopping, started)
+    finally:
+        source.close()
+
+
+def open_source(options: Options, stopping: StopControl) -> Source:
+    """The source --mode names, with the run's network settings."""
+    if options.mode == "idc":
+        index = IdcIndex(options.idc_index)
+        watchdog = TransferWatchdog(options.stall_timeout, stopping.abort)
+        transport: dict[str, object] = {}
+        if options.proxy:
+            transport["proxies"] = {"http": options.proxy, "https": options.proxy}
+        if options.ca_bundle:
+            transport["verify"] = str(options.ca_bundle)
+        timeout = (options.connect_timeout, options.stall_timeout)
+        s3 = S3Client(options.idc_endpoint, watchdog, transport, timeout, stopping.abort)
+        return IdcSource(index, s3, options.include_analysis_results, watchdog, transport,
+                         timeout)
     api = TciaApi(options.api_url,
                   cache_path=private_dir(options.cache_dir) / "http_cache",
                   cache_expiry=timedelta(hours=options.cache_expiry_hours),
@@ -4572,21 +5210,10 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
                   stall_timeout=options.stall_timeout,
                   retry=retry_policy(options), stop=stopping.abort,
                   proxy=options.proxy, ca_bundle=options.ca_bundle)
-    secrets.add(api.tokens.secrets)
-    source = NbiaSource(api)
-    try:
-        if options.list_collections:
-            for name in source.collections():
-                print(name)
-            return EXIT_OK
-        log.info("tcia_downloader %s from %s", __version__, options.api_url)
-        plan = make_plan(source, options)
-        return _run_plan(source, plan, options, stopping, started)
-    finally:
-        source.close()
+    return NbiaSource(api)
 
 
-def _run_plan(source: NbiaSource, plan: Plan, options: Options, stopping: StopControl,
+def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopControl,
               started: float) -> int:
     committed, finished = still_on_disk(options, plan, *read_journal(plan.journal(options)))
     repairing = options.repair and not options.dry_run
@@ -4635,13 +5262,13 @@ def _run_plan(source: NbiaSource, plan: Plan, options: Options, stopping: StopCo
             return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
         target.journal.request([s.uid for s in plan.series],
                                replace=options.selection.retry_failed is None)
-        record_provenance(target.journal, options)
+        record_provenance(target.journal, options, source)
         return _download_into(target, plan, source, options, stopping, started)
     finally:
         target.close()
 
 
-def _download_into(target: Target, plan: Plan, source: NbiaSource, options: Options,
+def _download_into(target: Target, plan: Plan, source: Source, options: Options,
                    stopping: StopControl, started: float) -> int:
     committed = target.committed()
     # The smallest series goes first: a source that settles something on its first fetch
@@ -4699,7 +5326,7 @@ def _download_into(target: Target, plan: Plan, source: NbiaSource, options: Opti
     failures = [o for o in outcomes if not o.ok]
     missing = target.journal.missing_requested() if not failures else []
     if not failures and not missing:
-        add_bibtex(target.journal, source.api, options)
+        add_bibtex(target.journal, source, options)
         target.finalize()
     report(options, target, plan, skipped, outcomes, started, interrupted=False)
     if missing:
@@ -4711,12 +5338,10 @@ def _download_into(target: Target, plan: Plan, source: NbiaSource, options: Opti
 AUDIT_ROUNDS = 3       # downloads, each followed by a check of everything committed
 
 
-def record_provenance(journal: Journal, options: Options) -> None:
-    """What CITATION.md says of how the copy was made: the server (without credentials),
+def record_provenance(journal: Journal, options: Options, source: Source) -> None:
+    """What CITATION.md says of how the copy was made: the source (without credentials),
     when the first run started, and its selection (a --retry-failed run only completes it)."""
-    parts = urlsplit(options.api_url)
-    server = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
-    journal.put("made source", f"NBIA v4 at {server}")
+    journal.put("made source", source.describe())
     if journal.get("made started") is None:
         journal.put("made started", utc_day())
     if options.selection.retry_failed is None and journal.get("made selection") is None:
@@ -4733,14 +5358,15 @@ def describe_selection(selection: Selection) -> str:
     return printable(" ".join(words))
 
 
-def add_bibtex(journal: Journal, api: TciaApi, options: Options) -> None:
+def add_bibtex(journal: Journal, source: Source, options: Options) -> None:
     """BibTeX of the output's DOIs into the journal, once: CITATION.md is made from it."""
     dois = sorted({dataset.doi for collection in journal.collections()
                    for dataset in datasets(journal, collection)
                    if dataset.doi and journal.get(f"bibtex {dataset.doi}") is None})
     if not dois or not options.doi_resolver:
         return
-    resolver = DoiResolver(options.doi_resolver, api.watchdog, api.transport, api.timeout)
+    resolver = DoiResolver(options.doi_resolver, source.watchdog, source.transport,
+                           source.timeout)
     for doi, entry in resolver.bibtex(dois).items():
         journal.put(f"bibtex {doi}", entry)
 

@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import concurrent.futures
 import csv
+import dataclasses
 import difflib
 import errno
 import fcntl
@@ -258,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mode", default="nbia", choices=["nbia", "idc", "auto", "aspera"],
                       help="where series come from: nbia (TCIA's NBIA v4, default), idc "
                            "(NCI's Imaging Data Commons: public S3 buckets and an offline "
-                           "index; needs requirements-idc.txt); auto and aspera are not "
-                           "available yet")
+                           "index; needs requirements-idc.txt), auto (NBIA, and IDC for "
+                           "what NBIA cannot serve); aspera is not available yet")
     what.add_argument("--include-analysis-results", action="store_true",
                       help="--mode idc: also the series IDC files under a collection as "
                            "analysis results (NBIA serves only the original ones)")
@@ -375,9 +376,9 @@ def check_number(flag: str, value: float, low: float, high: float, unit: str) ->
 def parse_options(argv: Optional[list[str]] = None) -> Options:
     """Parse and validate the command line; raise UsageError with one clear line."""
     args = build_parser().parse_args(argv)
-    if args.mode not in ("nbia", "idc"):
+    if args.mode not in ("nbia", "idc", "auto"):
         raise UsageError(f"--mode {args.mode} is not available in this version; use --mode "
-                         "nbia or --mode idc")
+                         "nbia, idc or auto")
     idc_endpoint = args.idc_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
         os.environ.get("AWS_ENDPOINT_URL") or None
     if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
@@ -442,7 +443,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         repair=repair,
         mode=args.mode,
         idc_index=idc_index,
-        idc_endpoint=idc_endpoint if args.mode == "idc" else None,
+        idc_endpoint=idc_endpoint if args.mode in ("idc", "auto") else None,
         include_analysis_results=args.include_analysis_results,
     )
 
@@ -1910,6 +1911,91 @@ def dicom_naming_fields(region: io.RawIOBase) -> Optional[tuple[str, Optional[in
     return uid, as_count(dataset.get("InstanceNumber")), as_count(dataset.get("AcquisitionNumber"))
 
 
+# -- NBIA first, IDC where NBIA cannot serve: --mode auto ---------------------------------------
+
+class AutoSource:
+    """NBIA first; a series NBIA refuses, or every series once NBIA looks down, comes from
+    IDC when IDC's index has it, into the same archive under the same folder. NBIA gone
+    before the run could plan: the plan comes from IDC's index."""
+
+    name = "auto"
+    DOWN_AFTER = 3        # NBIA attempts failing in a row, across series, that make it "down"
+
+    def __init__(self, nbia: NbiaSource, idc: IdcSource):
+        self.nbia, self.idc = nbia, idc
+        self.scratch_suffix = ".download"
+        self.watchdog, self.transport, self.timeout = nbia.watchdog, nbia.transport, nbia.timeout
+        self._idc_records: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._nbia_failures = 0
+        self.nbia_down = False
+
+    def describe(self) -> str:
+        return f"{self.nbia.describe()}, else {self.idc.describe()}"
+
+    def collections(self) -> list[str]:
+        try:
+            return self.nbia.collections()
+        except FatalRunError as exc:
+            log.warning("NBIA cannot list its collections (%s): IDC's index does", exc)
+            return self.idc.collections()
+
+    def records(self, selection: Selection) -> "Selected":
+        try:
+            selected = self.nbia.records(selection)
+        except FatalRunError as exc:
+            log.warning("NBIA cannot plan this run (%s); planning from IDC's index", exc)
+            self.nbia_down = True
+            selected = self.idc.records(selection)
+            self._idc_records = {r["SeriesInstanceUID"]: r for r in selected.records}
+            return selected
+        uids = [r["SeriesInstanceUID"] for r in selected.records] + selected.unknown
+        rows = self.idc.index.rows([("SeriesInstanceUID", uids)], original_only=False)
+        self._idc_records = {row["SeriesInstanceUID"]: idc_record(
+            row, self.idc.index.collections[row["collection_id"]]) for row in rows}
+        log.info("IDC's index has %d of these %d series, for what NBIA cannot serve",
+                 len(self._idc_records), len(uids))
+        return selected
+
+    def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+              pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        if not self.nbia_down:
+            try:
+                fetched = self.nbia.fetch(series, scratch, count, pack, stop)
+                self._nbia_answered(True)
+                return fetched
+            except SeriesUnavailable as exc:
+                if series.uid not in self._idc_records:
+                    raise
+                log.info("%s: NBIA refuses it (%s); fetching it from IDC", series.short_label,
+                         exc)
+            except TransientError:
+                self._nbia_answered(False)
+                if not self.nbia_down or series.uid not in self._idc_records:
+                    raise
+        record = self._idc_records.get(series.uid)
+        if record is None:
+            raise SeriesUnavailable("NBIA cannot serve it and IDC's index does not have it")
+        from_idc = dataclasses.replace(series, record=record,
+                                       image_count=as_count(record.get("ImageCount")),
+                                       file_size=as_count(record.get("FileSize")) or 0)
+        verified, prepared = self.idc.fetch(from_idc, scratch, count, pack, stop)
+        verified.record = record
+        return verified, prepared
+
+    def _nbia_answered(self, ok: bool) -> None:
+        with self._lock:
+            self._nbia_failures = 0 if ok else self._nbia_failures + 1
+            if self._nbia_failures >= self.DOWN_AFTER and not self.nbia_down:
+                self.nbia_down = True
+                log.warning("NBIA failed %d times in a row: the rest of the run comes from "
+                            "IDC", self._nbia_failures)
+
+    def close(self) -> None:
+        self.nbia.close()
+        self.idc.close()
+
+
 # ==========================================================================================
 # 3. Planning: which series, and where each goes
 # ==========================================================================================
@@ -2318,10 +2404,15 @@ class VerifiedSeries:
     members: list[Member]
     license_text: Optional[str]
     dropped: list[tuple[str, str]]
+    record: Optional[dict] = None      # the serving source's record, if not the plan's
 
     @property
     def bytes(self) -> int:
         return sum(m.size for m in self.members)
+
+    @property
+    def source(self) -> str:
+        return str((self.record or {}).get("Source") or "")
 
 
 class Md5TableMissing(Exception):
@@ -2706,7 +2797,8 @@ class Journal:
             self._db.execute(
                 "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (series.uid, series.collection, series.path, archive_end, tar_end,
-                 len(verified.members), verified.bytes, json.dumps(series.record),
+                 len(verified.members), verified.bytes,
+                 json.dumps(verified.record or series.record),
                  (verified.license_text or "").strip() or None,
                  datetime.now().isoformat(timespec="seconds"), stream_sha256))
             self._db.execute("DELETE FROM files WHERE uid=?", (series.uid,))
@@ -4613,6 +4705,7 @@ class Outcome:
     bytes: int = 0
     seconds: float = 0.0
     dropped: int = 0               # files in the zip that were not the series'
+    source: str = ""               # which source served it (nbia, idc)
 
 
 @dataclass
@@ -4676,7 +4769,8 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
         else:
             ctx.progress.series_finished(True, received, series.file_size)
             return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
-                           seconds=time.monotonic() - started, dropped=len(verified.dropped))
+                           seconds=time.monotonic() - started, dropped=len(verified.dropped),
+                           source=str((verified.record or series.record).get("Source") or ""))
         if ctx.stopping.abort.is_set():
             raise Interrupted()            # the failure is the stop's doing, not the series'
         failures += 1
@@ -5174,8 +5268,9 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
     if writes:
         check_folders(options)
     source = open_source(options, stopping)
-    if isinstance(source, NbiaSource):
-        secrets.add(source.api.tokens.secrets)
+    nbia = source.nbia if isinstance(source, AutoSource) else source
+    if isinstance(nbia, NbiaSource):
+        secrets.add(nbia.api.tokens.secrets)
     try:
         if options.list_collections:
             for name in source.collections():
@@ -5190,18 +5285,27 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
 
 def open_source(options: Options, stopping: StopControl) -> Source:
     """The source --mode names, with the run's network settings."""
+    if options.mode == "auto":
+        return AutoSource(open_nbia(options, stopping), open_idc(options, stopping))
     if options.mode == "idc":
-        index = IdcIndex(options.idc_index)
-        watchdog = TransferWatchdog(options.stall_timeout, stopping.abort)
-        transport: dict[str, object] = {}
-        if options.proxy:
-            transport["proxies"] = {"http": options.proxy, "https": options.proxy}
-        if options.ca_bundle:
-            transport["verify"] = str(options.ca_bundle)
-        timeout = (options.connect_timeout, options.stall_timeout)
-        s3 = S3Client(options.idc_endpoint, watchdog, transport, timeout, stopping.abort)
-        return IdcSource(index, s3, options.include_analysis_results, watchdog, transport,
-                         timeout)
+        return open_idc(options, stopping)
+    return open_nbia(options, stopping)
+
+
+def open_idc(options: Options, stopping: StopControl) -> IdcSource:
+    index = IdcIndex(options.idc_index)
+    watchdog = TransferWatchdog(options.stall_timeout, stopping.abort)
+    transport: dict[str, object] = {}
+    if options.proxy:
+        transport["proxies"] = {"http": options.proxy, "https": options.proxy}
+    if options.ca_bundle:
+        transport["verify"] = str(options.ca_bundle)
+    timeout = (options.connect_timeout, options.stall_timeout)
+    s3 = S3Client(options.idc_endpoint, watchdog, transport, timeout, stopping.abort)
+    return IdcSource(index, s3, options.include_analysis_results, watchdog, transport, timeout)
+
+
+def open_nbia(options: Options, stopping: StopControl) -> NbiaSource:
     api = TciaApi(options.api_url,
                   cache_path=private_dir(options.cache_dir) / "http_cache",
                   cache_expiry=timedelta(hours=options.cache_expiry_hours),
@@ -5385,6 +5489,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         f"  failed:                      {len(failures)}",
         f"  not attempted:               {missing - len(failures)}",
         f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
+        *source_lines(done),
         f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
         f"  output: {describe_output(target)}",
         *citation_lines(target.journal),
@@ -5410,6 +5515,17 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
+
+
+def source_lines(done: list[Outcome]) -> list[str]:
+    """Which source served how many series, when more than one did."""
+    counts: dict[str, int] = defaultdict(int)
+    for outcome in done:
+        counts[outcome.source or "?"] += 1
+    if len(counts) < 2:
+        return []
+    return ["  from each source:            " + ", ".join(f"{name} {n}" for name, n in
+                                                          sorted(counts.items()))]
 
 
 def citation_lines(journal: Journal) -> list[str]:

@@ -1597,7 +1597,8 @@ class S3Client:
         status = response.status_code
         if status in (200, 206):
             return
-        code = re.search(r"<Code>([^<]{1,64})</Code>", response.text[:4096])
+        head = next(response.iter_content(4096), b"")      # an error body, never all of it
+        code = re.search(r"<Code>([^<]{1,64})</Code>", head.decode("utf-8", "replace"))
         what = f"HTTP {status}" + (f" {code[1]}" if code else "")
         if status == 403 or (code and code[1] == "NoSuchBucket"):
             raise SeriesUnavailable(f"{what}: the bucket refuses anonymous reading")

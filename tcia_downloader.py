@@ -1237,6 +1237,23 @@ class Selected:
     manifests: list["Manifest"]
 
 
+class AttemptBytes:
+    """Bytes received by one attempt: reported to the progress as they come, and taken
+    back whole when the attempt is thrown away (a retry starts from zero)."""
+
+    def __init__(self, report: Callable[[int], None]):
+        self._report = report
+        self.received = 0
+
+    def __call__(self, n: int) -> None:
+        self.received += n
+        self._report(n)
+
+    def take_back(self) -> None:
+        self._report(-self.received)
+        self.received = 0
+
+
 class Source(Protocol):
     """Where series come from (NBIA, IDC). The planning asks it for the records of a
     selection; the per-series loop asks it to fetch one series, verified, into a sink, and
@@ -1298,11 +1315,7 @@ class NbiaSource:
     def records(self, selection: Selection) -> Selected:
         """getSeries records for a manifest (or failure list), filters, or a collection."""
         if selection.manifests or selection.retry_failed:
-            manifests = [read_manifest(path) for path in
-                         (selection.manifests or (selection.retry_failed,))]
-            for manifest in manifests:
-                warn_stray_lines(manifest)
-            uids = list(dict.fromkeys(uid for manifest in manifests for uid in manifest.uids))
+            manifests, uids = manifests_of(selection)
             records, unknown = records_for_uids(self.api, uids)
             log.info("%d series listed in %s; the server knows %d", len(uids),
                      ", ".join(str(m.path) for m in manifests), len(records))
@@ -1345,12 +1358,7 @@ class NbiaSource:
                pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
         while True:
             endpoint = self._endpoint.name
-            received = 0
-
-            def counted(n: int) -> None:
-                nonlocal received
-                received += n
-                count(n)
+            counted = AttemptBytes(count)
             try:
                 self.api.download_zip(endpoint, series.uid, scratch, counted, series.byte_limit)
                 return pack(lambda sink: verify_zip(scratch, series, sink, stop))
@@ -1359,7 +1367,7 @@ class NbiaSource:
             except Md5TableMissing:
                 if endpoint != "getImage":
                     raise TransientError("the zip has no md5hashes.csv (cut short)") from None
-                count(-received)
+                counted.take_back()
                 self._endpoint.fall_back("ignores IncludeMD5=Yes (its zips have no "
                                          "md5hashes.csv)")
 
@@ -1705,11 +1713,7 @@ class IdcSource:
         manifests: list[Manifest] = []
         uids: list[str] = []
         if selection.manifests or selection.retry_failed:
-            manifests = [read_manifest(path) for path in
-                         (selection.manifests or (selection.retry_failed,))]
-            for manifest in manifests:
-                warn_stray_lines(manifest)
-            uids = list(dict.fromkeys(uid for m in manifests for uid in m.uids))
+            manifests, uids = manifests_of(selection)
             conditions.append(("SeriesInstanceUID", uids))
         if selection.collection:
             collection = self.index.collection(selection.collection)
@@ -1798,17 +1802,12 @@ class IdcSource:
                       offset: int, count: Callable[[int], None],
                       stop: threading.Event) -> FetchedObject:
         for attempt in range(1, OBJECT_ATTEMPTS + 1):
-            received = 0
-
-            def counted(n: int) -> None:
-                nonlocal received
-                received += n
-                count(n)
+            counted = AttemptBytes(count)
             try:
                 digest = self.s3.download(bucket, item, handle, offset, counted)
                 return self._checked(series, item, handle, offset, digest.hexdigest())
             except TransientError as exc:
-                count(-received)
+                counted.take_back()
                 if attempt == OBJECT_ATTEMPTS or stop.is_set():
                     raise TransientError(f"{item.key}: {exc}") from None
                 log.debug("%s: %s: attempt %d failed: %s", series.label, item.key, attempt, exc)
@@ -2224,6 +2223,15 @@ def failed_run_origin(path: Path) -> dict[str, str]:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read it ({exc.strerror})") from None
     return origin
+
+
+def manifests_of(selection: Selection) -> tuple[list[Manifest], list[str]]:
+    """The manifests (or failure list) of a selection, read, and their UIDs once each."""
+    manifests = [read_manifest(path) for path in
+                 (selection.manifests or (selection.retry_failed,))]
+    for manifest in manifests:
+        warn_stray_lines(manifest)
+    return manifests, list(dict.fromkeys(uid for m in manifests for uid in m.uids))
 
 
 def warn_stray_lines(manifest: Manifest) -> None:
@@ -4747,28 +4755,22 @@ class OutageBreaker:
 def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
     """One series, retried within its budget: every failed attempt is thrown away whole."""
     started = time.monotonic()
-    received = 0
-
-    def count(n: int) -> None:
-        nonlocal received
-        received += n
-        ctx.progress.add_bytes(n)
-
+    count = AttemptBytes(ctx.progress.add_bytes)
     failures = 0
     reason = ""
     while failures < ctx.retry.attempts:
         try:
             verified = attempt_series(ctx, series, count)
         except SeriesUnavailable as exc:
-            count(-received)
-            ctx.progress.series_finished(False, received, series.file_size)
+            count.take_back()
+            ctx.progress.series_finished(False, count.received, series.file_size)
             return Outcome(series, False, reason=str(exc), refused=True,
                            seconds=time.monotonic() - started)
         except TransientError as exc:
-            count(-received)
+            count.take_back()
             error = exc
         else:
-            ctx.progress.series_finished(True, received, series.file_size)
+            ctx.progress.series_finished(True, count.received, series.file_size)
             return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
                            seconds=time.monotonic() - started, dropped=len(verified.dropped),
                            source=str((verified.record or series.record).get("Source") or ""))
@@ -4783,7 +4785,7 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
             # Waiting ends early on a drain: a series between attempts is not in progress.
             if ctx.stopping.drain.wait(delay):
                 raise Interrupted()
-    ctx.progress.series_finished(False, received, series.file_size)
+    ctx.progress.series_finished(False, count.received, series.file_size)
     return Outcome(series, False, reason=reason, seconds=time.monotonic() - started)
 
 

@@ -46,9 +46,9 @@ MB = 1e6
 COLLECTION = "DEMO"
 # A series' scratch files: named by its UID up to 0.3, by the tool (series-N.zip) since 0.4.
 UID_RE = re.compile(r"^(?:\d+(?:\.\d+)+|series-\d+)")
-ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "sweep",
-              "profile")
-DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify")
+ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract",
+              "sweep", "profile")
+DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract")
 
 
 def log(msg: str) -> None:
@@ -996,6 +996,222 @@ def verify_check(b: Bench, res: dict) -> None:
     b.cleanup(made.info["dir"])
 
 
+HUMAN_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+EXTRACT_SUMMARY = re.compile(r"(\d+) series, (\d+) files, .* from (\d+) of (\d+) xz streams "
+                             r"\(read ([\d.]+) (\w+) of ([\d.]+) (\w+)\) in [\d.]+ s: (.+)$")
+
+
+def parse_extract_summary(line: str) -> dict:
+    """The numbers of --extract's last line: `A -> D: 1 series, 57 files, 30.2 MB from 2 of
+    201 xz streams (read 10.1 MB of 1.0 GB) in 0.3 s: OK`; {} when it is not that line."""
+    m = EXTRACT_SUMMARY.search(line)
+    if not m:
+        return {}
+    return {"series": int(m[1]), "files": int(m[2]), "streams": int(m[3]), "of_streams": int(m[4]),
+            "read": float(m[5]) * HUMAN_UNITS.get(m[6], 0), "total": float(m[7]) * HUMAN_UNITS.get(m[8], 0),
+            "verdict": m[9]}
+
+
+def list_archive(path: Path) -> tuple[list[tuple[str, int]], dict[str, bytes]]:
+    """(name, size) of every regular member in archive order, and the contents of the
+    collection files (members directly under <Collection>/), in one pass of `xz -dc`."""
+    proc = subprocess.Popen(["xz", "-dc", str(path)], stdout=subprocess.PIPE)
+    members: list[tuple[str, int]] = []
+    texts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                members.append((member.name, member.size))
+                if member.name.strip("/").count("/") == 1:
+                    texts[member.name] = tf.extractfile(member).read()
+    finally:
+        while proc.stdout.read(1 << 20):     # what follows the end of the tar: let xz finish
+            pass
+        if proc.wait() != 0:
+            raise RuntimeError(f"xz -dc {path} failed")
+    return members, texts
+
+
+def tree_files(root: Path) -> dict[str, os.stat_result]:
+    """Every file under root (hidden ones too), relative path -> lstat."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            full = os.path.join(folder, name)
+            files[os.path.relpath(full, root)] = os.lstat(full)
+    return files
+
+
+def compare_trees(ours: Path, ref: Path, expected: Optional[set[str]] = None) -> tuple[list[str], int]:
+    """Differences between two extractions (file sets, bytes), and how many files' mtimes
+    differ. expected: the files both must hold, no more, no fewer."""
+    import filecmp
+    mine, theirs = tree_files(ours), tree_files(ref)
+    problems = []
+    for label, files in (("ours", mine), ("tar", theirs)):
+        if expected is not None and set(files) != expected:
+            extra, missing = sorted(set(files) - expected), sorted(expected - set(files))
+            problems.append(f"{label} wrote {len(files)} files, {len(expected)} expected "
+                            f"(extra {extra[:3]}, missing {missing[:3]})")
+    if set(mine) != set(theirs):
+        problems.append(f"ours and tar wrote different files: only ours {sorted(set(mine) - set(theirs))[:3]}, "
+                        f"only tar {sorted(set(theirs) - set(mine))[:3]}")
+    differ = [n for n in sorted(set(mine) & set(theirs))
+              if not filecmp.cmp(ours / n, ref / n, shallow=False)]
+    if differ:
+        problems.append(f"{len(differ)} files differ in bytes from tar's, e.g. {differ[:3]}")
+    mtimes = sum(1 for n in set(mine) & set(theirs) if int(mine[n].st_mtime) != int(theirs[n].st_mtime))
+    return problems, mtimes
+
+
+def extract_check(b: Bench, res: dict) -> None:
+    """--extract of one series late in the benchmark's archive (ours seeks to its xz stream)
+    against GNU tar's `tar -xJf A -C D <its members>` (which decompresses the one stream of
+    the whole file up to them, and on to the end); then the whole archive, ours (streams on
+    all cores, every file verified) against `tar -xJf A -C D`. Both from a warm page cache;
+    the files of ours and tar are compared byte for byte."""
+    a = b.args
+    fake = Fake(b.workdir, series=a.extract_series, instances=a.instances, image_size=a.image_size,
+                seed=a.seed, first_byte_delay=0, conn_bandwidth=0, total_bandwidth=0,
+                cache=not a.no_fake_cache, label="extract")
+    try:
+        made = b.run_ours("extract_source", fake, keep_dir=True)
+    finally:
+        fake.stop()
+    archive = made.info["archive"]
+    if made.rc != 0 or not archive.exists():
+        return
+    # The archive alone, as whoever is given it has it: no journal beside it, so ours finds
+    # each stream's series from its first tar header. (A hard link: no copy.)
+    d = b.fresh("extract")
+    alone = d / archive.name
+    os.link(archive, alone)
+    log(f"extract: listing {alone.name} ({alone.stat().st_size / MB:,.0f} MB) to pick a series")
+    members, texts = list_archive(alone)
+    collection_files = [n for n, _ in members if n.strip("/").count("/") == 1]
+    metadata = next((t for n, t in texts.items() if n.endswith("/metadata.csv")), None)
+    if metadata is None:
+        b.fail(f"extract: no <Collection>/metadata.csv in {alone.name}")
+        return
+    collection = next(n for n in texts if n.endswith("/metadata.csv")).split("/")[0]
+    import csv
+    import io
+    rows = {f"{collection}/{r['Path']}": r for r in csv.DictReader(io.StringIO(metadata.decode()))}
+    order: list[str] = []                       # series folders in archive order
+    for name, _ in members:
+        folder = name.rsplit("/", 1)[0]
+        if folder in rows and (not order or order[-1] != folder):
+            order.append(folder)
+    if len(order) != len(rows):
+        b.fail(f"extract: metadata.csv lists {len(rows)} series, the archive holds {len(order)} series folders")
+        return
+    position = int(0.9 * (len(order) - 1))      # late: tar decompresses ~90 % of the file to reach it
+    folder = order[position]
+    uid = rows[folder]["SeriesInstanceUID"]
+    series_members = [n for n, _ in members if n.rsplit("/", 1)[0] == folder]
+    series_bytes = sum(s for n, s in members if n.rsplit("/", 1)[0] == folder)
+    expected = set(series_members) | set(collection_files)
+    log(f"extract: series {position + 1} of {len(order)} ({len(series_members)} files, "
+        f"{series_bytes / MB:.1f} MB): {uid}")
+    cache = made.info["dir"] / "cache"
+    ours_cmd = [sys.executable, str(a.downloader), "--extract", str(alone), "--cache_dir", str(cache)]
+
+    measured: dict[str, list[Run]] = {}
+
+    def timed(key: str, name: str, cmd: list[str]) -> tuple[float, Any]:
+        """measure() (wall, CPU of the tree, other load, CPU speed), after a sync so that no
+        write-back of the last run's files lands in this one."""
+        os.sync()
+        run = measure(name, cmd, b.logdir, timeout=a.timeout)
+        measured.setdefault(key, []).append(run)
+        return run.wall, argparse.Namespace(returncode=run.rc, stdout=run.stdout,
+                                            stderr=tail(run.stderr_path, 30))
+
+    subprocess.run(["cat", str(alone)], stdout=subprocess.DEVNULL, check=True)
+    out: dict[str, Any] = {"series": len(order), "position": position + 1, "uid": uid,
+                           "files": len(series_members), "series_bytes": series_bytes,
+                           "archive_bytes": alone.stat().st_size, "dicom_bytes": fake.stats["dicom_bytes"],
+                           "one_ours_runs": [], "one_tar_runs": [], "journal_runs": [],
+                           "all_ours_runs": [], "all_tar_runs": [], "mtime_differences": 0}
+    res["extract"] = out
+    # 1. One series, interleaved: tar, ours (archive alone), ours (journal beside it).
+    for rep in range(max(3, a.repeat)):
+        tag = f"#{rep + 1}"
+        ref = b.fresh(f"extract_one_tar{tag}")
+        took, run = timed("one_tar", f"extract_one_tar{tag}",
+                          ["tar", "-xJf", str(alone), "-C", str(ref), *series_members, *collection_files])
+        out["one_tar_runs"].append(took)
+        if run.returncode != 0:
+            b.fail(f"extract: tar -xJf of the series: exit {run.returncode}: {run.stderr[-500:]}")
+        mine = b.fresh(f"extract_one_ours{tag}")
+        took, run = timed("one_ours", f"extract_one_ours{tag}",
+                          [*ours_cmd, "--series-uid", uid, "--output", str(mine)])
+        out["one_ours_runs"].append(took)
+        out["summary"] = (run.stdout.strip().splitlines() or [""])[-1]
+        out["rc"] = run.returncode
+        if run.returncode != 0:
+            b.fail(f"extract: --extract --series-uid {uid}: exit {run.returncode}: {out['summary']}"
+                   f"\n{run.stderr[-1500:]}")
+        if rep == 0:
+            problems, mtimes = compare_trees(mine, ref, expected)
+            out["mtime_differences"] += mtimes
+            for p in problems:
+                b.fail(f"extract (one series): {p}")
+            out["compared"] = len(expected)
+        b.cleanup(ref)
+        b.cleanup(mine)
+        with_journal = b.fresh(f"extract_one_journal{tag}")
+        took, run = timed("journal", f"extract_one_journal{tag}",
+                          [*ours_cmd[:3], str(archive), *ours_cmd[4:], "--series-uid", uid,
+                           "--output", str(with_journal)])
+        out["journal_runs"].append(took)
+        out["journal_summary"] = (run.stdout.strip().splitlines() or [""])[-1]
+        if run.returncode != 0:
+            b.fail(f"extract: --extract (journal beside) --series-uid {uid}: exit {run.returncode}: "
+                   f"{out['journal_summary']}")
+        b.cleanup(with_journal)
+        log(f"extract one series {tag}: ours {out['one_ours_runs'][-1]:.2f} s (journal beside it "
+            f"{took:.2f} s), tar {out['one_tar_runs'][-1]:.1f} s: {out['summary']}")
+    # 2. The whole archive.
+    for rep in range(a.repeat):
+        tag = f"#{rep + 1}"
+        ref = b.fresh(f"extract_all_tar{tag}")
+        took, run = timed("all_tar", f"extract_all_tar{tag}", ["tar", "-xJf", str(alone), "-C", str(ref)])
+        out["all_tar_runs"].append(took)
+        if run.returncode != 0:
+            b.fail(f"extract: tar -xJf of the archive: exit {run.returncode}: {run.stderr[-500:]}")
+        mine = b.fresh(f"extract_all_ours{tag}")
+        took, run = timed("all_ours", f"extract_all_ours{tag}", [*ours_cmd, "--output", str(mine)])
+        out["all_ours_runs"].append(took)
+        out["all_summary"] = (run.stdout.strip().splitlines() or [""])[-1]
+        if run.returncode != 0:
+            b.fail(f"extract: --extract of the whole archive: exit {run.returncode}: {out['all_summary']}"
+                   f"\n{run.stderr[-1500:]}")
+        if rep == 0:
+            problems, mtimes = compare_trees(mine, ref, {n for n, _ in members})
+            out["mtime_differences"] += mtimes
+            for p in problems:
+                b.fail(f"extract (whole archive): {p}")
+        b.cleanup(ref)
+        b.cleanup(mine)
+        log(f"extract whole archive {tag}: ours {took:.1f} s, tar {out['all_tar_runs'][-1]:.1f} s: "
+            f"{out['all_summary']}")
+    for key in ("one_ours", "one_tar", "journal", "all_ours", "all_tar"):
+        out[key] = statistics.median(out[f"{key}_runs"])
+        out[f"{key}_cpu"] = med(measured[key], "cpu")
+        out[f"{key}_disturbance"] = disturbance(measured[key])
+    out["parsed"] = parse_extract_summary(out.get("summary", ""))
+    if not out["parsed"]:
+        b.fail(f"extract: ours' last line is not the summary it should be: {out.get('summary')!r}")
+    if out["mtime_differences"]:
+        b.notes.append(f"extract: {out['mtime_differences']} files have another modification time "
+                       "than tar gives them")
+    b.cleanup(d)
+    b.cleanup(made.info["dir"])
+
+
 def report(b: Bench, res: dict) -> list[str]:
     a = b.args
     lines: list[str] = []
@@ -1150,6 +1366,35 @@ def report(b: Bench, res: dict) -> list[str]:
                         f"xz -dc | tar -t {vr['reference']:.1f} s: "
                         f"{vr['reference'] / vr['ours']:.2f}x faster (target: >= 1.5x)"))
         lines.append(f"verify: {vr['summary']}")
+    if "extract" in res and "one_ours" in res["extract"]:
+        ex = res["extract"]
+        pr = ex.get("parsed", {})
+        what = (f"archive ({ex['dicom_bytes'] / MB:,.0f} MB of DICOM in a {ex['archive_bytes'] / MB:,.0f} MB "
+                f".tar.xz, {ex['series']} series)")
+        read = (f"{pr['read'] / MB:,.1f} MB of {pr['total'] / MB:,.0f} MB compressed from {pr['streams']} "
+                f"of {pr['of_streams']} xz streams") if pr else "? (no summary line)"
+        ok = ex["one_ours"] < a.extract_limit and ex.get("rc") == 0 and pr.get("verdict") == "OK"
+        targets.append((ok, f"one series out of the {what}: series {ex['position']} in archive order "
+                            f"({ex['files']} files, {ex['series_bytes'] / MB:.1f} MB): "
+                            f"--extract {ex['one_ours']:.2f} s (target: < {a.extract_limit:g} s), exit "
+                            f"{ex.get('rc')}; tar -xJf of its members {ex['one_tar']:.1f} s: tar/ours = "
+                            f"{ex['one_tar'] / ex['one_ours']:.1f}x; ours read {read}"))
+        targets.append((None, f"the whole archive: --extract (streams on {NCPU} cores, every file "
+                              f"verified) {ex['all_ours']:.1f} s (CPU {ex['all_ours_cpu']:.1f} s), tar -xJf "
+                              f"{ex['all_tar']:.1f} s (CPU {ex['all_tar_cpu']:.1f} s): tar/ours = "
+                              f"{ex['all_tar'] / ex['all_ours']:.2f}x (no target)"))
+        lines.append(f"extract: medians of {len(ex['one_ours_runs'])} (one series: ours "
+                     f"{', '.join(f'{t:.2f}' for t in ex['one_ours_runs'])} s, tar "
+                     f"{', '.join(f'{t:.1f}' for t in ex['one_tar_runs'])} s; with the journal beside the "
+                     f"archive ours {ex['journal']:.2f} s) and of {len(ex['all_ours_runs'])} (whole archive); "
+                     f"ours' files byte-identical to tar's ({ex.get('compared', 0)} for the series, all for "
+                     "the whole archive)")
+        lines.append(f"extract, other load / CPU speed (worst run): one series ours {ex['one_ours_disturbance']}, "
+                     f"tar {ex['one_tar_disturbance']}; whole archive ours {ex['all_ours_disturbance']} (runs "
+                     f"{', '.join(f'{t:.1f}' for t in ex['all_ours_runs'])} s), tar {ex['all_tar_disturbance']} "
+                     f"(runs {', '.join(f'{t:.1f}' for t in ex['all_tar_runs'])} s)")
+        lines.append(f"extract, one series: {ex.get('summary', '')}")
+        lines.append(f"extract, whole archive: {ex.get('all_summary', '')}")
     if "profile" in res:
         lines.append("")
         lines += res["profile"]
@@ -1249,6 +1494,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "checks (default 10 GiB; quick 1)")
     g.add_argument("--verify-series", type=int, help="series of the archive --verify checks "
                    "(default 60: about 310 MB of DICOM; quick 12)")
+    g = p.add_argument_group("extract (one series out of the benchmark's archive)")
+    g.add_argument("--extract-series", type=int, help="series of the archive --extract takes one "
+                   "series out of (default: --series, i.e. 200: about 1 GB of DICOM; quick 24)")
+    g.add_argument("--extract-limit", type=float, default=2.0,
+                   help="seconds one series may take (default %(default)s)")
     g = p.add_argument_group("sweep (extra: --only sweep)")
     g.add_argument("--sweep-series", type=int, default=40)
     g.add_argument("--sweep-repeat", type=int, default=2)
@@ -1266,6 +1516,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a.scale_series = a.scale_series or (5000 if a.quick else 50000)
     a.resume_gib = a.resume_gib or (1 if a.quick else 10)
     a.verify_series = a.verify_series or (12 if a.quick else 60)
+    a.extract_series = a.extract_series or a.series
     a.sweep_workers = [int(x) for x in a.sweep_workers.split(",") if x]
     a.sweep_presets = [int(x) for x in a.sweep_presets.split(",") if x]
     a.sweep_chunks = [int(x) for x in a.sweep_chunks.split(",") if x]
@@ -1311,6 +1562,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             resume_check(b, res)
         if "verify" in a.only:
             verify_check(b, res)
+        if "extract" in a.only:
+            extract_check(b, res)
         if "sweep" in a.only:
             sweep(b, res)
     except KeyboardInterrupt:

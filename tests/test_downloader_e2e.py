@@ -339,10 +339,15 @@ def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path
 
 # -- kills and signals ----------------------------------------------------------------------
 
+def tool_arguments(fake, output: Path, cache: Path, *extra: str) -> list[str]:
+    """The tool's command line (without the interpreter) of start_subprocess."""
+    return [str(SCRIPT), "--collection", "DEMO", "--output", str(output), "--cache_dir",
+            str(cache), "--api-url", fake.url, "--no-progress", "--compression", "--workers",
+            "2", "--retry-wait", "0.05", "--stall-timeout", "5", *extra]
+
+
 def start_subprocess(fake, output: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, str(SCRIPT), "--collection", "DEMO", "--output", str(output),
-            "--cache_dir", str(cache), "--api-url", fake.url, "--no-progress", "--compression",
-            "--workers", "2", "--retry-wait", "0.05", "--stall-timeout", "5", *extra]
+    argv = [sys.executable, *tool_arguments(fake, output, cache, *extra)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -26,7 +27,7 @@ import pytest
 import tcia_downloader as td
 from fake_nbia import Faults
 from test_downloader_e2e import (Run, archive_members, expected_folders, journal_uids, md5,
-                                 series_folders, start_subprocess, tree_members,
+                                 series_folders, start_subprocess, tool_arguments, tree_members,
                                  verify_with_standard_tools, wait_until)
 
 
@@ -64,10 +65,30 @@ def no_traceback(text: str) -> None:
     assert "Traceback" not in text, text
 
 
+# Runs the tool, then writes its own peak RSS: the kernel's high-water mark of the memory
+# the process has had since its exec (VmHWM). wait4's ru_maxrss would also count the copy of
+# this test process a fork makes before the exec: hundreds of MB once moto and duckdb are in.
+MEASURED = """import runpy, sys
+path, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(path, run_name="__main__")
+finally:
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM"))
+    sys.stderr.write(f"\\nPEAK-KB {peak}\\n")
+"""
+
+
+def start_measured(fake, output: Path, cache: Path) -> subprocess.Popen:
+    """start_subprocess, with the child's peak RSS written last on its stderr."""
+    argv = [sys.executable, "-c", MEASURED, *tool_arguments(fake, output, cache)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def wait_for_exit(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, int]:
-    """(exit code, stderr, peak RSS in kB) of this child alone (wait4, not RUSAGE_CHILDREN,
-    which is the maximum over every child this test process ever waited for). A child
-    still running after timeout seconds is killed."""
+    """(exit code, stderr, peak RSS in kB) of this child alone: from its PEAK-KB line when
+    started by start_measured, else wait4's ru_maxrss. A child still running after timeout
+    seconds is killed."""
     killer = threading.Timer(timeout, process.kill)
     killer.start()
     try:
@@ -77,6 +98,9 @@ def wait_for_exit(process: subprocess.Popen, timeout: float = 120) -> tuple[int,
         killer.cancel()
     process.returncode = os.waitstatus_to_exitcode(status)
     process.stderr.close()
+    peak = re.search(r"\nPEAK-KB (\d+)\n$", errors)
+    if peak:
+        return process.returncode, errors[:peak.start()], int(peak[1])
     return process.returncode, errors, usage.ru_maxrss
 
 
@@ -315,12 +339,12 @@ def test_sigterm_with_several_series_in_flight_is_clean(tmp_path, fake_nbia_fact
 def test_a_64_mib_license_is_refused_without_holding_it_in_memory(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(faults=Faults(huge_entry_bytes=64 << 20))
     # the same run without the fault: what the process needs anyway
-    control = start_subprocess(fake, tmp_path / "control", tmp_path / "cache-control")
+    control = start_measured(fake, tmp_path / "control", tmp_path / "cache-control")
     control_code, control_errors, control_kb = wait_for_exit(control)
     assert control_code == td.EXIT_OK, control_errors
     victim = uids_of(fake)[4]
     fake.script_faults(victim, ["huge_license"])
-    process = start_subprocess(fake, tmp_path / "out", tmp_path / "cache")
+    process = start_measured(fake, tmp_path / "out", tmp_path / "cache")
     code, errors, peak_kb = wait_for_exit(process)
     assert code == td.EXIT_OK, errors
     no_traceback(errors)

@@ -117,23 +117,30 @@ _INSTALL_HINT = "pip install -r requirements-idc-test.txt"
 # ----------------------------------------------------------------------------- the index
 
 # Runs in a child process: scanning the 1 M-row index takes duckdb ~170 MB, which would stay
-# in this process's peak RSS for good; and on Linux a child's ru_maxrss starts from its
-# parent's peak (tests/test_hostile_server.py measures its children's peaks).
+# in the test process's peak RSS for good (and on Linux, in the wait4 ru_maxrss of every
+# child it starts afterwards).
 _INDEX_QUERY = """
 import json, sys
 import duckdb, idc_index_data
+collection_id, analysis, patients = json.loads(sys.argv[1])
 path = str(idc_index_data.IDC_INDEX_PARQUET_FILEPATH).replace("'", "''")
+sql = f"select * from read_parquet('{path}') where collection_id = ?"
+params = [collection_id]
+if not analysis:
+    sql += " and analysis_result_id is null"
+if patients is not None:
+    sql += " and list_contains(?, PatientID)"
+    params.append(patients)
 con = duckdb.connect(config={"threads": 1})
-cur = con.execute(f"select * from read_parquet('{path}') where collection_id = ? "
-                  "order by PatientID, StudyInstanceUID, SeriesInstanceUID", [sys.argv[1]])
+cur = con.execute(sql + " order by PatientID, StudyInstanceUID, SeriesInstanceUID", params)
 names = [d[0] for d in cur.description]
 json.dump([dict(zip(names, row)) for row in cur.fetchall()], sys.stdout)
 """
 
 
 @functools.lru_cache(maxsize=None)
-def _collection_json(collection_id: str) -> str:
-    done = subprocess.run([sys.executable, "-c", _INDEX_QUERY, collection_id],
+def _index_json(query: str) -> str:
+    done = subprocess.run([sys.executable, "-c", _INDEX_QUERY, query],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -149,14 +156,11 @@ def index_rows(collection_id: str, include_analysis_results: bool = False,
     """Rows of the installed idc-index-data index (one per series) for one collection, as
     dicts, ordered by PatientID, StudyInstanceUID, SeriesInstanceUID. Original series only
     unless ``include_analysis_results``; ``patient_ids`` keeps only those patients. Read with
-    duckdb in a child process (~1 s), once per collection and process (cached)."""
-    found = json.loads(_collection_json(collection_id))
-    if not include_analysis_results:
-        found = [r for r in found if r["analysis_result_id"] is None]
-    if patient_ids is not None:
-        wanted = set(patient_ids)
-        found = [r for r in found if r["PatientID"] in wanted]
-    return found[:limit] if limit is not None else found
+    duckdb in a child process (~1 s; the same query is answered from a cache)."""
+    query = json.dumps([collection_id, bool(include_analysis_results),
+                        None if patient_ids is None else sorted(patient_ids)])
+    found = json.loads(_index_json(query))
+    return found[: int(limit)] if limit is not None else found
 
 
 # A copy of a few rows of idc-index-data 25.0.5 (the columns add_series uses), for Python 3.9,

@@ -2626,6 +2626,12 @@ def _take_entry(stream: io.BufferedIOBase, info: zipfile.ZipInfo, series: Planne
 # 5. Archive writing
 # ==========================================================================================
 
+def read_only(journal: Path) -> "contextlib.closing[sqlite3.Connection]":
+    """A journal opened for reading only (--verify, --extract and checks that must not
+    write to it), closed when the with-block ends."""
+    return contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True))
+
+
 def read_journal(path: Path) -> tuple[dict[str, str], bool]:
     """({committed series UID: "<Collection>/<path>"}, finished?) of a journal, read-only;
     nothing if it is absent or was cut short before its tables existed (a kill right after
@@ -2638,7 +2644,7 @@ def read_journal(path: Path) -> tuple[dict[str, str], bool]:
             # back (SQLITE_READONLY_ROLLBACK), a read-write one does so on its first read.
             with contextlib.closing(sqlite3.connect(str(path))) as db:
                 db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with read_only(path) as db:
             tables = {name for (name,) in db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"series", "meta"} <= tables:
@@ -3976,7 +3982,7 @@ def journal_series_ends(path: Path) -> dict[int, str]:
     journal = journal_beside(path)
     if journal is None:
         return {}
-    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+    with read_only(journal) as db:
         return {end: f"{collection}/{where}" for end, collection, where in
                 db.execute("SELECT archive_end, collection, path FROM series")}
 
@@ -3995,7 +4001,7 @@ def journal_spans(path: Path) -> Optional[list[tuple[int, int]]]:
     journal = journal_beside(path)
     if journal is None:
         return None
-    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+    with read_only(journal) as db:
         ends = [end for (end,) in db.execute("SELECT archive_end FROM series "
                                              "ORDER BY archive_end")]
     return list(zip([0] + ends[:-1], ends))
@@ -4007,7 +4013,7 @@ def journal_files(path: Path) -> Optional[dict[str, str]]:
     journal = journal_beside(path)
     if journal is None:
         return None
-    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+    with read_only(journal) as db:
         return dict(db.execute("SELECT s.collection || '/' || f.name, f.md5 FROM files f "
                                "JOIN series s ON s.uid = f.uid"))
 
@@ -4153,7 +4159,7 @@ def repair_manifests(path: Path, findings: Findings) -> list[str]:
     lines = []
     for journal, name, compression in journals:
         manifest = journal.with_name(f"{name}.damaged.tcia")
-        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        with read_only(journal) as db:
             where = {f"{c}/{p}": uid for uid, c, p in
                      db.execute("SELECT uid, collection, path FROM series")}
         uids = sorted({where[folder] for folder in findings.affected if folder in where})
@@ -4384,7 +4390,7 @@ def journal_records(path: Path) -> Optional[list[dict]]:
     journal = journal_beside(path)
     if journal is None:
         return None
-    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+    with read_only(journal) as db:
         return [{**json.loads(record), "_folder": f"{collection}/{where}"} for
                 collection, where, record in db.execute(
                     "SELECT collection, path, record FROM series")]
@@ -5224,7 +5230,7 @@ def finished_archive_damage(options: Options, plan: Plan) -> Optional[str]:
     journal = plan.journal(options)
     if not options.compression or not journal.exists():
         return None
-    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+    with read_only(journal) as db:
         closing = db.execute("SELECT value FROM meta WHERE key='closing_end'").fetchone()
         last = db.execute("SELECT archive_end, stream_sha256 FROM series "
                           "ORDER BY archive_end DESC LIMIT 2").fetchall()

@@ -864,6 +864,14 @@ class TransferWatchdog:
                                         f"{STALL_FLOOR // 1024} kB")
                     sock.window_start, sock.window_bytes = now, 0
 
+    def cut_threads(self, threads: set[int], reason: str) -> None:
+        """End the transfers these threads are blocked in right now (an IDC series whose
+        attempt failed: a stalled sibling object would otherwise hold it for a window)."""
+        with self._lock:
+            blocked = [s for s in self._sockets if s.readers and s.reader in threads]
+        for sock in blocked:
+            self._cut(sock, reason)
+
     def _cut(self, sock: WatchedSocket, reason: str) -> None:
         with self._lock:
             if sock.reader is not None:
@@ -1239,19 +1247,23 @@ class Selected:
 
 class AttemptBytes:
     """Bytes received by one attempt: reported to the progress as they come, and taken
-    back whole when the attempt is thrown away (a retry starts from zero)."""
+    back whole when the attempt is thrown away (a retry starts from zero). IDC's objects
+    of one series arrive on several threads at once, hence the lock."""
 
     def __init__(self, report: Callable[[int], None]):
         self._report = report
+        self._lock = threading.Lock()
         self.received = 0
 
     def __call__(self, n: int) -> None:
-        self.received += n
+        with self._lock:
+            self.received += n
         self._report(n)
 
     def take_back(self) -> None:
-        self._report(-self.received)
-        self.received = 0
+        with self._lock:
+            taken, self.received = self.received, 0
+        self._report(-taken)
 
 
 class Source(Protocol):
@@ -1534,15 +1546,29 @@ class S3Client:
         self._transport = transport
         self._timeout = timeout
         self._stop = stop
-        self._local = threading.local()
+        self._idle: list[requests.Session] = []
+        self._idle_lock = threading.Lock()
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[requests.Session]:
+        """An idle session (a new one when all are busy), given back after the request: its
+        open connection, and against AWS its TLS, serve the next object of any series."""
+        with self._idle_lock:
+            session = self._idle.pop() if self._idle else None
         if session is None:
             session = watched_session(requests.Session(), self._watchdog,
                                       f"tcia_downloader/{__version__}")
-            self._local.session = session
-        return session
+        try:
+            yield session
+        finally:
+            with self._idle_lock:
+                self._idle.append(session)
+
+    def close(self) -> None:
+        with self._idle_lock:
+            sessions, self._idle = self._idle, []
+        for session in sessions:
+            session.close()
 
     def url(self, bucket: str, key: str = "") -> str:
         if self.endpoint:
@@ -1563,8 +1589,9 @@ class S3Client:
 
     def _get(self, url: str, params: dict[str, str], limit: int) -> bytes:
         try:
-            with self._session().get(url, params=params, stream=True, timeout=self._timeout,
-                                     **self._transport) as response:
+            with self._session() as session, \
+                    session.get(url, params=params, stream=True, timeout=self._timeout,
+                                **self._transport) as response:
                 self._raise_for_status(response)
                 body = bytearray()
                 for chunk in response.iter_content(CHUNK_SIZE):
@@ -1576,18 +1603,22 @@ class S3Client:
             raise self._transfer_error(exc, 0) from None
 
     def download(self, bucket: str, item: S3Object, handle: int, offset: int,
-                 on_bytes: Callable[[int], None]) -> "hashlib._Hash":
+                 on_bytes: Callable[[int], None], abandon: threading.Event) -> "hashlib._Hash":
         """The object's bytes written at offset of the open file, hashed as they come:
-        exactly its listed size, or TransientError. Returns the MD5 of what was written."""
+        exactly its listed size, or TransientError. Returns the MD5 of what was written.
+        abandon: the series' attempt has failed elsewhere; this object no longer matters."""
         digest = hashlib.md5()
         written = 0
         try:
-            with self._session().get(self.url(bucket, item.key), stream=True,
-                                     timeout=self._timeout, **self._transport) as response:
+            with self._session() as session, \
+                    session.get(self.url(bucket, item.key), stream=True,
+                                timeout=self._timeout, **self._transport) as response:
                 self._raise_for_status(response)
                 for chunk in response.iter_content(CHUNK_SIZE):
                     if self._stop.is_set():
                         raise Interrupted()
+                    if abandon.is_set():
+                        raise SeriesAttemptAbandoned()
                     if written + len(chunk) > item.size:
                         raise TransientError(f"{item.key}: more bytes than its listed "
                                              f"{item.size}")
@@ -1673,6 +1704,10 @@ def multipart_etag_matches(etag: str, handle: int, offset: int, size: int) -> Op
     return None
 
 
+class SeriesAttemptAbandoned(Exception):
+    """Another object of the series failed for good: this one's download stops."""
+
+
 @dataclass
 class FetchedObject:
     item: S3Object
@@ -1698,8 +1733,6 @@ class IdcSource:
         self.s3 = s3
         self.include_analysis_results = include_analysis_results
         self.watchdog, self.transport, self.timeout = watchdog, transport, timeout
-        self._by_size_lock = threading.Lock()
-        self.verified_by_size_only = 0
 
     def describe(self) -> str:
         where = self.s3.endpoint or "AWS S3 (public buckets)"
@@ -1777,21 +1810,29 @@ class IdcSource:
                       scratch: Path, count: Callable[[int], None],
                       stop: threading.Event) -> list[FetchedObject]:
         """All objects at once (OBJECTS_IN_FLIGHT), each at its own offset of scratch, each
-        retried a few times before the series' attempt fails."""
+        retried a few times before the series' attempt fails. The first object that fails
+        for good ends the attempt at once: the others stop mid-body, the queued never start."""
         offsets = list(itertools.accumulate([0] + [item.size for item in listed[:-1]]))
+        abandon = threading.Event()
+        threads: set[int] = set()
         handle = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             def fetch_one(pair: tuple[S3Object, int]) -> FetchedObject:
+                threads.add(threading.get_ident())
                 return self._download_one(series, bucket, pair[0], handle, pair[1], count,
-                                          stop)
+                                          stop, abandon)
             with concurrent.futures.ThreadPoolExecutor(OBJECTS_IN_FLIGHT) as pool:
                 futures = [pool.submit(fetch_one, pair) for pair in zip(listed, offsets)]
-                try:
-                    return [future.result() for future in futures]
-                except BaseException:
+                done, _ = concurrent.futures.wait(
+                    futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+                failed = next((f for f in futures if f in done and f.exception()), None)
+                if failed is not None:
+                    abandon.set()
                     for future in futures:
                         future.cancel()
-                    raise
+                    self.watchdog.cut_threads(threads, "another object of the series failed")
+                    raise failed.exception()       # type: ignore[misc]
+                return [future.result() for future in futures]
         except OSError as exc:
             raise_if_disk_full(exc, scratch.parent)
             raise
@@ -1799,24 +1840,32 @@ class IdcSource:
             os.close(handle)
 
     def _download_one(self, series: "PlannedSeries", bucket: str, item: S3Object, handle: int,
-                      offset: int, count: Callable[[int], None],
-                      stop: threading.Event) -> FetchedObject:
+                      offset: int, count: Callable[[int], None], stop: threading.Event,
+                      abandon: threading.Event) -> FetchedObject:
         for attempt in range(1, OBJECT_ATTEMPTS + 1):
             counted = AttemptBytes(count)
             try:
-                digest = self.s3.download(bucket, item, handle, offset, counted)
-                return self._checked(series, item, handle, offset, digest.hexdigest())
+                digest = self.s3.download(bucket, item, handle, offset, counted, abandon)
+                return self._checked(item, handle, offset, digest.hexdigest())
             except TransientError as exc:
                 counted.take_back()
+                if abandon.is_set():
+                    raise SeriesAttemptAbandoned() from None
                 if attempt == OBJECT_ATTEMPTS or stop.is_set():
                     raise TransientError(f"{item.key}: {exc}") from None
                 log.debug("%s: %s: attempt %d failed: %s", series.label, item.key, attempt, exc)
+                # The wait ends at once on a stop; an abandoned series waits out this pause
+                # (2 s at most) rather than poll two events.
                 if stop.wait(min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)):
                     raise Interrupted() from None
+                if abandon.is_set():
+                    raise SeriesAttemptAbandoned() from None
+            except BaseException:
+                counted.take_back()
+                raise
         raise AssertionError("unreachable")
 
-    def _checked(self, series: "PlannedSeries", item: S3Object, handle: int, offset: int,
-                 md5: str) -> FetchedObject:
+    def _checked(self, item: S3Object, handle: int, offset: int, md5: str) -> FetchedObject:
         """The bytes against the ETag: an MD5 for a single-part upload; a multipart ETag is
         recomputed with the usual part sizes, and only where none reproduces it is the
         object trusted by its size, which is logged and counted in the report."""
@@ -1827,10 +1876,6 @@ class IdcSource:
         if re.fullmatch(r"[0-9a-f]{32}-[0-9]{1,5}", item.etag):
             if multipart_etag_matches(item.etag, handle, offset, item.size) is not None:
                 return FetchedObject(item, offset, md5)
-        log.warning("%s: %s has the ETag %s, which no usual part size reproduces: verified "
-                    "by its size only", series.short_label, item.key, item.etag[:40])
-        with self._by_size_lock:
-            self.verified_by_size_only += 1
         return FetchedObject(item, offset, md5, by_size_only=True)
 
     def _verify_into(self, series: "PlannedSeries", scratch: Path, fetched: list[FetchedObject],
@@ -1845,6 +1890,7 @@ class IdcSource:
                     raise TransientError(f"{item.item.key} is not DICOM of this series")
                 headers.append((fields[1] if fields[1] is not None else number + 1,
                                 fields[2] if fields[2] is not None else 1, item))
+        log_size_only(series, [f.item for f in fetched if f.by_size_only])
         width = len(str(len(fetched)))
         used: set[str] = set()
         members = []
@@ -1855,11 +1901,23 @@ class IdcSource:
             sink.add(name, item.item.size, read_range(scratch, item.offset,
                                                       item.offset + item.item.size))
             members.append(Member(item.item.key, name, item.item.size, item.md5))
-        return VerifiedSeries(scratch, members, None, [])
+        return VerifiedSeries(scratch, members, None, [],
+                              by_size_only=sum(f.by_size_only for f in fetched))
 
     def close(self) -> None:
+        self.s3.close()
         self.index.close()
         self.watchdog.close()
+
+
+def log_size_only(series: "PlannedSeries", objects: list[S3Object]) -> None:
+    """One line per series in the .out file; every name and ETag in the debug log."""
+    for item in objects:
+        log.debug("%s: %s has the ETag %s, which no usual part size reproduces",
+                  series.label, item.key, item.etag)
+    if objects:
+        log.warning("%s: %d file(s) verified by their size only (multipart ETags that no "
+                    "usual part size reproduces)", series.short_label, len(objects))
 
 
 class FileRegion(io.RawIOBase):
@@ -2414,6 +2472,7 @@ class VerifiedSeries:
     license_text: Optional[str]
     dropped: list[tuple[str, str]]
     record: Optional[dict] = None      # the serving source's record, if not the plan's
+    by_size_only: int = 0              # files whose checksum could not be checked
 
     @property
     def bytes(self) -> int:
@@ -4721,6 +4780,7 @@ class Outcome:
     seconds: float = 0.0
     dropped: int = 0               # files in the zip that were not the series'
     source: str = ""               # which source served it (nbia, idc)
+    by_size_only: int = 0          # files verified by their size only (no usable checksum)
 
 
 @dataclass
@@ -4779,7 +4839,8 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
             ctx.progress.series_finished(True, count.received, series.file_size)
             return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
                            seconds=time.monotonic() - started, dropped=len(verified.dropped),
-                           source=str((verified.record or series.record).get("Source") or ""))
+                           source=str((verified.record or series.record).get("Source") or ""),
+                           by_size_only=verified.by_size_only)
         if ctx.stopping.abort.is_set():
             raise Interrupted()            # the failure is the stop's doing, not the series'
         failures += 1
@@ -5498,6 +5559,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         f"  failed:                      {len(failures)}",
         f"  not attempted:               {missing - len(failures)}",
         f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
+        *size_only_lines(done),
         *source_lines(done),
         f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
         f"  output: {describe_output(target)}",
@@ -5524,6 +5586,15 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
+
+
+def size_only_lines(done: list[Outcome]) -> list[str]:
+    """IDC's multipart ETags can defeat the checksum: how many files only their size vouches
+    for, whenever a series came from IDC (a 0 there is worth reading too)."""
+    if not any(o.source == "idc" for o in done):
+        return []
+    return [f"  files verified by size only:  {sum(o.by_size_only for o in done)} "
+            "(the others by their MD5)"]
 
 
 def source_lines(done: list[Outcome]) -> list[str]:

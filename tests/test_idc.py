@@ -25,7 +25,7 @@ if sys.version_info < (3, 10):
 
 import tcia_downloader as td  # noqa: E402
 from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom  # noqa: F401,E402 (fixture)
-from test_downloader_e2e import Run  # noqa: E402
+from test_downloader_e2e import Run, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +115,7 @@ def test_a_multipart_object_is_checked_by_its_etag_and_an_odd_one_by_size(fake_s
     blobs = fake_s3.add_series(row, multipart_index=0)
     run = idc_run(tmp_path, fake_s3, "--patient", PATIENTS[0])
     assert run.code == td.EXIT_OK, run.log
-    assert len(blobs[0]) > 8 * MIB and "size only" not in run.log
+    assert len(blobs[0]) > 8 * MIB and "size only:  0" in run.log
     assert series_files(members(next((tmp_path / "out").glob("*.tar.xz"))), row) == blobs
 
     # the same object uploaded in 7 MiB parts, a size nobody uses: trusted by its size, said
@@ -123,7 +123,8 @@ def test_a_multipart_object_is_checked_by_its_etag_and_an_odd_one_by_size(fake_s
     fake_s3.put_object(row["aws_bucket"], key, blobs[0], multipart=True, part_size=7 * MIB)
     again = idc_run(tmp_path, fake_s3, "--patient", PATIENTS[0], name="again")
     assert again.code == td.EXIT_OK
-    assert "verified by its size only" in again.log
+    assert "1 file(s) verified by their size only" in again.log       # the series' warning
+    assert "files verified by size only:  1" in again.log              # and the report
 
 
 def test_an_object_of_another_series_fails_the_series(prostate, tmp_path):
@@ -202,6 +203,75 @@ def test_kill_9_then_rerun_gives_the_same_archive_without_fetching_again(prostat
     for row in rows:
         if row["SeriesInstanceUID"] in committed:
             assert s3.gets_under(f"{row['crdc_series_uuid']}/") == 0
+
+
+def idc_process(s3, tmp_path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, str(ROOT / "tcia_downloader.py"), "--mode", "idc", "--collection",
+            "Prostate-3T", "--patient", *PATIENTS, "--idc-endpoint", s3.endpoint,
+            "--output", str(out), "--cache_dir", str(tmp_path / "pc"), "--compression",
+            "--no-progress", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def stalled_gets(s3) -> int:
+    with s3._lock:
+        return sum(1 for r in s3.log if r.fault == "stall" and r.status is not None)
+
+
+@pytest.mark.parametrize("sig, code, extra", [
+    (signal.SIGTERM, td.EXIT_SIGTERM, ()),
+    (signal.SIGUSR1, td.EXIT_CHECKPOINT, ("--stop-grace", "1")),
+])
+def test_a_signal_during_stalled_objects_stops_promptly_and_the_rerun_completes(
+        prostate, tmp_path, sig, code, extra):
+    s3, rows, blobs = prostate
+    s3.stall_seconds = 600                 # only the signal can end these in time
+    for row in rows:
+        s3.script_faults(s3.keys(row["crdc_series_uuid"])[2], ["stall"])
+    out = tmp_path / "out"
+    process = idc_process(s3, tmp_path, out, "--stall-timeout", "300", "--workers", "3", *extra)
+    try:
+        wait_until(lambda: stalled_gets(s3) == len(rows), 60, "every series in a stall")
+        sent = time.monotonic()
+        process.send_signal(sig)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == code, errors
+    assert time.monotonic() - sent < 10
+    assert "Traceback" not in errors and "report for Prostate-3T" in errors
+    assert not list(out.glob("*.tar.xz")) and list(out.glob("*.part"))    # resumable, not done
+
+    s3.release_stalls()
+    s3.clear_faults()
+    rerun = idc_run(tmp_path, s3, "--patient", *PATIENTS)
+    assert rerun.code == td.EXIT_OK, rerun.log
+    files = members(next(out.glob("*.tar.xz")))
+    for row in rows:
+        assert series_files(files, row) == blobs[row["SeriesInstanceUID"]]
+
+
+def test_an_object_failing_for_good_ends_the_attempt_without_waiting_for_the_others(
+        prostate, tmp_path):
+    s3, rows, _ = prostate
+    s3.stall_seconds = 600
+    keys = s3.keys(rows[0]["crdc_series_uuid"])
+    s3.script_faults(keys[1], ["stall"])                 # a sibling that would hold it
+    s3.script_faults(keys[0], ["500"] * td.OBJECT_ATTEMPTS)
+    out = tmp_path / "out"
+    # One attempt per series and a stall timeout far beyond the test's patience: the
+    # attempt ends only if the failure cuts the stalled sibling.
+    process = idc_process(s3, tmp_path, out, "--stall-timeout", "300", "--retries", "1")
+    try:
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == td.EXIT_INCOMPLETE, errors
+    assert s3.gets[keys[0]] == td.OBJECT_ATTEMPTS and stalled_gets(s3) == 1
+    assert f"{keys[0]}: HTTP 500" in errors                   # the reason, not the cut
+    assert "Traceback" not in errors
 
 
 def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys):

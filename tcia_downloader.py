@@ -313,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
                          help="give up a connection attempt after this long (default: 30)")
     network.add_argument("--idc-index", metavar="FILE.parquet",
-                         help="--mode idc: this index instead of idc-index-data's (same schema)")
+                         default=os.environ.get("TCIA_IDC_INDEX") or None,
+                         help="--mode idc: this index instead of idc-index-data's (same schema; "
+                              "default: $TCIA_IDC_INDEX, else the installed one)")
     network.add_argument("--idc-endpoint", metavar="URL",
                          help="--mode idc: another S3-compatible endpoint, addressed path-style "
                               "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS's "
@@ -384,8 +386,8 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
         raise UsageError(f"--idc-endpoint {idc_endpoint!r} is not an http(s) URL")
     idc_index = Path(args.idc_index).expanduser() if args.idc_index else None
-    if idc_index is not None and not idc_index.is_file():
-        raise UsageError(f"--idc-index {args.idc_index}: no such file")
+    if idc_index is not None and args.mode != "nbia" and not idc_index.is_file():
+        raise UsageError(f"--idc-index {args.idc_index} (or $TCIA_IDC_INDEX): no such file")
     selection = parse_selection(args)
     for flag, low, high, unit in NUMERIC_FLAGS:
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)

@@ -46,6 +46,14 @@ Only GETs of objects and list requests (GET on a bucket without a sub-resource s
 ``?policy``) consume scripts; HEAD, PUT and the rest are always forwarded. Path-style
 addressing only (``<endpoint>/<bucket>/<key>``), which is what a custom endpoint gets.
 
+Shaping (optional, off by default; for benchmarks): ``FakeS3(first_byte_delay=0.025,
+conn_bandwidth=20e6, total_bandwidth=None)`` waits ``first_byte_delay`` seconds before
+answering each object GET or list request (a cloud bucket's time to first byte), and paces
+the bodies of every response the layer sends at ``conn_bandwidth`` bytes/s per client
+connection and ``total_bandwidth`` bytes/s over all of them (token buckets; a fault's partial
+body is not paced). Connections are not limited in number: like S3, the more a client opens,
+the more it gets, up to ``total_bandwidth``.
+
 moto keeps its state in module globals, so one ``FakeS3`` runs per process at a time
 (``start()`` raises otherwise) and ``start()`` resets moto's state.
 
@@ -73,7 +81,8 @@ through the fault layer takes a few ms.
 
 Needs moto[server], boto3, duckdb, idc-index-data and pydicom (requirements-idc-test.txt).
 idc-index-data 25.0.5 needs Python >= 3.10: on 3.9, ``rows()`` serves a snapshot of the few
-series above that test_fake_s3 uses (``snapshot_rows``), checked against the index on 3.10+.
+series above that the tests use (``snapshot_rows``), checked against the index on 3.10+, and
+``write_snapshot_index(folder)`` makes an index parquet of it for the tool's --idc-index.
 """
 from __future__ import annotations
 
@@ -85,6 +94,7 @@ import http.client
 import http.server
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -92,6 +102,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -168,33 +179,84 @@ def index_rows(collection_id: str, include_analysis_results: bool = False,
 # against the index wherever the index is installed.
 SNAPSHOT_COLUMNS = ("collection_id", "analysis_result_id", "PatientID", "StudyInstanceUID",
                     "SeriesInstanceUID", "Modality", "SOPClassUID", "SeriesNumber", "SeriesDescription",
-                    "StudyDate", "StudyDescription", "aws_bucket", "crdc_series_uuid", "instanceCount")
+                    "StudyDate", "StudyDescription", "aws_bucket", "crdc_series_uuid", "instanceCount",
+                    "series_size_MB", "license_short_name", "source_DOI")
 _SNAPSHOT = (
-    ('prostate_3t', None, 'Prostate3T-01-0001', '1.3.6.1.4.1.14519.5.2.1.7308.2101.878027069026309930088081179232', '1.3.6.1.4.1.14519.5.2.1.7308.2101.294123309272114469889813649698', 'MR', '1.2.840.10008.5.1.4.1.1.4', '2', 't2_tse_tra', '2003-03-15', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '685be04a-ca32-4ec4-b2ca-45cb8252c817', 15),
-    ('prostate_3t', None, 'Prostate3T-01-0002', '1.3.6.1.4.1.14519.5.2.1.7308.2101.174768087184217631998622694695', '1.3.6.1.4.1.14519.5.2.1.7308.2101.203002521314946007603842576868', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-14', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '98b8ff07-c5f9-406e-83fe-16bf083c717d', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0003', '1.3.6.1.4.1.14519.5.2.1.7308.2101.963278325993338392878243651154', '1.3.6.1.4.1.14519.5.2.1.7308.2101.286972777734309209775498508493', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-02-13', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '7c3629a0-09b9-448b-9ea7-e71ab50d99df', 24),
-    ('prostate_3t', None, 'Prostate3T-01-0004', '1.3.6.1.4.1.14519.5.2.1.7308.2101.779942494589345045769775478882', '1.3.6.1.4.1.14519.5.2.1.7308.2101.112694638881881463527415973833', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-03', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'a1762ed2-259e-4b64-a3de-593c5d33a7a2', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0005', '1.3.6.1.4.1.14519.5.2.1.7308.2101.456573382271942806822042772525', '1.3.6.1.4.1.14519.5.2.1.7308.2101.128424014954001627445680964593', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-20', 'MR prostaat kanker detectie WDS_mc MCAPRODETW', 'idc-open-data', 'b690a985-afed-4e67-9a7e-c0df65c84079', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0006', '1.3.6.1.4.1.14519.5.2.1.7308.2101.313126489857357276154915868809', '1.3.6.1.4.1.14519.5.2.1.7308.2101.315447759171940778415750609237', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-28', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '1d388b43-64d0-49f4-9cd9-82b3bdfbcd95', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0007', '1.3.6.1.4.1.14519.5.2.1.7308.2101.994550259115942045104694382639', '1.3.6.1.4.1.14519.5.2.1.7308.2101.913804375580641648101810595370', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-05-01', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '3d8ae3ab-0e83-4031-b7b6-9931f9b1dab8', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0008', '1.3.6.1.4.1.14519.5.2.1.7308.2101.367771875262376100645583735364', '1.3.6.1.4.1.14519.5.2.1.7308.2101.177663837100464311301589289294', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra', '2003-05-22', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'dc89a0a1-9baf-4737-b953-791172960c70', 15),
-    ('prostate_3t', None, 'Prostate3T-01-0009', '1.3.6.1.4.1.14519.5.2.1.7308.2101.637977639412730093231767416530', '1.3.6.1.4.1.14519.5.2.1.7308.2101.153505545312098146915314067348', 'MR', '1.2.840.10008.5.1.4.1.1.4', '2', 't2_tse_tra', '2003-03-15', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '34b1f280-6b84-469f-862e-0510ca912e2c', 17),
-    ('prostate_3t', None, 'Prostate3T-01-0010', '1.3.6.1.4.1.14519.5.2.1.7308.2101.292445269242544823221071132586', '1.3.6.1.4.1.14519.5.2.1.7308.2101.313362942195592570517841133677', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-02-10', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'd05264a2-fc9a-4d26-ac8e-a4230e1e59db', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0011', '1.3.6.1.4.1.14519.5.2.1.7308.2101.279354101370096690974925375170', '1.3.6.1.4.1.14519.5.2.1.7308.2101.190695983970534665106903003399', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-02-27', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'e981db2d-394b-4395-a7e0-8ffdc51efb9d', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0012', '1.3.6.1.4.1.14519.5.2.1.7308.2101.151951261973532185891847407908', '1.3.6.1.4.1.14519.5.2.1.7308.2101.155937334586458136517027004376', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-06', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '1d1b2b2e-ccd2-4aea-a244-1fb850abdb3e', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0013', '1.3.6.1.4.1.14519.5.2.1.7308.2101.305436365067394759538617410978', '1.3.6.1.4.1.14519.5.2.1.7308.2101.155864588261016379928233518744', 'MR', '1.2.840.10008.5.1.4.1.1.4', '2', 't2_tse_tra', '2003-03-15', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '188c9f40-fa86-4887-83a2-b82bdbdc55ec', 15),
-    ('prostate_3t', None, 'Prostate3T-01-0014', '1.3.6.1.4.1.14519.5.2.1.7308.2101.218376667886826636781529142304', '1.3.6.1.4.1.14519.5.2.1.7308.2101.263083536712312134552384706559', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-21', 'MR prostaat kanker detectie WDS_mc MCAPRODETW', 'idc-open-data', '6acddbb3-f343-4824-9fa5-542e49e72be5', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0015', '1.3.6.1.4.1.14519.5.2.1.7308.2101.304303145850071139675628342261', '1.3.6.1.4.1.14519.5.2.1.7308.2101.101688087736317305418918651173', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-20', 'MR prostaat kanker detectie WDS_mc MCAPRODETW', 'idc-open-data', '761f2ee9-3c7c-4e71-bcef-43cc3ec66ef7', 20),
-    ('prostate_3t', None, 'Prostate3T-01-0016', '1.3.6.1.4.1.14519.5.2.1.7308.2101.183666070866268935240926832895', '1.3.6.1.4.1.14519.5.2.1.7308.2101.100875285304586647581787393410', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-20', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'f33a92bc-8041-4026-8054-0e91ff817cab', 20),
-    ('covid_19_ny_sbu', None, 'A095019', '1.3.6.1.4.1.14519.5.2.1.99.1071.24959495743882045369807958755791', '1.3.6.1.4.1.14519.5.2.1.99.1071.32617409022384009988074894688660', 'CT', '1.2.840.10008.5.1.4.1.1.2', '8', 'CTA 0.5 CE', '1900-11-14', 'CT ABD AND PELVIS WITH IV CONT', 'idc-open-data', '16688e7a-02b3-4bc2-9c41-6280d2c30f72', 1001),
-    ('lung_phantom', None, '4482356', '1.2.840.113745.101000.1186002.40721.8111.13846623', '1.2.840.113619.2.55.3.1930041893.617.1308206442.326.4', 'CT', '1.2.840.10008.5.1.4.1.1.2', '6', '1.25x1.25 LUNG', '2011-06-29', 'CT RESEARCH EXAM', 'idc-open-data', 'f5402923-2649-4347-aea3-dc88ef463cc3', 237),
+    ('prostate_3t', None, 'Prostate3T-01-0001', '1.3.6.1.4.1.14519.5.2.1.7308.2101.878027069026309930088081179232', '1.3.6.1.4.1.14519.5.2.1.7308.2101.294123309272114469889813649698', 'MR', '1.2.840.10008.5.1.4.1.1.4', '2', 't2_tse_tra', '2003-03-15', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '685be04a-ca32-4ec4-b2ca-45cb8252c817', 15, 3.121136, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0002', '1.3.6.1.4.1.14519.5.2.1.7308.2101.174768087184217631998622694695', '1.3.6.1.4.1.14519.5.2.1.7308.2101.203002521314946007603842576868', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-14', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '98b8ff07-c5f9-406e-83fe-16bf083c717d', 20, 4.158206, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0003', '1.3.6.1.4.1.14519.5.2.1.7308.2101.963278325993338392878243651154', '1.3.6.1.4.1.14519.5.2.1.7308.2101.286972777734309209775498508493', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-02-13', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '7c3629a0-09b9-448b-9ea7-e71ab50d99df', 24, 4.991726, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0004', '1.3.6.1.4.1.14519.5.2.1.7308.2101.779942494589345045769775478882', '1.3.6.1.4.1.14519.5.2.1.7308.2101.112694638881881463527415973833', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-03', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'a1762ed2-259e-4b64-a3de-593c5d33a7a2', 20, 4.161792, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0005', '1.3.6.1.4.1.14519.5.2.1.7308.2101.456573382271942806822042772525', '1.3.6.1.4.1.14519.5.2.1.7308.2101.128424014954001627445680964593', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-20', 'MR prostaat kanker detectie WDS_mc MCAPRODETW', 'idc-open-data', 'b690a985-afed-4e67-9a7e-c0df65c84079', 20, 4.162232, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0006', '1.3.6.1.4.1.14519.5.2.1.7308.2101.313126489857357276154915868809', '1.3.6.1.4.1.14519.5.2.1.7308.2101.315447759171940778415750609237', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-28', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '1d388b43-64d0-49f4-9cd9-82b3bdfbcd95', 20, 4.160344, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0007', '1.3.6.1.4.1.14519.5.2.1.7308.2101.994550259115942045104694382639', '1.3.6.1.4.1.14519.5.2.1.7308.2101.913804375580641648101810595370', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-05-01', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '3d8ae3ab-0e83-4031-b7b6-9931f9b1dab8', 20, 4.159676, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0008', '1.3.6.1.4.1.14519.5.2.1.7308.2101.367771875262376100645583735364', '1.3.6.1.4.1.14519.5.2.1.7308.2101.177663837100464311301589289294', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra', '2003-05-22', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'dc89a0a1-9baf-4737-b953-791172960c70', 15, 3.120682, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0009', '1.3.6.1.4.1.14519.5.2.1.7308.2101.637977639412730093231767416530', '1.3.6.1.4.1.14519.5.2.1.7308.2101.153505545312098146915314067348', 'MR', '1.2.840.10008.5.1.4.1.1.4', '2', 't2_tse_tra', '2003-03-15', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '34b1f280-6b84-469f-862e-0510ca912e2c', 17, 3.53667, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0010', '1.3.6.1.4.1.14519.5.2.1.7308.2101.292445269242544823221071132586', '1.3.6.1.4.1.14519.5.2.1.7308.2101.313362942195592570517841133677', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-02-10', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'd05264a2-fc9a-4d26-ac8e-a4230e1e59db', 20, 4.159952, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0011', '1.3.6.1.4.1.14519.5.2.1.7308.2101.279354101370096690974925375170', '1.3.6.1.4.1.14519.5.2.1.7308.2101.190695983970534665106903003399', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-02-27', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'e981db2d-394b-4395-a7e0-8ffdc51efb9d', 20, 4.159352, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0012', '1.3.6.1.4.1.14519.5.2.1.7308.2101.151951261973532185891847407908', '1.3.6.1.4.1.14519.5.2.1.7308.2101.155937334586458136517027004376', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-06', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '1d1b2b2e-ccd2-4aea-a244-1fb850abdb3e', 20, 4.160476, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0013', '1.3.6.1.4.1.14519.5.2.1.7308.2101.305436365067394759538617410978', '1.3.6.1.4.1.14519.5.2.1.7308.2101.155864588261016379928233518744', 'MR', '1.2.840.10008.5.1.4.1.1.4', '2', 't2_tse_tra', '2003-03-15', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', '188c9f40-fa86-4887-83a2-b82bdbdc55ec', 15, 3.120652, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0014', '1.3.6.1.4.1.14519.5.2.1.7308.2101.218376667886826636781529142304', '1.3.6.1.4.1.14519.5.2.1.7308.2101.263083536712312134552384706559', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-04-21', 'MR prostaat kanker detectie WDS_mc MCAPRODETW', 'idc-open-data', '6acddbb3-f343-4824-9fa5-542e49e72be5', 20, 4.159754, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0015', '1.3.6.1.4.1.14519.5.2.1.7308.2101.304303145850071139675628342261', '1.3.6.1.4.1.14519.5.2.1.7308.2101.101688087736317305418918651173', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-20', 'MR prostaat kanker detectie WDS_mc MCAPRODETW', 'idc-open-data', '761f2ee9-3c7c-4e71-bcef-43cc3ec66ef7', 20, 4.160404, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('prostate_3t', None, 'Prostate3T-01-0016', '1.3.6.1.4.1.14519.5.2.1.7308.2101.183666070866268935240926832895', '1.3.6.1.4.1.14519.5.2.1.7308.2101.100875285304586647581787393410', 'MR', '1.2.840.10008.5.1.4.1.1.4', '4', 't2_tse_tra_320_p2', '2003-03-20', 'MR prostaat kanker detectie_mc MCAPRODET', 'idc-open-data', 'f33a92bc-8041-4026-8054-0e91ff817cab', 20, 4.161578, 'CC BY 3.0', '10.7937/k9/tcia.2015.qjtv5il5'),
+    ('covid_19_ny_sbu', None, 'A095019', '1.3.6.1.4.1.14519.5.2.1.99.1071.24959495743882045369807958755791', '1.3.6.1.4.1.14519.5.2.1.99.1071.32617409022384009988074894688660', 'CT', '1.2.840.10008.5.1.4.1.1.2', '8', 'CTA 0.5 CE', '1900-11-14', 'CT ABD AND PELVIS WITH IV CONT', 'idc-open-data', '16688e7a-02b3-4bc2-9c41-6280d2c30f72', 1001, 528.922308, 'CC BY 4.0', '10.7937/tcia.bbag-2923'),
+    ('lung_phantom', None, '4482356', '1.2.840.113745.101000.1186002.40721.8111.13846623', '1.2.840.113619.2.55.3.1930041893.617.1308206442.326.4', 'CT', '1.2.840.10008.5.1.4.1.1.2', '6', '1.25x1.25 LUNG', '2011-06-29', 'CT RESEARCH EXAM', 'idc-open-data', 'f5402923-2649-4347-aea3-dc88ef463cc3', 237, 127.503952, 'CC BY 3.0', '10.7937/k9/tcia.2015.08a1ixoo'),
+    ('pancreas_ct', 'pancreas_ct_seg', 'PANCREAS_0001', '1.2.826.0.1.3680043.2.1125.1.38381854871216336385978062044218957', '1.2.276.0.7230010.3.1.3.481037312.53527.1718923483.913862', 'SEG', '1.2.840.10008.5.1.4.1.1.66.4', '300', 'Segmentation of pancreas', '2015-11-24', 'Pancreas', 'idc-open-data', '823b9a8e-6892-452f-85f1-b2220910f007', 1, 2.366784, 'CC BY 4.0', '10.5281/zenodo.12130275'),
+    ('pancreas_ct', None, 'PANCREAS_0001', '1.2.826.0.1.3680043.2.1125.1.38381854871216336385978062044218957', '1.2.826.0.1.3680043.2.1125.1.68878959984837726447916707551399667', 'CT', '1.2.840.10008.5.1.4.1.1.2', None, 'Pancreas', '2015-11-24', 'Pancreas', 'idc-open-data', 'ceb10f86-5ed4-4187-a613-b9c24dcf5024', 240, 126.12169, 'CC BY 3.0', '10.7937/k9/tcia.2016.tnb1kqbu'),
+    ('pancreas_ct', 'pancreas_ct_seg', 'PANCREAS_0002', '1.2.826.0.1.3680043.2.1125.1.6781777242073195563250281253223046', '1.2.276.0.7230010.3.1.3.481037312.53394.1718923458.885271', 'SEG', '1.2.840.10008.5.1.4.1.1.66.4', '300', 'Segmentation of pancreas', '2015-11-24', 'Pancreas', 'idc-open-data', 'a05bf69f-a1f1-4d52-8b4b-d7c56a2c023c', 1, 2.30018, 'CC BY 4.0', '10.5281/zenodo.12130275'),
+    ('pancreas_ct', None, 'PANCREAS_0002', '1.2.826.0.1.3680043.2.1125.1.6781777242073195563250281253223046', '1.2.826.0.1.3680043.2.1125.1.66376154825293205999744306285863502', 'CT', '1.2.840.10008.5.1.4.1.1.2', None, 'Pancreas', '2015-11-24', 'Pancreas', 'idc-open-data', '9690d777-e739-4497-9c94-d10fc96d91a7', 195, 102.474224, 'CC BY 3.0', '10.7937/k9/tcia.2016.tnb1kqbu'),
 )
 
 
 def snapshot_rows(collection_id: str) -> List[Dict[str, Any]]:
     """The snapshot's rows of one collection (prostate_3t: its first 16 series; covid_19_ny_sbu:
-    one 1,001-instance CT series; lung_phantom: its CT series), in index_rows' order."""
+    one 1,001-instance CT series; lung_phantom: its CT series; pancreas_ct: PANCREAS_0001 and
+    _0002, a CT and a SEG series each), in index_rows' order."""
     return [dict(zip(SNAPSHOT_COLUMNS, row)) for row in _SNAPSHOT if row[0] == collection_id]
+
+
+# TCIA's name, the DOI and its license URL of each snapshot collection (idc-index-data 25.0.5's
+# collections_index.parquet), for the index write_snapshot_index makes.
+CC_BY_3, CC_BY_4 = ("https://creativecommons.org/licenses/by/3.0/",
+                    "https://creativecommons.org/licenses/by/4.0/")
+SNAPSHOT_COLLECTIONS = {
+    "prostate_3t": ("Prostate-3T", [("10.7937/k9/tcia.2015.qjtv5il5", CC_BY_3)]),
+    "covid_19_ny_sbu": ("COVID-19-NY-SBU", [("10.7937/tcia.bbag-2923", CC_BY_4)]),
+    "lung_phantom": ("Lung Phantom", [("10.7937/k9/tcia.2015.08a1ixoo", CC_BY_3)]),
+    "pancreas_ct": ("Pancreas-CT", [("10.7937/k9/tcia.2016.tnb1kqbu", CC_BY_3),
+                                    ("10.5281/zenodo.12130275", CC_BY_4)]),
+}
+
+
+def write_snapshot_index(folder: "os.PathLike[str]") -> str:
+    """The snapshot as an index of idc-index-data's schema (the columns it has) and a
+    collections_index.parquet beside it: what the tool's --idc-index takes where the package
+    does not install. Returns the index's path."""
+    import duckdb
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    index, beside = os.path.join(folder, "idc_index.parquet"), \
+        os.path.join(folder, "collections_index.parquet")
+    as_json = os.path.join(folder, "rows.json")
+    with open(as_json, "w") as handle:
+        json.dump([dict(zip(SNAPSHOT_COLUMNS, row)) for row in _SNAPSHOT], handle)
+    con = duckdb.connect()
+    try:
+        # the real index's types: VARCHAR but for these two (dates and UUIDs are text there)
+        types = {"instanceCount": "BIGINT", "series_size_MB": "DOUBLE"}
+        columns = ", ".join(f"{c}: '{types.get(c, 'VARCHAR')}'" for c in SNAPSHOT_COLUMNS)
+        con.execute(f"COPY (SELECT * FROM read_json('{as_json}', format = 'array', "
+                    f"columns = {{{columns}}})) TO '{index}' (FORMAT PARQUET)")
+        values = ", ".join(
+            f"('{cid}', '{name}', [" + ", ".join(f"{{'source_doi': '{doi}', 'license': "
+                                                 f"{{'license_url': '{url}'}}}}"
+                                                 for doi, url in sources) + "])"
+            for cid, (name, sources) in SNAPSHOT_COLLECTIONS.items())
+        con.execute(f"COPY (SELECT * FROM (VALUES {values}) AS t(collection_id, "
+                    f"collection_name, sources)) TO '{beside}' (FORMAT PARQUET)")
+    finally:
+        con.close()
+    os.unlink(as_json)
+    return index
 
 
 def rows(collection_id: str, **kwargs: Any) -> List[Dict[str, Any]]:
@@ -202,9 +264,9 @@ def rows(collection_id: str, **kwargs: Any) -> List[Dict[str, Any]]:
     else the snapshot's rows filtered the same way (patient_ids, limit; original series only)."""
     if sys.version_info >= (3, 10):
         return index_rows(collection_id, **kwargs)
-    if kwargs.get("include_analysis_results"):
-        raise RuntimeError("the snapshot has no analysis results: needs idc-index-data (Python >= 3.10)")
     found = snapshot_rows(collection_id)
+    if not kwargs.get("include_analysis_results"):
+        found = [r for r in found if r["analysis_result_id"] is None]
     if kwargs.get("patient_ids") is not None:
         found = [r for r in found if r["PatientID"] in kwargs["patient_ids"]]
     return found[: kwargs["limit"]] if kwargs.get("limit") is not None else found
@@ -300,6 +362,30 @@ def s3_etag(data: bytes, part_size: Optional[int] = None) -> str:
 
 # ----------------------------------------------------------------------------- the fault layer
 
+class _Pacer:
+    """A bandwidth cap (token bucket): writers take bytes at once and sleep off the debt, so
+    concurrent users of one pacer share its rate. The sleep ends early when ``stop`` is set."""
+
+    def __init__(self, rate: Optional[float]) -> None:
+        self.rate = rate if rate and rate > 0 else None
+        self._lock = threading.Lock()
+        self._tokens = 0.0
+        self._stamp = time.monotonic()
+
+    def take(self, n: int, stop: threading.Event) -> None:
+        if self.rate is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            burst = max(self.rate * 0.02, float(_CHUNK))
+            self._tokens = min(burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            debt = -self._tokens
+        if debt > 0:
+            stop.wait(debt / self.rate)
+
+
 @dataclasses.dataclass
 class Request:
     """One request seen by the fault layer."""
@@ -332,6 +418,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm
         # and the client's delayed ACK add 40 ms to every response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._pacer = _Pacer(self.server.fake.conn_bandwidth)
         self.server.fake._track(self.connection, True)
 
     def finish(self) -> None:
@@ -373,6 +460,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             op, target = "list", query.get("prefix", [""])[0]
         body = self._read_body()
         record = fake._begin(Request(self.command, bucket, key, split.query, op, None, None, False), target)
+        if op != "other" and fake.first_byte_delay > 0:
+            fake._shaping_stop.wait(fake.first_byte_delay)
         if record.fault in ("500", "503"):
             self._send_error_xml(record, int(record.fault), bucket, key)
         else:
@@ -384,11 +473,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         counting if the write fails."""
         self.server.fake._completed(record, True)
         try:
-            self.wfile.write(data)
+            self._write_body(data)
             self.wfile.flush()
         except OSError:
             self.server.fake._completed(record, False)
             raise
+
+    def _write_body(self, data: bytes) -> None:
+        """Body bytes to the client, paced when the FakeS3 shapes (else one plain write)."""
+        fake = self.server.fake
+        if self._pacer.rate is None and fake._total_pacer.rate is None:
+            self.wfile.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), _CHUNK):
+            piece = view[start:start + _CHUNK]
+            self._pacer.take(len(piece), fake._shaping_stop)
+            fake._total_pacer.take(len(piece), fake._shaping_stop)
+            self.wfile.write(piece)
 
     # -- responses
 
@@ -459,7 +561,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     return
                 remaining -= len(chunk)
                 if remaining > 0:
-                    self.wfile.write(chunk)
+                    self._write_body(chunk)
                 else:
                     self._write_last(record, chunk)
             return
@@ -503,14 +605,24 @@ class FakeS3:
     """moto's S3 server plus a scripted fault layer in front of it, both on 127.0.0.1.
 
     ``FakeS3(stall_seconds=30.0).start()`` -> self; ``.endpoint`` (the fault layer, for the
-    code under test), ``.direct_endpoint`` (moto, for setup), ``.stop()``.
+    code under test), ``.direct_endpoint`` (moto, for setup), ``.stop()``. Optional shaping
+    (module docstring): ``first_byte_delay`` seconds, ``conn_bandwidth`` and
+    ``total_bandwidth`` bytes/s; all off by default.
     """
 
     _running: Optional["FakeS3"] = None
     _running_lock = threading.Lock()
 
-    def __init__(self, *, stall_seconds: float = 30.0) -> None:
+    def __init__(self, *, stall_seconds: float = 30.0, first_byte_delay: float = 0.0,
+                 conn_bandwidth: Optional[float] = None,
+                 total_bandwidth: Optional[float] = None) -> None:
+        if first_byte_delay < 0 or (conn_bandwidth or 0) < 0 or (total_bandwidth or 0) < 0:
+            raise ValueError("first_byte_delay, conn_bandwidth and total_bandwidth are >= 0")
         self.stall_seconds = stall_seconds
+        self.first_byte_delay = first_byte_delay
+        self.conn_bandwidth = conn_bandwidth
+        self._total_pacer = _Pacer(total_bandwidth)
+        self._shaping_stop = threading.Event()      # ends delays and pacing sleeps at stop()
         self.endpoint = ""
         self.direct_endpoint = ""
         self._lock = threading.Lock()
@@ -573,6 +685,7 @@ class FakeS3:
             return
         self._stopped = True
         self._stall_release.set()
+        self._shaping_stop.set()
         if self._proxy is not None:
             self._proxy.shutdown()
             self._proxy.server_close()
@@ -843,4 +956,4 @@ def fake_s3() -> Iterator[FakeS3]:
 
 
 __all__ = ["FakeS3", "FAULT_KINDS", "PART_SIZE", "Request", "fake_s3", "index_rows", "rows", "s3_etag",
-           "snapshot_rows", "synthetic_dicom"]
+           "snapshot_rows", "synthetic_dicom", "write_snapshot_index"]

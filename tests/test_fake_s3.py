@@ -46,10 +46,11 @@ def test_index_has_the_collections_the_tests_use_and_the_snapshot_matches_it():
     phantom = index_rows("lung_phantom", include_analysis_results=True)
     assert sorted((r["Modality"], r["instanceCount"]) for r in phantom if r["analysis_result_id"] is None) == [("CT", 237)]
     assert {r["analysis_result_id"] for r in phantom} == {None, "qin_lungct_seg"} and len(phantom) == 109
-    for collection in ("prostate_3t", "covid_19_ny_sbu", "lung_phantom"):
+    for collection in ("prostate_3t", "covid_19_ny_sbu", "lung_phantom", "pancreas_ct"):
         snapshot = snapshot_rows(collection)
         wanted = {r["crdc_series_uuid"] for r in snapshot}
-        indexed = [{c: r[c] for c in SNAPSHOT_COLUMNS} for r in index_rows(collection)
+        indexed = [{c: r[c] for c in SNAPSHOT_COLUMNS}
+                   for r in index_rows(collection, include_analysis_results=True)
                    if r["crdc_series_uuid"] in wanted]
         assert snapshot and indexed == snapshot
 

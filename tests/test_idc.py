@@ -18,16 +18,30 @@ from pathlib import Path
 
 import pytest
 
-if sys.version_info < (3, 10):
-    # idc-index-data 25.0.5, the index these tests take real series from, installs on 3.10+
-    # only; on 3.9 the tool's IDC mode needs --idc-index FILE (README), not tested here.
-    pytest.skip("idc-index-data needs Python >= 3.10", allow_module_level=True)
-
-import tcia_downloader as td  # noqa: E402
-from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom  # noqa: F401,E402 (fixture)
-from test_downloader_e2e import Run, wait_until  # noqa: E402
+import tcia_downloader as td
+from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom, write_snapshot_index  # noqa: F401
+from fake_s3 import rows as series_rows
+from test_downloader_e2e import Run, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+WITHOUT_THE_INDEX_PACKAGE = sys.version_info < (3, 10)
+# idc-index-data 25.0.5 installs on Python 3.10+ only. On 3.9 the tool reads the index the
+# way a 3.9 user gives it, --idc-index (here $TCIA_IDC_INDEX), made of the snapshot of real
+# rows in fake_s3; what needs rows beyond the snapshot is 3.10+ only.
+needs_the_index_package = pytest.mark.skipif(
+    WITHOUT_THE_INDEX_PACKAGE, reason="needs idc-index-data's rows beyond fake_s3's snapshot "
+    "(Lung Phantom's analysis results): Python >= 3.10")
+
+
+@pytest.fixture(scope="session")
+def snapshot_index(tmp_path_factory) -> str:
+    return write_snapshot_index(tmp_path_factory.mktemp("idc-index"))
+
+
+@pytest.fixture(autouse=True)
+def index_for_this_python(request, monkeypatch):
+    if WITHOUT_THE_INDEX_PACKAGE:
+        monkeypatch.setenv("TCIA_IDC_INDEX", request.getfixturevalue("snapshot_index"))
 
 
 def idc_run(tmp_path: Path, s3, *extra: str, collection: str | None = "Prostate-3T",
@@ -64,7 +78,7 @@ PATIENTS = ("Prostate3T-01-0001", "Prostate3T-01-0002", "Prostate3T-01-0003")
 @pytest.fixture
 def prostate(fake_s3):
     """Three real Prostate-3T series (15-24 instances each) in the fake bucket."""
-    rows = index_rows("prostate_3t", patient_ids=PATIENTS)
+    rows = series_rows("prostate_3t", patient_ids=PATIENTS)
     blobs = {row["SeriesInstanceUID"]: fake_s3.add_series(row) for row in rows}
     return fake_s3, rows, blobs
 
@@ -111,7 +125,7 @@ def test_every_fault_is_recovered_and_a_corrupt_object_never_gets_in(prostate, t
 
 
 def test_a_multipart_object_is_checked_by_its_etag_and_an_odd_one_by_size(fake_s3, tmp_path):
-    row = index_rows("prostate_3t", patient_ids=PATIENTS[:1])[0]
+    row = series_rows("prostate_3t", patient_ids=PATIENTS[:1])[0]
     blobs = fake_s3.add_series(row, multipart_index=0)
     run = idc_run(tmp_path, fake_s3, "--patient", PATIENTS[0])
     assert run.code == td.EXIT_OK, run.log
@@ -139,6 +153,7 @@ def test_an_object_of_another_series_fails_the_series(prostate, tmp_path):
     assert td.read_manifest(next(failed)).uids == [rows[0]["SeriesInstanceUID"]]
 
 
+@needs_the_index_package
 def test_analysis_results_only_when_asked(fake_s3, tmp_path):
     rows = index_rows("lung_phantom", include_analysis_results=True)
     original = [r for r in rows if r["analysis_result_id"] is None]
@@ -274,7 +289,7 @@ def test_an_object_failing_for_good_ends_the_attempt_without_waiting_for_the_oth
     assert "Traceback" not in errors
 
 
-def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys):
+def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys, monkeypatch):
     code = td.main(["--mode", "idc", "--collection", "Prostate3T", "--output", str(tmp_path),
                     "--cache_dir", str(tmp_path / "c"), "--idc-endpoint", fake_s3.endpoint])
     assert code == td.EXIT_USAGE
@@ -286,6 +301,11 @@ def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys):
                     "--cache_dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code == td.EXIT_USAGE and "not a parquet file" in err and "Traceback" not in err
+    # $TCIA_IDC_INDEX stands for --idc-index, and says so when it names nothing
+    monkeypatch.setenv("TCIA_IDC_INDEX", str(tmp_path / "gone.parquet"))
+    code = td.main(["--mode", "idc", "--collection", "X", "--cache_dir", str(tmp_path / "c")])
+    assert code == td.EXIT_USAGE
+    assert "gone.parquet (or $TCIA_IDC_INDEX): no such file" in capsys.readouterr().err
 
 
 # -- --mode auto ------------------------------------------------------------------------------
@@ -296,7 +316,7 @@ AUTO_PATIENTS = ("PANCREAS_0001", "PANCREAS_0002")
 @pytest.fixture
 def pancreas(fake_s3, fake_nbia_factory):
     """Pancreas-CT on the fake NBIA, and the same series (real UIDs) in the fake bucket."""
-    rows = index_rows("pancreas_ct", include_analysis_results=True, patient_ids=AUTO_PATIENTS)
+    rows = series_rows("pancreas_ct", include_analysis_results=True, patient_ids=AUTO_PATIENTS)
     for row in rows:
         fake_s3.add_series(row)
     return fake_nbia_factory(instances=2), fake_s3, rows

@@ -5,6 +5,7 @@ corrupt object never in it, analysis results only when asked for, kill-safe, and
 taking from IDC what NBIA cannot serve."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -350,6 +352,41 @@ def test_auto_with_nbia_down_from_the_start_takes_everything_from_idc(pancreas, 
     assert sorted(r["SeriesInstanceUID"] for r in meta) == \
         sorted(r["SeriesInstanceUID"] for r in rows)
     assert {r["Source"] for r in meta} == {"idc"}
+
+
+def test_auto_with_nbia_gone_in_the_middle_takes_the_rest_from_idc(fake_s3, fake_nbia_factory,
+                                                                    tmp_path):
+    rows = series_rows("pancreas_ct", include_analysis_results=True, patient_ids=AUTO_PATIENTS)
+    for row in rows:
+        fake_s3.add_series(row)
+    nbia = fake_nbia_factory(instances=2, conn_bandwidth=20_000)     # a zip takes ~1 s
+
+    def committed() -> int:
+        journal = next((tmp_path / "out").glob("*.journal"), None)
+        if journal is None:
+            return 0
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+            try:
+                return db.execute("SELECT count(*) FROM series").fetchone()[0]
+            except sqlite3.OperationalError:           # the schema is not there yet
+                return 0
+
+    def stop_nbia_after_its_first_series() -> None:
+        wait_until(lambda: committed() >= 1, 60, "NBIA's first series committed")
+        nbia.stop()                    # mid-way through the next zip: reset, then refused
+    stopper = threading.Thread(target=stop_nbia_after_its_first_series)
+    stopper.start()
+    try:
+        run = auto_run(tmp_path, nbia, fake_s3, "--workers", "1")
+    finally:
+        stopper.join()
+    assert run.code == td.EXIT_OK, run.log
+    assert "NBIA failed 3 times in a row: the rest of the run comes from IDC" in run.log
+    meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
+    assert sorted(r["SeriesInstanceUID"] for r in meta) == \
+        sorted(r["SeriesInstanceUID"] for r in rows)
+    assert sorted(r["Source"] for r in meta) == ["idc"] * (len(rows) - 1) + ["nbia"]
+    assert f"from each source:            idc {len(rows) - 1}, nbia 1" in run.log
 
 
 def test_dry_run_and_shards_plan_from_the_index(prostate, tmp_path):

@@ -4345,7 +4345,7 @@ class ArchiveMap:
     rows: list[dict]                          # with "_folder": <Collection>/<series path>
     expected: Optional[dict[str, str]]        # name -> MD5 (None: no MD5SUMS, no journal)
     closing: Optional[int] = None             # the stream with LICENSE, metadata, MD5SUMS
-    read: int = 0                             # compressed bytes read to learn all this
+    peeked: dict[int, int] = field(default_factory=dict)   # stream -> bytes read to map it
     problems: list[str] = field(default_factory=list)
 
 
@@ -4397,7 +4397,7 @@ def map_archive(path: Path) -> ArchiveMap:
     if spans and not path.name.endswith(".part"):
         archive.closing = len(spans) - 1
         closing = check_stream(path, archive.closing, *spans[-1])
-        archive.read += spans[-1][1] - spans[-1][0]
+        archive.peeked[archive.closing] = spans[-1][1] - spans[-1][0]
         archive.problems += closing.problems
         archive.rows = metadata_rows(closing.texts)
         archive.expected = md5sums_table(closing.texts)
@@ -4417,7 +4417,7 @@ def map_archive(path: Path) -> ArchiveMap:
             name, read = None, 0
             archive.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: "
                                     f"{exc}")
-        archive.read += read
+        archive.peeked[index] = read
         if name is not None:
             archive.folders[index] = name.rsplit("/", 1)[0]
     return archive
@@ -4510,8 +4510,10 @@ def extract_output(path: Path, selection: Selection, folder: Path) -> int:
             findings.extracted += part.extracted
             findings.problems += part.problems
     report_missing(findings, archive, None if everything else chosen)
-    read = archive.read + sum(archive.spans[i][1] - archive.spans[i][0] for i in streams
-                              if i != archive.closing)
+    # each byte once: a stream extracted is read whole, its earlier peek included
+    whole = set(streams)
+    read = sum(end - start if i in whole else archive.peeked.get(i, 0)
+               for i, (start, end) in enumerate(archive.spans))
     return summarise_extract(path, folder, findings, archive, read, time.monotonic() - started)
 
 

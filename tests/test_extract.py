@@ -7,6 +7,7 @@ import csv
 import filecmp
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -117,6 +118,10 @@ def test_a_copy_without_its_journal_finds_the_series_from_its_headers(archive, t
     got = {str(p.parent.relative_to(tmp_path / "p" / "DEMO"))
            for p in (tmp_path / "p" / "DEMO").rglob("*.dcm")}
     assert got == theirs
+    # all of it: the streams peeked at for their names are read once more, but counted once
+    code, lines = extract(copy, tmp_path / "all", capsys)
+    read, total = re.search(r"\(read (.+) of (.+)\)", lines[-1]).groups()
+    assert code == td.EXIT_OK and read == total, lines
 
 
 def test_by_study_and_a_selection_the_archive_lacks(archive, tmp_path, capsys):

@@ -601,6 +601,20 @@ TLS_MISMATCH = {"WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PRO
                 "NO_PROTOCOLS_AVAILABLE", "RECORD_LAYER_FAILURE"}
 
 
+def misconfiguration(exc: BaseException, host: str, address_flag: str) -> Optional[str]:
+    """What to fix when a request failed for a reason that waiting will not cure: a host
+    name that does not exist, or TLS that fails (a site proxy inspecting TLS). None: retry."""
+    for cause in exception_chain(exc):
+        if isinstance(cause, socket.gaierror) and cause.errno in UNKNOWN_HOST:
+            return (f"the host {host} does not exist (DNS): check {address_flag}; on a "
+                    "compute node without internet, set --proxy (or HTTPS_PROXY)")
+        if isinstance(cause, ssl.SSLCertVerificationError) or (
+                isinstance(cause, ssl.SSLError) and cause.reason in TLS_MISMATCH):
+            return (f"TLS with {host} failed ({cause.reason or cause}): a site proxy "
+                    f"that inspects TLS needs --ca-bundle; check {address_flag} and --proxy")
+    return None
+
+
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """exc and everything behind it: causes, contexts, and what requests and urllib3 wrap
     (MaxRetryError.reason, exceptions passed as arguments)."""
@@ -1029,7 +1043,8 @@ class TciaApi:
                                                   **self.transport)
             except requests.RequestException as exc:
                 self.check_stop()
-                misconfigured = self._misconfiguration(exc)
+                misconfigured = misconfiguration(exc, str(urlsplit(self.base_url).hostname),
+                                                 "--api-url")
                 if misconfigured:
                     raise FatalRunError(misconfigured, EXIT_USAGE) from None
                 last = self._describe_request_error(exc)
@@ -1050,20 +1065,6 @@ class TciaApi:
                             "attempts; the service may be down, try again later (if it is "
                             "not: check --api-url, and --proxy or HTTPS_PROXY on a node "
                             "without internet)")
-
-    def _misconfiguration(self, exc: requests.RequestException) -> Optional[str]:
-        """What to fix when a request failed for a reason that waiting will not cure: a
-        host name that does not exist, or TLS that fails (a site proxy inspecting TLS)."""
-        host = urlsplit(self.base_url).hostname
-        for cause in exception_chain(exc):
-            if isinstance(cause, socket.gaierror) and cause.errno in UNKNOWN_HOST:
-                return (f"the host {host} does not exist (DNS): check --api-url; on a "
-                        "compute node without internet, set --proxy (or HTTPS_PROXY)")
-            if isinstance(cause, ssl.SSLCertVerificationError) or (
-                    isinstance(cause, ssl.SSLError) and cause.reason in TLS_MISMATCH):
-                return (f"TLS with {host} failed ({cause.reason or cause}): a site proxy "
-                        "that inspects TLS needs --ca-bundle; check --api-url and --proxy")
-        return None
 
     def _describe_request_error(self, exc: requests.RequestException) -> str:
         host = urlsplit(self.base_url).netloc
@@ -1602,7 +1603,7 @@ class S3Client:
                         raise TransientError(f"a listing page of more than {limit} bytes")
                 return bytes(body)
         except requests.RequestException as exc:
-            raise self._transfer_error(exc, 0) from None
+            raise self._transfer_error(exc, 0, url) from None
 
     def download(self, bucket: str, item: S3Object, handle: int, offset: int,
                  on_bytes: Callable[[int], None], abandon: threading.Event) -> "hashlib._Hash":
@@ -1629,7 +1630,7 @@ class S3Client:
                     written += len(chunk)
                     on_bytes(len(chunk))
         except requests.RequestException as exc:
-            raise self._transfer_error(exc, written) from None
+            raise self._transfer_error(exc, written, self.url(bucket, item.key)) from None
         if written != item.size:
             raise TransientError(f"{item.key}: {written} of its {item.size} bytes arrived")
         return digest
@@ -1648,9 +1649,14 @@ class S3Client:
             raise TransientError(what, parse_retry_after(response.headers.get("Retry-After")))
         raise TransientError(what)
 
-    def _transfer_error(self, exc: requests.RequestException, written: int) -> Exception:
+    def _transfer_error(self, exc: requests.RequestException, written: int,
+                        url: str) -> Exception:
         if self._stop.is_set():
             return Interrupted()
+        # An endpoint that cannot exist or whose TLS cannot pass: one line, not hours of retries
+        misconfigured = misconfiguration(exc, str(urlsplit(url).hostname), "--idc-endpoint")
+        if misconfigured:
+            return FatalRunError(misconfigured, EXIT_USAGE)
         cut = self._watchdog.cut_reason()
         if cut:
             return TransientError(f"{cut}, after {written} bytes")

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import http.client
+import http.server
 import io
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,6 +28,7 @@ import tcia_downloader as td
 from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom, write_snapshot_index  # noqa: F401
 from fake_s3 import rows as series_rows
 from test_downloader_e2e import Run, wait_until
+from test_selection import ForwardProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHOUT_THE_INDEX_PACKAGE = sys.version_info < (3, 10)
@@ -308,6 +313,86 @@ def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys, monkeypatch):
     code = td.main(["--mode", "idc", "--collection", "X", "--cache_dir", str(tmp_path / "c")])
     assert code == td.EXIT_USAGE
     assert "gone.parquet (or $TCIA_IDC_INDEX): no such file" in capsys.readouterr().err
+
+
+# -- the network settings NBIA mode has: proxy, CA bundle ---------------------------------------
+
+class _TlsRelay(http.server.BaseHTTPRequestHandler):
+    """HTTPS in front of the fake S3, with a certificate of its own (a site's TLS proxy)."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
+        upstream.request("GET", self.path)
+        answer = upstream.getresponse()
+        content = answer.read()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+        upstream.close()
+
+
+@pytest.fixture
+def tls_endpoint(fake_s3, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TlsRelay)
+    server.upstream_port = urlsplit(fake_s3.endpoint).port
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_tls_endpoint_needs_its_ca_bundle_and_says_so_in_one_line(prostate, tls_endpoint,
+                                                                    tmp_path):
+    s3, rows, blobs = prostate
+    url, cert = tls_endpoint
+    argv = ["--mode", "idc", "--collection", "Prostate-3T", "--patient", PATIENTS[0],
+            "--idc-endpoint", url, "--api-url", _NoNbia.url, "--no-progress",
+            "--cache_dir", str(tmp_path / "c")]
+    refused = subprocess.run([sys.executable, str(ROOT / "tcia_downloader.py"), *argv,
+                              "--output", str(tmp_path / "no")], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == td.EXIT_USAGE, refused.stderr
+    assert "TLS with 127.0.0.1 failed (CERTIFICATE_VERIFY_FAILED): a site proxy that " \
+        "inspects TLS needs --ca-bundle; check --idc-endpoint and --proxy" in refused.stderr
+    assert "retrying" not in refused.stderr and "Traceback" not in refused.stderr
+    assert s3.gets_under("") == 0
+
+    run = Run(tmp_path, _NoNbia(), "--mode", "idc", "--idc-endpoint", url, "--ca-bundle",
+              str(cert), "--patient", PATIENTS[0], collection="Prostate-3T")
+    assert run.code == td.EXIT_OK, run.log
+    files = members(next(run.output.glob("*.tar.xz")))
+    assert series_files(files, rows[0]) == blobs[rows[0]["SeriesInstanceUID"]]
+
+
+def test_objects_go_through_the_proxy(prostate, tmp_path, monkeypatch):
+    s3, rows, _ = prostate
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ForwardProxy()
+    try:
+        run = idc_run(tmp_path, s3, "--patient", PATIENTS[0], "--proxy", proxy.url)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert run.code == td.EXIT_OK, run.log
+    prefix = f"GET /{rows[0]['aws_bucket']}/{rows[0]['crdc_series_uuid']}/"
+    assert sum(s.startswith(prefix) for s in proxy.seen) == rows[0]["instanceCount"]
+    assert f"GET /{rows[0]['aws_bucket']}/" in proxy.seen                   # the listing
 
 
 # -- --mode auto ------------------------------------------------------------------------------

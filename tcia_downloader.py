@@ -1722,6 +1722,7 @@ class FetchedObject:
     offset: int
     md5: str
     by_size_only: bool = False
+    retries: int = 0               # failed tries before this one (throttling, resets, ...)
 
 
 class IdcSource:
@@ -1854,7 +1855,9 @@ class IdcSource:
             counted = AttemptBytes(count)
             try:
                 digest = self.s3.download(bucket, item, handle, offset, counted, abandon)
-                return self._checked(item, handle, offset, digest.hexdigest())
+                fetched = self._checked(item, handle, offset, digest.hexdigest())
+                fetched.retries = attempt - 1
+                return fetched
             except TransientError as exc:
                 counted.take_back()
                 if abandon.is_set():
@@ -1910,7 +1913,8 @@ class IdcSource:
                                                       item.offset + item.item.size))
             members.append(Member(item.item.key, name, item.item.size, item.md5))
         return VerifiedSeries(scratch, members, None, [],
-                              by_size_only=sum(f.by_size_only for f in fetched))
+                              by_size_only=sum(f.by_size_only for f in fetched),
+                              retries=sum(f.retries for f in fetched))
 
     def close(self) -> None:
         self.s3.close()
@@ -2481,6 +2485,7 @@ class VerifiedSeries:
     dropped: list[tuple[str, str]]
     record: Optional[dict] = None      # the serving source's record, if not the plan's
     by_size_only: int = 0              # files whose checksum could not be checked
+    retries: int = 0                   # downloads of single files tried again (IDC objects)
 
     @property
     def bytes(self) -> int:
@@ -4791,6 +4796,7 @@ class Outcome:
     dropped: int = 0               # files in the zip that were not the series'
     source: str = ""               # which source served it (nbia, idc)
     by_size_only: int = 0          # files verified by their size only (no usable checksum)
+    retries: int = 0               # single files downloaded again within the series' attempt
 
 
 @dataclass
@@ -4850,7 +4856,7 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
             return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
                            seconds=time.monotonic() - started, dropped=len(verified.dropped),
                            source=str((verified.record or series.record).get("Source") or ""),
-                           by_size_only=verified.by_size_only)
+                           by_size_only=verified.by_size_only, retries=verified.retries)
         if ctx.stopping.abort.is_set():
             raise Interrupted()            # the failure is the stop's doing, not the series'
         failures += 1
@@ -5569,7 +5575,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         f"  failed:                      {len(failures)}",
         f"  not attempted:               {missing - len(failures)}",
         f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
-        *size_only_lines(done),
+        *idc_lines(done),
         *source_lines(done),
         f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
         f"  output: {describe_output(target)}",
@@ -5598,13 +5604,15 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
 
 
-def size_only_lines(done: list[Outcome]) -> list[str]:
-    """IDC's multipart ETags can defeat the checksum: how many files only their size vouches
-    for, whenever a series came from IDC (a 0 there is worth reading too)."""
+def idc_lines(done: list[Outcome]) -> list[str]:
+    """Whenever a series came from IDC (a 0 there is worth reading too): how many files
+    only their size vouches for (multipart ETags can defeat the checksum), and how many
+    object downloads were tried again (many: S3 throttles, or the link is poor)."""
     if not any(o.source == "idc" for o in done):
         return []
     return [f"  files verified by size only:  {sum(o.by_size_only for o in done)} "
-            "(the others by their MD5)"]
+            "(the others by their MD5)",
+            f"  object downloads retried:     {sum(o.retries for o in done)}"]
 
 
 def source_lines(done: list[Outcome]) -> list[str]:

@@ -129,6 +129,7 @@ def test_every_fault_is_recovered_and_a_corrupt_object_never_gets_in(prostate, t
         assert series_files(files, row) == blobs[row["SeriesInstanceUID"]]
     debug = "".join(p.read_text() for p in run.cache.glob("logs/*-debug.log"))
     assert "but its ETag says" in debug                                     # corrupt: caught
+    assert "object downloads retried:     8" in run.log       # each object fault, once
 
 
 def test_a_multipart_object_is_checked_by_its_etag_and_an_odd_one_by_size(fake_s3, tmp_path):

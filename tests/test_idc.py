@@ -475,6 +475,28 @@ def test_auto_with_nbia_gone_in_the_middle_takes_the_rest_from_idc(fake_s3, fake
     assert f"from each source:            idc {len(rows) - 1}, nbia 1" in run.log
 
 
+def test_an_archive_begun_from_nbia_is_finished_from_idc(pancreas, tmp_path):
+    """NBIA retired between two runs: the same command with --mode idc resumes the .part."""
+    nbia, s3, rows = pancreas
+    refused = rows[1]["SeriesInstanceUID"]
+    nbia.script_faults(refused, ["not_granted"] * 10)
+    argv = ("--patient", *AUTO_PATIENTS, "--include-analysis-results")
+    first = Run(tmp_path, nbia, *argv, collection="Pancreas-CT")
+    assert first.code == td.EXIT_INCOMPLETE, first.log
+    assert list((tmp_path / "out").glob("*.tar.xz.part"))
+    second = Run(tmp_path, _NoNbia(), "--mode", "idc", "--idc-endpoint", s3.endpoint, *argv,
+                 collection="Pancreas-CT")
+    assert second.code == td.EXIT_OK, second.log
+    assert "already present:             3" in second.log
+    meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
+    sources = {r["SeriesInstanceUID"]: r["Source"] for r in meta}
+    assert sources == {r["SeriesInstanceUID"]: "idc" if r["SeriesInstanceUID"] == refused
+                       else "nbia" for r in rows}
+    for row in rows:                            # IDC served only what NBIA had not
+        expected = row["instanceCount"] if row["SeriesInstanceUID"] == refused else 0
+        assert s3.gets_under(f"{row['crdc_series_uuid']}/") == expected
+
+
 def test_dry_run_and_shards_plan_from_the_index(prostate, tmp_path):
     s3, rows, _ = prostate
     dry = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--dry-run", name="dry")

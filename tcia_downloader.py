@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 try:
@@ -1401,6 +1401,7 @@ S3_OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 MULTIPART_SIZES = (8, 16, 5, 15, 32, 64, 100, 128)   # MiB: the AWS CLI's default first
 OBJECTS_IN_FLIGHT = 8          # objects of one series fetched at once
 OBJECT_ATTEMPTS = 3            # before the series' attempt fails (then it is retried whole)
+MOST_OBJECTS = 100_000         # in a series whose index row has no instanceCount
 
 
 def idc_date(value: object) -> Optional[str]:
@@ -1578,7 +1579,9 @@ class S3Client:
             return f"{self.endpoint}/{bucket}/{quote(key)}"
         return f"https://{bucket}.s3.amazonaws.com/{quote(key)}"
 
-    def list(self, bucket: str, prefix: str) -> list[S3Object]:
+    def list(self, bucket: str, prefix: str, most: Optional[int] = None) -> list[S3Object]:
+        """Every object under prefix, page by page; more than `most` objects, or a page that
+        says "more" but lists nothing, is a listing to distrust (and would never end)."""
         objects: list[S3Object] = []
         token: Optional[str] = None
         while True:
@@ -1587,8 +1590,13 @@ class S3Client:
             body = self._get(self.url(bucket), params, self.LIST_LIMIT)
             page, token = parse_list_page(body)
             objects += page
+            if most is not None and len(objects) > most:
+                raise TransientError(f"the listing of {prefix} goes on beyond {most} objects")
             if not token:
                 return objects
+            if not page:
+                raise TransientError(f"a listing page of {prefix} that lists nothing but "
+                                     "says there is more")
 
     def _get(self, url: str, params: dict[str, str], limit: int) -> bytes:
         try:
@@ -1800,7 +1808,9 @@ class IdcSource:
         """The series' objects: exactly instanceCount of them, named like instances, and no
         more bytes than the index's size allows. A series prefix never changes in IDC (a
         revision gets a new uuid): anything else is a listing to distrust."""
-        objects = self.s3.list(bucket, f"{uuid}/")
+        objects = self.s3.list(bucket, f"{uuid}/", series.image_count or MOST_OBJECTS)
+        if len({item.key for item in objects}) != len(objects):
+            raise TransientError(f"the listing of {uuid}/ names an object twice")
         for item in objects:
             name = item.key[len(uuid) + 1:]
             if not item.key.startswith(f"{uuid}/") or not S3_OBJECT_NAME.match(name):
@@ -1894,13 +1904,19 @@ class IdcSource:
         """Every object must be DICOM of this series (header only); then, in InstanceNumber
         order, into the sink as <acquisition>-<instance>.dcm."""
         headers = []
+        instances: set[str] = set()
         with open(scratch, "rb") as handle:
             for number, item in enumerate(fetched):
                 fields = dicom_naming_fields(FileRegion(handle, item.offset, item.item.size))
-                if fields is None or fields[0] != series.uid:
+                if fields is None or fields.series_uid != series.uid:
                     raise TransientError(f"{item.item.key} is not DICOM of this series")
-                headers.append((fields[1] if fields[1] is not None else number + 1,
-                                fields[2] if fields[2] is not None else 1, item))
+                if fields.sop_uid in instances:      # one instance under two keys: twice in
+                    raise TransientError(f"{item.item.key} repeats the instance "  # the output
+                                         f"{fields.sop_uid[:64]}")
+                instances.add(fields.sop_uid)
+                headers.append((fields.instance if fields.instance is not None else number + 1,
+                                fields.acquisition if fields.acquisition is not None else 1,
+                                item))
         log_size_only(series, [f.item for f in fetched if f.by_size_only])
         width = len(str(len(fetched)))
         used: set[str] = set()
@@ -1964,21 +1980,30 @@ class FileRegion(io.RawIOBase):
         return len(data)
 
 
-def dicom_naming_fields(region: io.RawIOBase) -> Optional[tuple[str, Optional[int], Optional[int]]]:
-    """(SeriesInstanceUID, InstanceNumber, AcquisitionNumber) from a DICOM header, or None
-    when the bytes are no DICOM."""
+class DicomNaming(NamedTuple):
+    series_uid: str
+    sop_uid: str
+    instance: Optional[int]        # InstanceNumber and AcquisitionNumber name the file
+    acquisition: Optional[int]
+
+
+def dicom_naming_fields(region: io.RawIOBase) -> Optional[DicomNaming]:
+    """What names and places a file, from its DICOM header; None when the bytes are no
+    DICOM, or DICOM without the UIDs of an instance."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     try:
         dataset = pydicom.dcmread(io.BufferedReader(region), stop_before_pixels=True, specific_tags=[
-            "SeriesInstanceUID", "InstanceNumber", "AcquisitionNumber"])
-        uid = str(dataset.get("SeriesInstanceUID", "")) or None
+            "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber", "AcquisitionNumber"])
+        series_uid = str(dataset.get("SeriesInstanceUID", ""))
+        sop_uid = str(dataset.get("SOPInstanceUID", ""))
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
             AttributeError, IndexError):
         return None
-    if uid is None:
+    if not series_uid or not sop_uid:
         return None
-    return uid, as_count(dataset.get("InstanceNumber")), as_count(dataset.get("AcquisitionNumber"))
+    return DicomNaming(series_uid, sop_uid, as_count(dataset.get("InstanceNumber")),
+                       as_count(dataset.get("AcquisitionNumber")))
 
 
 # -- NBIA first, IDC where NBIA cannot serve: --mode auto ---------------------------------------

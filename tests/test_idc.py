@@ -20,7 +20,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -314,6 +314,67 @@ def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys, monkeypatch):
     code = td.main(["--mode", "idc", "--collection", "X", "--cache_dir", str(tmp_path / "c")])
     assert code == td.EXIT_USAGE
     assert "gone.parquet (or $TCIA_IDC_INDEX): no such file" in capsys.readouterr().err
+
+
+# -- listings no S3 sends ----------------------------------------------------------------------
+
+class _HostileListing(http.server.BaseHTTPRequestHandler):
+    """ListObjectsV2 answers of server.kind: "twice" (one key listed instanceCount times),
+    "endless" (a new key per page, "more" for ever), "empty_more" (nothing, but "more")."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.lists += 1
+        query = parse_qs(urlsplit(self.path).query)
+        prefix, page = query["prefix"][0], int(query.get("continuation-token", ["0"])[0])
+        kind, count = self.server.kind, self.server.count
+        keys = {"twice": [f"{prefix}a.dcm"] * count, "endless": [f"{prefix}{page}.dcm"],
+                "empty_more": []}[kind]
+        more = kind != "twice"
+        body = ("<ListBucketResult>" + "".join(
+            f"<Contents><Key>{k}</Key><Size>10</Size><ETag>\"{'0' * 32}\"</ETag></Contents>"
+            for k in keys) + f"<IsTruncated>{str(more).lower()}</IsTruncated>" +
+            (f"<NextContinuationToken>{page + 1}</NextContinuationToken>" if more else "") +
+            "</ListBucketResult>").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("twice", "names an object twice"),
+    ("endless", "goes on beyond 15 objects"),
+    ("empty_more", "lists nothing but says there is more"),
+])
+def test_a_listing_no_s3_sends_fails_the_series_and_ends(tmp_path, kind, says):
+    row = series_rows("prostate_3t", patient_ids=PATIENTS[:1])[0]
+    assert row["instanceCount"] == 15
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostileListing)
+    server.kind, server.count, server.lists = kind, row["instanceCount"], 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run = Run(tmp_path, _NoNbia(), "--mode", "idc", "--patient", PATIENTS[0], "--idc-endpoint",
+                  f"http://127.0.0.1:{server.server_address[1]}", "--retries", "2",
+                  collection="Prostate-3T")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.code == td.EXIT_INCOMPLETE, run.log
+    assert says in run.log
+    assert server.lists <= 2 * (row["instanceCount"] + 1)        # two attempts, each bounded
+
+
+def test_one_instance_under_two_keys_fails_the_series(prostate, tmp_path):
+    s3, rows, blobs = prostate
+    keys = s3.keys(rows[0]["crdc_series_uuid"])
+    s3.put_object(rows[0]["aws_bucket"], keys[1], blobs[rows[0]["SeriesInstanceUID"]][0])
+    run = idc_run(tmp_path, s3, "--patient", PATIENTS[0], "--retries", "2")
+    assert run.code == td.EXIT_INCOMPLETE, run.log
+    assert "repeats the instance" in run.log
+    assert not list((tmp_path / "out").glob("*.tar.xz"))
 
 
 # -- the network settings NBIA mode has: proxy, CA bundle ---------------------------------------

@@ -45,6 +45,7 @@ import dataclasses
 import difflib
 import errno
 import fcntl
+import gc
 import getpass
 import hashlib
 import io
@@ -106,6 +107,7 @@ DEFAULT_CACHE_DIR = "~/.cache/tcia_downloader"
 # (shared/measured.md); on a cluster node the preset, not the network, sets the run time.
 DEFAULT_COMPRESSION_LEVEL = 1
 CHUNK_SIZE = 1 << 20
+COMPRESS_BLOCK = 4 << 20   # bytes of tar handed to the xz compressor at once
 TAR_BLOCK = tarfile.BLOCKSIZE           # 512
 TAR_RECORD = tarfile.RECORDSIZE         # 10240: GNU tar pads archives to whole records
 MD5_TABLE = "md5hashes.csv"
@@ -1482,12 +1484,15 @@ class IdcIndex:
 
     def rows(self, conditions: list[tuple[str, list[str]]], original_only: bool) -> list[dict]:
         """The series whose column is one of the values, for every (column, values)."""
-        where = [f'"{column}" IN ({", ".join("?" for _ in values)})'
-                 for column, values in conditions]
+        # Values as quoted literals, not bound parameters: duckdb imports pandas to bind a
+        # Python value (measured: 87 -> 165 MB of RSS, most of an IDC run's peak).
+        where = [f'"{column}" IN ({", ".join(sql_text(value) for value in values)})'
+                 for column, values in conditions if values]
+        where += ["FALSE" for _, values in conditions if not values]
         if original_only:
             where.append("analysis_result_id IS NULL")
         query = "SELECT * FROM series" + (" WHERE " + " AND ".join(where) if where else "")
-        cursor = self._db.execute(query, [v for _, values in conditions for v in values])
+        cursor = self._db.execute(query)
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
@@ -1495,8 +1500,12 @@ class IdcIndex:
         self._db.close()
 
 
-def sql_text(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+def sql_text(text: object) -> str:
+    """A string literal of SQL (duckdb: quotes doubled, no backslash escapes)."""
+    if "\0" in str(text):
+        raise FatalRunError(f"{str(text)[:40]!r}: a NUL character cannot be in a query",
+                            EXIT_USAGE)
+    return "'" + str(text).replace("'", "''") + "'"
 
 
 def idc_record(row: dict, collection: IdcCollection) -> dict:
@@ -1552,6 +1561,7 @@ class S3Client:
         self._stop = stop
         self._idle: list[requests.Session] = []
         self._idle_lock = threading.Lock()
+        self._settings: dict[str, dict[str, object]] = {}
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[requests.Session]:
@@ -1562,11 +1572,28 @@ class S3Client:
         if session is None:
             session = watched_session(requests.Session(), self._watchdog,
                                       f"tcia_downloader/{__version__}")
+            # The environment (proxies, CA bundle) is read once per host (_request_settings),
+            # not for every object: that and ~/.netrc cost more than the GET itself.
+            session.trust_env = False
         try:
             yield session
         finally:
             with self._idle_lock:
                 self._idle.append(session)
+
+    def _request_settings(self, url: str) -> dict[str, object]:
+        """proxies and verify for a request to url: the flags', else the environment's
+        (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE), as requests would merge them."""
+        host = "://".join(urlsplit(url)[:2])
+        settings = self._settings.get(host)
+        if settings is None:
+            with requests.Session() as probe:
+                merged = probe.merge_environment_settings(
+                    url, dict(self._transport.get("proxies") or {}), True,  # type: ignore
+                    self._transport.get("verify"), None)
+            settings = {"proxies": merged["proxies"], "verify": merged["verify"]}
+            self._settings[host] = settings
+        return settings
 
     def close(self) -> None:
         with self._idle_lock:
@@ -1602,7 +1629,7 @@ class S3Client:
         try:
             with self._session() as session, \
                     session.get(url, params=params, stream=True, timeout=self._timeout,
-                                **self._transport) as response:
+                                **self._request_settings(url)) as response:
                 self._raise_for_status(response)
                 body = bytearray()
                 for chunk in response.iter_content(CHUNK_SIZE):
@@ -1623,7 +1650,9 @@ class S3Client:
         try:
             with self._session() as session, \
                     session.get(self.url(bucket, item.key), stream=True,
-                                timeout=self._timeout, **self._transport) as response:
+                                timeout=self._timeout,
+                                **self._request_settings(self.url(bucket, item.key))) \
+                    as response:
                 self._raise_for_status(response)
                 for chunk in response.iter_content(CHUNK_SIZE):
                     if self._stop.is_set():
@@ -1980,6 +2009,14 @@ class FileRegion(io.RawIOBase):
         return len(data)
 
 
+NAMING_TAGS = [0x00080018, 0x0020000E, 0x00200012, 0x00200013]   # SOPInstanceUID, Series-
+#                     InstanceUID, AcquisitionNumber, InstanceNumber: all a file's name needs
+
+
+def after_instance_number(tag: int, vr: Optional[str], length: int) -> bool:
+    return tag > 0x00200013
+
+
 class DicomNaming(NamedTuple):
     series_uid: str
     sop_uid: str
@@ -1990,11 +2027,14 @@ class DicomNaming(NamedTuple):
 def dicom_naming_fields(region: io.RawIOBase) -> Optional[DicomNaming]:
     """What names and places a file, from its DICOM header; None when the bytes are no
     DICOM, or DICOM without the UIDs of an instance."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # noqa: F401  (the package whole first: threads importing its parts
+    from pydicom.errors import InvalidDicomError    # at once see them half-initialised)
+    from pydicom.filereader import read_partial
     try:
-        dataset = pydicom.dcmread(io.BufferedReader(region), stop_before_pixels=True, specific_tags=[
-            "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber", "AcquisitionNumber"])
+        # Only as far as the last of the four tags (0020,0013): a header's later elements,
+        # often most of it, are never parsed (about 1 ms of CPU per file saved).
+        dataset = read_partial(io.BufferedReader(region), stop_when=after_instance_number,
+                               specific_tags=NAMING_TAGS)
         series_uid = str(dataset.get("SeriesInstanceUID", ""))
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
@@ -3415,10 +3455,22 @@ class XzStreamWriter:
                                                preset=preset)
         self.tar_bytes = 0
         self.digest = hashlib.sha256()      # of the compressed stream, as it is produced
+        self._pending = bytearray()
 
     def write(self, data: bytes) -> None:
+        # The compressor gets a block at a time, not each header, padding and small chunk:
+        # every call lets go of the GIL and must win it back from the downloading threads,
+        # a wait of up to the switch interval (5 ms) each time (an IDC run of 1,200 small
+        # objects: 10.9 s -> 10.3 s). The output is the same: LZMA's does not depend on how
+        # its input is cut.
         self.tar_bytes += len(data)
-        self._emit(self._compressor.compress(data))
+        self._pending += data
+        if len(self._pending) >= COMPRESS_BLOCK:
+            self._compress_pending()
+
+    def _compress_pending(self) -> None:
+        pending, self._pending = self._pending, bytearray()
+        self._emit(self._compressor.compress(pending))
 
     def _emit(self, compressed: bytes) -> None:
         self.digest.update(compressed)
@@ -3435,6 +3487,7 @@ class XzStreamWriter:
         self.write(tar_padding(size))
 
     def close(self) -> None:
+        self._compress_pending()
         self._emit(self._compressor.flush())
         self._file.close()
 
@@ -5496,6 +5549,10 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
         todo.insert(0, todo.pop())
     skipped = len(plan.series) - len(todo)
     packing = min(usable_cores(), options.workers)
+    # What exists now (modules, the plan, the index) lives for the whole run: out of the
+    # garbage collector's sight, its passes over the many short-lived objects of the
+    # downloads stay short (measured: 12 % of the CPU of an IDC run of small objects).
+    gc.freeze()
     log.info("%d to download into %s with %d workers, %d packing at a time", len(todo),
              target.describe(), options.workers, packing)
 

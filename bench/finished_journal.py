@@ -9,8 +9,9 @@ Running the downloader to completion on 50,000 series would take far longer than
 itself, so this uses the downloader's own classes (plan_collection, TarXzTarget, Journal,
 XzStreamWriter, finalize) to write what such a run leaves behind: one journal row per series
 (with its planned path and one file), a valid .tar.xz with one small placeholder member per
-series (one xz stream for all of them, then the real closing stream with LICENSE,
-metadata.csv and MD5SUMS), 'finished' set. The only shortcut besides the placeholder contents
+series (one xz stream for all of them but the last, one for the last, which a rerun checks
+against its journal row since 0.4; then the real closing stream with LICENSE, metadata.csv
+and MD5SUMS), 'finished' set. The only shortcut besides the placeholder contents
 is PRAGMA synchronous=OFF while the rows are inserted (one fsync per row would take minutes);
 the journal is fsynced as a whole at the end.
 
@@ -58,24 +59,31 @@ def main() -> int:
     journal = target.journal
     journal._db.execute("PRAGMA synchronous=OFF")
     stream = target.scratch / "placeholders.tar.xz"
-    writer = td.XzStreamWriter(stream, args.preset)
     mtime = int(time.time())
     name = "1-1.dcm"
-    members = {}
-    for s in planned:
-        data = f"placeholder for {s.uid}\n".encode()
-        members[s.uid] = td.Member(entry=name, name=name, size=len(data), md5=hashlib.md5(data).hexdigest())
-        writer.add_file(f"{s.collection}/{s.path}/{name}", len(data), mtime, lambda sink, d=data: sink(d))
-    writer.close()
-    appended = target._append(td.Prepared(stream))
-    # 0.4 returns (end, sha256 of the stream); 0.3 the end alone
-    archive_end, stream_sha = appended if isinstance(appended, tuple) else (appended, None)
-    stream.unlink()
-    tar_end = writer.tar_bytes
-    for s in planned:
-        verified = td.VerifiedSeries(path=stream, members=[members[s.uid]], license_text=None, dropped=[])
-        journal.record(s, verified, archive_end, tar_end,
-                       *([stream_sha] if stream_sha else []))
+    tar_end = 0
+    # The last series gets a stream of its own: a rerun of a finished archive (0.4) checks the
+    # last series' stream, from the previous row's end, against its journal row.
+    for group in (planned[:-1], planned[-1:]):
+        if not group:
+            continue
+        writer = td.XzStreamWriter(stream, args.preset)
+        members = {}
+        for s in group:
+            data = f"placeholder for {s.uid}\n".encode()
+            members[s.uid] = td.Member(entry=name, name=name, size=len(data), md5=hashlib.md5(data).hexdigest())
+            writer.add_file(f"{s.collection}/{s.path}/{name}", len(data), mtime, lambda sink, d=data: sink(d))
+        writer.close()
+        appended = target._append(td.Prepared(stream))
+        # 0.4 returns (end, sha256 of the stream); 0.3 the end alone
+        archive_end, stream_sha = appended if isinstance(appended, tuple) else (appended, None)
+        stream.unlink()
+        tar_end += writer.tar_bytes
+        target.archive_end, target.tar_end = archive_end, tar_end
+        for s in group:
+            verified = td.VerifiedSeries(path=stream, members=[members[s.uid]], license_text=None, dropped=[])
+            journal.record(s, verified, archive_end, tar_end,
+                           *([stream_sha] if stream_sha else []))
     journal._db.execute("PRAGMA synchronous=FULL")
     with open(journal.path, "rb") as handle:
         os.fsync(handle.fileno())

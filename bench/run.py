@@ -354,14 +354,19 @@ class Fake:
         return sum(n for k, n in self.counters()["requests"].items() if k.startswith("getImage"))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
         self.err.close()
+
+
+def terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not left within grace seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1303,13 +1308,7 @@ class S3Fake:
 
     def stop(self) -> None:
         """SIGTERM: the server writes its request counters into the stats file, then exits."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30)
         self.err.close()
         with_suppress(lambda: self.stats.update(json.loads(self.stats_path.read_text())))
 

@@ -28,7 +28,7 @@ import tcia_downloader as td
 from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom, write_snapshot_index  # noqa: F401
 from fake_s3 import rows as series_rows
 from test_downloader_e2e import Run, wait_until
-from test_selection import ForwardProxy
+from test_selection import ForwardProxy, pass_answer_on
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHOUT_THE_INDEX_PACKAGE = sys.version_info < (3, 10)
@@ -395,16 +395,7 @@ class _TlsRelay(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
         upstream.request("GET", self.path)
-        answer = upstream.getresponse()
-        content = answer.read()
-        self.send_response(answer.status)
-        for key, value in answer.getheaders():
-            if key.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
-        upstream.close()
+        pass_answer_on(self, upstream)
 
 
 @pytest.fixture

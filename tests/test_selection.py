@@ -307,18 +307,24 @@ class ForwardProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection",)}
         upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""),
                          body=body or None, headers=headers)
-        answer = upstream.getresponse()
-        content = answer.read()
-        self.send_response(answer.status)
-        for key, value in answer.getheaders():
-            if key.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
-        upstream.close()
+        pass_answer_on(self, upstream)
 
     do_GET = do_POST = relay
+
+
+def pass_answer_on(handler: http.server.BaseHTTPRequestHandler,
+                   upstream: http.client.HTTPConnection) -> None:
+    """The upstream's answer to the request just sent, whole, as the handler's answer."""
+    answer = upstream.getresponse()
+    content = answer.read()
+    handler.send_response(answer.status)
+    for key, value in answer.getheaders():
+        if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(content)))
+    handler.end_headers()
+    handler.wfile.write(content)
+    upstream.close()
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 try:
@@ -3375,15 +3375,12 @@ def stream_sha256(path: Path, start: int, end: int) -> str:
 
 def xz_stream_intact(path: Path, start: int, end: int) -> bool:
     """One whole xz stream between start and end, by its own checks (CRC64, index)."""
-    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
     try:
-        for chunk in read_range(path, start, end):
-            if decompressor.eof:
-                return False                   # bytes behind the stream's end
-            decompressor.decompress(chunk)
-    except (lzma.LZMAError, EOFError):
+        for _ in xz_decompressed(path, start, end):
+            pass
+    except (lzma.LZMAError, EOFError, ValueError):
         return False
-    return decompressor.eof and not decompressor.unused_data
+    return True
 
 
 XZ_HEADER_MAGIC = b"\xfd7zXZ\x00"
@@ -3863,6 +3860,14 @@ def move_folder(folder: Path, destination: Path) -> None:
 
 
 # -- checking an output: --verify ------------------------------------------------------------
+#
+# --verify and --extract read archives that may come from anywhere (a colleague's copy, a
+# damaged disk, a crafted file), so the reader here trusts nothing it reads: every xz stream
+# is bounded by checked headers, footers and indexes and must decompress to exactly its
+# span; every tar header is read as GNU tar reads it (pax size, mtime and path, the last
+# path winning) or the member is refused; output is decompressed in bounded pieces; what it
+# learns goes to a temporary database on disk, not to lists in memory; and a signal stops
+# it within a chunk.
 
 @dataclass
 class VerifiedMember:
@@ -3872,20 +3877,211 @@ class VerifiedMember:
     stream: int                  # which xz stream of the archive holds it (0 for a tree)
 
 
+class ProblemLines:
+    """The problems found, one line each. The first LIMIT are kept, the rest only counted:
+    an archive crafted to hold millions of bad members must not cost a line of memory
+    each."""
+
+    LIMIT = 10_000
+
+    def __init__(self, lines: Iterable[str] = ()):
+        self._lines: list[str] = []
+        self.count = 0
+        self.extend(lines)
+
+    def append(self, line: str) -> None:
+        self.count += 1
+        if len(self._lines) < self.LIMIT:
+            self._lines.append(line)
+
+    def extend(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.append(line)
+
+    def __iadd__(self, lines: Iterable[str]) -> "ProblemLines":
+        self.extend(lines)
+        return self
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._lines
+        if self.count > len(self._lines):
+            yield f"... and {self.count - len(self._lines)} more problem(s)"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+LEDGER_SCHEMA = """
+    PRAGMA journal_mode = OFF;
+    PRAGMA synchronous = OFF;
+    CREATE TABLE members (name TEXT, md5 TEXT, size INTEGER, stream INTEGER, folder TEXT);
+    CREATE TABLE listed (name TEXT, md5 TEXT, source TEXT);  -- MD5SUMS lines, journal MD5s
+    CREATE TABLE rows (folder TEXT, record TEXT);            -- metadata.csv, or the journal
+    CREATE TABLE extracted (name TEXT, size INTEGER, folder TEXT);
+"""
+OWN_DIGEST = "own digest"        # a listed row that is an MD5SUMS' own MD5, as it was read
+
+
+def series_folder(name: str) -> Optional[str]:
+    """<Collection>/<patient>/<study>/<series> of a series file's name, else None."""
+    return name.rsplit("/", 1)[0] if name.count("/") == 4 else None
+
+
+class Ledger:
+    """What --verify and --extract learn of an output: its members, the MD5s its MD5SUMS
+    (or journal) list, the rows of its metadata.csv. Held in a private temporary sqlite
+    database, which keeps a 2 MB page cache and spills the rest to a file it deletes when
+    closed: lists and dicts of these took about 1 kB of RAM per file (489 MB for 500,000
+    files), and an archive of millions of empty members is a few MB. Threads share it
+    under a lock; each reader hands it members in batches."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("", check_same_thread=False)
+        self._db.executescript(LEDGER_SCHEMA)
+        self._lock = threading.Lock()
+        self._indexed = False
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add_members(self, members: list[VerifiedMember]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT INTO members VALUES (?, ?, ?, ?, ?)",
+                                 [(m.name, m.md5, m.size, m.stream, series_folder(m.name))
+                                  for m in members])
+            self._indexed = False
+
+    def add_listed(self, rows: Iterable[tuple[str, str]], source: str) -> None:
+        with self._lock:
+            self._db.executemany("INSERT INTO listed VALUES (?, ?, ?)",
+                                 ((name, md5, source) for name, md5 in rows))
+            self._indexed = False
+
+    def add_rows(self, rows: Iterable[dict]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT INTO rows VALUES (?, ?)",
+                                 ((row["_folder"], json.dumps(row)) for row in rows))
+
+    def add_extracted(self, member: VerifiedMember) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO extracted VALUES (?, ?, ?)",
+                             (member.name, member.size, series_folder(member.name)))
+
+    def forget_members(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM members")
+
+    def _query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        """Rows of a query; the indexes are built once, after the inserts (faster than
+        keeping them up to date row by row)."""
+        with self._lock:
+            if not self._indexed:
+                self._db.executescript(
+                    "CREATE INDEX IF NOT EXISTS members_name ON members (name);"
+                    "CREATE INDEX IF NOT EXISTS members_folder ON members (folder);"
+                    "CREATE INDEX IF NOT EXISTS listed_name ON listed (name);")
+                self._indexed = True
+            return self._db.execute(sql, parameters).fetchall()
+
+    def _iterate(self, sql: str) -> Iterator[tuple]:
+        """Rows of a query one page at a time (a table may be larger than memory)."""
+        last = 0
+        while True:
+            page = self._query(sql + " AND rowid > ? ORDER BY rowid LIMIT 1000", (last,))
+            if not page:
+                return
+            yield from (row[1:] for row in page)
+            last = page[-1][0]
+
+    def expected_md5(self, name: str) -> Optional[str]:
+        rows = self._query("SELECT md5 FROM listed WHERE name = ? LIMIT 1", (name,))
+        return rows[0][0] if rows else None
+
+    def has_listed(self) -> bool:
+        return bool(self._query("SELECT 1 FROM listed LIMIT 1"))
+
+    def rows(self) -> Iterator[dict]:
+        return (json.loads(record) for (record,) in
+                self._iterate("SELECT rowid, record FROM rows WHERE 1"))
+
+    def member_totals(self) -> tuple[int, int, int]:
+        """(files, bytes, series) of the members read."""
+        files, size = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM members")[0]
+        series = self._query("SELECT COUNT(DISTINCT folder) FROM members")[0][0]
+        return files, size, series
+
+    def extracted_totals(self) -> tuple[int, int, int]:
+        return self._query("SELECT COUNT(*), COALESCE(SUM(size), 0), COUNT(DISTINCT folder) "
+                           "FROM extracted")[0]
+
+    def twice(self) -> list[tuple[str, int]]:
+        return self._query("SELECT name, COUNT(*) FROM members GROUP BY name "
+                           "HAVING COUNT(*) > 1 ORDER BY name")
+
+    def files_over_folders(self) -> list[str]:
+        """Members whose name is also a folder of another member's path: tar -x cannot
+        write both (the second fails or replaces the first)."""
+        return [name for (name,) in self._query(
+            "SELECT DISTINCT m.name FROM members m WHERE EXISTS (SELECT 1 FROM members o "
+            "WHERE o.name > m.name || '/' AND o.name < m.name || '0') ORDER BY m.name")]
+
+    def md5sums_names(self) -> list[str]:
+        return [name for (name,) in self._query(
+            "SELECT DISTINCT name FROM listed WHERE source = 'own digest' ORDER BY name")]
+
+    def listed_missing(self, folders: Optional[set[str]] = None) -> Iterator[tuple[str, str]]:
+        """(name, source) of listed files that no member is, in folders if given."""
+        for name, source in self._iterate(
+                "SELECT rowid, name, source FROM listed l WHERE source != 'own digest' AND "
+                "NOT EXISTS (SELECT 1 FROM members m WHERE m.name = l.name)"):
+            if folders is None or series_folder(name) in folders:
+                yield name, source
+
+    def listed_differing(self) -> Iterator[tuple[str, str, str, str]]:
+        """(name, MD5 read, MD5 listed, source) where a member differs from its line."""
+        return self._iterate(
+            "SELECT l.rowid, l.name, (SELECT m.md5 FROM members m WHERE m.name = l.name "
+            "LIMIT 1) AS got, l.md5, l.source FROM listed l WHERE source != 'own digest' "
+            "AND got IS NOT NULL AND got != l.md5")
+
+    def unlisted(self) -> Iterator[str]:
+        """Members no MD5SUMS line (or journal row) lists, MD5SUMS files aside."""
+        return (name for (name,) in self._iterate(
+            "SELECT rowid, name FROM members m WHERE NOT EXISTS (SELECT 1 FROM listed l "
+            "WHERE l.name = m.name)"))
+
+    def rows_without_files(self) -> Iterator[tuple[str, str]]:
+        """(series folder, metadata file) of the rows no member belongs to."""
+        return ((folder, json.loads(record).get("_file", "metadata.csv"))
+                for folder, record in self._iterate(
+                    "SELECT rowid, folder, record FROM rows r WHERE NOT EXISTS (SELECT 1 "
+                    "FROM members m WHERE m.folder = r.folder)"))
+
+
 @dataclass
 class Findings:
-    """What --verify (or --extract) found: the members (files), the collection files'
-    text, problems."""
-    members: list[VerifiedMember] = field(default_factory=list)
-    texts: dict[str, bytes] = field(default_factory=dict)    # MD5SUMS*, metadata*.csv
-    problems: list[str] = field(default_factory=list)
+    """What --verify (or --extract) found: the members (in the ledger), problems, notes."""
+    ledger: Ledger = field(default_factory=Ledger)
+    problems: ProblemLines = field(default_factory=ProblemLines)
     streams: int = 0
-    extracted: list[VerifiedMember] = field(default_factory=list)   # --extract: written
     affected: set[str] = field(default_factory=set)    # series folders with a problem
     notes: list[str] = field(default_factory=list)       # worth saying, not a problem
+    whole_streams: Optional[list[tuple[int, int]]] = None   # the spans checked
+
+    def problem(self, name: str, text: str) -> None:
+        """A problem with one file; its series (if it is a series' file) is damaged."""
+        self.problems.append(text)
+        folder = series_folder(name)
+        if folder is not None:
+            self.affected.add(folder)
 
 
 def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
+    if offset < 0:
+        raise ValueError("the file is too short to hold that xz stream")
     handle.seek(offset)
     data = handle.read(size)
     if len(data) != size:
@@ -3894,14 +4090,79 @@ def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
 
 
 def xz_varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
+    """An xz variable-length integer (at most 9 bytes) at position; ValueError past the
+    data's end or when longer."""
+    value = 0
+    for shift in range(0, 63, 7):
+        if position >= len(data):
+            raise ValueError("an xz index ends inside a number")
         byte = data[position]
         value |= (byte & 0x7F) << shift
         position += 1
         if not byte & 0x80:
             return value, position
-        shift += 7
+    raise ValueError("an xz index holds a number longer than 9 bytes")
+
+
+# An xz index holds one record of a few bytes per block; Python's lzma writes one block per
+# stream and `xz -T0` one per 3 dictionary sizes (24 MiB at -6), so 16 MiB of index is over
+# a million blocks: a larger Backward Size is damage, not an index worth reading.
+XZ_INDEX_LIMIT = 16 << 20
+XZ_CHECK_FLAGS = {b"\0\0", b"\0\x01", b"\0\x04", b"\0\x0a"}   # none, CRC32, CRC64, SHA-256
+
+
+def before_stream_padding(handle: io.BufferedIOBase, end: int) -> int:
+    """Where the NUL stream padding (whole groups of 4) before end begins, reading back
+    64 kB at a time (4 bytes at a time took 10 s for 16 MiB)."""
+    while end >= 4:
+        size = min(end, 64 * 1024) & ~3
+        block = read_exactly(handle, end - size, size)
+        zeros = size - len(block.rstrip(b"\0"))
+        end -= zeros & ~3
+        if zeros < size:
+            break
+    return end
+
+
+def xz_index_blocks(index: bytes, where: int) -> int:
+    """The bytes of the blocks an xz index (as read, CRC32 included) describes."""
+    if index[0] != 0 or zlib.crc32(index[:-4]) != int.from_bytes(index[-4:], "little"):
+        raise ValueError(f"the xz index before byte {where} is damaged")
+    count, position = xz_varint(index, 1)
+    if count > len(index):                       # each record takes at least 2 bytes
+        raise ValueError(f"the xz index before byte {where} is damaged")
+    blocks = 0
+    for _ in range(count):
+        unpadded, position = xz_varint(index, position)
+        _, position = xz_varint(index, position)
+        blocks += (unpadded + 3) & ~3
+    if index[position:-4].strip(b"\0") or (len(index) - 4 - position) >= 4:
+        raise ValueError(f"the xz index before byte {where} is damaged")
+    return blocks
+
+
+def xz_stream_span_ending(handle: io.BufferedIOBase, end: int) -> int:
+    """The start of the xz stream that ends at end, from its footer and index, every
+    field's CRC32 checked (a bit flipped in a footer's Backward Size once made this read a
+    claimed 2 GiB "index"). Where an index lies about its blocks, the span is wrong, and
+    decompressing it (which must end exactly at end) says so."""
+    footer = read_exactly(handle, end - 12, 12)
+    if footer[10:] != XZ_FOOTER_MAGIC:
+        raise ValueError(f"no xz stream ends at byte {end}")
+    if zlib.crc32(footer[4:10]) != int.from_bytes(footer[:4], "little") or \
+            footer[8:10] not in XZ_CHECK_FLAGS:
+        raise ValueError(f"the xz stream footer before byte {end} is damaged")
+    index_size = (int.from_bytes(footer[4:8], "little") + 1) * 4
+    if index_size > min(XZ_INDEX_LIMIT, end - 24):
+        raise ValueError(f"the xz stream footer before byte {end} is damaged "
+                         f"(an index of {index_size} bytes)")
+    blocks = xz_index_blocks(read_exactly(handle, end - 12 - index_size, index_size), end - 12)
+    start = end - 12 - index_size - blocks - 12
+    header = read_exactly(handle, start, 12)
+    if header[:6] != XZ_HEADER_MAGIC or header[6:8] != footer[8:10] or \
+            zlib.crc32(header[6:8]) != int.from_bytes(header[8:12], "little"):
+        raise ValueError(f"the xz stream ending at byte {end} has no header")
+    return start
 
 
 def xz_stream_spans(path: Path) -> list[tuple[int, int]]:
@@ -3911,28 +4172,11 @@ def xz_stream_spans(path: Path) -> list[tuple[int, int]]:
     bytes are not whole xz streams (a .part cut in an append, a damaged footer)."""
     spans: list[tuple[int, int]] = []
     with open(path, "rb") as handle:
-        end = handle.seek(0, os.SEEK_END)
+        end = before_stream_padding(handle, handle.seek(0, os.SEEK_END))
         while end > 0:
-            while end >= 4 and read_exactly(handle, end - 4, 4) == b"\0\0\0\0":
-                end -= 4                                     # stream padding
-            footer = read_exactly(handle, end - 12, 12)
-            if footer[10:] != XZ_FOOTER_MAGIC:
-                raise ValueError(f"no xz stream ends at byte {end}")
-            index_size = (int.from_bytes(footer[4:8], "little") + 1) * 4
-            index = read_exactly(handle, end - 12 - index_size, index_size)
-            if index[0] != 0:
-                raise ValueError(f"the xz index before byte {end - 12} is damaged")
-            count, position = xz_varint(index, 1)
-            blocks = 0
-            for _ in range(count):
-                unpadded, position = xz_varint(index, position)
-                _, position = xz_varint(index, position)
-                blocks += (unpadded + 3) & ~3
-            start = end - 12 - index_size - blocks - 12
-            if start < 0 or read_exactly(handle, start, 6) != XZ_HEADER_MAGIC:
-                raise ValueError(f"the xz stream ending at byte {end} has no header")
+            start = xz_stream_span_ending(handle, end)
             spans.append((start, end))
-            end = start
+            end = before_stream_padding(handle, start)
     return spans[::-1]
 
 
@@ -3953,10 +4197,8 @@ def xz_stream_spans_from_headers(path: Path) -> list[tuple[int, int]]:
             position = data.find(XZ_HEADER_MAGIC, position + 1)
         spans = []
         for start, following in zip(starts, starts[1:] + [len(data)]):
-            end = following
-            while end - 4 > start and data[end - 4:end] == b"\0\0\0\0":
-                end -= 4
-            if data[end - 2:end] != XZ_FOOTER_MAGIC:
+            end = before_stream_padding(handle, following)
+            if end - 2 <= start or data[end - 2:end] != XZ_FOOTER_MAGIC:
                 break
             spans.append((start, end))
         if isinstance(data, mmap.mmap):
@@ -3964,140 +4206,452 @@ def xz_stream_spans_from_headers(path: Path) -> list[tuple[int, int]]:
     return spans
 
 
+# Decompressed output is taken 1 MiB at a time: a 157 kB stream can hold 1 GiB of zeros,
+# and decompress() without max_length returned it in one piece (4.3 GB peak).
+XZ_OUTPUT_PIECE = 1 << 20
+
+
+def xz_decompressed(path: Path, start: int, end: int,
+                    stop: Optional[threading.Event] = None) -> Iterator[bytes]:
+    """The content of the one xz stream between start and end, in pieces of at most
+    XZ_OUTPUT_PIECE, its CRCs and index checked by lzma. The stream must end exactly at
+    end: bytes after it (another stream, garbage) are damage, never ignored. Interrupted
+    when stop is set (checked every piece)."""
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    position = start
+    for chunk in read_range(path, start, end):
+        position += len(chunk)
+        if decompressor.eof:
+            raise ValueError(f"{end - position + len(chunk)} bytes follow the stream's end")
+        piece = decompressor.decompress(chunk, max_length=XZ_OUTPUT_PIECE)
+        while True:
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            if piece:
+                yield piece
+            if decompressor.eof or decompressor.needs_input:
+                break
+            piece = decompressor.decompress(b"", max_length=XZ_OUTPUT_PIECE)
+        if decompressor.eof and (decompressor.unused_data or position < end):
+            raise ValueError(f"{end - position + len(decompressor.unused_data)} bytes "
+                             "follow the stream's end")
+    if not decompressor.eof:
+        raise ValueError("the stream is cut short")
+
+
+# -- tar members as GNU tar reads them --------------------------------------------------------
+
+# A pax record is "<length> <keyword>=<value>\n", length counting the whole record. A length
+# of 0 (or one that does not reach a newline) is malformed, as GNU tar says; advancing by it
+# once looped forever.
+PAX_RECORD = re.compile(rb"(\d{1,20}) ")
+PAX_APPLIED = {"path", "size", "mtime"}              # what changes how tar reads the member
+PAX_IGNORED = {"atime", "ctime", "uid", "gid", "uname", "gname", "comment", "charset"}
+PAX_LIMIT = 1 << 20             # our pax headers hold one long path; tar's limit is similar
+TAR_TIME_LIMIT = 8 ** 11        # the largest mtime a ustar header holds (the year 2242)
+MEMBER_BATCH = 4096             # members handed to the ledger at once
+
+
+def pax_records(data: bytes) -> list[tuple[str, bytes]]:
+    """(keyword, value) of every record of a pax extended header, in order; ValueError
+    for a malformed one (GNU tar: "Malformed extended header")."""
+    records, position = [], 0
+    while position < len(data):
+        match = PAX_RECORD.match(data, position)
+        length = int(match[1]) if match else 0
+        if not match or length < len(match[0]) + 2 or position + length > len(data) or \
+                data[position + length - 1] != 0x0A:
+            raise ValueError(f"malformed pax extended header (record at byte {position})")
+        keyword, equals, value = data[match.end():position + length - 1].partition(b"=")
+        if not equals or not keyword:
+            raise ValueError(f"malformed pax extended header (record at byte {position})")
+        records.append((keyword.decode("utf-8", "surrogateescape"), value))
+        position += length
+    return records
+
+
+@dataclass
+class TarEntry:
+    """One tar member as GNU tar reads it: its pax records applied (size, mtime and path,
+    the last of each winning), and why it must not be written, if it must not."""
+    name: str
+    size: int
+    mtime: float
+    type: bytes
+    refusal: Optional[str] = None
+
+
+def pax_overrides(records: list[tuple[str, bytes]]) -> tuple[dict[str, bytes], list[str]]:
+    """The records that change how the member is read (the last of each keyword wins, as
+    in tar), and the keywords this reader does not know."""
+    applied: dict[str, bytes] = {}
+    unknown: list[str] = []
+    for keyword, value in records:
+        if keyword in PAX_APPLIED:
+            applied[keyword] = value
+        elif keyword not in PAX_IGNORED:
+            unknown.append(keyword)
+    return applied, unknown
+
+
+def tar_entry(info: tarfile.TarInfo, records: list[tuple[str, bytes]]) -> TarEntry:
+    """The member a ustar header and the pax records before it describe."""
+    applied, unknown = pax_overrides(records)
+    entry = TarEntry(info.name, info.size, float(info.mtime), info.type)
+    refusals = []
+    if "path" in applied:
+        entry.name = applied["path"].decode("utf-8", "surrogateescape")
+    if "size" in applied:
+        if not applied["size"].isdigit():
+            raise ValueError(f"malformed pax extended header (size={applied['size'][:20]!r})")
+        entry.size = int(applied["size"])
+    if "mtime" in applied:
+        try:
+            entry.mtime = float(applied["mtime"])
+        except ValueError:
+            refusals.append("a pax mtime that is not a number")
+    if unknown:
+        refusals.append(f"pax records this tool never writes ({', '.join(sorted(unknown))})")
+    reason = member_refusal(entry)
+    entry.refusal = "; ".join(refusals + ([reason] if reason else [])) or None
+    return entry
+
+
+TAR_KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
+             tarfile.DIRTYPE: "folder", tarfile.CHRTYPE: "character device",
+             tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo",
+             tarfile.CONTTYPE: "contiguous file", tarfile.GNUTYPE_SPARSE: "sparse file"}
+# Types whose header says nothing of content; tar skips no data after them, so a size
+# there means the reader and tar would disagree on where the next header is.
+TAR_NO_CONTENT = (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE,
+                  tarfile.BLKTYPE, tarfile.FIFOTYPE)
+# Headers that change the members after them (GNU long names, pax global headers): our
+# archives never hold them, and reading past them as tar does is not worth the risk.
+TAR_CHANGES_NEXT = {tarfile.GNUTYPE_LONGNAME: "a GNU long-name header",
+                    tarfile.GNUTYPE_LONGLINK: "a GNU long-link header",
+                    tarfile.XGLTYPE: "a pax global header"}
+UNSAFE_NAME_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def member_refusal(entry: TarEntry) -> Optional[str]:
+    """Why a member must not be written under an extraction folder, or None. The rules of
+    tarfile's `data` filter, stricter where our archives never need more: regular files
+    only (no links, devices or modes to honour), relative paths of plain components (no
+    `..`, `.`, empty or control characters), a modification time a ustar header can hold.
+    --verify applies the same rules: an archive it calls whole extracts whole."""
+    if entry.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return f"a {TAR_KINDS.get(entry.type, 'special file')}, not a regular file"
+    name = entry.name
+    if not name.strip("/") or name.startswith("/"):
+        return "an absolute or empty path"
+    if UNSAFE_NAME_CHARACTERS.search(name):
+        return "a path with control characters"
+    parts = name.split("/")
+    if ".." in parts:
+        return "a path that leaves the folder (..)"
+    if any(part in ("", ".") for part in parts):
+        return "a path with an empty or '.' component"
+    if not 0 <= entry.mtime < TAR_TIME_LIMIT:
+        return f"an implausible modification time ({entry.mtime:.0f})"
+    return None
+
+
+class MemberOutput(Protocol):
+    """Where a TarFragmentReader puts the members it reads (--extract)."""
+
+    def begin(self, entry: TarEntry) -> bool: ...    # False: not written
+
+    def write(self, data: bytes) -> None: ...
+
+    def end(self, member: VerifiedMember) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+# Collection files are kept (on disk past 8 MiB) while they stream by, then read into the
+# ledger: MD5SUMS, metadata.csv. Only at the top of a collection folder, where we write
+# them, and at most COLLECTION_FILE_LIMIT each (an MD5SUMS line is about 130 bytes: 8
+# million files); a larger one is a problem, not a reason to fill a disk.
+COLLECTION_FILE = re.compile(r"^[^/]+/(MD5SUMS|metadata)[^/]*$")
+COLLECTION_FILE_LIMIT = 1 << 30
+
+
 class TarFragmentReader:
     """The tar members of one xz stream of our archives (whole members, a series each; the
-    closing stream adds the end-of-archive blocks), hashed as they stream by, never written
-    to disk. Names come from ustar headers, or a pax header before them (long names)."""
+    closing stream adds the end-of-archive blocks), hashed as they stream by, never kept
+    whole in memory; with an output, written (--extract)."""
 
-    KEEP = re.compile(r"(^|/)(MD5SUMS|metadata)[^/]*$")     # collection files kept as text
-
-    def __init__(self, stream: int, findings: Findings,
-                 output: Optional["MemberOutput"] = None):
+    def __init__(self, stream: int, findings: Findings, output: Optional[MemberOutput] = None):
         self._stream = stream
         self._findings = findings
-        self._output = output              # --extract: where members go (None: nowhere)
+        self._output = output
         self._writing = False
         self._buffer = bytearray()
-        self._member: Optional[tuple[str, int]] = None       # (name, size) being read
-        self._content_left = 0
-        self._padding_left = 0
+        self._entry: Optional[TarEntry] = None              # the member being read
+        self._pax: Optional[bytearray] = None               # a pax header being read
+        self._records: list[tuple[str, bytes]] = []         # the pax records for the next
+        self._content_left = self._padding_left = 0
         self._digest = hashlib.md5()
-        self._text: Optional[bytearray] = None
-        self._pax_name: Optional[str] = None
-        self._ended = False
+        self._text: Optional[tempfile.SpooledTemporaryFile] = None
+        self._text_size = 0
+        self._batch: list[VerifiedMember] = []
+        self.ended = False                                  # end-of-archive blocks seen
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
         while True:
-            if self._member is not None:
+            if self._entry is not None or self._pax is not None:
                 if not self._take_content():
                     return
             elif len(self._buffer) >= TAR_BLOCK:
-                self._take_header(bytes(self._buffer[:TAR_BLOCK]))
+                block = bytes(self._buffer[:TAR_BLOCK])
                 del self._buffer[:TAR_BLOCK]
+                self._take_header(block)
             else:
                 return
 
     def _take_header(self, block: bytes) -> None:
         if block == tarfile.NUL * TAR_BLOCK:
-            self._ended = True                  # end-of-archive blocks and record padding
+            if self._records:
+                raise ValueError("a pax header before the end-of-archive blocks")
+            self.ended = True                   # end-of-archive blocks and record padding
             return
-        if self._ended:
+        if self.ended:
             raise ValueError("data after the end-of-archive blocks")
         info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        name = self._pax_name or info.name
-        self._pax_name = None
-        self._member = (f"{'pax:' if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE) else ''}"
-                        f"{name}", info.size)
-        self._content_left, self._padding_left = info.size, -info.size % TAR_BLOCK
+        if info.type in TAR_CHANGES_NEXT:
+            raise ValueError(f"{TAR_CHANGES_NEXT[info.type]}, which no archive of this tool "
+                             "holds")
+        if info.type == tarfile.XHDTYPE:
+            if self._records:
+                raise ValueError("two pax headers in a row")
+            if info.size > PAX_LIMIT:
+                raise ValueError(f"a pax header of {info.size} bytes")
+            self._pax = bytearray()
+            self._content_left, self._padding_left = info.size, -info.size % TAR_BLOCK
+            return
+        entry = tar_entry(info, self._records)
+        self._records = []
+        if entry.type in TAR_NO_CONTENT and entry.size:
+            raise ValueError(f"{entry.name}: a {TAR_KINDS[entry.type]} with {entry.size} "
+                             "bytes of content")
+        self._begin_member(entry)
+
+    def _begin_member(self, entry: TarEntry) -> None:
+        self._entry = entry
+        size = 0 if entry.type in TAR_NO_CONTENT else entry.size
+        self._content_left, self._padding_left = size, -size % TAR_BLOCK
         self._digest = hashlib.md5()
-        pax = info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE)
-        self._text = bytearray() if pax or self.KEEP.search(name) else None
-        if self._output is not None and not pax:
-            self._writing = self._output.begin(info, name)
+        self._text, self._text_size = None, 0
+        if entry.type == tarfile.DIRTYPE and entry.refusal is not None and \
+                member_refusal(TarEntry(entry.name, 0, entry.mtime, tarfile.REGTYPE)) is None:
+            entry.refusal = "folder"            # a safe folder: its files' paths make it
+        elif entry.refusal is None and self._output is None and \
+                COLLECTION_FILE.match(entry.name):      # (--extract read them already)
+            self._text = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+        if self._output is not None and entry.refusal != "folder":
+            self._writing = self._output.begin(entry)
+        elif entry.refusal is not None and entry.refusal != "folder":
+            self._findings.problem(entry.name, f"{printable(entry.name)}: {entry.refusal}; "
+                                               "refused")
 
     def _take_content(self) -> bool:
         """Consume what the buffer holds of the current member; True when it is done."""
-        name, size = self._member
         piece = bytes(self._buffer[:self._content_left])
         del self._buffer[:len(piece)]
         self._content_left -= len(piece)
-        self._digest.update(piece)
-        if self._writing:
-            self._output.write(piece)
-        if self._text is not None and len(self._text) < 64 * 1024 * 1024:
-            self._text += piece
+        if self._pax is not None:
+            self._pax += piece
+        else:
+            self._take_member_piece(piece)
         padding = min(self._padding_left, len(self._buffer))
         del self._buffer[:padding]
         self._padding_left -= padding
         if self._content_left or self._padding_left:
             return False
-        self._member = None
-        if name.startswith("pax:"):
-            self._pax_name = pax_path(bytes(self._text or b""))
+        if self._pax is not None:
+            self._records, self._pax = pax_records(bytes(self._pax)), None
         else:
-            member = VerifiedMember(name, size, self._digest.hexdigest(), self._stream)
-            if self._writing:
-                self._writing = False
-                self._output.end(member)
-            self._findings.members.append(member)
-            if self._text is not None:
-                self._findings.texts[name] = bytes(self._text)
+            self._end_member()
         return True
 
+    def _take_member_piece(self, piece: bytes) -> None:
+        self._digest.update(piece)
+        if self._writing:
+            self._output.write(piece)
+        if self._text is not None:
+            self._text_size += len(piece)
+            if self._text_size > COLLECTION_FILE_LIMIT:
+                self._findings.problems.append(
+                    f"{self._entry.name}: larger than any collection file this tool writes "
+                    f"({human_bytes(COLLECTION_FILE_LIMIT)}); not read")
+                self._text.close()
+                self._text = None
+            else:
+                self._text.write(piece)
+
+    def _end_member(self) -> None:
+        entry, self._entry = self._entry, None
+        if entry.refusal == "folder":
+            return
+        member = VerifiedMember(entry.name, entry.size, self._digest.hexdigest(), self._stream)
+        if self._writing:
+            self._writing = False
+            self._output.end(member)
+        self._batch.append(member)
+        if len(self._batch) >= MEMBER_BATCH:
+            self.flush()
+        if self._text is not None:
+            with self._text:
+                self._text.seek(0)
+                read_collection_file(member, self._text, self._findings)
+            self._text = None
+
+    def flush(self) -> None:
+        """Hand the members read so far to the ledger."""
+        if self._batch:
+            self._findings.ledger.add_members(self._batch)
+            self._batch = []
+
     def close(self) -> None:
-        if self._member is not None or self._buffer.strip(b"\0"):
+        self.flush()
+        if self._entry is not None or self._pax is not None or self._records or \
+                self._buffer.strip(b"\0"):
             raise ValueError("the stream ends inside a tar member")
 
     def abort(self) -> None:
         """The stream is damaged: a member being written is not kept."""
+        self.flush()
+        if self._text is not None:
+            self._text.close()
+            self._text = None
         if self._writing:
             self._writing = False
             self._output.abort()
 
 
-def pax_path(data: bytes) -> Optional[str]:
-    """The path record of a pax extended header ("<length> path=<name>\\n" records)."""
-    position = 0
-    while position < len(data):
-        length_text, _, _ = data[position:position + 20].partition(b" ")
-        if not length_text.isdigit():
-            return None
-        record = data[position:position + int(length_text)]
-        key, _, value = record.partition(b" ")[2].partition(b"=")
-        if key == b"path":
-            return value.rstrip(b"\n").decode("utf-8", "surrogateescape")
-        position += int(length_text)
-    return None
+MD5SUMS_LINE = re.compile(r"^([0-9a-f]{32})  (.+)$")
+MD5SUMS_LINE_LIMIT = 64 * 1024        # a line longer than any path is not an MD5SUMS line
+# A metadata.csv value can be long (a server's free text: 200,000 characters were seen);
+# the csv module's default limit is 128 kB.
+CSV_FIELD_LIMIT = 16 << 20
 
 
-def check_stream(path: Path, index: int, start: int, end: int,
-                 output: Optional[Callable[[Findings], "MemberOutput"]] = None) -> Findings:
-    """Decompress one stream (its CRC64 and index checked by lzma) and read its members;
-    with output, also write them (--extract)."""
-    found = Findings()
-    reader = TarFragmentReader(index, found, output(found) if output else None)
-    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+def read_collection_file(member: VerifiedMember, text: io.BufferedIOBase,
+                         findings: Findings) -> None:
+    """An MD5SUMS or metadata.csv of an output, into the ledger, a line at a time."""
+    if re.search(r"(^|/)MD5SUMS[^/]*$", member.name):
+        findings.ledger.add_listed([(member.name, member.md5)], OWN_DIGEST)
+        findings.ledger.add_listed(md5sums_lines(member.name, text, findings), member.name)
+    elif member.name.endswith(".csv"):
+        findings.ledger.add_rows(metadata_csv_rows(member.name, text, findings))
+
+
+def md5sums_lines(name: str, text: io.BufferedIOBase,
+                  findings: Findings) -> Iterator[tuple[str, str]]:
+    """(file name as in the archive, MD5) of every line of an MD5SUMS; one problem per line
+    that is not an MD5SUMS line."""
+    folder = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+    number = 0
+    while True:
+        raw = text.readline(MD5SUMS_LINE_LIMIT)
+        if not raw:
+            return
+        number += 1
+        if len(raw) == MD5SUMS_LINE_LIMIT and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):           # the rest of the long line
+                raw = text.readline(MD5SUMS_LINE_LIMIT)
+            findings.problems.append(f"{name} line {number} is not an MD5SUMS line")
+            continue
+        match = MD5SUMS_LINE.match(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        if not match:
+            findings.problems.append(f"{name} line {number} is not an MD5SUMS line")
+            continue
+        yield folder + match[2], match[1]
+
+
+def bounded_lines(text: io.BufferedIOBase, limit: int) -> Iterator[str]:
+    """The lines of a UTF-8 text, NULs dropped; ValueError for a line longer than limit
+    (a file of 64 MiB of one line once took 200 MB to read)."""
+    while True:
+        raw = text.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit:
+            raise csv.Error(f"a line longer than {human_bytes(limit)}")
+        yield raw.decode("utf-8", "replace").replace("\0", "")
+
+
+def metadata_csv_rows(name: str, text: io.BufferedIOBase, findings: Findings) -> Iterator[dict]:
+    """The rows of a metadata.csv, each with its series folder as "_folder". A NUL (which
+    Python 3.9's csv refuses and later ones keep) is dropped, so that every Python reads the
+    same rows; a row the csv module cannot read ends the file with one problem."""
+    collection = name.split("/")[0]
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.DictReader(bounded_lines(text, CSV_FIELD_LIMIT))
     try:
-        for chunk in read_range(path, start, end):
-            reader.feed(decompressor.decompress(chunk))
-        if not decompressor.eof:
-            raise ValueError("the stream is cut short")
+        for row in reader:
+            path = row.get("Path")
+            yield {**{str(k): v for k, v in row.items() if isinstance(v, str)},
+                   "_folder": f"{collection}/{path if isinstance(path, str) else ''}",
+                   "_file": name}
+    except csv.Error as exc:
+        findings.problems.append(f"{name} line {reader.line_num} cannot be read as CSV: {exc}")
+
+
+def check_stream(path: Path, index: int, start: int, end: int, findings: Findings,
+                 stop: Optional[threading.Event] = None,
+                 output: Optional[Callable[[Findings], MemberOutput]] = None,
+                 closing: bool = False) -> ProblemLines:
+    """Decompress one stream (its CRC64 and index checked by lzma, and that it ends where
+    its span does) and read its members into findings' ledger; with output, also write them
+    (--extract). Only the closing stream (the archive's last) may hold the end-of-archive
+    blocks. Returns the stream's problems."""
+    found = Findings(ledger=findings.ledger)
+    reader = TarFragmentReader(index, found, output(found) if output else None)
+    try:
+        for piece in xz_decompressed(path, start, end, stop):
+            reader.feed(piece)
         reader.close()
     except (lzma.LZMAError, EOFError, ValueError, tarfile.TarError) as exc:
         reader.abort()
-        found.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: {exc}; "
-                              f"members read before: {len(found.members)}")
-    except OSError:
+        found.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: "
+                              f"{printable(str(exc))}")
+    except BaseException:
         reader.abort()                  # --extract cannot write: no half file stays behind
         raise
-    return found
+    if reader.ended and not closing:
+        found.problems.append(f"stream {index + 1} (bytes {start}-{end}) holds "
+                              "end-of-archive blocks, but is not the last: tar stops there")
+    findings.affected |= found.affected
+    return found.problems
 
 
-def verify_archive(path: Path) -> Findings:
+def bounded_map(function: Callable, items: Iterable, window: int = 0) -> Iterator:
+    """function over items on all usable cores, results in order, at most window (twice
+    the cores) in flight: pool.map would queue every item at once (a tree of millions of
+    files). Items not started when the caller stops (an exception) are cancelled."""
+    cores = usable_cores()
+    window = window or 2 * cores
+    with concurrent.futures.ThreadPoolExecutor(cores) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findings:
     """Every stream, on all usable cores (they are independent): its xz checks, its tar
     headers, every member's MD5. A .part is checked up to its last whole stream."""
     findings = Findings()
+    part = path.name.endswith(".part")
     try:
         spans = xz_stream_spans(path)
     except ValueError as exc:
@@ -4106,24 +4660,25 @@ def verify_archive(path: Path) -> Findings:
         spans = journal_spans(path) or xz_stream_spans_from_headers(path)
         whole_end = spans[-1][1] if spans else 0
         size = path.stat().st_size
-        if path.name.endswith(".part"):
+        if part:
             findings.notes.append(f"{path.name}: {size - whole_end} bytes after byte "
                                   f"{whole_end} are an append cut short (a resume cuts them "
                                   f"off); the {len(spans)} whole streams before are checked")
         else:
             findings.problems.append(f"{path.name}: {exc}; the {len(spans)} streams found "
                                      f"before byte {whole_end} are checked")
-    findings.streams = len(spans)
+    findings.streams, findings.whole_streams = len(spans), spans
     series_at = journal_series_ends(path)
-    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
-        checked = pool.map(lambda s: check_stream(path, s[0], *s[1]), enumerate(spans))
-        for (_, end), part in zip(spans, checked):
-            findings.members += part.members
-            findings.texts.update(part.texts)
-            findings.problems += [f"{problem} (series {series_at[end]}, from the journal)"
-                                  if end in series_at else problem for problem in part.problems]
-            if part.problems and end in series_at:
-                findings.affected.add(series_at[end])
+
+    def check(item: tuple[int, tuple[int, int]]) -> ProblemLines:
+        index, (start, end) = item
+        return check_stream(path, index, start, end, findings, stop,
+                            closing=index == len(spans) - 1 and not part)
+    for (_, end), problems in zip(spans, bounded_map(check, enumerate(spans))):
+        findings.problems += [f"{problem} (series {series_at[end]}, from the journal)"
+                              if end in series_at else problem for problem in problems]
+        if problems and end in series_at:
+            findings.affected.add(series_at[end])
     return findings
 
 
@@ -4169,121 +4724,110 @@ def journal_files(path: Path) -> Optional[dict[str, str]]:
                                "JOIN series s ON s.uid = f.uid"))
 
 
-def verify_tree(path: Path) -> Findings:
+def verify_tree(path: Path, stop: Optional[threading.Event] = None) -> Findings:
     """Every file of a collection folder (PATH itself, or the folders with an MD5SUMS in
     an output), hashed on all usable cores; names as in an archive: <Collection>/..."""
     findings = Findings()
-    collections = [path] if list(path.glob("MD5SUMS*")) else \
-        sorted(d for d in path.iterdir() if d.is_dir() and list(d.glob("MD5SUMS*")))
-    files = sorted(p for folder in collections for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    collections = [path] if any(path.glob("MD5SUMS*")) else \
+        sorted(d for d in path.iterdir() if d.is_dir() and any(d.glob("MD5SUMS*")))
 
-    def hashed(file: Path) -> VerifiedMember:
-        digest = hashlib.md5()
-        for chunk in read_range(file, 0, file.stat().st_size):
+    def files() -> Iterator[tuple[Path, Path]]:
+        """(collection folder, file), hidden names (scratch, extraction) left out."""
+        for folder in collections:
+            for root, folders, names in os.walk(folder):
+                folders[:] = sorted(f for f in folders if not f.startswith("."))
+                for name in sorted(n for n in names if not n.startswith(".")):
+                    if Path(root, name).is_file():
+                        yield folder, Path(root, name)
+
+    def hashed(item: tuple[Path, Path]) -> tuple[VerifiedMember, Path]:
+        folder, file = item
+        digest, size = hashlib.md5(), file.stat().st_size
+        for chunk in read_range(file, 0, size):
+            if stop is not None and stop.is_set():
+                raise Interrupted()
             digest.update(chunk)
-        return VerifiedMember(str(file.relative_to(file_root(file, collections))),
-                              file.stat().st_size, digest.hexdigest(), 0)
-    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
-        findings.members = list(pool.map(hashed, files))
-    for member, file in zip(findings.members, files):
-        if TarFragmentReader.KEEP.search(member.name):
-            findings.texts[member.name] = file.read_bytes()
+        return VerifiedMember(str(file.relative_to(folder.parent)), size, digest.hexdigest(),
+                              0), file
+    batch: list[VerifiedMember] = []
+    for member, file in bounded_map(hashed, files()):
+        batch.append(member)
+        if COLLECTION_FILE.match(member.name):
+            with open(file, "rb") as text:
+                read_collection_file(member, text, findings)
+        if len(batch) >= MEMBER_BATCH:
+            findings.ledger.add_members(batch)
+            batch = []
+    findings.ledger.add_members(batch)
     return findings
 
 
-def file_root(file: Path, collections: list[Path]) -> Path:
-    """The folder that holds the collection folder of file (names start <Collection>/)."""
-    return next(folder.parent for folder in collections if folder in file.parents)
-
-
-MD5SUMS_LINE = re.compile(r"^([0-9a-f]{32})  (.+)$")
-
-
-def cross_check(findings: Findings, reference: Optional[dict[str, str]] = None,
+def cross_check(findings: Findings, reference: Optional[Iterable[tuple[str, str]]] = None,
                 whole: bool = True) -> None:
     """Members against every MD5SUMS (each line has its member with that MD5, each member
-    its line, nothing twice) and every metadata.csv's series against the series present.
-    A .part has no MD5SUMS yet (whole=False): its journal's MD5s stand in, if given."""
-    def problem(name: str, text: str) -> None:
-        findings.problems.append(text)
-        if name.count("/") == 4:                     # <Collection>/<patient>/<study>/<series>/
-            findings.affected.add(name.rsplit("/", 1)[0])
-    by_name: dict[str, list[VerifiedMember]] = defaultdict(list)
-    for member in findings.members:
-        by_name[member.name].append(member)
-    for name, copies in sorted(by_name.items()):
-        if len(copies) > 1:
-            problem(name, f"{name} is in the archive {len(copies)} times")
-    listed: set[str] = set()
-    md5sums = sorted(n for n in findings.texts if re.search(r"(^|/)MD5SUMS[^/]*$", n))
+    its line, nothing twice, no file where another's folder is) and every metadata.csv's
+    series against the series present. A .part has no MD5SUMS yet (whole=False): its
+    journal's (name, MD5) stand in, if given."""
+    ledger = findings.ledger
+    if reference is not None:
+        ledger.add_listed(reference, "journal")
+    for name, count in ledger.twice():
+        findings.problem(name, f"{name} is in the archive {count} times")
+    for name in ledger.files_over_folders():
+        findings.problem(name, f"{name} is a file and a folder of other files: tar -x "
+                               "cannot write both")
+    md5sums = ledger.md5sums_names()
     if not md5sums and whole:
         findings.problems.append("no MD5SUMS: the output is not whole (cut short?)")
-    for name, md5 in sorted((reference or {}).items()):
-        if name not in by_name:
-            problem(name, f"{name}: committed in the journal, missing")
-        elif by_name[name][0].md5 != md5:
-            problem(name, f"{name}: MD5 {by_name[name][0].md5}, but the journal "
-                                     f"says {md5}" + series_of(name))
-    for sums in md5sums:
-        folder = sums.rsplit("/", 1)[0] + "/" if "/" in sums else ""
-        for number, line in enumerate(findings.texts[sums].decode("utf-8", "replace")
-                                      .splitlines(), start=1):
-            match = MD5SUMS_LINE.match(line)
-            if not match:
-                findings.problems.append(f"{sums} line {number} is not an MD5SUMS line")
-                continue
-            name = folder + match[2]
-            listed.add(name)
-            if name not in by_name:
-                problem(name, f"{name}: listed in {sums}, missing")
-            elif by_name[name][0].md5 != match[1]:
-                problem(name, f"{name}: MD5 {by_name[name][0].md5}, but {sums} says "
-                                         f"{match[1]}" + series_of(name))
-    for name in sorted(set(by_name) - listed - set(md5sums) - set(reference or {})):
-        if md5sums or reference is not None:
-            problem(name, f"{name}: in the output but in no MD5SUMS")
-    present = {name.rsplit("/", 1)[0] for name in by_name if name.count("/") == 4}
-    for csv_name in sorted(n for n in findings.texts if n.endswith(".csv")):
-        collection = csv_name.split("/")[0]
-        rows = csv.DictReader(io.StringIO(findings.texts[csv_name].decode("utf-8", "replace")))
-        for row in rows:
-            folder = f"{collection}/{row.get('Path', '')}"
-            if folder not in present:
-                findings.problems.append(f"{folder}: listed in {csv_name}, no file of it is "
-                                         "in the output")
+    for name, source in ledger.listed_missing():
+        findings.problem(name, f"{name}: committed in the journal, missing" if source ==
+                         "journal" else f"{name}: listed in {source}, missing")
+    for name, got, listed, source in ledger.listed_differing():
+        says = "the journal" if source == "journal" else source
+        findings.problem(name, f"{name}: MD5 {got}, but {says} says {listed}{series_of(name)}")
+    if md5sums or reference is not None:
+        for name in ledger.unlisted():
+            findings.problem(name, f"{name}: in the output but in no MD5SUMS")
+    for folder, csv_name in ledger.rows_without_files():
+        findings.problems.append(f"{folder}: listed in {csv_name}, no file of it is in the "
+                                 "output")
 
 
 def series_of(name: str) -> str:
-    return f" (series {name.rsplit('/', 1)[0]})" if name.count("/") == 4 else ""
+    folder = series_folder(name)
+    return f" (series {folder})" if folder else ""
 
 
-def verify_output(path: Path) -> int:
+def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
     """--verify: one line per problem on stdout, then a summary; 0 whole, 1 a problem,
     2 nothing that can be checked."""
     started = time.monotonic()
     if path.is_dir():
-        findings, kind = verify_tree(path), "folder tree"
+        findings, kind = verify_tree(path, stop), "folder tree"
         cross_check(findings)
     elif path.is_file():
         part = path.name.endswith(".part")
-        findings, kind = verify_archive(path), "unfinished archive" if part else "archive"
-        cross_check(findings, journal_files(path) if part else None, whole=not part)
+        findings, kind = verify_archive(path, stop), "unfinished archive" if part else "archive"
+        reference = journal_files(path) if part else None
+        cross_check(findings, reference.items() if reference is not None else None,
+                    whole=not part)
     else:
         print(f"tcia_downloader: error: --verify {path}: no such file or folder",
               file=sys.stderr)
         return EXIT_USAGE
-    for problem in findings.problems:
-        print(printable(problem))
-    for note in findings.notes:
-        print(printable(note))
-    for line in repair_manifests(path, findings):
-        print(line)
-    size = sum(m.size for m in findings.members)
-    series = {m.name.rsplit("/", 1)[0] for m in findings.members if m.name.count("/") == 4}
+    try:
+        for problem in findings.problems:
+            print(printable(problem))
+        for note in findings.notes:
+            print(printable(note))
+        for line in repair_manifests(path, findings):
+            print(line)
+        files, size, series = findings.ledger.member_totals()
+    finally:
+        findings.ledger.close()
     elapsed = time.monotonic() - started
     verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
-    print(f"{path}: {kind}, {len(series)} series, {len(findings.members)} files, "
+    print(f"{path}: {kind}, {series} series, {files} files, "
           f"{human_bytes(size)}" + (f" in {findings.streams} xz streams" if findings.streams
                                     else "")
           + f"; checked in {elapsed:.1f} s ({human_bytes(size / max(elapsed, 1e-6))}/s): "
@@ -4332,73 +4876,75 @@ def repair_manifests(path: Path, findings: Findings) -> list[str]:
 
 # -- using an archive: --extract --------------------------------------------------------------
 
-class MemberOutput(Protocol):
-    """Where a TarFragmentReader puts the members it reads (--extract)."""
-
-    def begin(self, info: tarfile.TarInfo, name: str) -> bool: ...    # False: not written
-
-    def write(self, data: bytes) -> None: ...
-
-    def end(self, member: VerifiedMember) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-TAR_KINDS = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
-             tarfile.DIRTYPE: "folder", tarfile.CHRTYPE: "character device",
-             tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
-
-
-def unsafe_member(info: tarfile.TarInfo, name: str) -> Optional[str]:
-    """Why a member must not be written under the extraction folder, or None. The rules of
-    tarfile's `data` filter, stricter where our archives never need more: regular files
-    only (no links, devices or modes to honour), no absolute path, no `..`."""
-    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        return f"a {TAR_KINDS.get(info.type, 'special file')}, not a regular file"
-    if not name.strip("/") or "\0" in name or name.startswith("/"):
-        return "an absolute or empty path"
-    if ".." in name.split("/"):
-        return "a path that leaves the folder (..)"
-    return None
-
-
 def inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
+
+
+def fatal_write_error(exc: OSError) -> bool:
+    """A full disk or quota ends the extraction (main names the filesystem); any other
+    failure to write one member is that member's problem."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class TreeWriter:
     """Writes the members of one stream under a folder. Each goes to a hidden file beside
     its place and is renamed into place only when its MD5 is the one MD5SUMS lists, so the
-    folder never shows a file that was not verified, even after a kill."""
+    folder never shows a file that was not verified, even after a kill. A member that
+    cannot be written (a file where a folder is, a folder where a file is) is a problem of
+    its own: the others are still written, and no hidden file stays behind."""
 
-    def __init__(self, folder: Path, expected: Optional[dict[str, str]], findings: Findings,
-                 stream: int):
+    def __init__(self, folder: Path, findings: Findings, stream: int,
+                 allowed: Optional[set[str]] = None):
         self._folder = os.path.realpath(folder)
-        self._expected = expected         # name -> MD5; None: xz's own checks only
         self._findings = findings
         self._stream = stream
+        self._allowed = allowed           # the series folders selected (None: every one)
+        self._check_md5 = findings.ledger.has_listed()     # False: xz's own checks only
         self._file: Optional[io.BufferedWriter] = None
         self._target = self._scratch = Path()
-        self._mtime = 0
+        self._mtime = 0.0
+        self._foreign = False
 
-    def begin(self, info: tarfile.TarInfo, name: str) -> bool:
-        reason = unsafe_member(info, name)
+    def begin(self, entry: TarEntry) -> bool:
+        name = entry.name
+        reason = entry.refusal or self._not_selected(name)
         target = Path(self._folder, name)
         # realpath resolves the links that already exist on the way: a folder in DIR that
         # is a symbolic link elsewhere must not carry a member out (checked before mkdir).
         if reason is None and not inside(os.path.realpath(target.parent), self._folder):
             reason = "a path through a symbolic link that leaves the folder"
         if reason is not None:
-            if info.type != tarfile.DIRTYPE:       # folders come from the files' paths
-                self._findings.problems.append(f"{name}: {reason}; refused")
+            self._findings.problem(name, f"{printable(name)}: {reason}; refused")
             return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._target, self._mtime = target, int(info.mtime)
+        self._target, self._mtime = target, entry.mtime
         self._scratch = target.with_name(f".{target.name}.{self._stream}.tcia-extract")
-        descriptor = os.open(self._scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
-                             getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self._scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                                 getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            if fatal_write_error(exc):
+                raise
+            self._findings.problem(name, f"{printable(name)}: cannot be written "
+                                         f"({exc.strerror}); not extracted")
+            return False
         self._file = os.fdopen(descriptor, "wb")
         return True
+
+    def _not_selected(self, name: str) -> Optional[str]:
+        """Why a member of a selected stream is not written: it belongs to a series that
+        was not selected, which means the journal that mapped streams to series does not
+        describe this archive (said once a stream)."""
+        folder = series_folder(name)
+        if self._allowed is None or folder is None or folder in self._allowed:
+            return None
+        if not self._foreign:
+            self._foreign = True
+            self._findings.problems.append(
+                f"stream {self._stream + 1} holds {folder}, which was not selected: the "
+                "journal beside the archive does not describe it (move the journal away "
+                "and extract again)")
+        return "of a series that was not selected"
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -4406,17 +4952,25 @@ class TreeWriter:
     def end(self, member: VerifiedMember) -> None:
         self._file.close()
         self._file = None
-        expected = None if self._expected is None else self._expected.get(member.name)
-        if self._expected is not None and expected != member.md5:
+        expected = self._findings.ledger.expected_md5(member.name) if self._check_md5 else None
+        if self._check_md5 and expected != member.md5:
             self._scratch.unlink()
             why = "in no MD5SUMS" if expected is None else \
                 f"MD5 {member.md5}, but MD5SUMS says {expected}"
-            self._findings.problems.append(f"{member.name}: {why}{series_of(member.name)}; "
-                                           "not extracted")
+            self._findings.problem(member.name, f"{member.name}: {why}"
+                                                f"{series_of(member.name)}; not extracted")
             return
-        os.utime(self._scratch, (self._mtime, self._mtime))
-        os.replace(self._scratch, self._target)
-        self._findings.extracted.append(member)
+        try:
+            os.utime(self._scratch, (self._mtime, self._mtime))
+            os.replace(self._scratch, self._target)
+        except OSError as exc:
+            self._scratch.unlink(missing_ok=True)
+            if fatal_write_error(exc):
+                raise
+            self._findings.problem(member.name, f"{member.name}: cannot be written "
+                                                f"({exc.strerror}); not extracted")
+            return
+        self._findings.ledger.add_extracted(member)
 
     def abort(self) -> None:
         if self._file is not None:
@@ -4428,12 +4982,10 @@ class TreeWriter:
 @dataclass
 class ArchiveMap:
     """What --extract learns of an archive before it decompresses a series: where its
-    streams are, the series folder of each, the rows of its metadata.csv (or journal),
-    and the MD5 each file must have."""
+    streams are and the series folder of each; the rows of its metadata.csv (or journal)
+    and the MD5 each file must have are in the ledger."""
     spans: list[tuple[int, int]]
     folders: dict[int, str]                   # stream -> <Collection>/<series path>
-    rows: list[dict]                          # with "_folder": <Collection>/<series path>
-    expected: Optional[dict[str, str]]        # name -> MD5 (None: no MD5SUMS, no journal)
     closing: Optional[int] = None             # the stream with LICENSE, metadata, MD5SUMS
     peeked: dict[int, int] = field(default_factory=dict)   # stream -> bytes read to map it
     problems: list[str] = field(default_factory=list)
@@ -4463,18 +5015,22 @@ def tar_header_name(data: bytes) -> Optional[str]:
     if len(data) < TAR_BLOCK:
         return None
     info = tarfile.TarInfo.frombuf(data[:TAR_BLOCK], "utf-8", "surrogateescape")
-    if info.type not in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+    if info.type != tarfile.XHDTYPE:
         return info.name
     header_end = TAR_BLOCK + info.size + -info.size % TAR_BLOCK
     if len(data) < header_end + TAR_BLOCK:
         return None
-    return pax_path(data[TAR_BLOCK:TAR_BLOCK + info.size]) or tar_header_name(data[header_end:])
+    following = tarfile.TarInfo.frombuf(data[header_end:header_end + TAR_BLOCK], "utf-8",
+                                        "surrogateescape")
+    return tar_entry(following, pax_records(data[TAR_BLOCK:TAR_BLOCK + info.size])).name
 
 
-def map_archive(path: Path) -> ArchiveMap:
+def map_archive(path: Path, findings: Findings,
+                stop: Optional[threading.Event] = None) -> ArchiveMap:
     """Streams from the file itself (or its journal, for a .part cut inside an append);
     each stream's series from the journal beside it, else from its first tar header; the
-    closing stream decompressed whole (it is small) for MD5SUMS and metadata.csv."""
+    closing stream decompressed whole (it is small) for MD5SUMS and metadata.csv, read
+    into findings' ledger."""
     problems: list[str] = []
     try:
         spans = xz_stream_spans(path)
@@ -4483,17 +5039,19 @@ def map_archive(path: Path) -> ArchiveMap:
         if not path.name.endswith(".part"):      # for a .part, a torn append is normal
             problems.append(f"{path.name}: {exc}; the {len(spans)} streams before it are "
                             "extracted")
-    archive = ArchiveMap(spans, {}, [], None, problems=problems)
+    archive = ArchiveMap(spans, {}, problems=problems)
     if spans and not path.name.endswith(".part"):
         archive.closing = len(spans) - 1
-        closing = check_stream(path, archive.closing, *spans[-1])
+        # Its problems are said when it is extracted (always, with any selection).
+        check_stream(path, archive.closing, *spans[-1], findings, stop, closing=True)
+        findings.ledger.forget_members()
+        findings.affected.clear()
         archive.peeked[archive.closing] = spans[-1][1] - spans[-1][0]
-        archive.problems += closing.problems
-        archive.rows = metadata_rows(closing.texts)
-        archive.expected = md5sums_table(closing.texts)
     else:
-        archive.rows = journal_records(path) or []
-        archive.expected = journal_files(path)
+        findings.ledger.add_rows(journal_records(path) or [])
+        reference = journal_files(path)
+        if reference is not None:
+            findings.ledger.add_listed(reference.items(), "journal")
     ends = journal_series_ends(path)
     for index, (start, end) in enumerate(spans):
         if index == archive.closing:
@@ -4503,37 +5061,14 @@ def map_archive(path: Path) -> ArchiveMap:
             continue
         try:
             name, read = first_member_name(path, start, end)
-        except (lzma.LZMAError, EOFError, tarfile.TarError) as exc:
+        except (lzma.LZMAError, EOFError, ValueError, tarfile.TarError) as exc:
             name, read = None, 0
             archive.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: "
-                                    f"{exc}")
+                                    f"{printable(str(exc))}")
         archive.peeked[index] = read
         if name is not None:
             archive.folders[index] = name.rsplit("/", 1)[0]
     return archive
-
-
-def metadata_rows(texts: dict[str, bytes]) -> list[dict]:
-    """The rows of every metadata*.csv, each with its series folder as "_folder"."""
-    rows = []
-    for name in sorted(n for n in texts if n.endswith(".csv")):
-        collection = name.split("/")[0]
-        for row in csv.DictReader(io.StringIO(texts[name].decode("utf-8", "replace"))):
-            rows.append({**row, "_folder": f"{collection}/{row.get('Path', '')}"})
-    return rows
-
-
-def md5sums_table(texts: dict[str, bytes]) -> Optional[dict[str, str]]:
-    """name -> MD5 from every MD5SUMS* (and each MD5SUMS' own MD5, as it was read)."""
-    table: dict[str, str] = {}
-    for name in (n for n in texts if re.search(r"(^|/)MD5SUMS[^/]*$", n)):
-        folder = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
-        table[name] = hashlib.md5(texts[name]).hexdigest()
-        for line in texts[name].decode("utf-8", "replace").splitlines():
-            match = MD5SUMS_LINE.match(line)
-            if match:
-                table[folder + match[2]] = match[1]
-    return table or None
 
 
 def journal_records(path: Path) -> Optional[list[dict]]:
@@ -4547,59 +5082,82 @@ def journal_records(path: Path) -> Optional[list[dict]]:
                     "SELECT collection, path, record FROM series")]
 
 
-def selected_folders(rows: list[dict], selection: Selection) -> tuple[set[str], list[str]]:
-    """The series folders a selection names, and what it names that the archive lacks."""
+def selection_value(row: dict, column: str) -> str:
+    """A row's value as a selection compares it (collections without regard to case)."""
+    value = row.get(column) or ""
+    return value.lower() if column == "Collection" else value
+
+
+def selected_folders(rows: Iterable[dict], selection: Selection) -> tuple[set[str], list[str]]:
+    """The series folders a selection names, and what it names that the archive lacks;
+    one pass over the rows (they may be more than fit in memory)."""
     wanted = {column: set(values) for column, values in selection.filters().items()}
     if selection.collection:
         wanted["Collection"] = {selection.collection.lower()}
     seen: dict[str, set[str]] = defaultdict(set)
+    chosen: set[str] = set()
     for row in rows:
-        for column in wanted:
-            seen[column].add((row.get(column) or "").lower() if column == "Collection"
-                             else row.get(column) or "")
-    chosen = {row["_folder"] for row in rows if all(
-        ((row.get(c) or "").lower() if c == "Collection" else row.get(c)) in values
-        for c, values in wanted.items())}
+        values = {column: selection_value(row, column) for column in wanted}
+        for column, value in values.items():
+            if value in wanted[column]:
+                seen[column].add(value)
+        if all(value in wanted[column] for column, value in values.items()):
+            chosen.add(row["_folder"])
     flags = {**{p: f for f, p in FILTER_FLAGS.items()}, "Collection": "--collection"}
     absent = [f"{flags[column]} {value}" for column, values in wanted.items()
               for value in sorted(values - seen[column])]
     return chosen, absent
 
 
-def extract_output(path: Path, selection: Selection, folder: Path) -> int:
+def extract_output(path: Path, selection: Selection, folder: Path,
+                   stop: Optional[threading.Event] = None) -> int:
     """--extract: the selected series (all without a selection) and the collection files,
     written under folder and verified; one line per problem, then a summary. 0 all
     written and verified, 1 a problem, 2 bad usage (no such archive, nothing selected)."""
     started = time.monotonic()
+    if path.is_dir():
+        print(f"tcia_downloader: error: --extract {path}: a folder, not an archive (a folder "
+              "tree is already extracted; --verify checks it)", file=sys.stderr)
+        return EXIT_USAGE
     if not path.is_file():
         print(f"tcia_downloader: error: --extract {path}: no such archive", file=sys.stderr)
         return EXIT_USAGE
-    archive = map_archive(path)
+    findings = Findings()
+    try:
+        return extract_mapped(path, selection, folder, findings, stop, started)
+    finally:
+        findings.ledger.close()
+
+
+def extract_mapped(path: Path, selection: Selection, folder: Path, findings: Findings,
+                   stop: Optional[threading.Event], started: float) -> int:
+    archive = map_archive(path, findings, stop)
     everything = not (selection.filters() or selection.collection)
-    chosen, absent = selected_folders(archive.rows, selection)
+    chosen, absent = selected_folders(findings.ledger.rows(), selection)
     if not everything and (absent or not chosen):
         why = ", ".join(absent) if absent else "the selection"
         source = "metadata.csv" if archive.closing is not None else "journal"
+        rows = sum(1 for _ in findings.ledger.rows())
         print(f"tcia_downloader: error: {why}: no series of {path.name} matches (its "
-              f"{source} lists {len(archive.rows)} series)", file=sys.stderr)
+              f"{source} lists {rows} series)", file=sys.stderr)
         return EXIT_USAGE
     streams = [i for i in range(len(archive.spans)) if everything or i == archive.closing
                or archive.folders.get(i) in chosen]
-    if archive.expected is None:
-        archive.problems.append(f"{path.name} has no MD5SUMS and no journal beside it: files "
-                                "are checked by xz's CRC64 only")
+    findings.problems += archive.problems
+    if not findings.ledger.has_listed():
+        findings.problems.append(f"{path.name} has no MD5SUMS and no journal beside it: "
+                                 "files are checked by xz's CRC64 only")
     folder.mkdir(parents=True, exist_ok=True)
-    findings = Findings(streams=len(streams), problems=list(archive.problems))
+    findings.streams = len(streams)
+    allowed = None if everything else chosen
 
-    def extract(index: int) -> Findings:
-        return check_stream(path, index, *archive.spans[index], output=lambda found:
-                            TreeWriter(folder, archive.expected, found, index))
-    with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
-        for part in pool.map(extract, streams):
-            findings.members += part.members
-            findings.extracted += part.extracted
-            findings.problems += part.problems
-    report_missing(findings, archive, None if everything else chosen)
+    def extract(index: int) -> ProblemLines:
+        return check_stream(path, index, *archive.spans[index], findings, stop,
+                            output=lambda found: TreeWriter(folder, found, index, allowed),
+                            closing=index == archive.closing)
+    for problems in bounded_map(extract, streams):
+        findings.problems += problems
+    report_missing(findings, None if everything else chosen)
     # each byte once: a stream extracted is read whole, its earlier peek included
     whole = set(streams)
     read = sum(end - start if i in whole else archive.peeked.get(i, 0)
@@ -4607,30 +5165,24 @@ def extract_output(path: Path, selection: Selection, folder: Path) -> int:
     return summarise_extract(path, folder, findings, archive, read, time.monotonic() - started)
 
 
-def report_missing(findings: Findings, archive: ArchiveMap, chosen: Optional[set[str]]) -> None:
+def report_missing(findings: Findings, chosen: Optional[set[str]]) -> None:
     """Files MD5SUMS lists in the extracted series that no stream held; files twice."""
-    counts: dict[str, int] = defaultdict(int)
-    for member in findings.members:
-        counts[member.name] += 1
     findings.problems += [f"{name} is in the archive {count} times" for name, count in
-                          sorted(counts.items()) if count > 1]
-    for name in sorted(archive.expected or {}):
-        if name not in counts and (chosen is None or name.rsplit("/", 1)[0] in chosen):
-            findings.problems.append(f"{name}: listed in MD5SUMS, missing from the archive")
+                          findings.ledger.twice()]
+    findings.problems += [f"{name}: listed in MD5SUMS, missing from the archive" for name, _
+                          in findings.ledger.listed_missing(chosen)]
 
 
 def summarise_extract(path: Path, folder: Path, findings: Findings, archive: ArchiveMap,
                       read: int, elapsed: float) -> int:
     for problem in findings.problems:
         print(printable(problem))
-    size = sum(m.size for m in findings.extracted)
-    series = {m.name.rsplit("/", 1)[0] for m in findings.extracted if m.name.count("/") == 4}
+    files, size, series = findings.ledger.extracted_totals()
     verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
     total = archive.spans[-1][1] if archive.spans else 0
-    print(f"{path} -> {folder.resolve()}: {len(series)} series, {len(findings.extracted)} "
-          f"files, {human_bytes(size)} from {findings.streams} of {len(archive.spans)} xz "
-          f"streams (read {human_bytes(read)} of {human_bytes(total)}) in {elapsed:.1f} s: "
-          f"{verdict}")
+    print(f"{path} -> {folder.resolve()}: {series} series, {files} files, {human_bytes(size)} "
+          f"from {findings.streams} of {len(archive.spans)} xz streams (read "
+          f"{human_bytes(read)} of {human_bytes(total)}) in {elapsed:.1f} s: {verdict}")
     return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
 
 
@@ -5767,9 +6319,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.debug("options %s", options)
     try:
         if options.verify:
-            return verify_output(options.verify)
+            return verify_output(options.verify, stopping.abort)
         if options.extract:
-            return extract_output(options.extract, options.selection, options.output)
+            return extract_output(options.extract, options.selection, options.output,
+                                  stopping.abort)
         return run(options, stopping, secrets)
     except Interrupted:
         return stopping.exit_code or EXIT_SIGINT

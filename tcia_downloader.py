@@ -5663,7 +5663,9 @@ class StopControl:
     time limit); abort: leave now (SIGINT, SIGTERM, or a drain whose grace ran out). The
     journal is consistent at every instant, so leaving never costs a committed series."""
 
-    def __init__(self, grace: float = 120.0):
+    def __init__(self, grace: float = 120.0,
+                 leaving: str = "everything committed is kept, rerun to resume"):
+        self.leaving = leaving                # what a stop leaves behind, for the user
         self.drain = threading.Event()
         self.abort = threading.Event()
         self.exit_code: Optional[int] = None
@@ -5692,8 +5694,7 @@ class StopControl:
             return
         if self.exit_code in (None, EXIT_CHECKPOINT):
             self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-            log.warning("received %s: stopping now; everything committed is kept, "
-                        "rerun to resume", name)
+            log.warning("received %s: stopping now; %s", name, self.leaving)
         self.drain.set()
         self.abort.set()
 
@@ -6303,7 +6304,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as exc:
         print(f"tcia_downloader: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    stopping = StopControl(options.stop_grace)
+    stopping = StopControl(options.stop_grace) if not (options.verify or options.extract) \
+        else StopControl(leaving="nothing unverified is left behind" if options.extract
+                         else "the check is incomplete")
     stopping.install()
     secrets = Secrets()
     secrets.add(lambda: [options.password] if options.password else [])

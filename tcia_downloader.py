@@ -231,8 +231,8 @@ FILTER_FLAGS = {"--patient": "PatientID", "--study-uid": "StudyInstanceUID",
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="tcia_downloader.py",
-        description="Download TCIA series from NBIA v4 into one verified, resumable .tar.xz "
-                    "(or a folder tree).",
+        description="Download TCIA series (from NBIA v4, or IDC's public buckets) into one "
+                    "verified, resumable .tar.xz (or a folder tree).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     what = parser.add_argument_group("what to download")
@@ -258,11 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the server's collection names, one per line, and exit")
     what.add_argument("--dry-run", action="store_true",
                       help="say what would be downloaded and whether it fits; write nothing")
-    what.add_argument("--mode", default="nbia", choices=["nbia", "idc", "auto", "aspera"],
+    # (no `choices`: an unknown mode gets parse_options' one line, not argparse's usage)
+    what.add_argument("--mode", default="nbia", metavar="{nbia,idc,auto}",
                       help="where series come from: nbia (TCIA's NBIA v4, default), idc "
                            "(NCI's Imaging Data Commons: public S3 buckets and an offline "
                            "index; needs requirements-idc.txt), auto (NBIA, and IDC for "
-                           "what NBIA cannot serve); aspera is not available yet")
+                           "what NBIA cannot serve)")
     what.add_argument("--include-analysis-results", action="store_true",
                       help="--mode idc: also the series IDC files under a collection as "
                            "analysis results (NBIA serves only the original ones)")
@@ -270,10 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
                        help="where <name>.tar.xz (or the <Collection>/ folders) go (default: .)")
-    where.add_argument("--temp_dir", "--temp-dir", dest="temp_dir", metavar="DIR",
+    where.add_argument("--temp-dir", "--temp_dir", dest="temp_dir", metavar="DIR",
                        help="scratch: one file per worker (a zip, then its compressed stream); "
                             "node-local disk on a cluster (default: --output)")
-    where.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
+    where.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
                        metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
     where.add_argument("--force", action="store_true",
                        help="start even when the free space looks too small")
@@ -380,9 +381,11 @@ def check_number(flag: str, value: float, low: float, high: float, unit: str) ->
 def parse_options(argv: Optional[list[str]] = None) -> Options:
     """Parse and validate the command line; raise UsageError with one clear line."""
     args = build_parser().parse_args(argv)
+    if args.mode == "aspera":
+        raise UsageError("--mode aspera is not available in this version; use --mode nbia, "
+                         "idc or auto")
     if args.mode not in ("nbia", "idc", "auto"):
-        raise UsageError(f"--mode {args.mode} is not available in this version; use --mode "
-                         "nbia, idc or auto")
+        raise UsageError(f"--mode {printable(args.mode)}: choose nbia, idc or auto")
     idc_endpoint = args.idc_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
         os.environ.get("AWS_ENDPOINT_URL") or None
     if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
@@ -1428,14 +1431,16 @@ class IdcIndex:
         try:
             import duckdb
         except ImportError:
-            raise FatalRunError(f"--mode idc needs duckdb: {IDC_INSTALL}", EXIT_USAGE) from None
+            raise FatalRunError(f"IDC (--mode idc or auto) needs duckdb: {IDC_INSTALL}",
+                                EXIT_USAGE) from None
         collections_path: Optional[Path] = None
         if path is None:
             try:
                 import idc_index_data
             except ImportError:
-                raise FatalRunError(f"--mode idc needs IDC's index (idc-index-data), or "
-                                    f"--idc-index FILE: {IDC_INSTALL}", EXIT_USAGE) from None
+                raise FatalRunError(f"IDC (--mode idc or auto) needs IDC's index "
+                                    f"(idc-index-data), or --idc-index FILE: {IDC_INSTALL}",
+                                    EXIT_USAGE) from None
             path = Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH)
             collections_path = Path(idc_index_data.INDEX_METADATA["collections_index"]
                                     ["parquet_filepath"])

@@ -519,6 +519,7 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
 
 @pytest.mark.parametrize("argv, message", [
     (["--collection", "X", "--mode", "aspera"], "not available in this version"),
+    (["--collection", "X", "--mode", "s3"], "--mode s3: choose nbia, idc or auto"),
     (["--collection", "X", "--workers", "0"], "--workers must be a number from 1 to 64"),
     (["--collection", "X", "--workers", "10000"], "--workers must be a number from 1 to 64"),
     (["--collection", "X", "--compression-level", "12"],

@@ -148,6 +148,7 @@ class Selection:
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     retry_failed: Optional[Path] = None
+    retry_name: Optional[str] = None       # the output's name, as that manifest records it
 
     def filters(self) -> dict[str, tuple[str, ...]]:
         """getSeries parameter (exact NBIA v4 spelling) -> the values asked for."""
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dry-run", action="store_true",
                       help="say what would be downloaded and whether it fits; write nothing")
     # (no `choices`: an unknown mode gets parse_options' one line, not argparse's usage)
-    what.add_argument("--mode", default="nbia", metavar="{nbia,idc,auto}",
+    what.add_argument("--mode", metavar="{nbia,idc,auto}",
                       help="where series come from: nbia (TCIA's NBIA v4, default), idc "
                            "(NCI's Imaging Data Commons: public S3 buckets and an offline "
                            "index; needs requirements-idc.txt), auto (NBIA, and IDC for "
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "real link (even 1 kB/s) is not (default: 120)")
 
     network = parser.add_argument_group("network and account")
-    network.add_argument("--api-url", default=DEFAULT_API_URL, metavar="URL",
+    network.add_argument("--api-url", metavar="URL",
                          help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
     network.add_argument("--proxy", metavar="URL",
                          help="HTTP(S) proxy for every request (default: $HTTPS_PROXY/$HTTP_PROXY)")
@@ -316,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
                          help="give up a connection attempt after this long (default: 30)")
     network.add_argument("--idc-index", metavar="FILE.parquet",
-                         default=os.environ.get("TCIA_IDC_INDEX") or None,
                          help="--mode idc: this index instead of idc-index-data's (same schema; "
                               "default: $TCIA_IDC_INDEX, else the installed one)")
     network.add_argument("--idc-endpoint", metavar="URL",
@@ -381,19 +381,20 @@ def check_number(flag: str, value: float, low: float, high: float, unit: str) ->
 def parse_options(argv: Optional[list[str]] = None) -> Options:
     """Parse and validate the command line; raise UsageError with one clear line."""
     args = build_parser().parse_args(argv)
+    selection = parse_selection(args)
+    origin = failed_run_origin(selection.retry_failed) if selection.retry_failed else {}
+    fill_source_flags(args, origin)
     if args.mode == "aspera":
         raise UsageError("--mode aspera is not available in this version; use --mode nbia, "
                          "idc or auto")
     if args.mode not in ("nbia", "idc", "auto"):
         raise UsageError(f"--mode {printable(args.mode)}: choose nbia, idc or auto")
-    idc_endpoint = args.idc_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
-        os.environ.get("AWS_ENDPOINT_URL") or None
+    idc_endpoint = args.idc_endpoint
     if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
         raise UsageError(f"--idc-endpoint {idc_endpoint!r} is not an http(s) URL")
     idc_index = Path(args.idc_index).expanduser() if args.idc_index else None
     if idc_index is not None and args.mode != "nbia" and not idc_index.is_file():
         raise UsageError(f"--idc-index {args.idc_index} (or $TCIA_IDC_INDEX): no such file")
-    selection = parse_selection(args)
     for flag, low, high, unit in NUMERIC_FLAGS:
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)
     if args.doi_resolver.lower() != "none" and \
@@ -412,10 +413,11 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     if selection.retry_failed:
         # The failed series go back into the output of the run that failed them, whatever
         # --output and --compression say: anything else would start a second, partial output.
-        origin = failed_run_origin(selection.retry_failed)
         output = Path(origin["output"]) if "output" in origin else output
         compression = origin.get("compression", "yes" if compression else "no") == "yes"
         repair = origin.get("repair") == "yes"
+        name = recorded_name(selection.retry_failed, origin)
+        selection = dataclasses.replace(selection, retry_name=name)
     password = resolve_password(args.user, args.password)
     return Options(
         selection=selection,
@@ -453,6 +455,31 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         idc_endpoint=idc_endpoint if args.mode in ("idc", "auto") else None,
         include_analysis_results=args.include_analysis_results,
     )
+
+
+def fill_source_flags(args: argparse.Namespace, origin: dict[str, str]) -> None:
+    """--api-url, --mode, --idc-endpoint and --idc-index as given; else, for --retry-failed,
+    as its manifest recorded them (the series go back into an output made from there);
+    else the environment's and the defaults."""
+    args.api_url = args.api_url or origin.get("api-url") or DEFAULT_API_URL
+    args.mode = args.mode or origin.get("mode") or "nbia"
+    args.idc_endpoint = args.idc_endpoint or origin.get("idc-endpoint") or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    args.idc_index = args.idc_index or origin.get("idc-index") or \
+        os.environ.get("TCIA_IDC_INDEX") or None
+
+
+def recorded_name(manifest: Path, origin: dict[str, str]) -> Optional[str]:
+    """The output's name a failure or repair list records (None before 0.4): the file may
+    have been saved under another name ("DEMO.damaged (1).tcia")."""
+    name = origin.get("name")
+    if name is None:
+        return None
+    if not name or "/" in name or name.startswith(".") or len(name) > 200 or \
+            not name.isprintable():
+        raise UsageError(f"{manifest}: its {FAILED_RUN_KEY}name {name[:80]!r} is not the name "
+                         "of an output")
+    return name
 
 
 def parse_selection(args: argparse.Namespace) -> Selection:
@@ -2472,6 +2499,8 @@ def records_for_filters(api: TciaApi, selection: Selection) -> list[dict]:
 def selection_name(selection: Selection, manifests: list[Manifest]) -> str:
     """The archive's name: the collection; a manifest's databasketId or file name; for
     filters the collection plus what was filtered, so that a part never poses as the whole."""
+    if selection.retry_name:
+        return selection.retry_name
     if selection.retry_failed:
         stem = selection.retry_failed.name
         for ending in (".failed.tcia", ".damaged.tcia", ".tcia"):
@@ -2771,34 +2800,135 @@ def _take_entry(stream: io.BufferedIOBase, info: zipfile.ZipInfo, series: Planne
 
 def read_only(journal: Path) -> "contextlib.closing[sqlite3.Connection]":
     """A journal opened for reading only (--verify, --extract and checks that must not
-    write to it), closed when the with-block ends."""
-    return contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True))
+    write to it), closed when the with-block ends. The path is quoted: a '?' or '#' in a
+    folder name would end it in the URI."""
+    return contextlib.closing(sqlite3.connect(f"file:{quote(str(journal))}?mode=ro", uri=True))
+
+
+class JournalUnusable(Exception):
+    """A file at a journal's name that is not a readable journal of this tool: not sqlite,
+    another program's tables, or a row that is not what this tool writes."""
+
+
+# The tables and columns a journal needs (stream_sha256 came in 0.4: it may be missing).
+JOURNAL_TABLES = {
+    "meta": {"key", "value"},
+    "series": {"uid", "collection", "path", "archive_end", "tar_end", "files", "bytes",
+               "record", "license", "committed_at"},
+    "files": {"uid", "name", "md5", "size"},
+    "requested": {"uid"},
+}
+
+
+def roll_back_hot_journal(path: Path) -> None:
+    """A kill mid-commit left a hot journal: a read-only connection cannot roll it back
+    (SQLITE_READONLY_ROLLBACK), a read-write one does so on its first read."""
+    if Path(f"{path}-journal").exists():
+        with contextlib.closing(sqlite3.connect(str(path))) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
+def journal_columns(db: sqlite3.Connection) -> dict[str, set[str]]:
+    """table -> columns of the journal's tables that exist (a kill while it was being
+    created leaves some out). JournalUnusable when they are not ours: a table of ours with
+    other columns, or only other programs' tables."""
+    tables = [name for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite%'")]
+    ours = {}
+    for table in tables:
+        if table in JOURNAL_TABLES:
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            missing = sorted(JOURNAL_TABLES[table] - columns)
+            if missing:
+                raise JournalUnusable(f"its table {table} has no column {missing[0]}: it is "
+                                      "not a journal of this tool")
+            ours[table] = columns
+    if tables and not ours:
+        raise JournalUnusable(f"it is a database of another program (tables: "
+                              f"{', '.join(sorted(tables)[:3])})")
+    return ours
 
 
 def read_journal(path: Path) -> tuple[dict[str, str], bool]:
     """({committed series UID: "<Collection>/<path>"}, finished?) of a journal, read-only;
     nothing if it is absent or was cut short before its tables existed (a kill right after
-    it was created). For --dry-run and --update, which must not write."""
+    it was created). For --dry-run and --update, which must not write, and before a run
+    opens it: a journal that is not one of ours is one line, not a traceback later."""
     if not path.exists():
         return {}, False
     try:
-        if Path(f"{path}-journal").exists():
-            # A kill mid-commit left a hot journal: a read-only connection cannot roll it
-            # back (SQLITE_READONLY_ROLLBACK), a read-write one does so on its first read.
-            with contextlib.closing(sqlite3.connect(str(path))) as db:
-                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        snapshot = read_snapshot(path)
+    except JournalUnusable as exc:
+        raise FatalRunError(f"the journal {path} is unusable ({exc}); move it away to start "
+                            "over", EXIT_USAGE) from None
+    committed = {stream.uid: stream.folder for stream in snapshot.streams}
+    return committed, snapshot.meta.get("finished") == "yes"
+
+
+@dataclass(frozen=True)
+class JournalStream:
+    """A committed series as its journal row has it."""
+    uid: str
+    folder: str                  # <Collection>/<series path>
+    end: int                     # where its stream ends in the archive (0 in a folder tree)
+    sha256: Optional[str]        # of its stream (None in a journal of 0.3, or a tree)
+    record: dict                 # its getSeries record
+
+
+@dataclass(frozen=True)
+class JournalSnapshot:
+    """A journal read once, in one read transaction: a run that writes to it meanwhile
+    cannot make one part of what was read disagree with another."""
+    path: Path
+    streams: list[JournalStream]               # in archive order
+    meta: dict[str, str]
+    files: dict[str, dict[str, str]]           # uid -> {<Collection>/<name>: MD5}, if read
+
+    def reference(self, count: int) -> dict[str, str]:
+        """name -> MD5 of the files of the first count streams."""
+        return {name: md5 for stream in self.streams[:count]
+                for name, md5 in self.files.get(stream.uid, {}).items()}
+
+
+def read_snapshot(path: Path, files: bool = False) -> JournalSnapshot:
+    """The journal at path (with its files' MD5s if asked: a large table), or
+    JournalUnusable with why, in words."""
+    try:
+        roll_back_hot_journal(path)
         with read_only(path) as db:
-            tables = {name for (name,) in db.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"series", "meta"} <= tables:
-                return {}, False
-            committed = {uid: f"{collection}/{where}" for uid, collection, where in
-                         db.execute("SELECT uid, collection, path FROM series")}
-            row = db.execute("SELECT value FROM meta WHERE key='finished'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise FatalRunError(f"the journal {path} is unreadable ({exc}); move it away to "
-                            "start over", EXIT_USAGE) from None
-    return committed, bool(row and row[0] == "yes")
+            db.execute("BEGIN")                   # one snapshot for every SELECT below
+            tables = journal_columns(db)
+            meta = dict(db.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
+            sha = "stream_sha256" if "stream_sha256" in tables.get("series", ()) else "NULL"
+            rows = db.execute(f"SELECT uid, collection, path, archive_end, {sha}, record "
+                              "FROM series ORDER BY archive_end, uid").fetchall() \
+                if "series" in tables else []
+            listed = db.execute("SELECT f.uid, s.collection || '/' || f.name, f.md5 FROM files f "
+                                "JOIN series s ON s.uid = f.uid").fetchall() \
+                if files and {"series", "files"} <= set(tables) else []
+    except sqlite3.Error as exc:
+        raise JournalUnusable(f"it cannot be read as an sqlite journal ({exc})") from None
+    by_uid: dict[str, dict[str, str]] = defaultdict(dict)
+    for uid, name, md5 in listed:
+        by_uid[uid][name] = md5
+    return JournalSnapshot(path, [journal_stream(row) for row in rows],
+                           {str(k): str(v) for k, v in meta.items()}, dict(by_uid))
+
+
+def journal_stream(row: tuple) -> JournalStream:
+    """One series row, checked: what this tool writes, or JournalUnusable."""
+    uid, collection, where, end, sha256, record = row
+    try:
+        parsed = json.loads(record)
+    except (TypeError, ValueError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise JournalUnusable(f"the record of series {printable(str(uid))[:80]} is not a JSON "
+                              "object")
+    if not isinstance(end, int) or not all(isinstance(v, str) for v in (uid, collection, where)):
+        raise JournalUnusable(f"the row of series {printable(str(uid))[:80]} is not one this "
+                              "tool writes")
+    return JournalStream(uid, f"{collection}/{where}", end, sha256, parsed)
 
 
 class Journal:
@@ -3325,6 +3455,28 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """data at path, whole or not at all: written to <path>.incoming, fsynced, renamed over
+    path. The temporary name is one anybody who can write to the folder can plant a
+    symbolic link at: what is there is removed first, and the file is created anew
+    (O_EXCL) and never through a link (O_NOFOLLOW), so no write lands outside the folder."""
+    incoming = path.with_name(path.name + ".incoming")
+    with contextlib.suppress(FileNotFoundError):
+        incoming.unlink()
+    fd = os.open(incoming, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o666)
+    try:
+        with open(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(incoming, path)
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def mount_point(path: Path) -> Path:
@@ -4689,44 +4841,124 @@ def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findin
 
 def journal_series_ends(path: Path) -> dict[int, str]:
     """Where each committed series' stream ends -> its <Collection>/<path>, from the journal
-    beside the archive (none at another site: then problems name streams only)."""
-    journal = journal_beside(path)
-    if journal is None:
-        return {}
-    with read_only(journal) as db:
-        return {end: f"{collection}/{where}" for end, collection, where in
-                db.execute("SELECT archive_end, collection, path FROM series")}
+    beside the archive if it describes it (none at another site: then problems name
+    streams only)."""
+    journal, _ = trusted_journal(path)
+    return {stream.end: stream.folder for stream in journal.streams} if journal else {}
+
+
+def journal_name_beside(path: Path) -> Path:
+    """Where the journal of <name>.tar.xz(.part) is: <name>.tar.xz.journal."""
+    name = path.name[:-len(".part")] if path.name.endswith(".part") else path.name
+    return path.with_name(name + ".journal")
 
 
 def journal_beside(path: Path) -> Optional[Path]:
-    """<name>.tar.xz.journal beside <name>.tar.xz(.part), if it is there and readable."""
-    name = path.name[:-len(".part")] if path.name.endswith(".part") else path.name
-    journal = path.with_name(name + ".journal")
-    if not journal.exists() or not read_journal(journal)[0]:
-        return None
-    return journal
+    """<name>.tar.xz.journal beside <name>.tar.xz(.part), if it is there, readable, has
+    committed series and describes that file (see journal_describes)."""
+    journal, _ = trusted_journal(path)
+    return journal.path if journal else None
+
+
+def trusted_journal(path: Path, files: bool = False) -> tuple[Optional[JournalSnapshot],
+                                                               Optional[str]]:
+    """The journal beside an archive, read once, if it describes that archive; else None
+    and, when there is a file at the journal's name, the one line that says why it is
+    ignored. A journal that lists nothing is no journal (a run that just started)."""
+    journal = journal_name_beside(path)
+    if not journal.exists():
+        return None, None
+    try:
+        snapshot = read_snapshot(journal, files)
+    except JournalUnusable as exc:
+        return None, f"{journal.name} is ignored: {exc}"
+    if not snapshot.streams:
+        return None, None
+    why = journal_mismatch(path, snapshot)
+    if why:
+        return None, f"{journal.name} is ignored: {why}"
+    return snapshot, None
+
+
+def journal_describes(archive: Path, journal: Path) -> bool:
+    """Whether a journal describes this archive (or .part), so that what it says of the
+    archive's streams (which series, which MD5s) may be believed: see journal_mismatch."""
+    try:
+        return journal_mismatch(archive, read_snapshot(journal)) is None
+    except JournalUnusable:
+        return False
+
+
+def journal_mismatch(archive: Path, journal: JournalSnapshot) -> Optional[str]:
+    """Why the journal does not describe the archive, in words; None when it does. A
+    journal beside a file may be another file's: a repair moves it onto the new .part
+    while the old archive stays, and an earlier run of another selection may have left it.
+    It describes the file when its committed streams end exactly where the file's streams
+    do (a .part: its first ones, for an append may follow), a finished archive has the size
+    it recorded, and the content is the one it recorded: the last committed stream's
+    SHA-256 (or, that stream being damaged, the first's) is the file's. A few bytes a
+    stream and one or two streams are read: cheap enough for --extract of one series."""
+    part = archive.name.endswith(".part")
+    ends = [stream.end for stream in journal.streams]
+    if not ends:
+        return None if part else "it lists no series"
+    size = archive.stat().st_size
+    if journal.meta.get("replacing") and archive.with_name(archive.name + ".part").exists():
+        elsewhere = f"it describes {archive.name}.part, the repair in progress"
+    else:
+        elsewhere = "it describes another file (an earlier run's?)"
+    closing = journal.meta.get("closing_end", "")
+    if not part and closing.isdigit() and int(closing) != size:
+        return f"{elsewhere}: a finished archive of {closing} bytes, not {size}"
+    if ends[-1] > size:
+        return f"{elsewhere}: its series run to byte {ends[-1]}, past the end ({size})"
+    if not streams_end_at(archive, ends, finished=not part):
+        return f"{elsewhere}: its {len(ends)} series' streams do not end where {archive.name}'s do"
+    if not content_recorded(archive, journal):
+        return f"{elsewhere}: the streams it names hold other bytes (SHA-256)"
+    return None
+
+
+def streams_end_at(archive: Path, ends: list[int], finished: bool) -> bool:
+    """Whether the file's streams end at ends: exactly, followed by the closing stream in a
+    finished archive, or followed by anything in a .part. Where the file's own streams
+    cannot be walked from its end (a .part cut in an append, a damaged footer), each
+    stream's header and footer magic must stand where ends put them."""
+    try:
+        found = [end for _, end in xz_stream_spans(archive)]
+    except (ValueError, IndexError):
+        starts = [0] + ends[:-1]
+        return all(xz_stream_in_place(archive, start, end) for start, end in zip(starts, ends))
+    return found[:-1] == ends if finished else found[:len(ends)] == ends
+
+
+def content_recorded(archive: Path, journal: JournalSnapshot) -> bool:
+    """The last committed stream's SHA-256 is the file's, or the first's is: one damaged
+    stream does not disown the journal that can name its series. A journal of 0.3 kept
+    none: its stream ends are all there is."""
+    streams = journal.streams
+    starts = [0] + [stream.end for stream in streams[:-1]]
+    for index in dict.fromkeys((len(streams) - 1, 0)):
+        if streams[index].sha256 is None or \
+                stream_sha256(archive, starts[index], streams[index].end) == streams[index].sha256:
+            return True
+    return False
 
 
 def journal_spans(path: Path) -> Optional[list[tuple[int, int]]]:
-    """The committed streams of an archive, from its journal beside it, if there is one."""
-    journal = journal_beside(path)
+    """The committed streams of an archive, from the journal beside it, if it describes it."""
+    journal, _ = trusted_journal(path)
     if journal is None:
         return None
-    with read_only(journal) as db:
-        ends = [end for (end,) in db.execute("SELECT archive_end FROM series "
-                                             "ORDER BY archive_end")]
+    ends = [stream.end for stream in journal.streams]
     return list(zip([0] + ends[:-1], ends))
 
 
 def journal_files(path: Path) -> Optional[dict[str, str]]:
     """name -> MD5 of every committed file, from the journal beside a .part (which has no
-    MD5SUMS yet), if there is one."""
-    journal = journal_beside(path)
-    if journal is None:
-        return None
-    with read_only(journal) as db:
-        return dict(db.execute("SELECT s.collection || '/' || f.name, f.md5 FROM files f "
-                               "JOIN series s ON s.uid = f.uid"))
+    MD5SUMS yet), if it describes it."""
+    journal, _ = trusted_journal(path, files=True)
+    return journal.reference(len(journal.streams)) if journal else None
 
 
 def verify_tree(path: Path, stop: Optional[threading.Event] = None) -> Findings:
@@ -4807,13 +5039,18 @@ def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
     """--verify: one line per problem on stdout, then a summary; 0 whole, 1 a problem,
     2 nothing that can be checked."""
     started = time.monotonic()
+    journal: Optional[JournalSnapshot] = None
     if path.is_dir():
         findings, kind = verify_tree(path, stop), "folder tree"
         cross_check(findings)
     elif path.is_file():
         part = path.name.endswith(".part")
         findings, kind = verify_archive(path, stop), "unfinished archive" if part else "archive"
-        reference = journal_files(path) if part else None
+        # Read once, after the streams were found: a download appending to a .part adds
+        # rows for streams beyond those checked, which are not missing.
+        journal, ignored = trusted_journal(path, files=part)
+        findings.notes += [ignored] if ignored else []
+        reference = journal.reference(findings.streams) if part and journal else None
         cross_check(findings, reference.items() if reference is not None else None,
                     whole=not part)
     else:
@@ -4825,7 +5062,7 @@ def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
             print(printable(problem))
         for note in findings.notes:
             print(printable(note))
-        for line in repair_manifests(path, findings):
+        for line in repair_manifests(path, findings, journal):
             print(line)
         files, size, series = findings.ledger.member_totals()
     finally:
@@ -4840,34 +5077,46 @@ def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
     return EXIT_OK if not findings.problems else EXIT_INCOMPLETE
 
 
-def repair_manifests(path: Path, findings: Findings) -> list[str]:
-    """For a finished output whose journal is beside it: its damaged series as
-    <name>.damaged.tcia, which --retry-failed turns into a repaired output (intact series
-    kept, the damaged ones fetched again, the collection files written anew). An old one
-    goes when the output is whole again. Returns what to tell the user."""
+def say_if_journal_ignored(archive: Path) -> None:
+    """--extract: one line when a journal beside the archive is not used (unreadable, or
+    another file's); the streams' series then come from the archive itself."""
+    if archive.is_file():
+        _, ignored = trusted_journal(archive)
+        if ignored:
+            print(printable(ignored))
+
+
+def repair_manifests(path: Path, findings: Findings,
+                     journal: Optional[JournalSnapshot] = None) -> list[str]:
+    """For a finished output whose journal is beside it (for an archive: the journal,
+    read by verify_output, that describes it): its damaged series as <name>.damaged.tcia,
+    which --retry-failed turns into a repaired output (intact series kept, the damaged ones
+    fetched again, the collection files written anew). An old one goes when the output is
+    whole again. A journal that does not describe the output writes nothing and removes
+    nothing: an earlier, right list stays. Returns what to tell the user."""
     if path.name.endswith(".part"):
         return ["the resume of this .part checks every stream against its journal: rerun "
                 "the command that made it"] if findings.problems else []
     if path.is_file():
-        journal = journal_beside(path)
         name = path.name[:-len(".tar.xz")] if path.name.endswith(".tar.xz") else path.stem
-        journals = [(journal, name, True)] if journal else []
+        if journal is None:
+            return untrusted_journal_lines(path, name, findings)
+        journals = [(journal, name, True)]
     else:
-        folder = path.parent if list(path.glob("MD5SUMS*")) else path
-        journals = [(j, j.name[:-len(".journal")], False) for j in sorted(folder.glob("*.journal"))
-                    if not j.name.endswith(".tar.xz.journal")]
+        journals, lines = tree_journals(path)
+        if lines:
+            return lines
     lines = []
-    for journal, name, compression in journals:
-        manifest = journal.with_name(f"{name}.damaged.tcia")
-        with read_only(journal) as db:
-            where = {f"{c}/{p}": uid for uid, c, p in
-                     db.execute("SELECT uid, collection, path FROM series")}
+    for snapshot, name, compression in journals:
+        manifest = snapshot.path.with_name(f"{name}.damaged.tcia")
+        where = {stream.folder: stream.uid for stream in snapshot.streams}
         uids = sorted({where[folder] for folder in findings.affected if folder in where})
         if not findings.problems or (not uids and len(journals) > 1):
             manifest.unlink(missing_ok=True)
             continue
         try:
-            write_failed_manifest(manifest, uids, compression, repair=True)
+            write_failed_manifest(manifest, uids, compression, name,
+                                  recorded_source(snapshot.meta.get), repair=True)
         except OSError as exc:
             lines.append(f"cannot write {manifest} ({exc.strerror}): copy the output where "
                          "it can be repaired")
@@ -4877,6 +5126,33 @@ def repair_manifests(path: Path, findings: Findings) -> list[str]:
         lines.append(f"{what}; --retry-failed {manifest.resolve()} fetches them again and "
                      "rebuilds the output around its intact series")
     return lines
+
+
+def untrusted_journal_lines(path: Path, name: str, findings: Findings) -> list[str]:
+    """A damaged archive whose journal is absent or describes another file (its problem
+    was said already): no repair list, and an existing one is left as it is."""
+    if not findings.problems or not journal_name_beside(path).exists():
+        return []
+    manifest = path.with_name(f"{name}.damaged.tcia")
+    kept = f"; {manifest.name} (from an earlier --verify) is left as it is" \
+        if manifest.exists() else ""
+    return [f"no repair list is written: the journal beside {path.name} does not describe "
+            f"it{kept}"]
+
+
+def tree_journals(path: Path) -> tuple[list[tuple[JournalSnapshot, str, bool]], list[str]]:
+    """The journals of a folder tree's output folder, read; or, if one cannot be used, no
+    journal and the line that says which and why (no repair list from half the truth)."""
+    folder = path.parent if list(path.glob("MD5SUMS*")) else path
+    journals = []
+    for candidate in sorted(folder.glob("*.journal")):
+        if candidate.name.endswith(".tar.xz.journal"):
+            continue
+        try:
+            journals.append((read_snapshot(candidate), candidate.name[:-len(".journal")], False))
+        except JournalUnusable as exc:
+            return [], [f"{candidate.name} is ignored: {exc}; no repair list is written"]
+    return journals, []
 
 
 # -- using an archive: --extract --------------------------------------------------------------
@@ -5077,14 +5353,12 @@ def map_archive(path: Path, findings: Findings,
 
 
 def journal_records(path: Path) -> Optional[list[dict]]:
-    """The getSeries record of every committed series, from the journal beside a .part."""
-    journal = journal_beside(path)
+    """The getSeries record of every committed series, from the journal beside a .part, if
+    it describes it."""
+    journal, _ = trusted_journal(path)
     if journal is None:
         return None
-    with read_only(journal) as db:
-        return [{**json.loads(record), "_folder": f"{collection}/{where}"} for
-                collection, where, record in db.execute(
-                    "SELECT collection, path, record FROM series")]
+    return [{**stream.record, "_folder": stream.folder} for stream in journal.streams]
 
 
 def selection_value(row: dict, column: str) -> str:
@@ -5645,22 +5919,53 @@ class WorkerPool:
 FAILED_RUN_KEY = "tcia_downloader."      # header keys that say which run failed the series
 
 
-def write_failed_manifest(path: Path, uids: list[str], compression: bool,
-                          repair: bool = False) -> None:
+# The settings that say where an output's series come from, as the journal records them
+# ("made <flag>") and a manifest of its series carries them (tcia_downloader.<flag>), so
+# that --retry-failed fetches from the same place without being told again.
+SOURCE_FLAGS = ("api-url", "mode", "idc-endpoint", "idc-index")
+
+
+def write_failed_manifest(path: Path, uids: list[str], compression: bool, name: str,
+                          source: Optional[dict[str, str]] = None, repair: bool = False) -> None:
     """Series as a .tcia manifest, the format TCIA's portal hands out, with header keys of
-    our own (other readers skip unknown keys): the output it belongs to, and for damaged
-    series (--verify) that --retry-failed must replace them, not add them."""
-    lines = ["downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/"
-             "DownloadServlet", "includeAnnotation=true", "noOfrRetry=4",
-             f"databasketId={path.name}", "manifestVersion=3.0",
-             f"{FAILED_RUN_KEY}output={path.parent.resolve()}",
-             f"{FAILED_RUN_KEY}compression={'yes' if compression else 'no'}",
-             *([f"{FAILED_RUN_KEY}repair=yes"] if repair else []),
-             "ListOfSeriesToDownload="]
-    lines += uids
-    temporary = path.with_name(path.name + ".incoming")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
+    our own (other readers skip unknown keys): the output it belongs to (its folder and
+    its name, for the manifest may be saved under another name), where its series came
+    from, and for damaged series (--verify) that --retry-failed must replace them, not add
+    them. downloadServerUrl names TCIA's servlet only when its series came from TCIA."""
+    source = source or {}
+    servlet = download_servlet(source.get("api-url", ""), source.get("mode", ""))
+    ours = {"output": str(path.parent.resolve()), "name": name,
+            "compression": "yes" if compression else "no", **source,
+            **({"repair": "yes"} if repair else {})}
+    lines = [*([f"downloadServerUrl={servlet}"] if servlet else []),
+             "includeAnnotation=true", "noOfrRetry=4", f"databasketId={path.name}",
+             "manifestVersion=3.0",
+             *(f"{FAILED_RUN_KEY}{key}={value}" for key, value in ours.items()
+               if value and value.isprintable()),
+             "ListOfSeriesToDownload=", *uids]
+    write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def download_servlet(api_url: str, mode: str) -> Optional[str]:
+    """The NBIA Data Retriever's download servlet of the server the series came from, by
+    NBIA's layout (.../nbia-api/services/v4/ -> .../nbia-download/servlet/DownloadServlet);
+    None when they came from IDC, or from a server of another layout."""
+    if mode not in ("nbia", "auto") or "/nbia-api/" not in api_url:
+        return None
+    return api_url.split("/nbia-api/", 1)[0] + "/nbia-download/servlet/DownloadServlet"
+
+
+def without_credentials(url: str) -> str:
+    """A URL as it may be written down: no user, password, query or fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
+def recorded_source(meta: Callable[[str], Optional[str]]) -> dict[str, str]:
+    """flag -> value of the source settings a journal recorded (none before 0.4), from its
+    meta table's getter."""
+    values = {flag: meta(f"made {flag}") for flag in SOURCE_FLAGS}
+    return {flag: value for flag, value in values.items() if value}
 
 
 class StopControl:
@@ -6086,6 +6391,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
             target.replace_damaged([s.uid for s in plan.series] + plan.unknown)
         if target.complete:     # a run killed after its last rename, now recognised
             log.info("%s is finished; nothing to do", target.describe())
+            forget_repair_list(options, plan.name)
             return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
         target.journal.request([s.uid for s in plan.series],
                                replace=options.selection.retry_failed is None)
@@ -6156,6 +6462,7 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     if not failures and not missing:
         add_bibtex(target.journal, source, options)
         target.finalize()
+        forget_repair_list(options, plan.name)
     report(options, target, plan, skipped, outcomes, started, interrupted=False)
     if missing:
         log.error("%d series that an earlier run asked for are not in %s yet; rerun that "
@@ -6164,6 +6471,13 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
 
 
 AUDIT_ROUNDS = 3       # downloads, each followed by a check of everything committed
+
+
+def forget_repair_list(options: Options, name: str) -> None:
+    """After a repair that finished the output: the list of damage --verify wrote is
+    history, and a second --retry-failed of it would fetch intact series again."""
+    if options.repair:
+        (options.output / f"{name}.damaged.tcia").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -6180,8 +6494,18 @@ def collector_ignoring_what_exists() -> Iterator[None]:
 
 def record_provenance(journal: Journal, options: Options, source: Source) -> None:
     """What CITATION.md says of how the copy was made: the source (without credentials),
-    when the first run started, and its selection (a --retry-failed run only completes it)."""
+    when the first run started, and its selection (a --retry-failed run only completes it);
+    and the flags of that source, which a manifest of its series carries (never a password
+    or a token: URLs lose their user part)."""
     journal.put("made source", source.describe())
+    idc = options.mode in ("idc", "auto")
+    flags = {"api-url": without_credentials(options.api_url) if options.mode != "idc" else "",
+             "mode": options.mode,
+             "idc-endpoint": without_credentials(options.idc_endpoint)
+             if idc and options.idc_endpoint else "",
+             "idc-index": str(options.idc_index.resolve()) if idc and options.idc_index else ""}
+    for flag, value in flags.items():
+        journal.put(f"made {flag}", value)
     if journal.get("made started") is None:
         journal.put("made started", utc_day())
     if options.selection.retry_failed is None and journal.get("made selection") is None:
@@ -6238,7 +6562,8 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
     if not failures:
         manifest.unlink(missing_ok=True)     # an earlier run's list would mislead
     else:
-        write_failed_manifest(manifest, [o.series.uid for o in failures], options.compression)
+        write_failed_manifest(manifest, [o.series.uid for o in failures], options.compression,
+                              target.name, recorded_source(target.journal.get))
         for outcome in failures:
             log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,
                       outcome.reason)
@@ -6329,6 +6654,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if options.verify:
             return verify_output(options.verify, stopping.abort)
         if options.extract:
+            say_if_journal_ignored(options.extract)
             return extract_output(options.extract, options.selection, options.output,
                                   stopping.abort)
         return run(options, stopping, secrets)

@@ -279,15 +279,19 @@ def summary_of(lines: list[str]) -> str:
 
 # A child that runs main() and writes its own peak RSS (ru_maxrss, kB) to a file: the
 # whole process is the tool, nothing else is counted.
+# The child's own peak: VmHWM belongs to the memory the process has since its exec, where
+# ru_maxrss keeps the high-water mark of the forked copy of this (large) test process.
 MEASURED = """
-import resource, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 import tcia_downloader
 try:
     code = tcia_downloader.main(sys.argv[3:])
 finally:
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     with open(sys.argv[2], "w") as handle:
-        handle.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        handle.write(str(peak))
 sys.exit(code)
 """
 

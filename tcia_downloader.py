@@ -3742,6 +3742,9 @@ class TarXzTarget(Target):
                 self.journal.put("finished", "yes")   # killed between rename and journal
                 self.journal.put("replacing", "")
                 return
+            if closing_end and int(closing_end) > self.final.stat().st_size and \
+                    self.journal.get("finished") == "yes":
+                return      # cut short since: damage, which --verify names and a repair mends
             raise FatalRunError(f"{self.final} exists but its journal "
                                 f"{self.journal.path.name} does not describe it; move one of "
                                 "them away", EXIT_USAGE)
@@ -4973,11 +4976,15 @@ def journal_mismatch(archive: Path, journal: JournalSnapshot) -> Optional[str]:
     else:
         elsewhere = "it describes another file (an earlier run's?)"
     closing = journal.meta.get("closing_end", "")
-    if not part and closing.isdigit() and int(closing) != size:
+    # A finished archive shorter than it was is a copy cut short: damage that the journal
+    # can name and repair, once what is left is what it recorded (checked below).
+    cut = not part and closing.isdigit() and int(closing) > size
+    if not part and closing.isdigit() and int(closing) != size and not cut:
         return f"{elsewhere}: a finished archive of {closing} bytes, not {size}"
-    if ends[-1] > size:
+    if ends[-1] > size and not cut:
         return f"{elsewhere}: its series run to byte {ends[-1]}, past the end ({size})"
-    if not streams_end_at(archive, ends, finished=not part):
+    if not streams_end_at(archive, [end for end in ends if end <= size],
+                          finished=not part and not cut):
         return f"{elsewhere}: its {len(ends)} series' streams do not end where {archive.name}'s do"
     if not content_recorded(archive, journal):
         return f"{elsewhere}: the streams it names hold other bytes (SHA-256)"

@@ -363,3 +363,31 @@ def test_a_link_planted_at_the_incoming_name_is_not_followed(tmp_path, fake_nbia
     assert failed.is_file() and not failed.is_symlink()
     assert "ListOfSeriesToDownload=" in failed.read_text()
     assert not (out / "DEMO.failed.tcia.incoming").exists()
+
+
+@pytest.mark.parametrize("where", ["inside a series", "inside the closing stream"])
+def test_a_finished_archive_cut_short_is_repaired_by_the_printed_command(
+        where, tmp_path, fake_nbia_factory, capsys):
+    """A copy cut short is ordinary damage: the journal still names its series (what is
+    left is what it recorded), --verify writes the repair list, and the command it prints
+    restores the whole archive."""
+    fake = fake_nbia_factory(demo_series=5)
+    assert Run(tmp_path, fake).code == td.EXIT_OK
+    archive = tmp_path / "out" / "DEMO.tar.xz"
+    before = archive_members(archive)
+    spans = td.xz_stream_spans(archive)
+    start, end = spans[3] if where == "inside a series" else spans[-1]
+    with open(archive, "r+b") as handle:
+        handle.truncate((start + end) // 2)
+    code, lines = verify(archive, capsys)
+    assert code == td.EXIT_INCOMPLETE, lines
+    manifest = tmp_path / "out" / "DEMO.damaged.tcia"
+    assert manifest.exists(), lines
+    # the series from the cut on (none when only the collection files are lost)
+    expected = len(spans) - 1 - 3 if where == "inside a series" else 0
+    assert len(td.read_manifest(manifest).uids) == expected, lines
+    run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
+    assert run.code == td.EXIT_OK, run.log
+    assert archive_members(archive) == before
+    code, lines = verify(archive, capsys)
+    assert code == td.EXIT_OK, lines

@@ -3108,16 +3108,20 @@ def csv_value(value: object) -> object:
 
 
 def metadata_csv(journal: Journal, collection: str) -> bytes:
+    """One row per series: the server's record, each cell made safe (csv_key, csv_value),
+    then the tool's own columns as they are. Path is made of letters, digits, ._+- and /
+    only: no formula of consequence, and never a leading ', so the reader's rule (drop one
+    leading ') holds for it too, and --verify and --extract find the folder it names."""
     rows = journal.series_rows(collection)
-    fixed = set(GET_SERIES_FIELDS) | set(METADATA_TOOL_COLUMNS)
-    extra = sorted({k for _, r, _, _ in rows for k in r} - fixed)
-    columns = GET_SERIES_FIELDS + extra + METADATA_TOOL_COLUMNS
+    extra = sorted({k for _, r, _, _ in rows for k in r} - set(GET_SERIES_FIELDS) -
+                   set(METADATA_TOOL_COLUMNS))
+    server_columns = GET_SERIES_FIELDS + extra
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_key(key) for key in columns)
+    writer.writerow([csv_key(key) for key in server_columns] + METADATA_TOOL_COLUMNS)
     for path, record, files, size in rows:
-        row = {**record, "Path": path, "FilesInArchive": files, "BytesInArchive": size}
-        writer.writerow(csv_value(row.get(key, "")) for key in columns)
+        writer.writerow([csv_value(record.get(key, "")) for key in server_columns] +
+                        [path, files, size])
     return buffer.getvalue().encode("utf-8")
 
 

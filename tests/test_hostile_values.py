@@ -208,13 +208,16 @@ def test_formulas_in_metadata_csv_are_neutralised_and_the_rule_gives_them_back(
         rows[0].update(FORMULAS)
         rows[0]["=evil column"] = "x"
         rows[1]["ManufacturerModelName"] = "-12.5"            # a number: left as it is
+        for row in rows[4:6]:
+            row["PatientID"] = "+1"                   # the folder, in Path, starts with +
         return rows
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = tree_run(tmp_path, fake)
     assert run.code == td.EXIT_OK, run.log
     header, *rows = metadata_table(tmp_path / "out" / "DEMO" / "metadata.csv")
-    for cell in [*header, *(c for row in rows for c in row)]:
+    path = header.index("Path")
+    for cell in [*header, *(c for row in rows for n, c in enumerate(row) if n != path)]:
         assert not re.match(r"[=+@\t\r]", cell), repr(cell)
         assert not cell.startswith("-") or re.fullmatch(r"-\d+(\.\d+)?", cell), repr(cell)
     records = [dict(zip(map(unneutralised, header), map(unneutralised, row))) for row in rows]
@@ -224,6 +227,11 @@ def test_formulas_in_metadata_csv_are_neutralised_and_the_rule_gives_them_back(
         assert first[key] == value.replace("\r", "\n"), key
     assert first["=evil column"] == "x"
     assert "-12.5" in [r["ManufacturerModelName"] for r in records]
+    assert "+1" in [r["PatientID"] for r in records]
+    # Path is the tool's: letters, digits, ._+- and / only, never a formula of consequence,
+    # so it is written as it is and --verify finds the folder it names
+    assert any(row[header.index("Path")].startswith("+1/") for row in rows)
+    assert td.main(["--verify", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "v")]) == 0
 
 
 def test_control_characters_in_metadata_keys_never_reach_metadata_csv(tmp_path,

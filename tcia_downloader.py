@@ -100,6 +100,7 @@ EXIT_SIGTERM = 143
 
 DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_DOI_RESOLVER = "https://doi.org/"
+DEFAULT_DOI_TIMEOUT = 30.0      # seconds for all the BibTeX lookups of a run
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_CACHE_DIR = "~/.cache/tcia_downloader"
 # xz preset 1 compresses CT about 6x faster than preset 6 for about 10 % more output
@@ -188,6 +189,7 @@ class Options:
     verify: Optional[Path] = None      # --verify: check this output instead of downloading
     extract: Optional[Path] = None     # --extract: write (part of) this archive into output
     doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
+    doi_timeout: float = DEFAULT_DOI_TIMEOUT   # for all the BibTeX lookups of a run
     repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
     mode: str = "nbia"                 # where series come from: nbia, idc
     idc_index: Optional[Path] = None   # another parquet of IDC's schema
@@ -327,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where CITATION.md's BibTeX comes from, by content negotiation; "
                               "'none': DOI links only (default: $TCIA_DOI_RESOLVER or "
                               f"{DEFAULT_DOI_RESOLVER})")
+    network.add_argument("--doi-timeout", type=float, default=DEFAULT_DOI_TIMEOUT,
+                         metavar="SECONDS",
+                         help="the most time all BibTeX lookups of a run may take, however "
+                              "slowly the resolver answers (default: "
+                              f"{DEFAULT_DOI_TIMEOUT:g})")
     network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
                          help="how long cached metadata answers stay fresh (default: 6)")
 
@@ -368,6 +375,7 @@ NUMERIC_FLAGS: tuple[tuple[str, float, float, str], ...] = (
     ("--connect-timeout", 0.01, 3600, "seconds"),
     ("--cache-expiry", 0, 87600, "hours"),
     ("--summary-interval", 0.01, 86400, "seconds"),
+    ("--doi-timeout", 0.01, 3600, "seconds"),
 )
 
 
@@ -448,6 +456,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         verify=Path(args.verify).expanduser() if args.verify else None,
         extract=Path(args.extract).expanduser() if args.extract else None,
         doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
+        doi_timeout=args.doi_timeout,
         repair=repair,
         mode=args.mode,
         idc_index=idc_index,
@@ -849,10 +858,17 @@ class WatchedSocket:
 
     def _decref_socketios(self) -> None:
         self._sock._decref_socketios()
+        if self._sock._closed and self._sock._io_refs <= 0:      # the last reader is gone
+            self._watchdog.forget(self)
 
     def close(self) -> None:
-        self._watchdog.forget(self)
+        # http.client closes its socket as soon as it has read the headers of an answer that
+        # ends the connection (HTTP/1.0, "Connection: close"), and reads the body through
+        # makefile(): the socket is watched until that file is closed too, or a server that
+        # says "close" could trickle a body unwatched.
         self._sock.close()
+        if self._sock._io_refs <= 0:
+            self._watchdog.forget(self)
 
     def cut(self) -> None:
         """End the transfer from another thread: its blocked read returns at once. The plain
@@ -1213,41 +1229,68 @@ class ImageEndpoint:
 class DoiResolver:
     """BibTeX for DOIs from doi.org by content negotiation: the one request of a run that
     is not to NBIA. Best effort and bounded: a cluster without a route to doi.org still
-    finishes its archive, whose CITATION.md then gives the DOI links only."""
+    finishes its archive, whose CITATION.md then gives the DOI links only.
 
-    BUDGET = 30.0                 # seconds for all the DOIs of a run
+    The budget is a deadline for all the lookups together. Socket timeouts cannot make one:
+    they bound the silence between two bytes, so a resolver that sends a byte every few
+    seconds (headers or body) would hold the run until the stall window cuts it (120 s by
+    default). The lookups therefore run in a thread of their own, which is abandoned at the
+    deadline: its transfer is cut and the run goes on with what had arrived."""
+
     LIMIT = 64 * 1024             # a BibTeX entry is a few hundred bytes
 
     def __init__(self, base_url: str, watchdog: TransferWatchdog, transport: dict[str, object],
-                 timeout: tuple[float, float]):
+                 timeout: tuple[float, float], budget: float = DEFAULT_DOI_TIMEOUT):
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.budget = budget
+        self._watchdog = watchdog
         self._session = watched_session(requests.Session(), watchdog,
                                         f"tcia_downloader/{__version__}")
         self._transport = transport
         self._connect_timeout, self._read_timeout = (min(t, 10.0) for t in timeout)
+        self._lock = threading.Lock()
+        self._found: dict[str, str] = {}
+        self._abandoned = threading.Event()
 
     def bibtex(self, dois: list[str]) -> dict[str, str]:
         """doi -> its BibTeX entry, for those the resolver gave within the budget."""
-        found: dict[str, str] = {}
-        deadline = time.monotonic() + self.BUDGET
-        with self._session:
-            for doi in dois:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.info("no more time for BibTeX from %s; CITATION.md gives links for "
-                             "the other DOIs", self.base_url)
-                    break
-                try:
-                    entry = self._entry(doi, min(self._connect_timeout, left),
-                                        min(self._read_timeout, left))
-                except requests.RequestException as exc:
+        deadline = time.monotonic() + self.budget
+        lookups = threading.Thread(target=self._look_up_all, args=(dois, deadline),
+                                   name="bibtex", daemon=True)
+        lookups.start()
+        lookups.join(self.budget)
+        if lookups.is_alive():
+            self._abandon(lookups)
+        self._session.close()
+        with self._lock:
+            return dict(self._found)
+
+    def _abandon(self, lookups: threading.Thread) -> None:
+        """The deadline has passed: cut the lookup's transfer, keep what had arrived. A
+        lookup still in a connect or a TLS handshake ends by its own timeouts, harmlessly:
+        its thread is a daemon and writes nothing but self._found, no longer read."""
+        self._abandoned.set()
+        self._watchdog.cut_threads({lookups.ident or 0}, "no more time for BibTeX")
+        log.info("no more time for BibTeX from %s (%g s for all the DOIs); CITATION.md gives "
+                 "links for the other DOIs", self.base_url, self.budget)
+
+    def _look_up_all(self, dois: list[str], deadline: float) -> None:
+        for doi in dois:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._abandoned.is_set():
+                return
+            try:
+                entry = self._entry(doi, min(self._connect_timeout, left),
+                                    min(self._read_timeout, left))
+            except requests.RequestException as exc:
+                if not self._abandoned.is_set():
                     log.info("%s cannot be reached (%s): CITATION.md gives DOI links only",
                              self.base_url, type(exc).__name__)
                     log.debug("BibTeX request for %s failed", doi, exc_info=True)
-                    break
-                if entry:
-                    found[doi] = entry
-        return found
+                return
+            if entry and not self._abandoned.is_set():
+                with self._lock:
+                    self._found[doi] = entry
 
     def _entry(self, doi: str, connect: float, read: float) -> Optional[str]:
         response = self._session.get(
@@ -1257,8 +1300,10 @@ class DoiResolver:
             body = bytearray()
             for chunk in response.iter_content(8192):
                 body += chunk
-                if len(body) > self.LIMIT:
+                if len(body) > self.LIMIT or self._abandoned.is_set():
                     break
+        if self._abandoned.is_set():
+            return None
         text = bytes(body).decode("utf-8", "replace").strip()
         if response.status_code != 200 or len(body) > self.LIMIT or not text.startswith("@"):
             log.info("no BibTeX for %s (HTTP %d); CITATION.md links it", doi,
@@ -1674,7 +1719,8 @@ class S3Client:
     def download(self, bucket: str, item: S3Object, handle: int, offset: int,
                  on_bytes: Callable[[int], None], abandon: threading.Event) -> "hashlib._Hash":
         """The object's bytes written at offset of the open file, hashed as they come:
-        exactly its listed size, or TransientError. Returns the MD5 of what was written.
+        exactly its listed size, or TransientError (whose text does not name the object:
+        the caller does, once). Returns the MD5 of what was written.
         abandon: the series' attempt has failed elsewhere; this object no longer matters."""
         digest = hashlib.md5()
         written = 0
@@ -1691,8 +1737,7 @@ class S3Client:
                     if abandon.is_set():
                         raise SeriesAttemptAbandoned()
                     if written + len(chunk) > item.size:
-                        raise TransientError(f"{item.key}: more bytes than its listed "
-                                             f"{item.size}")
+                        raise TransientError(f"more bytes than its listed {item.size}")
                     os.pwrite(handle, chunk, offset + written)
                     digest.update(chunk)
                     written += len(chunk)
@@ -1700,7 +1745,7 @@ class S3Client:
         except requests.RequestException as exc:
             raise self._transfer_error(exc, written, self.url(bucket, item.key)) from None
         if written != item.size:
-            raise TransientError(f"{item.key}: {written} of its {item.size} bytes arrived")
+            raise TransientError(f"{written} of its {item.size} bytes arrived")
         return digest
 
     def _raise_for_status(self, response: requests.Response) -> None:
@@ -1735,6 +1780,7 @@ class S3Client:
 def parse_list_page(body: bytes) -> tuple[list[S3Object], Optional[str]]:
     """The objects of a ListObjectsV2 page, and the token of the next page (None: last)."""
     import xml.etree.ElementTree as ElementTree
+    refuse_dtd(body)
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
@@ -1758,6 +1804,18 @@ def parse_list_page(body: bytes) -> tuple[list[S3Object], Optional[str]]:
     if truncated and not token:
         raise TransientError("a truncated listing without a continuation token")
     return objects, token or None
+
+
+# A document type declaration, or an entity or other declaration of one. expat expands
+# internal entities within its own limits only (a 16 MiB page may grow a hundredfold), so a
+# page is refused before it is parsed: S3 never sends a DTD.
+XML_DECLARATION = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)", re.IGNORECASE)
+
+
+def refuse_dtd(body: bytes) -> None:
+    if XML_DECLARATION.search(body):
+        raise TransientError("the listing declares a DTD (DOCTYPE or ENTITY), which S3 never "
+                             "sends; not parsed")
 
 
 def multipart_etag_matches(etag: str, handle: int, offset: int, size: int) -> Optional[int]:
@@ -1872,10 +1930,11 @@ class IdcSource:
         if len({item.key for item in objects}) != len(objects):
             raise TransientError(f"the listing of {uuid}/ names an object twice")
         for item in objects:
-            name = item.key[len(uuid) + 1:]
-            if not item.key.startswith(f"{uuid}/") or not S3_OBJECT_NAME.match(name):
-                raise TransientError(f"the listing of {uuid}/ holds {item.key[:80]!r}, not "
-                                     "an instance of the series")
+            inside = item.key.startswith(f"{uuid}/")
+            name = item.key[len(uuid) + 1:] if inside else item.key
+            if not inside or not S3_OBJECT_NAME.match(name):
+                raise TransientError(f"the listing of {uuid}/ holds {name[:80]!r}, not an "
+                                     "instance of the series")
         if series.image_count is not None and len(objects) != series.image_count:
             raise TransientError(f"the bucket lists {len(objects)} objects for it, IDC's "
                                  f"index {series.image_count}")
@@ -3147,22 +3206,56 @@ def license_text(journal: Journal, collection: str) -> bytes:
     return ("\n\n".join(sorted(texts)) + "\n").encode("utf-8")
 
 
-# Control characters a server may put in metadata: csv refuses NUL on some Pythons (3.10),
-# and no reader of metadata.csv wants the others.
+# Control characters a server may put in metadata: csv refuses NUL on some Pythons (3.9,
+# 3.10: "line contains NUL"), and no reader of metadata.csv wants the others. A value keeps
+# its tab and line breaks (legal CSV: the writer quotes them); a key has none of them.
 CSV_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# What makes a spreadsheet program read a cell as a formula (OWASP's "CSV injection"); a
+# leading quote is prefixed too, so that a reader can undo the prefix without ambiguity.
+FORMULA_START = re.compile("^[=+@\t\r']|^-(?!\\d+(?:\\.\\d+)?(?:[eE][+-]?\\d+)?$)")
+METADATA_TOOL_COLUMNS = ["Path", "FilesInArchive", "BytesInArchive"]
+LINE_BREAKS = re.compile("\r\n?")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell no spreadsheet program executes: one that starts with =, +, @, a tab or a
+    carriage return, or with - and is no number, gets a leading ' (OWASP's advice), as does
+    one that starts with ' itself. Readers of metadata.csv (--extract) drop one leading '."""
+    return "'" + text if FORMULA_START.match(text) else text
+
+
+def csv_key(key: str) -> str:
+    """A column name from a server's JSON key: control characters shown escaped (a NUL
+    breaks csv readers, a newline the header line), then safe for a spreadsheet."""
+    return spreadsheet_safe(printable(key))
+
+
+def csv_value(value: object) -> object:
+    """A cell from a server's value, whole however long (it is the server's data; readers
+    raise csv.field_size_limit): without NUL and the other control characters but tab and
+    newline, and safe for a spreadsheet. Numbers stay numbers. A carriage return becomes a
+    newline: csv quotes a cell for the line terminator's characters only ("\n" here), and
+    an unquoted CR ends the row for every reader."""
+    if not isinstance(value, str):
+        return value
+    return spreadsheet_safe(CSV_UNSAFE.sub("", LINE_BREAKS.sub("\n", value)))
 
 
 def metadata_csv(journal: Journal, collection: str) -> bytes:
+    """One row per series: the server's record, each cell made safe (csv_key, csv_value),
+    then the tool's own columns as they are. Path is made of letters, digits, ._+- and /
+    only: no formula of consequence, and never a leading ', so the reader's rule (drop one
+    leading ') holds for it too, and --verify and --extract find the folder it names."""
     rows = journal.series_rows(collection)
-    extra = sorted({k for _, r, _, _ in rows for k in r} - set(GET_SERIES_FIELDS))
-    columns = GET_SERIES_FIELDS + extra + ["Path", "FilesInArchive", "BytesInArchive"]
+    extra = sorted({k for _, r, _, _ in rows for k in r} - set(GET_SERIES_FIELDS) -
+                   set(METADATA_TOOL_COLUMNS))
+    server_columns = GET_SERIES_FIELDS + extra
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([csv_key(key) for key in server_columns] + METADATA_TOOL_COLUMNS)
     for path, record, files, size in rows:
-        row = {**record, "Path": path, "FilesInArchive": files, "BytesInArchive": size}
-        writer.writerow({key: CSV_UNSAFE.sub("", value) if isinstance(value, str) else value
-                         for key, value in row.items()})
+        writer.writerow([csv_value(record.get(key, "")) for key in server_columns] +
+                        [path, files, size])
     return buffer.getvalue().encode("utf-8")
 
 
@@ -3221,6 +3314,25 @@ def datasets(journal: Journal, collection: str) -> list[Dataset]:
     return sorted(found.values(), key=lambda d: (not d.link, d.link))
 
 
+# Markdown's own characters in text from a server: a backslash before each keeps it text (no
+# HTML tag, entity, code span or link can start), and text never starts a line (newlines are
+# escaped by printable), so no heading or list item can either.
+MARKDOWN_SPECIAL = re.compile(r"([\\`<>&\[\]])")
+# An http(s) URL that can stand between < and > as an autolink: nothing that ends it early.
+LINKABLE_URL = re.compile(r"https?://[^\s<>\\`\x00-\x1f\x7f-\x9f]+", re.IGNORECASE)
+
+
+def markdown_text(text: str) -> str:
+    """Server text as plain Markdown text: shown as sent, never read as markup."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
+
+
+def markdown_link(url: str) -> str:
+    """<url> for an http(s) URL; anything else (javascript:, data:, text with markup in it)
+    as plain text, never a link a reader could click."""
+    return f"<{url}>" if LINKABLE_URL.fullmatch(url) else markdown_text(url)
+
+
 def utc_day() -> str:
     """Days, not seconds, in CITATION.md: the same data fetched twice on a day (or resumed
     after a kill) gives the same archive, byte for byte."""
@@ -3231,14 +3343,15 @@ def citation_text(journal: Journal, collection: str, file_suffix: str) -> bytes:
     """CITATION.md: what to cite (each DOI with its license and BibTeX when doi.org gave
     it, TCIA's paper) and how this copy was made. Markdown, because it is read by people:
     CITATION.cff describes one work of a software repository, and this lists several."""
-    lines = [f"# Citing the {printable(collection)} data in this copy", "",
+    lines = [f"# Citing the {markdown_text(collection)} data in this copy", "",
              "TCIA's data usage policy asks everyone who uses these data to cite each dataset "
              "below and The Cancer Imaging Archive itself, and to follow each license:",
              f"<{TCIA_POLICY_URL}>", "", "## Datasets", ""]
     for dataset in datasets(journal, collection):
-        licenses = "; ".join(f"{name}" + (f" <{url}>" if url else "")
+        licenses = "; ".join(markdown_text(name) + (f" {markdown_link(url)}" if url else "")
                              for name, url in sorted(dataset.licenses)) or "not stated"
-        lines.append(f"- <{dataset.link}>" if dataset.link else "- (no DOI in the metadata)")
+        lines.append(f"- {markdown_link(dataset.link)}" if dataset.link else
+                     "- (no DOI in the metadata)")
         lines += [f"  - series in this copy: {dataset.series}", f"  - license: {licenses}"]
         bibtex = journal.get(f"bibtex {dataset.doi}") if dataset.doi else None
         if bibtex:
@@ -3247,8 +3360,8 @@ def citation_text(journal: Journal, collection: str, file_suffix: str) -> bytes:
     lines += ["", "## The Cancer Imaging Archive", "", TCIA_CITATION, "",
               "## How this copy was made", "",
               f"- tool: tcia_downloader {__version__}",
-              f"- source: {journal.get('made source') or 'not recorded'}",
-              f"- selection: {journal.get('made selection') or 'not recorded'}"
+              f"- source: {markdown_text(journal.get('made source') or 'not recorded')}",
+              f"- selection: {markdown_text(journal.get('made selection') or 'not recorded')}"
               + (f" (this part: {file_suffix.lstrip('.')})" if file_suffix else ""),
               f"- started: {journal.get('made started') or 'not recorded'}, finished: "
               f"{utc_day()} (UTC)",
@@ -3362,8 +3475,15 @@ def acquire_lock(path: Path, what: str) -> io.TextIOWrapper:
     unlinks its lock file, so a run that opened the old file just before may get the lock
     on a file nobody else will open again: the lock counts only while path still names the
     locked file, else it is taken again on the new one."""
+    refuse_symlink(path)
     while True:
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+", opener=lambda name, flags: os.open(
+                name, flags | getattr(os, "O_NOFOLLOW", 0), 0o666))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:                 # planted since the check above
+                refuse_symlink(path)
+            raise
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -3407,7 +3527,7 @@ def claim_scratch(temp_dir: Path, name: str) -> tuple[Path, io.TextIOWrapper]:
     owner.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     owner.flush()
     scratch = Path(owner_name[:-len(".owner")] + ".tmp")
-    scratch.mkdir()
+    scratch.mkdir(mode=0o700)     # no one else may plant a name in it: files open by name there
     return scratch, owner
 
 
@@ -3457,25 +3577,42 @@ def fsync_directory(path: Path) -> None:
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """data at path, whole or not at all: written to <path>.incoming, fsynced, renamed over
-    path. The temporary name is one anybody who can write to the folder can plant a
-    symbolic link at: what is there is removed first, and the file is created anew
-    (O_EXCL) and never through a link (O_NOFOLLOW), so no write lands outside the folder."""
-    incoming = path.with_name(path.name + ".incoming")
-    with contextlib.suppress(FileNotFoundError):
-        incoming.unlink()
-    fd = os.open(incoming, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                 0o666)
+    """path holds data, whole, or keeps what it held: written under a hidden temporary name
+    beside it, then renamed over it. Whatever another user planted at the temporary name
+    (a symbolic link to a file of theirs or of ours) is removed, never written through:
+    the name is created anew, exclusively, and a link there is not followed."""
+    temporary = path.with_name(f".{path.name}.incoming")
+    if temporary.is_dir() and not temporary.is_symlink():
+        shutil.rmtree(temporary)
+    else:
+        temporary.unlink(missing_ok=True)            # a link: the link goes, not its target
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o666)                                  # (the umask decides, as before)
     try:
-        with open(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(incoming, path)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
     except BaseException:
-        incoming.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def refuse_symlink(path: Path) -> None:
+    """The tool never makes a symbolic link at the names it writes (lock, .part): one there
+    was planted, and writing through it would write a file outside --output."""
+    if path.is_symlink():
+        raise FatalRunError(f"{path} is a symbolic link, which this tool never makes; remove "
+                            "it (writing through it would write where it points)", EXIT_USAGE)
+
+
+def open_no_follow(path: Path, mode: str) -> io.BufferedRandom:
+    """open(path, mode) that refuses (ELOOP) a symbolic link at path, for files the tool
+    reopens by name while it runs (the .part): a link swapped in meanwhile is not followed."""
+    return open(path, mode, opener=lambda name, flags: os.open(
+        name, flags | getattr(os, "O_NOFOLLOW", 0), 0o666))  # type: ignore[return-value]
 
 
 def mount_point(path: Path) -> Path:
@@ -3735,6 +3872,7 @@ class TarXzTarget(Target):
         return self.final.exists() and self.journal.get("finished") == "yes"
 
     def _resume(self) -> None:
+        refuse_symlink(self.part)
         repairing = bool(self.journal.get("replacing")) and self.part.exists()
         if self.final.exists() and not repairing:
             closing_end = self.journal.get("closing_end")
@@ -3755,7 +3893,7 @@ class TarXzTarget(Target):
         if not self.part.exists():
             if self.journal.forget_beyond(0):
                 log.info("%s is gone: starting the archive over", self.part)
-            self.part.touch()
+            open_no_follow(self.part, "ab").close()
         size = self.part.stat().st_size
         lost = self.journal.forget_beyond(size)
         if lost:
@@ -3800,7 +3938,7 @@ class TarXzTarget(Target):
 
     def _cut_back(self) -> None:
         """Cut the .part back to the end of the last committed stream."""
-        with open(self.part, "r+b") as handle:
+        with open_no_follow(self.part, "r+b") as handle:
             handle.truncate(self.archive_end)
             os.fsync(handle.fileno())
 
@@ -3816,7 +3954,8 @@ class TarXzTarget(Target):
         building = self.part.with_name(self.part.name + ".repair")
         kept: list[tuple[str, int, int]] = []
         end = tar_end = 0
-        with open(building, "wb") as out:
+        building.unlink(missing_ok=True)      # a link planted there goes; "x" never follows one
+        with open(building, "xb") as out:
             for uid, label, start, stop, tar_bytes, sha256 in self.journal.layout():
                 if uid in bad:
                     continue
@@ -3860,7 +3999,7 @@ class TarXzTarget(Target):
         Returns the archive's new end and the stream's sha256."""
         try:
             copied = hashlib.sha256()
-            with open(self.part, "r+b") as out, open(prepared.path, "rb") as stream:
+            with open_no_follow(self.part, "r+b") as out, open(prepared.path, "rb") as stream:
                 out.seek(self.archive_end)
                 stream.seek(prepared.offset)
                 for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
@@ -3982,10 +4121,7 @@ class DirectoryTarget(Target):
             root = self.output / collection
             root.mkdir(parents=True, exist_ok=True)
             for name, data in collection_files(self.journal, collection, self.file_suffix):
-                temporary = root / f".{name}.incoming"
-                temporary.write_bytes(data)
-                os.replace(temporary, root / name)
-            fsync_directory(root)
+                write_file_atomically(root / name, data)
         self.journal.put("finished", "yes")
 
     def describe(self) -> str:
@@ -3997,6 +4133,9 @@ def move_folder(folder: Path, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     incoming = destination.parent / f".{destination.name}.incoming"
     stale = destination.parent / f".{destination.name}.stale"
+    for planted in (incoming, stale):     # rmtree refuses a link: it would stay in the way
+        if planted.is_symlink():
+            planted.unlink()
     shutil.rmtree(incoming, ignore_errors=True)
     if destination.exists():            # moved by a run killed before its journal row:
         shutil.rmtree(stale, ignore_errors=True)
@@ -5637,6 +5776,23 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class PrivateFileHandler(logging.FileHandler):
+    """A log file that only this user can read, and that is never a symbolic link: one
+    planted at the name (the names are the time of day, easy to guess) would make the log
+    write, with the server's text in it, wherever it points."""
+
+    def _open(self) -> io.TextIOWrapper:
+        try:
+            fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                         getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FatalRunError(f"{self.baseFilename} is a symbolic link, which this tool "
+                                    "never makes; remove it", EXIT_USAGE) from None
+            raise
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def private_dir(path: Path) -> Path:
     """A folder only this user can read (logs, the metadata cache): one that belongs to
     someone else, even if anyone may write to it, is refused."""
@@ -5665,7 +5821,12 @@ def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Callable[[]
                                            datefmt="%H:%M:%S"))
     handlers: list[logging.Handler] = [console]
     for suffix, level in (("info", logging.INFO), ("debug", logging.DEBUG)):
-        handler = logging.FileHandler(log_dir / f"{stamp}-{suffix}.log", encoding="utf-8")
+        try:
+            handler = PrivateFileHandler(log_dir / f"{stamp}-{suffix}.log", encoding="utf-8")
+        except BaseException:
+            for opened in handlers[1:]:
+                opened.close()
+            raise
         handler.setLevel(level)
         handler.setFormatter(file_format)
         handlers.append(handler)
@@ -6607,7 +6768,7 @@ def add_bibtex(journal: Journal, source: Source, options: Options) -> None:
     if not dois or not options.doi_resolver:
         return
     resolver = DoiResolver(options.doi_resolver, source.watchdog, source.transport,
-                           source.timeout)
+                           source.timeout, options.doi_timeout)
     for doi, entry in resolver.bibtex(dois).items():
         journal.put(f"bibtex {doi}", entry)
 

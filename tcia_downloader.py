@@ -4934,6 +4934,12 @@ def md5sums_lines(name: str, text: io.BufferedIOBase,
         yield folder + match[2], match[1]
 
 
+def as_written(cell: str) -> str:
+    """A metadata.csv cell as the server sent it: the file puts a ' before a cell that a
+    spreadsheet would run as a formula (and before one that starts with '), so one goes."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def bounded_lines(text: io.BufferedIOBase, limit: int) -> Iterator[str]:
     """The lines of a UTF-8 text, NULs dropped; ValueError for a line longer than limit
     (a file of 64 MiB of one line once took 200 MB to read)."""
@@ -4956,7 +4962,8 @@ def metadata_csv_rows(name: str, text: io.BufferedIOBase, findings: Findings) ->
     try:
         for row in reader:
             path = row.get("Path")
-            yield {**{str(k): v for k, v in row.items() if isinstance(v, str)},
+            yield {**{as_written(str(k)): as_written(v) for k, v in row.items()
+                      if isinstance(v, str)},
                    "_folder": f"{collection}/{path if isinstance(path, str) else ''}",
                    "_file": name}
     except csv.Error as exc:

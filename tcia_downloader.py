@@ -102,7 +102,7 @@ DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_DOI_RESOLVER = "https://doi.org/"
 DEFAULT_DOI_TIMEOUT = 30.0      # seconds for all the BibTeX lookups of a run
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
-DEFAULT_CACHE_DIR = "~/.cache/tcia_downloader"
+DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "tcia_downloader")
 # xz preset 1 compresses CT about 6x faster than preset 6 for about 10 % more output
 # (shared/measured.md); on a cluster node the preset, not the network, sets the run time.
 DEFAULT_COMPRESSION_LEVEL = 1
@@ -5849,6 +5849,7 @@ def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Callable[[]
         library_log.addHandler(handlers[-1])
         library_log.propagate = False
     log.debug("logs: %s", log_dir / f"{stamp}-debug.log")
+    prune_logs(log_dir)
 
     def teardown() -> None:
         for library_log in library_logs:
@@ -5857,6 +5858,26 @@ def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Callable[[]
             log.removeHandler(handler)
             handler.close()
     return teardown
+
+
+# Every invocation (--verify, --extract and --dry-run too) writes two logs; an afternoon of
+# trying the tool left 84. The newest LOGS_KEPT runs' logs stay, none older than LOG_DAYS.
+LOGS_KEPT = 50
+LOG_DAYS = 30
+LOG_NAME = re.compile(r"^(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)-(info|debug)\.log$")
+
+
+def prune_logs(log_dir: Path) -> None:
+    """Remove the logs of all but the newest LOGS_KEPT runs, and those older than LOG_DAYS
+    (by their modification time). Only names this tool gives its logs are touched."""
+    logs = [(match[1], path) for path in log_dir.iterdir()
+            for match in [LOG_NAME.match(path.name)] if match]
+    newest = sorted({stamp for stamp, _ in logs}, reverse=True)[:LOGS_KEPT]
+    cutoff = time.time() - LOG_DAYS * 86400
+    for stamp, path in logs:
+        with contextlib.suppress(OSError):
+            if stamp not in newest or path.lstat().st_mtime < cutoff:
+                path.unlink()
 
 
 def human_bytes(n: float) -> str:

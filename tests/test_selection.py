@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -430,3 +431,37 @@ def test_workers_default_to_four_per_granted_cpu_and_at_most_16(monkeypatch, tmp
     assert td.usable_cores() == int(cpus)
     assert td.parse_options(["--collection", "X", "--output", str(tmp_path),
                              "--workers", "3"]).workers == 3
+
+
+def test_logs_of_old_runs_are_pruned_and_only_ours(tmp_path, capsys):
+    """Every invocation writes two logs; the newest 50 runs' stay, none older than 30 days,
+    and files that are not our logs are never touched."""
+    logs = tmp_path / "cache" / "logs"
+    logs.mkdir(parents=True, mode=0o700)
+    tmp_path.joinpath("cache").chmod(0o700)
+    old = time.time() - 40 * 86400
+    for day in range(1, 61):                            # 60 earlier runs, 2026-01-01 on
+        for kind in ("info", "debug"):
+            path = logs / f"2026-01-01_00-00-{day:02d}-{kind}.log" if day < 60 else \
+                logs / f"2026-03-01_00-00-00-{kind}.log"
+            path.write_text("x")
+    ancient = logs / "2026-03-01_00-00-00-info.log"      # among the newest, but 40 days old
+    os.utime(ancient, (old, old))
+    mine = logs / "notes.txt"
+    mine.write_text("the user's")
+    code = td.main(["--verify", str(tmp_path / "nothing"), "--cache_dir", str(tmp_path / "cache")])
+    assert code == td.EXIT_USAGE
+    names = sorted(p.name for p in logs.iterdir())
+    runs = {name.rsplit("-", 1)[0] for name in names if name.endswith(".log")}
+    assert len(runs) == 50 and mine.exists()
+    assert not ancient.exists() and (logs / "2026-03-01_00-00-00-debug.log").exists()
+    assert "2026-01-01_00-00-01-info.log" not in names          # the oldest went first
+    assert "2026-01-01_00-00-59-info.log" in names
+
+
+def test_the_cache_follows_xdg_cache_home(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import tcia_downloader as td; "
+                           "print(td.DEFAULT_CACHE_DIR)"], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                          cwd=Path(td.__file__).parent, check=True)
+    assert done.stdout.strip() == str(tmp_path / "xdg" / "tcia_downloader")

@@ -460,8 +460,9 @@ def test_logs_of_old_runs_are_pruned_and_only_ours(tmp_path, capsys):
 
 
 def test_the_cache_follows_xdg_cache_home(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import tcia_downloader as td; "
-                           "print(td.DEFAULT_CACHE_DIR)"], capture_output=True, text=True,
-                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
-                          cwd=Path(td.__file__).parent, check=True)
-    assert done.stdout.strip() == str(tmp_path / "xdg" / "tcia_downloader")
+    """Without --cache_dir, the logs go to $XDG_CACHE_HOME/tcia_downloader/logs."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--verify", str(tmp_path / "nothing")],
+                          capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert done.returncode == td.EXIT_USAGE, done.stderr
+    assert len(list((tmp_path / "xdg" / "tcia_downloader" / "logs").glob("*-info.log"))) == 1

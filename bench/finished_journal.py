@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -32,11 +32,16 @@ import requests
 
 
 def load(path: Path):
-    spec = importlib.util.spec_from_file_location("tcia_downloader_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    """The downloader's package (src/tcia_dl beside the script): every module's names in one
+    namespace, as the single file had them."""
+    import pkgutil
+    import types
+    sys.path.insert(0, str(path.resolve().parent / "src"))
+    package = importlib.import_module("tcia_dl")
+    names = {}
+    for info in pkgutil.walk_packages(package.__path__, "tcia_dl."):
+        names.update(vars(importlib.import_module(info.name)))
+    return types.SimpleNamespace(**names)
 
 
 def main() -> int:

@@ -430,14 +430,15 @@ def verify_archive(path: Path, stats: dict, with_collection_files: bool) -> tupl
 def downloader_defaults(path: Path) -> dict:
     """The downloader's own defaults (workers, preset...), read from its argument parser."""
     code = (
-        "import importlib.util, json, sys\n"
-        "spec = importlib.util.spec_from_file_location('td_under_test', sys.argv[1])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['td_under_test'] = m\n"
-        "spec.loader.exec_module(m)\n"
-        "a = m.build_parser().parse_args(['--collection', 'X'])\n"
+        "import json, pathlib, sys\n"
+        "sys.path.insert(0, str(pathlib.Path(sys.argv[1]).resolve().parent / 'src'))\n"
+        "import tcia_dl\n"
+        "from tcia_dl.cli import build_parser\n"
+        "from tcia_dl.settings import CHUNK_SIZE\n"
+        "a = build_parser().parse_args(['--collection', 'X'])\n"
         "print(json.dumps({'workers': a.workers, 'preset': a.compression_level, "
-        "'stall_timeout': a.stall_timeout, 'chunk': getattr(m, 'CHUNK_SIZE', None), "
-        "'version': getattr(m, '__version__', '?')}))\n")
+        "'stall_timeout': a.stall_timeout, 'chunk': CHUNK_SIZE, "
+        "'version': tcia_dl.__version__}))\n")
     try:
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                              timeout=60, env=child_env())
@@ -593,7 +594,7 @@ def summarize_profile(raw: Path, downloader: Path, top: int = 12) -> list[str]:
     cats: dict[str, int] = {}
     waits: dict[str, int] = {}
     frames: dict[str, int] = {}
-    own = downloader.name
+    own = "tcia_dl/"                # the frames of the package's files
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
@@ -607,7 +608,7 @@ def summarize_profile(raw: Path, downloader: Path, top: int = 12) -> list[str]:
             continue
         active += count
         cats[cat] = cats.get(cat, 0) + count
-        mine = [p for p in parts if f"{own}:" in p]
+        mine = [p for p in parts if own in p]
         if mine:
             frames[mine[-1]] = frames.get(mine[-1], 0) + count
     heavy = sum(n for c, n in cats.items() if c in HEAVY_OK)
@@ -909,13 +910,18 @@ def sweep(b: Bench, res: dict) -> None:
                 log(f"sweep preset {p}: ours {r.wall:.1f} s ({disturbance([r])}), xz -T0 alone {x.wall:.1f} s "
                     f"({disturbance([x])})")
             for c in a.sweep_chunks:
-                patched = b.workdir / f"td_chunk_{c}.py"
-                src = a.downloader.read_text()
-                new, n = re.subn(r"(?m)^CHUNK_SIZE = .*$", f"CHUNK_SIZE = {c}", src)
+                # a copy of the downloader and its package, with another CHUNK_SIZE
+                copy = b.workdir / f"td_chunk_{c}"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(a.downloader.parent / "src", copy / "src")
+                patched = copy / a.downloader.name
+                shutil.copy2(a.downloader, patched)
+                module = copy / "src" / "tcia_dl" / "settings.py"
+                new, n = re.subn(r"(?m)^CHUNK_SIZE = .*$", f"CHUNK_SIZE = {c}", module.read_text())
                 if n != 1:
                     b.notes.append("sweep: CHUNK_SIZE not found in the downloader; chunk sizes skipped")
                     break
-                patched.write_text(new)
+                module.write_text(new)
                 r = b.run_ours(f"sweep_c{c}#{rep + 1}", fake, verify=rep == 0, downloader=patched)
                 add_sweep(rows, f"read chunk {c // 1024} KiB", r)
                 log(f"sweep chunk {c}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
@@ -943,12 +949,10 @@ def resume_check(b: Bench, res: dict) -> None:
     SHA-256 its journal row keeps (tcia_downloader.first_damaged_stream). Against the limit:
     coreutils' sha256sum of the same file, one core, from the same (warm) page cache. The
     .part is one 8 MiB xz stream of random bytes repeated (streams are independent)."""
-    import importlib.util
     import lzma
-    spec = importlib.util.spec_from_file_location("downloader_under_test", b.args.downloader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module        # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(b.args.downloader.parent / "src"))      # the package under test
+    from tcia_dl.formats.tarxz import first_damaged_stream
+    from tcia_dl.settings import usable_cores
     d = b.fresh("resume")
     part = d / f"{COLLECTION}.tar.xz.part"
     stream = lzma.compress(os.urandom(8 << 20), format=lzma.FORMAT_XZ, preset=0)
@@ -966,12 +970,12 @@ def resume_check(b: Bench, res: dict) -> None:
     subprocess.run(["sha256sum", str(part)], stdout=subprocess.DEVNULL, check=True)
     limit = time.monotonic() - started
     started = time.monotonic()
-    damaged = module.first_damaged_stream(part, streams)
+    damaged = first_damaged_stream(part, streams)
     ours = time.monotonic() - started
     if damaged is not None:
         b.fail(f"resume: stream {damaged} of an intact .part was reported damaged")
     res["resume"] = {"bytes": part.stat().st_size, "streams": count, "ours": ours,
-                     "sha256sum": limit, "cat": read, "cores": module.usable_cores()}
+                     "sha256sum": limit, "cat": read, "cores": usable_cores()}
     b.cleanup(d)
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import dicom, errors, journal as journal_module, plan
+from tcia_dl.formats import base as formats_base, tarxz, tree
+from tcia_dl.sources import base as sources_base, nbia
 from dicom_helpers import dicom_bytes, md5, write_series_zip
 from fake_nbia import dicom_file_bytes
 
 
-def planned(uid: str, path: str, count: int | None = 2, collection: str = "COLL") -> td.PlannedSeries:
-    return td.PlannedSeries(uid=uid, collection=collection, path=path,
+def planned(uid: str, path: str, count: int | None = 2, collection: str = "COLL") -> plan.PlannedSeries:
+    return plan.PlannedSeries(uid=uid, collection=collection, path=path,
                             record={"SeriesInstanceUID": uid, "PatientID": path.split("/")[0],
                                     "LicenseName": "CC BY 4.0"},
                             image_count=count, file_size=0)
@@ -39,14 +41,14 @@ def test_verify_keeps_exactly_the_listed_dicom_files_of_the_series(tmp_path):
     listed["other.dcm"] = md5(dicom_bytes("9.9.8", 1))
     zip_path = write_series_zip(tmp_path / "s.zip", {**files}, listed=listed)
     # other.dcm is listed but absent: a broken transfer, not a clean zip
-    with pytest.raises(td.TransientError, match="missing"):
-        td.verify_zip(zip_path, planned(uid, "P/S/1", count=2))
+    with pytest.raises(errors.TransientError, match="missing"):
+        nbia.verify_zip(zip_path, planned(uid, "P/S/1", count=2))
 
     del listed["other.dcm"]
     files["stranger.dcm"] = dicom_bytes("9.9.7", 1)
     listed["stranger.dcm"] = md5(files["stranger.dcm"])
     zip_path = write_series_zip(tmp_path / "s2.zip", files, listed=listed)
-    verified = td.verify_zip(zip_path, planned(uid, "P/S/1", count=2))
+    verified = nbia.verify_zip(zip_path, planned(uid, "P/S/1", count=2))
     assert [m.entry for m in verified.members] == ["1-1.dcm", "1-2.dcm"]
     assert [m.md5 for m in verified.members] == [md5(files["1-1.dcm"]), md5(files["1-2.dcm"])]
     reasons = dict(verified.dropped)
@@ -60,10 +62,10 @@ def test_verify_rejects_a_wrong_md5_case_insensitively_correct_ones(tmp_path):
     uid = "1.2.3.2"
     files = {"a.dcm": dicom_bytes(uid, 1)}
     upper = write_series_zip(tmp_path / "u.zip", files, listed={"a.dcm": md5(files["a.dcm"]).upper()})
-    assert len(td.verify_zip(upper, planned(uid, "P/S/1", count=1)).members) == 1
+    assert len(nbia.verify_zip(upper, planned(uid, "P/S/1", count=1)).members) == 1
     wrong = write_series_zip(tmp_path / "w.zip", files, listed={"a.dcm": "0" * 32})
-    with pytest.raises(td.TransientError, match="MD5 mismatch"):
-        td.verify_zip(wrong, planned(uid, "P/S/1", count=1))
+    with pytest.raises(errors.TransientError, match="MD5 mismatch"):
+        nbia.verify_zip(wrong, planned(uid, "P/S/1", count=1))
 
 
 def test_verify_refuses_unsafe_entry_names(tmp_path):
@@ -76,32 +78,32 @@ def test_verify_refuses_unsafe_entry_names(tmp_path):
         archive.writestr("/abs.dcm", data)
         archive.writestr("md5hashes.csv", "Filename,MD5Hash\n1-1.dcm,%s\n../escape.dcm,%s\n/abs.dcm,%s\n"
                          % (md5(data), md5(data), md5(data)))
-    verified = td.verify_zip(zip_path, planned(uid, "P/S/1", count=1))
+    verified = nbia.verify_zip(zip_path, planned(uid, "P/S/1", count=1))
     assert [m.entry for m in verified.members] == ["1-1.dcm"]
     assert {e for e, _ in verified.dropped} == {"../escape.dcm", "/abs.dcm"}
 
 
 def test_verify_reports_count_mismatch_truncation_and_missing_table(tmp_path):
     zip_path, _ = two_file_series(tmp_path, "1.2.3.4")
-    with pytest.raises(td.TransientError, match="ImageCount"):
-        td.verify_zip(zip_path, planned("1.2.3.4", "P/S/1", count=3))
+    with pytest.raises(errors.TransientError, match="ImageCount"):
+        nbia.verify_zip(zip_path, planned("1.2.3.4", "P/S/1", count=3))
     cut = tmp_path / "cut.zip"
     cut.write_bytes(zip_path.read_bytes()[:-200])
-    with pytest.raises(td.TransientError, match="truncated"):
-        td.verify_zip(cut, planned("1.2.3.4", "P/S/1"))
+    with pytest.raises(errors.TransientError, match="truncated"):
+        nbia.verify_zip(cut, planned("1.2.3.4", "P/S/1"))
     bare = write_series_zip(tmp_path / "bare.zip", {"a.dcm": dicom_bytes("1.2.3.4", 1)},
                             with_md5_table=False)
-    with pytest.raises(td.Md5TableMissing):
-        td.verify_zip(bare, planned("1.2.3.4", "P/S/1"))
+    with pytest.raises(errors.Md5TableMissing):
+        nbia.verify_zip(bare, planned("1.2.3.4", "P/S/1"))
 
 
 # -- the archive ----------------------------------------------------------------------------
 
-def commit_series(target: td.Target, tmp_path: Path, uid: str, path: str) -> dict[str, bytes]:
+def commit_series(target: formats_base.Target, tmp_path: Path, uid: str, path: str) -> dict[str, bytes]:
     zip_path, files = two_file_series(tmp_path, uid)
     series = planned(uid, path)
     packer = target.packer(series, zip_path)
-    verified = td.verify_zip(zip_path, series, packer)
+    verified = nbia.verify_zip(zip_path, series, packer)
     target.commit(series, verified, packer.finish())
     packer.discard()
     return {f"COLL/{path}/{name}": data for name, data in files.items()}
@@ -118,7 +120,7 @@ def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
     and only that stream reaches the archive."""
     out = tmp_path / "out"
     out.mkdir()
-    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     series = planned("1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
     source, files = two_file_series(tmp_path, series.uid)
     zip_path = target.scratch_path(".zip")
@@ -133,7 +135,7 @@ def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
         scratch_seen.append(sorted(p.name for p in target.scratch.iterdir()))
 
     packer.add = add_and_look
-    verified = td.verify_zip(zip_path, series, packer)
+    verified = nbia.verify_zip(zip_path, series, packer)
     prepared = packer.finish()
     assert scratch_seen == [[zip_path.name]] * len(files)
     assert prepared.path == zip_path and prepared.offset == zip_size
@@ -152,7 +154,7 @@ def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
 def test_archive_is_standard_and_self_verifying(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     expected = commit_series(target, tmp_path, "1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
     expected |= commit_series(target, tmp_path, "1.2.3.11", "P2/unknown_date-NA-00002/" + "x" * 150)
     target.finalize()
@@ -185,7 +187,7 @@ def test_archive_is_standard_and_self_verifying(tmp_path):
 def test_a_kill_during_an_append_loses_only_that_append(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     first = commit_series(target, tmp_path, "1.2.3.20", "P1/d-S-00020/1-CT-3.20")
     committed_size = (out / "COLL.tar.xz.part").stat().st_size
     # What a kill -9 mid-append leaves: half a stream after the committed end, the lock held
@@ -198,7 +200,7 @@ def test_a_kill_during_an_append_loses_only_that_append(tmp_path):
     target._lock_file.close()
     target._scratch_owner.close()       # the dead run's scratch is no longer owned
 
-    resumed = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    resumed = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     assert (out / "COLL.tar.xz.part").stat().st_size == committed_size
     assert set(resumed.committed()) == {"1.2.3.20"}
     assert not stale.exists() and not stale.parent.exists()
@@ -212,12 +214,12 @@ def test_a_kill_during_an_append_loses_only_that_append(tmp_path):
 def test_a_kill_between_rename_and_journal_is_recognised_as_finished(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     commit_series(target, tmp_path, "1.2.3.30", "P/d-S-1/1-CT-1")
     target.finalize()
     target.journal.put("finished", "no")        # as if killed right after the rename
     target.close()
-    again = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    again = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     assert again.complete
     again.close()
 
@@ -225,16 +227,16 @@ def test_a_kill_between_rename_and_journal_is_recognised_as_finished(tmp_path):
 def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
-    with pytest.raises(td.FatalRunError, match="being written by pid") as caught:
-        td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
-    assert caught.value.exit_code == td.EXIT_USAGE
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    with pytest.raises(errors.FatalRunError, match="being written by pid") as caught:
+        tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    assert caught.value.exit_code == errors.EXIT_USAGE
     target.close()
 
 
 def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
     out = tmp_path / "out"
-    target = td.DirectoryTarget("COLL", out, tmp_path / "scratch")
+    target = tree.DirectoryTarget("COLL", out, tmp_path / "scratch")
     expected = commit_series(target, tmp_path, "1.2.3.40", "P/d-S-1/1-CT-40")
     # a stale half-moved folder from a killed run is swept on the next start
     stale = out / "COLL" / "P" / "d-S-1" / ".9-MR-9.incoming"
@@ -244,7 +246,7 @@ def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
     for name, data in expected.items():
         assert (out / name).read_bytes() == data
     subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=out / "COLL", check=True)
-    td.DirectoryTarget("COLL", out, tmp_path / "scratch").close()
+    tree.DirectoryTarget("COLL", out, tmp_path / "scratch").close()
     assert stale.exists(), "a finished tree is left alone"
 
 
@@ -253,7 +255,7 @@ def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
 def test_seven_zip_reads_the_concatenated_streams(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    target = td.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
     commit_series(target, tmp_path, "1.2.3.50", "P/d-S-1/1-CT-50")
     commit_series(target, tmp_path, "1.2.3.51", "P/d-S-1/2-CT-51")
     target.finalize()
@@ -279,9 +281,9 @@ def test_folder_target_copies_across_filesystems_when_rename_cannot(tmp_path, mo
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(td.os, "rename", rename_within_one_filesystem)
+    monkeypatch.setattr(os, "rename", rename_within_one_filesystem)
     out = tmp_path / "out"
-    target = td.DirectoryTarget("COLL", out, scratch)
+    target = tree.DirectoryTarget("COLL", out, scratch)
     expected = commit_series(target, tmp_path, "1.2.3.60", "P/d-S-1/1-CT-60")
     target.finalize()
     target.close()
@@ -294,10 +296,10 @@ def test_folder_target_copies_across_filesystems_when_rename_cannot(tmp_path, mo
 def test_a_journal_record_is_all_or_nothing(tmp_path):
     """A kill between the statements of one record must not leave a series row with only
     some of its files (a real bug once: autocommit mode committed each statement)."""
-    journal = td.Journal(tmp_path / "j.sqlite")
+    journal = journal_module.Journal(tmp_path / "j.sqlite")
     series = planned("1.2.3.70", "P/d-S-1/1-CT-70")
-    members = [td.Member("a.dcm", "a.dcm", 1, "0" * 32), td.Member("b.dcm", "b.dcm", 1, None)]
-    broken = td.VerifiedSeries(tmp_path / "x.zip", members, None, [])   # md5 NULL: 2nd row fails
+    members = [sources_base.Member("a.dcm", "a.dcm", 1, "0" * 32), sources_base.Member("b.dcm", "b.dcm", 1, None)]
+    broken = sources_base.VerifiedSeries(tmp_path / "x.zip", members, None, [])   # md5 NULL: 2nd row fails
     with pytest.raises(Exception):
         journal.record(series, broken, 100, 1024)
     assert journal.committed() == {}
@@ -314,7 +316,7 @@ def test_a_header_longer_than_the_first_read_is_still_recognised(tmp_path):
     dataset = pydicom.dcmread(_io.BytesIO(dicom_bytes(uid, 1)))
     dataset.PatientComments = "x" * 200_000            # (0010,4000) comes before (0020,000E)
     data = dicom_file_bytes(dataset)
-    assert data.index(b"\x20\x00\x0e\x00") > td.HEAD_SIZE     # the SeriesInstanceUID tag
+    assert data.index(b"\x20\x00\x0e\x00") > dicom.HEAD_SIZE     # the SeriesInstanceUID tag
     zip_path = write_series_zip(tmp_path / "long.zip", {"1-1.dcm": data})
     collected = {}
 
@@ -322,6 +324,6 @@ def test_a_header_longer_than_the_first_read_is_still_recognised(tmp_path):
         def add(self, name, size, chunks):
             collected[name] = b"".join(chunks)
 
-    verified = td.verify_zip(zip_path, planned(uid, "P/S/1", count=1), Sink())
+    verified = nbia.verify_zip(zip_path, planned(uid, "P/S/1", count=1), Sink())
     assert [m.entry for m in verified.members] == ["1-1.dcm"]
     assert collected == {"1-1.dcm": data}                 # streamed whole, exactly once

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+import tcia_dl
+from tcia_dl import cli, collection_files, errors, plan
 from test_downloader_e2e import Run
 
 PATIENTS = ("PANCREAS_0001", "PANCREAS_0002")     # each has series of both of its DOIs
@@ -92,20 +93,20 @@ def test_citation_lists_every_doi_with_its_license_and_the_bibtex_the_resolver_g
     fake = fake_nbia_factory(instances=1)
     doi_org = resolver({CT_DOI: CT_BIBTEX.encode()})
     run = run_pancreas(tmp_path, fake, doi_org.url)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     archive = next(run.output.glob("*.tar.xz"))
     text = citation_of(archive)
     series = [s for s in fake.series("Pancreas-CT") if s["PatientID"] in PATIENTS]
     for doi, license_url in ((CT_DOI, "https://creativecommons.org/licenses/by/3.0/"),
                              (LABELS_DOI, "https://creativecommons.org/licenses/by/4.0/")):
-        count = sum(td.doi_of(s["DataDescriptionURI"]) == doi for s in series)
+        count = sum(collection_files.doi_of(s["DataDescriptionURI"]) == doi for s in series)
         block = text.split(f"- <https://doi.org/{doi}>")[1].split("\n- ")[0]
         assert f"series in this copy: {count}" in block and license_url in block
     assert CT_BIBTEX in text and text.count("```bibtex") == 1      # the other DOI: 404
     assert sorted(path for path, _ in doi_org.asked) == sorted([f"/{CT_DOI}", f"/{LABELS_DOI}"])
     assert all("application/x-bibtex" in accept for _, accept in doi_org.asked)
     assert "10.1007/s10278-013-9622-7" in text                       # TCIA's paper
-    assert f"tcia_downloader {td.__version__}" in text
+    assert f"tcia_downloader {tcia_dl.__version__}" in text
     assert f"--collection Pancreas-CT --patient {' '.join(PATIENTS)}" in text
     assert f"NBIA v4 at {fake.url}" in text
     # MD5SUMS covers it, like the other collection files
@@ -131,7 +132,7 @@ def test_without_a_resolver_the_archive_still_finishes_with_links(tmp_path, fake
     fake = fake_nbia_factory(instances=1)
     nobody = f"http://127.0.0.1:{free_port()}/"
     run = run_pancreas(tmp_path, fake, nobody)
-    assert run.code == td.EXIT_OK
+    assert run.code == errors.EXIT_OK
     assert "cannot be reached" in run.log and "DOI links only" in run.log
     text = citation_of(next(run.output.glob("*.tar.xz")))
     assert f"<https://doi.org/{CT_DOI}>" in text and "```" not in text
@@ -141,10 +142,10 @@ def test_without_a_resolver_the_archive_still_finishes_with_links(tmp_path, fake
     second.mkdir()
     run = Run(second, fake, "--patient", *PATIENTS, "--doi-resolver", hanging.url,
               collection="Pancreas-CT", compression=False)
-    assert run.code == td.EXIT_OK and "cannot be reached (ReadTimeout)" in run.log
+    assert run.code == errors.EXIT_OK and "cannot be reached (ReadTimeout)" in run.log
     citation = next((second / "out" / "Pancreas-CT").glob("CITATION*.md"))
     assert f"<https://doi.org/{LABELS_DOI}>" in citation.read_text()
-    assert td.main(["--verify", str(second / "out"), "--cache_dir", str(second / "v")]) == 0
+    assert cli.main(["--verify", str(second / "out"), "--cache_dir", str(second / "v")]) == 0
 
 
 def test_hostile_bibtex_cannot_break_out_of_its_block(tmp_path, fake_nbia_factory, resolver):
@@ -152,7 +153,7 @@ def test_hostile_bibtex_cannot_break_out_of_its_block(tmp_path, fake_nbia_factor
     doi_org = resolver({CT_DOI: b"@misc{x,\n```\n# injected heading\x1b[31m\n}",
                         LABELS_DOI: b"@misc{" + b"y" * 70000 + b"}"})
     run = run_pancreas(tmp_path, fake, doi_org.url)
-    assert run.code == td.EXIT_OK
+    assert run.code == errors.EXIT_OK
     text = citation_of(next(run.output.glob("*.tar.xz")))
     assert text.count("```") == 2 and "\x1b" not in text          # one block, fence intact
     assert "  # injected heading" in text                          # inside the block
@@ -160,5 +161,5 @@ def test_hostile_bibtex_cannot_break_out_of_its_block(tmp_path, fake_nbia_factor
 
 
 def test_a_patient_named_citation_gets_its_own_folder_name():
-    assert td._unique_patient_dirs(["CITATION.md", "citation"]) == {
+    assert plan._unique_patient_dirs(["CITATION.md", "citation"]) == {
         "CITATION.md": "CITATION.md-patient", "citation": "citation-patient"}

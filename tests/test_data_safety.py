@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
+import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -18,17 +21,20 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+import tcia_dl
+from tcia_dl import collection_files, errors, journal as journal_module, logs, net, plan, storage
+from tcia_dl.formats import base as formats_base, tarxz, tree
+from tcia_dl.sources import base as sources_base, nbia
 from dicom_helpers import dicom_bytes, write_series_zip
 from test_archive import commit_series, member_md5s, planned, two_file_series
 
 
-def tar_target(out: Path, scratch: Path, name: str = "COLL") -> td.TarXzTarget:
+def tar_target(out: Path, scratch: Path, name: str = "COLL") -> tarxz.TarXzTarget:
     out.mkdir(parents=True, exist_ok=True)
-    return td.TarXzTarget(name, out, scratch, preset=0)
+    return tarxz.TarXzTarget(name, out, scratch, preset=0)
 
 
-def abandon(target: td.Target) -> None:
+def abandon(target: formats_base.Target) -> None:
     """What kill -9 leaves of a run: its files, and none of its locks."""
     target.journal.close()
     target._lock_file.close()
@@ -89,10 +95,10 @@ def test_a_lock_file_unlinked_by_a_finishing_run_admits_only_one_new_writer(tmp_
             owner.close()            # unlinks the file the waiter has just opened
         return real_flock(handle, flags)
 
-    monkeypatch.setattr(td.fcntl, "flock", flock_after_owner_finishes)
+    monkeypatch.setattr(fcntl, "flock", flock_after_owner_finishes)
     waiter = tar_target(out, tmp_path / "scratch")
-    monkeypatch.setattr(td.fcntl, "flock", real_flock)
-    with pytest.raises(td.FatalRunError, match="being written by"):
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    with pytest.raises(errors.FatalRunError, match="being written by"):
         tar_target(out, tmp_path / "scratch")
     waiter.close()
 
@@ -127,7 +133,7 @@ def test_a_flipped_byte_in_a_committed_stream_is_fetched_again_not_archived(tmp_
     resumed.close()
     subprocess.run(["xz", "-t", str(out / "COLL.tar.xz")], check=True)
     assert {k: v for k, v in member_md5s(out / "COLL.tar.xz").items() if k in first | again} \
-        == {k: td.hashlib.md5(v).hexdigest() for k, v in (first | again).items()}
+        == {k: hashlib.md5(v).hexdigest() for k, v in (first | again).items()}
 
 
 def test_every_committed_stream_keeps_its_checksum_and_a_clean_resume_keeps_all(tmp_path):
@@ -150,8 +156,8 @@ def test_an_append_that_does_not_read_back_as_written_is_undone(tmp_path, monkey
     target = tar_target(out, tmp_path / "scratch")
     commit_series(target, tmp_path, "1.2.3.60", "P/d-S-1/1-CT")
     end = (out / "COLL.tar.xz.part").stat().st_size
-    monkeypatch.setattr(td, "stream_sha256", lambda *args: "0" * 64)
-    with pytest.raises(td.TransientError, match="not the one compressed"):
+    monkeypatch.setattr(tarxz, "stream_sha256", lambda *args: "0" * 64)
+    with pytest.raises(errors.TransientError, match="not the one compressed"):
         commit_series(target, tmp_path, "1.2.3.61", "P/d-S-1/2-CT")
     assert (out / "COLL.tar.xz.part").stat().st_size == end
     assert set(target.committed()) == {"1.2.3.60"}
@@ -174,9 +180,9 @@ def test_a_journal_of_version_0_3_without_checksums_is_checked_by_xz_itself(tmp_
 
 # -- folder trees -------------------------------------------------------------------------------
 
-def folder_target(out: Path, scratch: Path, name: str = "COLL", suffix: str = "") -> td.Target:
+def folder_target(out: Path, scratch: Path, name: str = "COLL", suffix: str = "") -> formats_base.Target:
     out.mkdir(parents=True, exist_ok=True)
-    return td.DirectoryTarget(name, out, scratch, suffix)
+    return tree.DirectoryTarget(name, out, scratch, suffix)
 
 
 def test_a_shard_starting_leaves_another_shards_incoming_folder_alone(tmp_path):
@@ -196,7 +202,7 @@ def test_a_deleted_series_folder_is_forgotten_and_the_tree_is_not_finished(tmp_p
     commit_series(target, tmp_path, "1.2.3.81", "P/d-S-1/2-CT")
     target.finalize()
     target.close()
-    td.shutil.rmtree(out / "COLL" / "P" / "d-S-1" / "2-CT")
+    shutil.rmtree(out / "COLL" / "P" / "d-S-1" / "2-CT")
     again = folder_target(out, tmp_path / "scratch")
     assert set(again.committed()) == {"1.2.3.80"}
     assert not again.complete
@@ -208,26 +214,26 @@ def test_a_deleted_series_folder_is_forgotten_and_the_tree_is_not_finished(tmp_p
 def test_a_zero_byte_journal_is_an_empty_journal(tmp_path):
     journal = tmp_path / "COLL.tar.xz.journal"
     journal.touch()                    # a kill between connect and the schema
-    assert td.read_journal(journal) == ({}, False)
+    assert journal_module.read_journal(journal) == ({}, False)
 
 
 def test_a_full_disk_inside_a_journal_transaction_is_named_not_masked(tmp_path):
     """sqlite rolls back by itself when the disk is full: 0.3's ROLLBACK then failed with
     'cannot rollback - no transaction is active', hiding why."""
-    journal = td.Journal(tmp_path / "j")
+    journal = journal_module.Journal(tmp_path / "j")
     full = sqlite3.OperationalError("database or disk is full")
     full.sqlite_errorcode = 13
-    with pytest.raises(td.FatalRunError, match="no space") as caught:
+    with pytest.raises(errors.FatalRunError, match="no space") as caught:
         with journal._transaction() as db:
             db.execute("ROLLBACK")         # what sqlite does on SQLITE_FULL
             raise full
-    assert caught.value.exit_code == td.EXIT_INCOMPLETE
+    assert caught.value.exit_code == errors.EXIT_INCOMPLETE
     journal.close()
 
 
 def test_discarding_a_packer_on_a_full_disk_does_not_hide_the_first_error(tmp_path):
     zip_path, _ = two_file_series(tmp_path, "1.2.3.90")
-    packer = td.XzPacker(zip_path, 0, "COLL/P/", tmp_path)
+    packer = tarxz.XzPacker(zip_path, 0, "COLL/P/", tmp_path)
 
     class FullDisk:
         def close(self) -> None:
@@ -245,13 +251,13 @@ def test_an_absurd_license_or_md5_table_is_a_bad_series_not_a_crash(tmp_path):
     uid = "1.2.3.100"
     files = {"1-1.dcm": dicom_bytes(uid, 1)}
     big_license = write_series_zip(tmp_path / "a.zip", files, license_text="x" * (2 << 20))
-    with pytest.raises(td.TransientError, match="LICENSE in the zip is larger"):
-        td.verify_zip(big_license, planned(uid, "P/S/1", count=1))
-    rows = {"1-1.dcm": td.hashlib.md5(files["1-1.dcm"]).hexdigest(),
+    with pytest.raises(errors.TransientError, match="LICENSE in the zip is larger"):
+        nbia.verify_zip(big_license, planned(uid, "P/S/1", count=1))
+    rows = {"1-1.dcm": hashlib.md5(files["1-1.dcm"]).hexdigest(),
             **{f"x{n}.dcm": "0" * 32 for n in range(40_000)}}
     big_table = write_series_zip(tmp_path / "b.zip", files, listed=rows)
-    with pytest.raises(td.TransientError, match="md5hashes.csv in the zip is larger"):
-        td.verify_zip(big_table, planned(uid, "P/S/1", count=1))
+    with pytest.raises(errors.TransientError, match="md5hashes.csv in the zip is larger"):
+        nbia.verify_zip(big_table, planned(uid, "P/S/1", count=1))
 
 
 def test_a_zip_inflating_far_beyond_the_series_filesize_is_refused(tmp_path):
@@ -259,10 +265,10 @@ def test_a_zip_inflating_far_beyond_the_series_filesize_is_refused(tmp_path):
     data = dicom_bytes(uid, 1)
     bomb = data + b"\0" * (64 << 20)          # deflates to little, inflates to 64 MB
     path = write_series_zip(tmp_path / "bomb.zip", {"1-1.dcm": bomb})
-    series = td.PlannedSeries(uid=uid, collection="C", path="P/S/1", record={},
+    series = plan.PlannedSeries(uid=uid, collection="C", path="P/S/1", record={},
                               image_count=1, file_size=len(data))
-    with pytest.raises(td.TransientError, match="would inflate to"):
-        td.verify_zip(path, series)
+    with pytest.raises(errors.TransientError, match="would inflate to"):
+        nbia.verify_zip(path, series)
 
 
 def test_encrypted_and_unsupported_entries_are_a_bad_zip_retried(tmp_path):
@@ -279,20 +285,20 @@ def test_encrypted_and_unsupported_entries_are_a_bad_zip_retried(tmp_path):
     raw[central + 8] |= 0x01                                # central directory: the same
     encrypted = tmp_path / "encrypted.zip"
     encrypted.write_bytes(bytes(raw))
-    with pytest.raises(td.TransientError, match="unreadable zip entry"):
-        td.verify_zip(encrypted, planned(uid, "P/S/1", count=1))
+    with pytest.raises(errors.TransientError, match="unreadable zip entry"):
+        nbia.verify_zip(encrypted, planned(uid, "P/S/1", count=1))
 
 
 # -- small parsers ------------------------------------------------------------------------------
 
 def test_retry_after_is_understood_in_its_http_date_form():
-    assert 25 <= td.parse_retry_after(formatdate(time.time() + 30, usegmt=True)) <= 31
-    assert td.parse_retry_after("7") == 7.0
-    assert td.parse_retry_after("soon") is None
+    assert 25 <= net.parse_retry_after(formatdate(time.time() + 30, usegmt=True)) <= 31
+    assert net.parse_retry_after("7") == 7.0
+    assert net.parse_retry_after("soon") is None
 
 
 def test_a_huge_retry_count_cannot_overflow_the_backoff():
-    assert td.RetryPolicy(attempts=5000, base_delay=1.0).delay(4999) <= 300
+    assert net.RetryPolicy(attempts=5000, base_delay=1.0).delay(4999) <= 300
 
 
 def test_server_uids_are_checked_before_they_name_anything():
@@ -300,17 +306,17 @@ def test_server_uids_are_checked_before_they_name_anything():
             {"SeriesInstanceUID": "1" * 70 + ".1"}, {"SeriesInstanceUID": 12},
             {"PatientID": "no uid"}, {"SeriesInstanceUID": "1.2.840.5", "FileSize": "12.5MB",
                                        "StudyInstanceUID": {"a": 1}}]
-    usable = td.usable_records(rows, "getSeries")
+    usable = plan.usable_records(rows, "getSeries")
     assert [r["SeriesInstanceUID"] for r in usable] == ["1.2.840.5"]
     assert "FileSize" not in usable[0] and isinstance(usable[0]["StudyInstanceUID"], str)
-    assert td.plan_records(usable)[0].file_size == 0
+    assert plan.plan_records(usable)[0].file_size == 0
 
 
 def test_a_patient_named_like_a_collection_file_gets_its_own_folder_name():
     records = [{"SeriesInstanceUID": f"1.2.{n}", "StudyInstanceUID": "1.3", "PatientID": pid,
                 "Collection": "C"} for n, pid in enumerate(["MD5SUMS", "LICENSE", "metadata.csv",
                                                             "license.shard-0-of-2", "P1"])]
-    patients = {s.path.split("/")[0] for s in td.plan_records(records)}
+    patients = {s.path.split("/")[0] for s in plan.plan_records(records)}
     assert patients == {"MD5SUMS-patient", "LICENSE-patient", "metadata.csv-patient",
                         "license.shard-0-of-2-patient", "P1"}
 
@@ -318,23 +324,23 @@ def test_a_patient_named_like_a_collection_file_gets_its_own_folder_name():
 def test_duplicate_rows_plan_one_series():
     record = {"SeriesInstanceUID": "1.2.3", "StudyInstanceUID": "1.3", "PatientID": "P",
               "Collection": "C"}
-    assert len(td.plan_records([record, dict(record), dict(record)])) == 1
+    assert len(plan.plan_records([record, dict(record), dict(record)])) == 1
 
 
 def test_a_garbage_manifest_is_refused_early(tmp_path):
     garbage = tmp_path / "garbage.tcia"
     garbage.write_bytes(bytes(range(256)) * 4000 + b"\n1.2.3.4\n")
-    with pytest.raises(td.FatalRunError, match="mostly not SeriesInstanceUIDs"):
-        td.read_manifest(garbage)
+    with pytest.raises(errors.FatalRunError, match="mostly not SeriesInstanceUIDs"):
+        plan.read_manifest(garbage)
 
 
 # -- log lines ----------------------------------------------------------------------------------
 
 def sanitised(message: str, *secrets: str) -> str:
-    vault = td.Secrets()
+    vault = logs.Secrets()
     vault.add(lambda: list(secrets))
     record = logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
-    td.LogSanitiser(vault).filter(record)
+    logs.LogSanitiser(vault).filter(record)
     return record.getMessage()
 
 
@@ -360,7 +366,7 @@ def test_a_stop_cuts_a_transfer_blocked_in_a_read_at_once():
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     stop = threading.Event()
-    watchdog = td.TransferWatchdog(window=3600, stop=stop)
+    watchdog = net.TransferWatchdog(window=3600, stop=stop)
     client = watchdog.watch(socket.create_connection(server.getsockname()))
     peer, _ = server.accept()
     got: list[bytes] = []
@@ -379,8 +385,9 @@ def test_a_stop_cuts_a_transfer_blocked_in_a_read_at_once():
 HOT_JOURNAL = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
-import tcia_downloader as td
-journal = td.Journal(td.Path(sys.argv[2]))
+from pathlib import Path
+from tcia_dl.journal import Journal
+journal = Journal(Path(sys.argv[2]))
 journal._db.execute("PRAGMA cache_size=1")      # spill pages into the file before COMMIT
 journal._db.execute("BEGIN IMMEDIATE")
 for n in range(2000):
@@ -393,13 +400,13 @@ def test_a_journal_killed_mid_commit_is_read_not_refused(tmp_path):
     """0.3 opened it read-only, which cannot roll back the hot journal: every rerun
     exited 2 ('attempt to write a readonly database') and the run could not resume."""
     path = tmp_path / "COLL.tar.xz.journal"
-    journal = td.Journal(path)
+    journal = journal_module.Journal(path)
     journal.put("finished", "no")
     journal.close()
-    subprocess.run([td.sys.executable, "-c", HOT_JOURNAL, str(Path(td.__file__).parent),
+    subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(Path(tcia_dl.__file__).parent.parent),
                     str(path)], check=False)
     assert Path(f"{path}-journal").exists()          # the kill left a hot journal
-    assert td.read_journal(path) == ({}, False)
+    assert journal_module.read_journal(path) == ({}, False)
 
 
 def test_a_stale_series_folder_is_hidden_before_it_is_deleted(tmp_path, monkeypatch):
@@ -412,7 +419,7 @@ def test_a_stale_series_folder_is_hidden_before_it_is_deleted(tmp_path, monkeypa
     new = tmp_path / "scratch" / "series-1.d"
     new.mkdir(parents=True)
     (new / "1.dcm").write_bytes(b"new")
-    real_rmtree = td.shutil.rmtree
+    real_rmtree = shutil.rmtree
 
     def killed_midway(path, *args, **kwargs):
         path = Path(path)
@@ -421,12 +428,12 @@ def test_a_stale_series_folder_is_hidden_before_it_is_deleted(tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(td.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        td.move_folder(new, destination)
+        tree.move_folder(new, destination)
     assert not destination.exists()                   # never a half-deleted series in view
-    monkeypatch.setattr(td.shutil, "rmtree", real_rmtree)
-    td.move_folder(new, destination)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    tree.move_folder(new, destination)
     assert sorted(p.name for p in destination.iterdir()) == ["1.dcm"]
     assert [p.name for p in destination.parent.iterdir()] == ["S"]
 
@@ -437,26 +444,26 @@ def test_a_run_finding_its_output_finished_removes_what_a_late_kill_left(tmp_pat
     file and scratch for ever: the rerun stopped at 'nothing to do' before tidying."""
     from test_downloader_e2e import Run
     fake = fake_nbia_factory(demo_series=2)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     out = tmp_path / "out"
     (out / "DEMO.tar.xz.lock").write_text("pid 1 on a node that died\n")
-    scratch, owner = td.claim_scratch(out, "DEMO")
+    scratch, owner = storage.claim_scratch(out, "DEMO")
     (scratch / "series-1.zip").write_bytes(b"left by the killed run")
     owner.close()                                     # its run is gone
     rerun = Run(tmp_path, fake)
-    assert rerun.code == td.EXIT_OK and "nothing to do" in rerun.log
+    assert rerun.code == errors.EXIT_OK and "nothing to do" in rerun.log
     assert sorted(p.name for p in out.iterdir()) == ["DEMO.tar.xz", "DEMO.tar.xz.journal"]
 
 
 def test_metadata_with_control_characters_still_makes_a_metadata_csv(tmp_path):
     """Python 3.10's csv writer refuses NUL ('need to escape'): hostile metadata stopped
     every run at its last step, for ever. Control characters are removed on every Python."""
-    journal = td.Journal(tmp_path / "j")
-    series = td.PlannedSeries(uid="1.2.3", collection="C", path="P/S/1",
+    journal = journal_module.Journal(tmp_path / "j")
+    series = plan.PlannedSeries(uid="1.2.3", collection="C", path="P/S/1",
                               record={"SeriesInstanceUID": "1.2.3",
                                       "SeriesDescription": "nul\x00 bell\x07 tab\tok"},
                               image_count=1, file_size=1)
-    journal.record(series, td.VerifiedSeries(tmp_path, [], None, []), 0, 0)
-    text = td.metadata_csv(journal, "C").decode()
+    journal.record(series, sources_base.VerifiedSeries(tmp_path, [], None, []), 0, 0)
+    text = collection_files.metadata_csv(journal, "C").decode()
     assert "nul bell tab\tok" in text and "\x00" not in text
     journal.close()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors as errors_module, plan
+from tcia_dl.sources import nbia, nbia_api
 from fake_nbia import Faults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ class Run:
                      "--workers", "3", "--retry-wait", "0.05", "--stall-timeout", "1",
                      *(["--compression"] if compression else []), *extra]
         before = set(self.cache.glob("logs/*-info.log"))
-        self.code = td.main(self.argv)
+        self.code = cli.main(self.argv)
         new_logs = sorted(set(self.cache.glob("logs/*-info.log")) - before) or \
             sorted(self.cache.glob("logs/*-info.log"))
         self.log = new_logs[-1].read_text() if new_logs else ""
@@ -70,7 +71,7 @@ def series_folders(members: dict[str, str]) -> dict[str, list[str]]:
 
 
 def expected_folders(fake, collection: str = "DEMO") -> dict[str, list[str]]:
-    planned = td.plan_collection(collection, fake.series(collection))
+    planned = plan.plan_collection(collection, fake.series(collection))
     return {f"{collection}/{p.path}": sorted(md5(data) for _, data in fake.instances(p.uid))
             for p in planned}
 
@@ -110,7 +111,7 @@ def test_a_clean_collection_becomes_one_verified_archive(tmp_path, fake_nbia_fac
     run = Run(tmp_path, fake)
     done_lines = [line for line in capsys.readouterr().err.splitlines() if " done " in line]
     assert done_lines and max(map(len, done_lines)) <= 100     # a 100-column terminal
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     archive = run.output / "DEMO.tar.xz"
     assert archive.exists() and not (run.output / "DEMO.tar.xz.part").exists()
     members = archive_members(archive)
@@ -135,7 +136,7 @@ def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path
     state = threading.Condition()
     seen = {"downloaded": 0, "packing": 0, "peak": 0, "downloaded_while_packing": 0}
     packed_uids: list[str] = []
-    real_download, real_verify = td.TciaApi.download_zip, td.verify_zip
+    real_download, real_verify = nbia_api.TciaApi.download_zip, nbia.verify_zip
 
     def download_zip(self, *args, **kwargs):
         result = real_download(self, *args, **kwargs)
@@ -164,10 +165,10 @@ def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path
             with state:
                 seen["packing"] -= 1
 
-    monkeypatch.setattr(td.TciaApi, "download_zip", download_zip)
-    monkeypatch.setattr(td, "verify_zip", verify_zip)
+    monkeypatch.setattr(nbia_api.TciaApi, "download_zip", download_zip)
+    monkeypatch.setattr(nbia, "verify_zip", verify_zip)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
     assert seen["peak"] == 1
     assert seen["downloaded_while_packing"] >= 1
@@ -175,10 +176,10 @@ def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path
 
 def test_a_finished_archive_is_not_downloaded_again(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory()
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors_module.EXIT_OK
     images = fake.counters.requests("getImage") + fake.counters.requests("getImageWithMD5Hash")
     again = Run(tmp_path, fake)
-    assert again.code == td.EXIT_OK
+    assert again.code == errors_module.EXIT_OK
     assert "nothing to do" in again.log
     assert fake.counters.requests("getImage") + fake.counters.requests("getImageWithMD5Hash") == images
 
@@ -187,7 +188,7 @@ def test_a_finished_archive_is_not_downloaded_again(tmp_path, fake_nbia_factory)
 def test_each_include_md5_behaviour_of_the_server_ends_verified(tmp_path, fake_nbia_factory, mode):
     fake = fake_nbia_factory(include_md5=mode)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     members = archive_members(run.output / "DEMO.tar.xz")
     assert series_folders(members) == expected_folders(fake)
     with_hash = fake.counters.requests("getImageWithMD5Hash", 200)
@@ -206,7 +207,7 @@ def test_folder_tree_mode_moves_verified_series_and_leaves_no_scratch(tmp_path, 
     fake = fake_nbia_factory()
     scratch = tmp_path / "scratch"
     run = Run(tmp_path, fake, "--temp_dir", str(scratch), compression=False)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     root = run.output / "DEMO"
     members = {f"DEMO/{k}": v for k, v in tree_members(root).items()}
     assert series_folders(members) == expected_folders(fake)
@@ -218,7 +219,7 @@ def test_folder_tree_mode_moves_verified_series_and_leaves_no_scratch(tmp_path, 
 def test_real_metadata_collection_with_missing_series_dates(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(instances=2)
     run = Run(tmp_path, fake, "--workers", "4", collection="Pancreas-CT")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     members = archive_members(run.output / "Pancreas-CT.tar.xz")
     assert series_folders(members) == expected_folders(fake, "Pancreas-CT")
     assert not any("unknown_date" in name for name in members)
@@ -239,7 +240,7 @@ def test_every_fault_kind_is_retried_to_a_complete_archive(tmp_path, fake_nbia_f
     for uid, kind in zip(uids[1:], kinds):    # the first series goes alone: keep it clean
         fake.script_faults(uid, [kind, kind])  # twice in a row: the backoff must go on
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
     for kind, symptom in FAULT_KINDS.items():
         assert f"attempt 2/6 failed: {symptom}" in run.log or \
@@ -253,7 +254,7 @@ def test_a_series_that_keeps_failing_is_reported_and_the_rest_resumes_later(tmp_
     victim = uids[3]
     fake.script_faults(victim, ["500"] * 3)
     run = Run(tmp_path, fake, "--retries", "3")
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors_module.EXIT_INCOMPLETE
     assert (run.output / "DEMO.tar.xz.part").exists()
     assert not (run.output / "DEMO.tar.xz").exists()
     manifest = (run.output / "DEMO.failed.tcia").read_text().splitlines()
@@ -262,7 +263,7 @@ def test_a_series_that_keeps_failing_is_reported_and_the_rest_resumes_later(tmp_
     downloads = {uid: fake.counters.complete_downloads(uid) for uid in uids}
 
     again = Run(tmp_path, fake)
-    assert again.code == td.EXIT_OK, again.log
+    assert again.code == errors_module.EXIT_OK, again.log
     assert {uid: fake.counters.complete_downloads(uid) for uid in uids} == \
         {**downloads, victim: downloads[victim] + 1}
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
@@ -275,7 +276,7 @@ def test_a_refused_series_fails_at_once_and_the_rest_completes(tmp_path, fake_nb
     refused = uids[5]
     fake.script_faults(refused, ["not_granted"] * 6)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors_module.EXIT_INCOMPLETE
     assert fake.counters.requests("getImage", 400) == 1          # no retry: it would not help
     assert "not granted" in run.log and "failed: the server refuses" not in run.log
     assert "attempt 1/" not in run.log
@@ -288,7 +289,7 @@ def test_a_service_outage_stops_the_run_instead_of_spending_the_job(tmp_path,
                                                                     fake_nbia_factory):
     fake = fake_nbia_factory(include_md5="honour", demo_series=30, faults=Faults(p500=1.0))
     run = Run(tmp_path, fake, "--retries", "2", "--workers", "2")
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors_module.EXIT_INCOMPLETE
     assert "the service looks down: 5 series in a row failed" in run.log
     attempted = len({line.split("(")[-1].split(")")[0] for line in run.log.splitlines()
                      if "FAILED" in line})
@@ -296,7 +297,7 @@ def test_a_service_outage_stops_the_run_instead_of_spending_the_job(tmp_path,
     assert "Rerun later: it resumes" in run.log
     fake.config.faults = Faults()                  # the service is back
     again = Run(tmp_path, fake)
-    assert again.code == td.EXIT_OK, again.log
+    assert again.code == errors_module.EXIT_OK, again.log
 
 
 def test_refused_series_do_not_look_like_an_outage(tmp_path, fake_nbia_factory):
@@ -305,7 +306,7 @@ def test_refused_series_do_not_look_like_an_outage(tmp_path, fake_nbia_factory):
     for uid in uids[1:9]:                          # 8 refusals, more than the breaker's 5
         fake.script_faults(uid, ["not_granted"])
     run = Run(tmp_path, fake, "--workers", "2")
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors_module.EXIT_INCOMPLETE
     assert "looks down" not in run.log
     assert len(journal_uids(run.output)) == 12 - 8
 
@@ -317,7 +318,7 @@ def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path
     fake = fake_nbia_factory(nasty=frozenset({"contaminate", "junk", "hostile_names",
                                               "duplicate_series_numbers", "missing_dates"}))
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     archive = run.output / "DEMO.tar.xz"
     members = archive_members(archive)
     assert series_folders(members) == expected_folders(fake)
@@ -356,7 +357,7 @@ def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tm
     # Slow enough that each kill point is reachable, fast enough for CI.
     fake = fake_nbia_factory(demo_series=10, conn_bandwidth=400_000)
     reference = Run(tmp_path / "ref", fake, output=tmp_path / "ref" / "out")
-    assert reference.code == td.EXIT_OK
+    assert reference.code == errors_module.EXIT_OK
     expected = archive_members(reference.output / "DEMO.tar.xz")
     fake.counters.reset()
 
@@ -386,7 +387,7 @@ def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tm
     assert len(committed_before) >= 5
     final = start_subprocess(fake, output, cache, "--temp_dir", str(scratch))
     _, errors = final.communicate(timeout=120)
-    assert final.returncode == td.EXIT_OK, errors
+    assert final.returncode == errors_module.EXIT_OK, errors
     # the same members with the same content, LICENSE, metadata.csv and MD5SUMS included
     assert archive_members(output / "DEMO.tar.xz") == expected
     # no committed series was downloaded again
@@ -394,8 +395,8 @@ def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tm
     verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, td.EXIT_SIGTERM),
-                                       (signal.SIGINT, td.EXIT_SIGINT)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, errors_module.EXIT_SIGTERM),
+                                       (signal.SIGINT, errors_module.EXIT_SIGINT)])
 def test_a_signal_stops_promptly_with_its_exit_code_and_the_rerun_completes(
         tmp_path, fake_nbia_factory, sig, code):
     fake = fake_nbia_factory(demo_series=8, conn_bandwidth=300_000)
@@ -413,7 +414,7 @@ def test_a_signal_stops_promptly_with_its_exit_code_and_the_rerun_completes(
     downloads = {uid: fake.counters.complete_downloads(uid) for uid in committed}
     rerun = start_subprocess(fake, output, cache)
     _, errors = rerun.communicate(timeout=120)
-    assert rerun.returncode == td.EXIT_OK, errors
+    assert rerun.returncode == errors_module.EXIT_OK, errors
     assert {uid: fake.counters.complete_downloads(uid) for uid in committed} == downloads
     assert series_folders(archive_members(output / "DEMO.tar.xz")) == expected_folders(fake)
 
@@ -454,7 +455,7 @@ def test_short_lived_tokens_are_renewed_before_they_expire(tmp_path, fake_nbia_f
     fake = fake_nbia_factory(require_token=True, users={"alice": password}, token_lifetime=1.0,
                              demo_series=8, conn_bandwidth=40_000)
     process, errors = run_with_login(fake, tmp_path, password)
-    assert process.returncode == td.EXIT_OK, errors
+    assert process.returncode == errors_module.EXIT_OK, errors
     assert image_requests(fake, 401) == 0
     assert fake.counters.requests("token", 200) >= 2
     assert series_folders(archive_members(tmp_path / "out" / "DEMO.tar.xz")) == \
@@ -472,7 +473,7 @@ def test_tokens_revoked_mid_run_are_renewed_after_the_401(tmp_path, fake_nbia_fa
         fake.expire_tokens()
 
     process, errors = run_with_login(fake, tmp_path, password, revoke_after_two_commits)
-    assert process.returncode == td.EXIT_OK, errors
+    assert process.returncode == errors_module.EXIT_OK, errors
     assert image_requests(fake, 401) >= 1          # the revoked token was really refused
     assert fake.counters.requests("token", 200) >= 2
     assert series_folders(archive_members(tmp_path / "out" / "DEMO.tar.xz")) == \
@@ -485,7 +486,7 @@ def test_a_wrong_password_is_one_clear_line_and_exit_2(tmp_path, fake_nbia_facto
     fake = fake_nbia_factory(require_token=True, users={"alice": "right"})
     monkeypatch.setenv("TCIA_PASSWORD", "pw-Wrong-77")
     run = Run(tmp_path, fake, "--user", "alice")
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     err = capsys.readouterr().err
     assert "rejected the login of user 'alice'" in err
     assert "pw-Wrong-77" not in err
@@ -495,7 +496,7 @@ def test_a_wrong_password_is_one_clear_line_and_exit_2(tmp_path, fake_nbia_facto
 def test_a_private_server_without_user_asks_for_one(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory(require_token=True, users={"alice": "right"})
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     assert "pass --user" in capsys.readouterr().err
 
 
@@ -505,7 +506,7 @@ def test_an_unknown_collection_exits_2_and_suggests_close_names(tmp_path, fake_n
                                                                 capsys):
     fake = fake_nbia_factory()
     run = Run(tmp_path, fake, collection="pancreas_ct")
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     err = capsys.readouterr().err
     assert "unknown collection 'pancreas_ct'" in err and "Pancreas-CT" in err
     assert not (run.output / "pancreas_ct.tar.xz.part").exists()
@@ -513,7 +514,7 @@ def test_an_unknown_collection_exits_2_and_suggests_close_names(tmp_path, fake_n
 
 def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory()
-    assert Run(tmp_path, fake, collection="NLST").code == td.EXIT_USAGE
+    assert Run(tmp_path, fake, collection="NLST").code == errors_module.EXIT_USAGE
     assert "nlst.cancerimagingarchive.net" in capsys.readouterr().err
 
 
@@ -547,7 +548,7 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
 def test_bad_usage_is_one_line_and_exit_2(argv, message):
     result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
                             stdin=subprocess.DEVNULL)
-    assert result.returncode == td.EXIT_USAGE
+    assert result.returncode == errors_module.EXIT_USAGE
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
@@ -557,7 +558,7 @@ def test_user_without_password_and_no_terminal_says_how(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TCIA_PASSWORD"}
     result = subprocess.run([sys.executable, str(SCRIPT), "--collection", "X", "--user", "u"],
                             capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
-    assert result.returncode == td.EXIT_USAGE
+    assert result.returncode == errors_module.EXIT_USAGE
     assert "set TCIA_PASSWORD" in result.stderr
 
 
@@ -568,7 +569,7 @@ def test_password_on_the_command_line_warns_about_ps(tmp_path, fake_nbia_factory
          "--cache_dir", str(tmp_path / "c"), "--api-url", fake.url, "--no-progress",
          "--user", "alice", "--password", "pw-cmdline", "--compression", "--retry-wait", "0"],
         capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert result.returncode == td.EXIT_OK, result.stderr
+    assert result.returncode == errors_module.EXIT_OK, result.stderr
     assert "visible to other users in `ps`" in result.stderr
     assert "pw-cmdline" not in result.stderr
     for path in (tmp_path / "c").rglob("*"):
@@ -581,8 +582,8 @@ def test_password_on_the_command_line_warns_about_ps(tmp_path, fake_nbia_factory
 def test_metadata_is_cached_but_images_and_tokens_never(tmp_path, fake_nbia_factory, monkeypatch):
     fake = fake_nbia_factory(require_token=True, users={"alice": "pw-cache-1"})
     monkeypatch.setenv("TCIA_PASSWORD", "pw-cache-1")
-    assert Run(tmp_path, fake, "--user", "alice").code == td.EXIT_OK
-    assert Run(tmp_path, fake, "--user", "alice").code == td.EXIT_OK
+    assert Run(tmp_path, fake, "--user", "alice").code == errors_module.EXIT_OK
+    assert Run(tmp_path, fake, "--user", "alice").code == errors_module.EXIT_OK
     assert fake.counters.requests("getSeries") == 1          # the second run read the cache
     cache_files = [p for p in (tmp_path / "cache").glob("http_cache*") if p.is_file()]
     assert cache_files
@@ -594,7 +595,7 @@ def test_metadata_is_cached_but_images_and_tokens_never(tmp_path, fake_nbia_fact
 
 def test_cache_and_log_folders_are_private(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(demo_series=2)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors_module.EXIT_OK
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "cache" / "logs").stat().st_mode & 0o777 == 0o700
     logs = sorted(p.name for p in (tmp_path / "cache" / "logs").iterdir())
@@ -616,7 +617,7 @@ def run_into_slurm_out(tmp_path: Path, fake, *extra: str) -> tuple[int, str]:
 def test_a_slurm_out_file_gets_summary_lines_not_bars(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
     code, text = run_into_slurm_out(tmp_path, fake)
-    assert code == td.EXIT_OK
+    assert code == errors_module.EXIT_OK
     assert "\r" not in text                                   # no bars in a file
     summaries = [line for line in text.splitlines() if " progress: " in line]
     assert len(summaries) >= 2
@@ -628,7 +629,7 @@ def test_log_level_warning_quietens_the_out_file_but_keeps_summaries_and_the_rep
         tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(demo_series=6, conn_bandwidth=40_000)
     code, text = run_into_slurm_out(tmp_path, fake, "--log-level", "warning")
-    assert code == td.EXIT_OK
+    assert code == errors_module.EXIT_OK
     assert " done DEMO/" not in text                          # the INFO lines are gone
     assert " progress: " in text and "report for DEMO: 6 series requested" in text
     archive = (tmp_path / "o" / "DEMO.tar.xz").resolve()
@@ -660,7 +661,7 @@ def test_a_terminal_gets_progress_bars(tmp_path, fake_nbia_factory):
             break
         screen += chunk
     os.close(primary)
-    assert process.wait(timeout=60) == td.EXIT_OK
+    assert process.wait(timeout=60) == errors_module.EXIT_OK
     text = screen.decode("utf-8", "replace")
     assert "series: 100%" in text and "4/4" in text
     assert "data: 100%" in text
@@ -671,7 +672,7 @@ def test_an_unusable_output_is_refused_before_any_request(tmp_path, fake_nbia_fa
     fake = fake_nbia_factory()
     (tmp_path / "a-file").write_text("")
     run = Run(tmp_path, fake, output=tmp_path / "a-file" / "out")
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     assert "--output" in capsys.readouterr().err
     assert fake.counters.snapshot()["requests"] == {}
 
@@ -681,16 +682,16 @@ def test_an_unreachable_server_names_the_host(tmp_path, capsys):
     with socket.socket() as probe:          # a port that nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = td.main(["--collection", "DEMO", "--output", str(tmp_path / "o"), "--cache_dir",
+    code = cli.main(["--collection", "DEMO", "--output", str(tmp_path / "o"), "--cache_dir",
                     str(tmp_path / "c"), "--api-url", f"http://127.0.0.1:{port}/nbia-api/services/v4/",
                     "--retries", "2", "--retry-wait", "0", "--no-progress"])
-    assert code == td.EXIT_INCOMPLETE
+    assert code == errors_module.EXIT_INCOMPLETE
     err = capsys.readouterr().err
     assert f"cannot connect to 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 def run_against(tmp_path, api_url: str) -> int:
-    return td.main(["--collection", "DEMO", "--output", str(tmp_path / "o"), "--cache_dir",
+    return cli.main(["--collection", "DEMO", "--output", str(tmp_path / "o"), "--cache_dir",
                     str(tmp_path / "c"), "--api-url", api_url, "--retries", "3",
                     "--retry-wait", "5", "--no-progress"])
 
@@ -709,7 +710,7 @@ def test_a_host_that_does_not_exist_is_a_mistake_to_fix_not_an_outage(tmp_path, 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     started = time.monotonic()
     code = run_against(tmp_path, "https://nbia.example.invalid/nbia-api/services/v4/")
-    assert code == td.EXIT_USAGE and time.monotonic() - started < 5
+    assert code == errors_module.EXIT_USAGE and time.monotonic() - started < 5
     err = capsys.readouterr().err
     assert "nbia.example.invalid does not exist" in err and "--proxy" in err
     assert "Traceback" not in err
@@ -718,10 +719,10 @@ def test_a_host_that_does_not_exist_is_a_mistake_to_fix_not_an_outage(tmp_path, 
 def test_a_wrong_api_path_and_a_tls_failure_are_mistakes_to_fix(tmp_path, fake_nbia_factory,
                                                                  capsys):
     fake = fake_nbia_factory()
-    assert run_against(tmp_path, fake.url.replace("/services/v4/", "/v4/")) == td.EXIT_USAGE
+    assert run_against(tmp_path, fake.url.replace("/services/v4/", "/v4/")) == errors_module.EXIT_USAGE
     assert "HTTP 404 (not found): check --api-url" in capsys.readouterr().err
     started = time.monotonic()       # TLS spoken to a plain-HTTP server fails the handshake
-    assert run_against(tmp_path, fake.url.replace("http://", "https://")) == td.EXIT_USAGE
+    assert run_against(tmp_path, fake.url.replace("http://", "https://")) == errors_module.EXIT_USAGE
     assert time.monotonic() - started < 5
     assert "TLS with 127.0.0.1 failed" in capsys.readouterr().err
 
@@ -742,7 +743,7 @@ def test_an_old_python_gets_one_line_saying_what_to_load(tmp_path):
     for python in pythons:
         result = subprocess.run([str(python), str(SCRIPT), "--collection", "X"],
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        assert result.returncode == td.EXIT_USAGE, (python, result.stderr)
+        assert result.returncode == errors_module.EXIT_USAGE, (python, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "needs Python 3.9 or newer" in lines[0], (python, lines)
         assert "module load" in lines[0]
@@ -752,7 +753,7 @@ def test_a_missing_package_gets_one_line_saying_how_to_install(tmp_path):
     # -S: no site-packages, so requests cannot be imported
     result = subprocess.run([sys.executable, "-S", str(SCRIPT), "--collection", "X"],
                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert result.returncode == td.EXIT_USAGE
+    assert result.returncode == errors_module.EXIT_USAGE
     assert result.stderr.strip().splitlines() == [
         "tcia_downloader: error: the Python package 'requests' is missing: install "
         "requirements.txt (python3 -m pip install -r requirements.txt, in a venv: see the "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors, extract as extract_module, tarread, verify, xzread
 from test_downloader_e2e import Run
 
 
@@ -23,13 +23,13 @@ from test_downloader_e2e import Run
 def archive(tmp_path, fake_nbia_factory) -> Path:
     """A finished archive of 6 series (4 patients), with its journal beside it."""
     fake = fake_nbia_factory(demo_series=6)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     return tmp_path / "out" / "DEMO.tar.xz"
 
 
 def extract(archive: Path, into: Path, capsys, *selection: str) -> tuple[int, list[str]]:
     capsys.readouterr()                       # what the runs before it printed
-    code = td.main(["--extract", str(archive), "--output", str(into), *selection,
+    code = cli.main(["--extract", str(archive), "--output", str(into), *selection,
                     "--cache_dir", str(into.parent / "xcache")])
     captured = capsys.readouterr()
     return code, captured.out.splitlines() + captured.err.splitlines()
@@ -62,12 +62,13 @@ def same_trees(ours: Path, theirs: Path) -> None:
 def decompressed_streams(monkeypatch) -> list[int]:
     """Records the index of every stream --extract decompresses whole."""
     seen: list[int] = []
-    real = td.check_stream
+    real = tarread.check_stream
 
     def counting(path, index, *args, **kwargs):
         seen.append(index)
         return real(path, index, *args, **kwargs)
-    monkeypatch.setattr(td, "check_stream", counting)
+    for patched_module in (extract_module, verify):
+        monkeypatch.setattr(patched_module, "check_stream", counting)
     return seen
 
 
@@ -75,17 +76,17 @@ def test_one_series_decompresses_only_its_stream_and_matches_tar(archive, tmp_pa
                                                                   monkeypatch):
     rows = metadata(archive)
     wanted = rows[3]
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     seen = decompressed_streams(monkeypatch)
     code, lines = extract(archive, tmp_path / "one", capsys, "--series-uid",
                           wanted["SeriesInstanceUID"])
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert "1 series" in lines[-1] and f"from 2 of {len(spans)} xz streams" in lines[-1]
     # the series' own stream and the small closing one (LICENSE, metadata, MD5SUMS): the
     # closing one twice (read for MD5SUMS first, then written), no other stream
     folder = f"DEMO/{wanted['Path']}"
     holder = next(i for i, (start, end) in enumerate(spans[:-1])
-                  if folder in td.first_member_name(archive, start, end)[0])
+                  if folder in extract_module.first_member_name(archive, start, end)[0])
     assert sorted(set(seen)) == sorted({holder, len(spans) - 1})
 
     with tarfile.open(archive, "r:xz") as tar:
@@ -97,7 +98,7 @@ def test_one_series_decompresses_only_its_stream_and_matches_tar(archive, tmp_pa
 
 def test_without_a_selection_it_is_a_verifying_tar_x(archive, tmp_path, capsys):
     code, lines = extract(archive, tmp_path / "all", capsys)
-    assert code == td.EXIT_OK and "6 series, 26 files" in lines[-1], lines
+    assert code == errors.EXIT_OK and "6 series, 26 files" in lines[-1], lines
     same_trees(tmp_path / "all", tar_copy(archive, tmp_path / "tar"))
     check = subprocess.run(["md5sum", "--quiet", "-c", "MD5SUMS"], cwd=tmp_path / "all" / "DEMO")
     assert check.returncode == 0
@@ -113,7 +114,7 @@ def test_a_copy_without_its_journal_finds_the_series_from_its_headers(archive, t
     theirs = {r["Path"] for r in rows if r["PatientID"] == patient}
     seen = decompressed_streams(monkeypatch)
     code, lines = extract(copy, tmp_path / "p", capsys, "--patient", patient)
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert len(set(seen)) == len(theirs) + 1
     got = {str(p.parent.relative_to(tmp_path / "p" / "DEMO"))
            for p in (tmp_path / "p" / "DEMO").rglob("*.dcm")}
@@ -121,31 +122,31 @@ def test_a_copy_without_its_journal_finds_the_series_from_its_headers(archive, t
     # all of it: the streams peeked at for their names are read once more, but counted once
     code, lines = extract(copy, tmp_path / "all", capsys)
     read, total = re.search(r"\(read (.+) of (.+)\)", lines[-1]).groups()
-    assert code == td.EXIT_OK and read == total, lines
+    assert code == errors.EXIT_OK and read == total, lines
 
 
 def test_by_study_and_a_selection_the_archive_lacks(archive, tmp_path, capsys):
     rows = metadata(archive)
     study = rows[0]["StudyInstanceUID"]
     code, lines = extract(archive, tmp_path / "s", capsys, "--study-uid", study)
-    assert code == td.EXIT_OK
+    assert code == errors.EXIT_OK
     assert f"{sum(r['StudyInstanceUID'] == study for r in rows)} series" in lines[-1]
 
     code, lines = extract(archive, tmp_path / "none", capsys, "--series-uid", "1.2.3.4")
-    assert code == td.EXIT_USAGE and len(lines) == 1
+    assert code == errors.EXIT_USAGE and len(lines) == 1
     assert "--series-uid 1.2.3.4: no series of DEMO.tar.xz matches" in lines[0]
     assert not (tmp_path / "none").exists()
 
 
 def test_a_damaged_stream_leaves_no_file_of_it(archive, tmp_path, capsys):
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     start, end = spans[1]
-    folder = td.first_member_name(archive, start, end)[0].rsplit("/", 1)[0]
+    folder = extract_module.first_member_name(archive, start, end)[0].rsplit("/", 1)[0]
     data = bytearray(archive.read_bytes())
     data[(start + end) // 2] ^= 0x55
     archive.write_bytes(bytes(data))
     code, lines = extract(archive, tmp_path / "x", capsys)
-    assert code == td.EXIT_INCOMPLETE
+    assert code == errors.EXIT_INCOMPLETE
     assert any(line.startswith("stream 2 ") and "damaged" in line for line in lines)
     missing = [line for line in lines if line.endswith("listed in MD5SUMS, missing from the "
                                                        "archive")]
@@ -171,7 +172,7 @@ def test_a_file_whose_md5_is_not_the_listed_one_is_not_written(archive, tmp_path
         for info, data in members:
             tar.addfile(info, io.BytesIO(data))
     code, lines = extract(changed, tmp_path / "c", capsys)
-    assert code == td.EXIT_INCOMPLETE
+    assert code == errors.EXIT_INCOMPLETE
     assert lines[0].startswith(f"{name}: MD5 ") and lines[0].endswith("not extracted")
     assert not (tmp_path / "c" / name).exists() and len(lines) == 2
 
@@ -207,7 +208,7 @@ def test_hostile_names_are_refused_and_nothing_lands_outside(tmp_path, capsys):
     os.symlink(outside, into / "DEMO" / "linked")     # a folder link already in DIR
     archive = hostile(tmp_path / "hostile.tar.xz", outside)
     code, lines = extract(archive, into, capsys)
-    assert code == td.EXIT_INCOMPLETE
+    assert code == errors.EXIT_INCOMPLETE
     refused = [line for line in lines if line.endswith("; refused")]
     assert len(refused) == 7, lines
     for why in ("(..)", "absolute", "symbolic link, not a regular file",
@@ -223,16 +224,16 @@ def test_hostile_names_are_refused_and_nothing_lands_outside(tmp_path, capsys):
 def test_a_part_with_its_journal_extracts_a_series(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory(demo_series=5)
     fake.script_faults(fake.series("DEMO")[1]["SeriesInstanceUID"], ["500"] * 3)
-    assert Run(tmp_path, fake, "--retries", "1").code == td.EXIT_INCOMPLETE
+    assert Run(tmp_path, fake, "--retries", "1").code == errors.EXIT_INCOMPLETE
     part = tmp_path / "out" / "DEMO.tar.xz.part"
     uid = fake.series("DEMO")[3]["SeriesInstanceUID"]
     code, lines = extract(part, tmp_path / "p", capsys, "--series", uid)
-    assert code == td.EXIT_OK and "1 series" in lines[-1], lines
+    assert code == errors.EXIT_OK and "1 series" in lines[-1], lines
     assert len(list((tmp_path / "p").rglob("*.dcm"))) == fake.series("DEMO")[3]["ImageCount"]
 
 
 def test_extract_of_nothing_and_with_download_flags_is_bad_usage(tmp_path, capsys):
     code, lines = extract(tmp_path / "nope.tar.xz", tmp_path / "o", capsys)
-    assert code == td.EXIT_USAGE and "no such archive" in lines[0]
+    assert code == errors.EXIT_USAGE and "no such archive" in lines[0]
     code, lines = extract(tmp_path / "nope.tar.xz", tmp_path / "o", capsys, "--dry-run")
-    assert code == td.EXIT_USAGE and "--extract takes filters" in lines[0]
+    assert code == errors.EXIT_USAGE and "--extract takes filters" in lines[0]

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 
-import tcia_downloader as td
+from tcia_dl import errors, xzread
 from test_downloader_e2e import ROOT, Run
 
 SEED = 18_2026
@@ -84,9 +84,9 @@ for case in range(cases):
 def test_random_flips_and_truncations_are_always_reported_never_a_crash(tmp_path,
                                                                       fake_nbia_factory):
     fake = fake_nbia_factory(demo_series=3)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     work = tmp_path / "fuzz"
     work.mkdir()
     argv = [sys.executable, "-c", FUZZ, str(ROOT), str(archive), str(archive) + ".journal",
@@ -105,7 +105,7 @@ def test_random_flips_and_truncations_are_always_reported_never_a_crash(tmp_path
 
     def wrong(result: dict) -> list[str]:
         why = []
-        want = td.EXIT_OK if result["identical"] else td.EXIT_INCOMPLETE
+        want = errors.EXIT_OK if result["identical"] else errors.EXIT_INCOMPLETE
         for command in ("verify", "extract"):
             run = result.get(command)
             if run is None:

@@ -22,7 +22,7 @@ from typing import Iterable, Union
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors, journal, xzread
 from test_downloader_e2e import ROOT, Run
 
 MiB = 1 << 20
@@ -256,7 +256,7 @@ def tool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def verify(path: Path, capsys) -> tuple[int, list[str]]:
     capsys.readouterr()
-    code = td.main(["--verify", str(path), "--cache_dir", str(path.parent / "vcache")])
+    code = cli.main(["--verify", str(path), "--cache_dir", str(path.parent / "vcache")])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     return code, captured.out.splitlines()
@@ -264,7 +264,7 @@ def verify(path: Path, capsys) -> tuple[int, list[str]]:
 
 def extract(path: Path, into: Path, capsys, *selection: str) -> tuple[int, list[str]]:
     capsys.readouterr()
-    code = td.main(["--extract", str(path), "--output", str(into), *selection,
+    code = cli.main(["--extract", str(path), "--output", str(into), *selection,
                     "--cache_dir", str(into.parent / "xcache")])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
@@ -341,7 +341,7 @@ def test_a_pax_record_of_length_zero_is_a_malformed_header_not_a_hang(tmp_path):
                          timeout=20)
     assert tar.returncode != 0 and "Malformed extended header" in tar.stderr   # GNU tar's word
     for command, done in run_both(archive, tmp_path, timeout=20).items():
-        assert done.returncode == td.EXIT_INCOMPLETE, (command, done.stdout, done.stderr)
+        assert done.returncode == errors.EXIT_INCOMPLETE, (command, done.stdout, done.stderr)
         named = [line for line in done.stdout.lower().splitlines() if "malformed" in line
                  and ("pax" in line or "extended header" in line)]
         assert named, (command, done.stdout)
@@ -383,14 +383,14 @@ def test_verify_names_every_unsafe_member_that_md5sums_lists(tmp_path, kind, cap
     before = sorted(tmp_path.rglob("*"))
 
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     for name in unsafe:
         assert any(name in line and any(why in line.split(name, 1)[1] for why in UNSAFE_REASONS)
                    for line in lines[:-1]), (name, lines)
 
     into = tmp_path / "into"
     code, lines = extract(archive, into, capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     assert list(outside.iterdir()) == []
     new = set(tmp_path.rglob("*")) - set(before)
     assert files_outside(tmp_path, [into, tmp_path / "vcache", tmp_path / "xcache"]) == \
@@ -429,9 +429,9 @@ def test_bytes_a_stream_does_not_account_for_are_damage(tmp_path, kind, capsys):
     assert subprocess.run(["xz", "-t", str(archive)], capture_output=True,
                           timeout=20).returncode != 0
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     code, lines = extract(archive, tmp_path / "x", capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     assert summary_of(lines).endswith("problem(s)")
 
 
@@ -452,9 +452,9 @@ def test_a_pax_size_is_honoured_as_tar_does(tmp_path, capsys):
     assert subprocess.run(["md5sum", "--quiet", "-c", "MD5SUMS"], cwd=by_tar / "DEMO",
                           capture_output=True).returncode != 0
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     code, lines = extract(archive, tmp_path / "x", capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     assert not (tmp_path / "x" / dicom(1)).exists() or \
         (tmp_path / "x" / dicom(1)).read_bytes() == content
 
@@ -471,7 +471,7 @@ def test_the_last_of_two_pax_paths_names_the_member_as_for_tar(tmp_path, capsys)
                              check=True, timeout=20).stdout.splitlines()
     assert second in listing and first not in listing
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     assert any(first in line and "missing" in line for line in lines), lines
 
 
@@ -481,8 +481,8 @@ def archive_in_order(tmp_path: Path, fake, output: Path, later_uid: str) -> Path
     """A finished archive whose later_uid series' stream comes last (it fails in the first
     run and is appended by the resume)."""
     fake.script_faults(later_uid, ["500"] * 3)
-    assert Run(tmp_path, fake, "--retries", "1", output=output).code == td.EXIT_INCOMPLETE
-    assert Run(tmp_path, fake, output=output).code == td.EXIT_OK
+    assert Run(tmp_path, fake, "--retries", "1", output=output).code == errors.EXIT_INCOMPLETE
+    assert Run(tmp_path, fake, output=output).code == errors.EXIT_OK
     return output / "DEMO.tar.xz"
 
 
@@ -498,13 +498,13 @@ def test_extract_with_another_archives_journal_writes_only_the_patient_asked_for
     assert one["PatientID"] != two["PatientID"]
     first = archive_in_order(tmp_path, fake, tmp_path / "a", two["SeriesInstanceUID"])
     second = archive_in_order(tmp_path, fake, tmp_path / "b", one["SeriesInstanceUID"])
-    assert td.xz_stream_spans(first)[1][1] == td.xz_stream_spans(second)[1][1]
+    assert xzread.xz_stream_spans(first)[1][1] == xzread.xz_stream_spans(second)[1][1]
     shutil.copy(tmp_path / "a" / "DEMO.tar.xz.journal", tmp_path / "b" / "DEMO.tar.xz.journal")
 
     for patient in (two["PatientID"], one["PatientID"]):
         into = tmp_path / f"x-{patient}"
         code, lines = extract(second, into, capsys, "--patient", patient)
-        assert code in (td.EXIT_OK, td.EXIT_INCOMPLETE), lines
+        assert code in (errors.EXIT_OK, errors.EXIT_INCOMPLETE), lines
         summary_of(lines)
         written = [p.relative_to(into / "DEMO") for p in (into / "DEMO").rglob("*.dcm")]
         assert {p.parts[0] for p in written} == {patient}, (patient, written)
@@ -546,7 +546,7 @@ def test_a_member_of_a_gib_of_zeros_verifies_and_extracts_in_little_memory(tmp_p
     code, out, err, peak = measured(tmp_path, "--verify", str(archive), "--cache_dir",
                                     str(tmp_path / "c"))
     no_traceback(out, err)
-    assert code == td.EXIT_OK, out
+    assert code == errors.EXIT_OK, out
     assert peak < PEAK_LIMIT, f"--verify peak RSS {peak / 1e6:.0f} MB"
 
     (tmp_path / "small").mkdir()
@@ -555,7 +555,7 @@ def test_a_member_of_a_gib_of_zeros_verifies_and_extracts_in_little_memory(tmp_p
     code, out, err, peak = measured(tmp_path, "--extract", str(archive), "--output", str(into),
                                     "--cache_dir", str(tmp_path / "c"))
     no_traceback(out, err)
-    assert code == td.EXIT_OK, out
+    assert code == errors.EXIT_OK, out
     assert peak < PEAK_LIMIT, f"--extract peak RSS {peak / 1e6:.0f} MB"
     assert (into / dicom(1)).stat().st_size == 300 * MiB
 
@@ -578,7 +578,7 @@ def test_many_big_members_named_like_collection_files_take_little_memory(tmp_pat
                  ["--extract", str(archive), "--output", str(tmp_path / "x")]):
         code, out, err, peak = measured(tmp_path, *args, "--cache_dir", str(tmp_path / "c"))
         no_traceback(out, err)
-        assert code == td.EXIT_INCOMPLETE, (args[0], out, err[-2000:])
+        assert code == errors.EXIT_INCOMPLETE, (args[0], out, err[-2000:])
         assert peak < PEAK_LIMIT, f"{args[0]} peak RSS {peak / 1e6:.0f} MB"
 
 
@@ -612,7 +612,7 @@ def test_a_flipped_backward_size_bit_neither_reads_the_archive_into_memory_nor_c
     code, out, err, peak = measured(tmp_path, "--verify", str(archive), "--cache_dir",
                                     str(tmp_path / "c"))
     no_traceback(out, err)
-    assert code == td.EXIT_INCOMPLETE, out
+    assert code == errors.EXIT_INCOMPLETE, out
     assert peak < PEAK_LIMIT, f"--verify peak RSS {peak / 1e6:.0f} MB"
 
 
@@ -620,7 +620,7 @@ def test_a_flipped_backward_size_bit_neither_reads_the_archive_into_memory_nor_c
 def real_archive(tmp_path, fake_nbia_factory) -> Path:
     """A finished 3-series archive from the fake server, its journal beside it."""
     fake = fake_nbia_factory(demo_series=3)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     return tmp_path / "out" / "DEMO.tar.xz"
 
 
@@ -636,7 +636,7 @@ def test_each_flipped_backward_size_bit_of_a_real_archive_gives_a_repair_manifes
         flip_bit(real_archive, len(original) - 8 + bit // 8, bit % 8)
         manifest.unlink(missing_ok=True)
         code, lines = verify(real_archive, capsys)
-        if code != td.EXIT_INCOMPLETE or not manifest.exists():
+        if code != errors.EXIT_INCOMPLETE or not manifest.exists():
             wrong.append((bit, code, lines[-3:]))
     assert not wrong
 
@@ -682,7 +682,7 @@ def test_single_bit_flips_near_stream_ends_are_reported_damage_with_a_manifest(r
     Today index bits make xz_varint() run past the index (IndexError escapes) and
     Backward Size bits make it seek before byte 0 (an OSError main() calls 'cannot write',
     exit 1 without a manifest)."""
-    spans = td.xz_stream_spans(real_archive)
+    spans = xzread.xz_stream_spans(real_archive)
     pick = random.Random(18)
     cases = [(spans[-1][1] - 64 + i // 8, i % 8) for i in range(512)]
     for _, end in spans[:-1]:
@@ -695,7 +695,7 @@ def test_single_bit_flips_near_stream_ends_are_reported_damage_with_a_manifest(r
     no_traceback(done.stderr)
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == len(cases), done.stderr[-2000:]
-    wrong = [r for r in results if r["code"] != td.EXIT_INCOMPLETE or r["escaped"]
+    wrong = [r for r in results if r["code"] != errors.EXIT_INCOMPLETE or r["escaped"]
              or r["traceback"] or not r["manifest"]]
     assert not wrong, (f"{len(wrong)} of {len(cases)} flips handled wrong, e.g.:\n" +
                        "\n".join(json.dumps(r)[:600] for r in wrong[:: max(1, len(wrong) // 8)]))
@@ -727,7 +727,7 @@ def real_part(tmp_path, fake_nbia_factory) -> Path:
     """An unfinished archive (one of 4 series failed), its journal beside it."""
     fake = fake_nbia_factory(demo_series=4)
     fake.script_faults(fake.series("DEMO")[2]["SeriesInstanceUID"], ["500"] * 3)
-    assert Run(tmp_path, fake, "--retries", "1").code == td.EXIT_INCOMPLETE
+    assert Run(tmp_path, fake, "--retries", "1").code == errors.EXIT_INCOMPLETE
     return tmp_path / "out" / "DEMO.tar.xz.part"
 
 
@@ -742,7 +742,7 @@ def test_a_malformed_journal_beside_an_archive_is_no_traceback(request, tmp_path
     archive = request.getfixturevalue("real_archive" if which == "finished" else "real_part")
     spoil(archive.with_name("DEMO.tar.xz.journal"))
     for command, done in run_both(archive, tmp_path, timeout=60).items():
-        assert done.returncode in (td.EXIT_OK, td.EXIT_INCOMPLETE), (command, done.stdout,
+        assert done.returncode in (errors.EXIT_OK, errors.EXIT_INCOMPLETE), (command, done.stdout,
                                                                      done.stderr[-2000:])
         last = done.stdout.splitlines()[-1] if done.stdout.strip() else ""
         assert last.endswith(": OK") or last.endswith("problem(s)"), (command, done.stdout)
@@ -755,14 +755,14 @@ def test_a_garbage_journal_beside_a_folder_tree_is_no_traceback(tmp_path, fake_n
     every *.journal there. Today repair_manifests() queries each, and sqlite's 'file is not
     a database' escapes as a traceback even when the tree is whole."""
     fake = fake_nbia_factory(demo_series=2)
-    assert Run(tmp_path, fake, compression=False).code == td.EXIT_OK
+    assert Run(tmp_path, fake, compression=False).code == errors.EXIT_OK
     output = tmp_path / "out"
-    assert td.journal_path(output, "DEMO", False).exists()
+    assert journal.journal_path(output, "DEMO", False).exists()
     garbage_journal(output / name)
     for path in (output, output / "DEMO"):
         done = tool("--verify", str(path), "--cache_dir", str(tmp_path / "c"))
         no_traceback(done.stdout, done.stderr)
-        assert done.returncode in (td.EXIT_OK, td.EXIT_INCOMPLETE), done.stderr[-2000:]
+        assert done.returncode in (errors.EXIT_OK, errors.EXIT_INCOMPLETE), done.stderr[-2000:]
         assert done.stdout.splitlines()[-1].endswith((": OK", "problem(s)")), done.stdout
 
 
@@ -775,9 +775,9 @@ def test_an_implausible_mtime_is_refused_without_a_traceback(tmp_path):
                               [xz_stream(block), closing_stream({name: b"abc"})])
     runs = run_both(archive, tmp_path, timeout=60)
     verified, extracted = runs["--verify"], runs["--extract"]
-    assert verified.returncode == td.EXIT_INCOMPLETE, verified.stdout
+    assert verified.returncode == errors.EXIT_INCOMPLETE, verified.stdout
     assert any(name in line for line in verified.stdout.splitlines()[:-1]), verified.stdout
-    assert extracted.returncode == td.EXIT_INCOMPLETE, extracted.stdout
+    assert extracted.returncode == errors.EXIT_INCOMPLETE, extracted.stdout
     assert not (tmp_path / "x" / name).exists()
 
 
@@ -797,14 +797,14 @@ def test_a_200000_character_metadata_value_is_our_own_kind_of_content(tmp_path):
     (--verify) and metadata_rows() (--extract)."""
     archive = metadata_archive(tmp_path / "DEMO.tar.xz", METADATA_HEADER, "d" * 200_000)
     for command, done in run_both(archive, tmp_path, timeout=60).items():
-        assert done.returncode == td.EXIT_OK, (command, done.stdout, done.stderr[-2000:])
+        assert done.returncode == errors.EXIT_OK, (command, done.stdout, done.stderr[-2000:])
 
 
 def test_a_nul_in_a_metadata_header_is_no_traceback(tmp_path):
     archive = metadata_archive(tmp_path / "DEMO.tar.xz",
                                METADATA_HEADER.replace("PatientID", "Patient\0ID"), "desc")
     for command, done in run_both(archive, tmp_path, timeout=60).items():
-        assert done.returncode in (td.EXIT_OK, td.EXIT_INCOMPLETE), (command, done.stdout)
+        assert done.returncode in (errors.EXIT_OK, errors.EXIT_INCOMPLETE), (command, done.stdout)
         assert done.stdout.splitlines()[-1].endswith((": OK", "problem(s)")), done.stdout
 
 
@@ -817,8 +817,13 @@ SIGNALLED = """
 import json, os, signal, sys, threading
 sys.path.insert(0, sys.argv[1])
 import tcia_downloader as td
+from tcia_dl.formats import tarxz
+from tcia_dl.sources import idc
+from tcia_dl import storage
+from tcia_dl import verify
+from tcia_dl import xzread
 sig, report = getattr(signal, sys.argv[2]), sys.argv[3]
-real, lock, state = td.read_range, threading.Lock(), {"sent": False, "after": {}}
+real, lock, state = storage.read_range, threading.Lock(), {"sent": False, "after": {}}
 def write_report():                  # at every count: however the process ends, it is there
     with open(report, "w") as handle:
         json.dump(state, handle)
@@ -834,7 +839,10 @@ def read_range(path, start, end):
                 state["after"][thread] = state["after"].get(thread, 0) + 1
                 write_report()
         yield chunk
-td.read_range = read_range
+tarxz.read_range = read_range
+idc.read_range = read_range
+verify.read_range = read_range
+xzread.read_range = read_range
 sys.exit(td.main(sys.argv[4:]))
 """
 
@@ -852,8 +860,8 @@ def forty_streams(tmp_path_factory) -> Path:
     return crafted_archive(folder / "DEMO.tar.xz", [*streams, closing_stream(files)])
 
 
-@pytest.mark.parametrize("sig,expected", [("SIGINT", td.EXIT_SIGINT),
-                                          ("SIGTERM", td.EXIT_SIGTERM)])
+@pytest.mark.parametrize("sig,expected", [("SIGINT", errors.EXIT_SIGINT),
+                                          ("SIGTERM", errors.EXIT_SIGTERM)])
 @pytest.mark.parametrize("command", ["--verify", "--extract"])
 def test_a_signal_ends_verify_and_extract_promptly(forty_streams, tmp_path, sig, expected,
                                                    command):
@@ -891,12 +899,12 @@ def test_members_that_clash_on_disk_are_named_and_leave_no_scratch(tmp_path, cap
         closing_stream({**clashing, **later})])
     into = tmp_path / "x"
     capsys.readouterr()
-    code = td.main(["--extract", str(archive), "--output", str(into),
+    code = cli.main(["--extract", str(archive), "--output", str(into),
                     "--cache_dir", str(tmp_path / "c")])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     lines = captured.out.splitlines()
-    assert code == td.EXIT_INCOMPLETE, captured
+    assert code == errors.EXIT_INCOMPLETE, captured
     assert summary_of(lines).endswith("problem(s)")
     for name in ("DEMO/a", "DEMO/f/g", "DEMO/."):
         assert any(line.startswith(f"{name}:") or f" {name}:" in line or f"{name};" in line
@@ -923,7 +931,7 @@ def test_16_mib_of_stream_padding_is_skipped_quickly(tmp_path, capsys):
     started = time.monotonic()
     code, lines = verify(archive, capsys)
     elapsed = time.monotonic() - started
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert elapsed < 5, f"--verify took {elapsed:.1f} s"
 
 
@@ -957,6 +965,6 @@ def test_200000_empty_files_verify_in_bounded_memory(tmp_path):
     code, out, err, peak = measured(tmp_path, "--verify", str(archive), "--cache_dir",
                                     str(tmp_path / "c"))
     no_traceback(out, err)
-    assert code == td.EXIT_OK, out[-2000:]
+    assert code == errors.EXIT_OK, out[-2000:]
     assert "200004 files" in out
     assert peak < 250 * 1000 * 1000, f"--verify peak RSS {peak / 1e6:.0f} MB"

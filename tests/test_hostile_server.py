@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import errors as errors_module, plan, storage
 from fake_nbia import Faults
 from test_downloader_e2e import (Run, archive_members, expected_folders, journal_uids, md5,
                                  series_folders, start_subprocess, tool_arguments, tree_members,
@@ -40,12 +40,12 @@ def uids_of(fake, collection: str = "DEMO") -> list[str]:
 def expected_from(fake, records: list[dict], collection: str = "DEMO") -> dict[str, list[str]]:
     """expected_folders for the rows a hook made the server send instead of its own."""
     return {f"{collection}/{p.path}": sorted(md5(data) for _, data in fake.instances(p.uid))
-            for p in td.plan_collection(collection, records)}
+            for p in plan.plan_collection(collection, records)}
 
 
 def label_of(fake, uid: str, collection: str = "DEMO") -> str:
     """How the per-series log lines name the series."""
-    planned = {p.uid: p for p in td.plan_collection(collection, fake.series(collection))}
+    planned = {p.uid: p for p in plan.plan_collection(collection, fake.series(collection))}
     return planned[uid].short_label
 
 
@@ -128,7 +128,7 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
 
 
 def scratch_folders(temp_dir: Path) -> list[Path]:
-    return list(temp_dir.glob(f"{td.SCRATCH_PREFIX}*.tmp")) if temp_dir.is_dir() else []
+    return list(temp_dir.glob(f"{storage.SCRATCH_PREFIX}*.tmp")) if temp_dir.is_dir() else []
 
 
 # -- what the server lists ------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_rows_whose_uid_is_a_path_are_skipped_and_nothing_is_written_outside(tmp
     before = {p: set(os.listdir(p)) for p in [tmp_path, *ancestors] if p.is_dir()}
 
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert run.log.count("skipped 2 row(s) without a valid SeriesInstanceUID") == 1
     kept = [s for s in fake.series("DEMO") if s["SeriesInstanceUID"] not in rewritten]
     assert len(kept) == len(fake.series("DEMO")) - 2
@@ -175,7 +175,7 @@ def test_duplicate_rows_are_downloaded_once(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory(series_rows_hook=lambda rows: rows + [dict(r) for r in rows[2:5]])
     n = len(fake.series("DEMO"))
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert "the server listed 3 series twice" in run.log
     assert f"report for DEMO: {n} series requested" in run.log
     assert run.log.count(" done DEMO/") == n
@@ -199,13 +199,13 @@ def test_patients_named_like_collection_files_get_folders_of_their_own(tmp_path,
     assert {folder.split("/")[1] for folder in expected} >= {f"{n}-patient" for n in names}
 
     tar_run = Run(tmp_path / "tar", fake)
-    assert tar_run.code == td.EXIT_OK, tar_run.log
+    assert tar_run.code == errors_module.EXIT_OK, tar_run.log
     archive = tar_run.output / "DEMO.tar.xz"
     assert series_folders(archive_members(archive)) == expected
     verify_with_standard_tools(archive, tmp_path / "tar")
 
     tree_run = Run(tmp_path / "tree", fake, compression=False)
-    assert tree_run.code == td.EXIT_OK, tree_run.log
+    assert tree_run.code == errors_module.EXIT_OK, tree_run.log
     root = tree_run.output / "DEMO"
     md5sum_check(root)
     for name in names:
@@ -220,15 +220,15 @@ def test_a_folder_tree_is_checked_against_the_disk_not_the_journal(tmp_path, fak
     fake = fake_nbia_factory(include_md5="honour")       # one zip per series: exact counts
     output = tmp_path / "out"
     first = Run(tmp_path / "1", fake, output=output, compression=False)
-    assert first.code == td.EXIT_OK, first.log
+    assert first.code == errors_module.EXIT_OK, first.log
     root = output / "DEMO"
-    planned = td.plan_collection("DEMO", fake.series("DEMO"))
+    planned = plan.plan_collection("DEMO", fake.series("DEMO"))
     victim = planned[5]
     downloads = {p.uid: fake.counters.complete_downloads(p.uid) for p in planned}
 
     shutil.rmtree(root / victim.path)
     again = Run(tmp_path / "2", fake, output=output, compression=False)
-    assert again.code == td.EXIT_OK, again.log
+    assert again.code == errors_module.EXIT_OK, again.log
     assert (root / victim.path).is_dir()
     md5sum_check(root)
     assert tree_folders(root) == expected_folders(fake)
@@ -237,7 +237,7 @@ def test_a_folder_tree_is_checked_against_the_disk_not_the_journal(tmp_path, fak
 
     shutil.rmtree(root)
     third = Run(tmp_path / "3", fake, output=output, compression=False)
-    assert third.code == td.EXIT_OK, third.log
+    assert third.code == errors_module.EXIT_OK, third.log
     md5sum_check(root)
     assert tree_folders(root) == expected_folders(fake)
     assert {(root / name).is_file() for name in ("LICENSE", "CITATION.md", "metadata.csv",
@@ -249,17 +249,17 @@ def test_a_deleted_archive_is_rebuilt_though_its_journal_says_finished(tmp_path,
     fake = fake_nbia_factory()
     n = len(fake.series("DEMO"))
     output = tmp_path / "out"
-    assert Run(tmp_path / "1", fake, output=output).code == td.EXIT_OK
+    assert Run(tmp_path / "1", fake, output=output).code == errors_module.EXIT_OK
     (output / "DEMO.tar.xz").unlink()
     assert (output / "DEMO.tar.xz.journal").exists()
 
     dry = Run(tmp_path / "2", fake, "--dry-run", output=output)
-    assert dry.code == td.EXIT_OK, dry.log
+    assert dry.code == errors_module.EXIT_OK, dry.log
     assert f"already in the output: 0 series; to download: {n} series" in dry.log
     assert "nothing to do" not in dry.log
 
     again = Run(tmp_path / "3", fake, output=output)
-    assert again.code == td.EXIT_OK, again.log
+    assert again.code == errors_module.EXIT_OK, again.log
     assert f"downloaded and verified now: {n}" in again.log
     assert series_folders(archive_members(output / "DEMO.tar.xz")) == expected_folders(fake)
     verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
@@ -276,7 +276,7 @@ def test_a_trickling_series_is_cut_as_a_stall_and_retried(tmp_path, fake_nbia_fa
     # argparse takes the last --stall-timeout
     process = start_subprocess(fake, tmp_path / "out", tmp_path / "cache", "--stall-timeout", "2")
     errors = finish(process, 40)
-    assert process.returncode == td.EXIT_OK, errors
+    assert process.returncode == errors_module.EXIT_OK, errors
     assert time.monotonic() - started < 40
     lines = attempt_lines(errors, label_of(fake, victim))
     assert len(lines) == 1 and "stalled" in lines[0], lines
@@ -298,7 +298,7 @@ def test_sigterm_during_a_hung_metadata_request_exits_promptly(tmp_path, fake_nb
         return bool(fake._connections)
 
     elapsed, errors = sigterm_once(process, request_in_flight, "the hung request")
-    assert process.returncode == td.EXIT_SIGTERM, errors
+    assert process.returncode == errors_module.EXIT_SIGTERM, errors
     assert elapsed < 5, elapsed
     no_traceback(errors)
 
@@ -322,7 +322,7 @@ def test_sigterm_with_several_series_in_flight_is_clean(tmp_path, fake_nbia_fact
     elapsed, errors = sigterm_once(
         process, lambda: len(journal_uids(output)) >= 2 and len(fake._connections) >= 3,
         "two commits and downloads in flight")
-    assert process.returncode == td.EXIT_SIGTERM, errors
+    assert process.returncode == errors_module.EXIT_SIGTERM, errors
     assert elapsed < 10, elapsed
     no_traceback(errors)
     assert "internal error" not in errors
@@ -341,12 +341,12 @@ def test_a_64_mib_license_is_refused_without_holding_it_in_memory(tmp_path, fake
     # the same run without the fault: what the process needs anyway
     control = start_measured(fake, tmp_path / "control", tmp_path / "cache-control")
     control_code, control_errors, control_kb = wait_for_exit(control)
-    assert control_code == td.EXIT_OK, control_errors
+    assert control_code == errors_module.EXIT_OK, control_errors
     victim = uids_of(fake)[4]
     fake.script_faults(victim, ["huge_license"])
     process = start_measured(fake, tmp_path / "out", tmp_path / "cache")
     code, errors, peak_kb = wait_for_exit(process)
-    assert code == td.EXIT_OK, errors
+    assert code == errors_module.EXIT_OK, errors
     no_traceback(errors)
     lines = attempt_lines(errors, label_of(fake, victim))
     # Both guards refuse it before a byte of it is inflated: the cap on LICENSE, or the
@@ -382,7 +382,7 @@ def test_a_hostile_zip_is_refused_and_the_series_retried(tmp_path, fake_nbia_fac
     fake.script_faults(victim, [kind])
     with deadline(60):
         run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     lines = attempt_lines(run.log, label_of(fake, victim))
     assert len(lines) == 1 and "attempt 1/6 failed" in lines[0] and symptom in lines[0], lines
     archive = run.output / "DEMO.tar.xz"
@@ -400,7 +400,7 @@ def test_a_retry_after_date_is_honoured(tmp_path, fake_nbia_factory):
     victim = uids_of(fake)[4]
     fake.script_faults(victim, ["retry_after_date"])
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     lines = attempt_lines(run.log, label_of(fake, victim))
     assert len(lines) == 1 and "429" in lines[0], lines
     waited = re.search(r"retrying in (\d+) s", lines[0])
@@ -415,7 +415,7 @@ def test_escape_sequences_in_entry_names_never_reach_a_terminal_or_a_log(tmp_pat
     victim = uids_of(fake)[4]
     fake.script_faults(victim, ["control_names"])
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     err = capsys.readouterr().err
     logs = list((tmp_path / "cache" / "logs").glob("*.log"))
     assert len(logs) == 2
@@ -437,7 +437,7 @@ def test_a_json_object_instead_of_rows_is_one_error_line(tmp_path, fake_nbia_fac
     fake = fake_nbia_factory()
     fake.override_metadata("getSeries", 200, b'{"a": 1}', [("Content-Type", "application/json")])
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors_module.EXIT_INCOMPLETE
     err = capsys.readouterr().err
     no_traceback(err)
     assert err.count("answered with a JSON dict") == 1
@@ -449,7 +449,7 @@ def test_a_list_of_strings_is_no_collection(tmp_path, fake_nbia_factory, capsys)
     fake = fake_nbia_factory()
     fake.override_metadata("getSeries", 200, b'["a", "b"]', [("Content-Type", "application/json")])
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     err = capsys.readouterr().err
     no_traceback(err)
     assert "unknown collection 'DEMO'" in err
@@ -464,7 +464,7 @@ def test_rows_without_a_uid_are_skipped_and_the_rest_downloaded(tmp_path, fake_n
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert run.log.count("skipped 2 row(s) without a valid SeriesInstanceUID") == 1
     kept = [s for s in fake.series("DEMO") if s["SeriesInstanceUID"] not in dropped]
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == \
@@ -478,7 +478,7 @@ def test_a_file_size_that_is_no_number_is_ignored(tmp_path, fake_nbia_factory):
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
 
 
@@ -488,7 +488,7 @@ def test_an_output_path_with_the_word_missing_works(tmp_path, fake_nbia_factory)
     fake = fake_nbia_factory()
     output = tmp_path / "missing" / "out"
     run = Run(tmp_path, fake, "--temp_dir", str(tmp_path / "missing" / "tmp"), output=output)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
 
 
@@ -498,7 +498,7 @@ def test_a_zero_byte_journal_is_a_fresh_start(tmp_path, fake_nbia_factory):
     output.mkdir()
     (output / "DEMO.tar.xz.journal").touch()          # a kill between create and schema
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert series_folders(archive_members(output / "DEMO.tar.xz")) == expected_folders(fake)
     verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
 
@@ -510,7 +510,7 @@ def test_a_cache_dir_of_another_user_is_refused(tmp_path, fake_nbia_factory, cap
     os.chown(cache, 65534, 65534)       # the tests run as root in CI
     cache.chmod(0o777)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     err = capsys.readouterr().err
     no_traceback(err)
     assert len(err.strip().splitlines()) == 1, err
@@ -525,7 +525,7 @@ def test_a_garbage_manifest_is_refused_before_any_request(tmp_path, fake_nbia_fa
     manifest.write_bytes(random.Random(20240611).randbytes(2 << 20))
     started = time.monotonic()
     run = Run(tmp_path, fake, "--manifest", str(manifest), collection=None)
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors_module.EXIT_USAGE
     assert time.monotonic() - started < 5
     err = capsys.readouterr().err
     no_traceback(err)
@@ -542,7 +542,7 @@ def test_a_tampered_part_is_noticed_and_the_damage_fetched_again(tmp_path, fake_
     fake.script_faults(victim, ["500"] * 2)      # as many as --retries: none left for the rerun
     output = tmp_path / "out"
     first = Run(tmp_path / "1", fake, "--retries", "2", output=output)
-    assert first.code == td.EXIT_INCOMPLETE, first.log
+    assert first.code == errors_module.EXIT_INCOMPLETE, first.log
     part = output / "DEMO.tar.xz.part"
     assert part.exists() and not (output / "DEMO.tar.xz").exists()
     with open(part, "r+b") as handle:            # 16 bytes flipped in a committed stream
@@ -552,7 +552,7 @@ def test_a_tampered_part_is_noticed_and_the_damage_fetched_again(tmp_path, fake_
         handle.write(bytes(b ^ 0xFF for b in data))
 
     again = Run(tmp_path / "2", fake, output=output)
-    assert again.code == td.EXIT_OK, again.log
+    assert again.code == errors_module.EXIT_OK, again.log
     assert "does not match the journal" in again.log
     verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
     assert series_folders(archive_members(output / "DEMO.tar.xz")) == expected_folders(fake)
@@ -571,7 +571,7 @@ def test_two_archives_of_one_collection_share_a_temp_dir(tmp_path, fake_nbia_fac
     finally:
         results = [finish(p, 120) for p in processes]
     for process, errors in zip(processes, results):
-        assert process.returncode == td.EXIT_OK, errors
+        assert process.returncode == errors_module.EXIT_OK, errors
     for n, output in enumerate(outputs):
         (tmp_path / f"v{n}").mkdir()
         verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path / f"v{n}")
@@ -592,8 +592,8 @@ def test_an_archive_and_a_folder_tree_share_an_output_and_a_temp_dir(tmp_path,
                        compression=False)
     finally:
         errors = finish(archive_run, 120)
-    assert tree_run.code == td.EXIT_OK, tree_run.log
-    assert archive_run.returncode == td.EXIT_OK, errors
+    assert tree_run.code == errors_module.EXIT_OK, tree_run.log
+    assert archive_run.returncode == errors_module.EXIT_OK, errors
     verify_with_standard_tools(output / "DEMO.tar.xz", tmp_path)
     md5sum_check(output / "DEMO")
     assert tree_folders(output / "DEMO") == expected_folders(fake)

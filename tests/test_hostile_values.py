@@ -18,7 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors, net
+from tcia_dl.sources import idc
 from test_downloader_e2e import Run, archive_members, expected_folders, series_folders
 
 PRECIOUS = b"precious: not the tool's to write\n"
@@ -56,7 +57,7 @@ def test_links_planted_at_the_incoming_names_are_replaced_not_followed(tmp_path,
     (root / ".LICENSE.incoming").symlink_to(outside / "victim")
     (root / ".MD5SUMS.incoming").symlink_to(outside / "created")       # dangling
     run = tree_run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert (outside / "victim").read_bytes() == PRECIOUS
     assert sorted(os.listdir(outside)) == ["victim"]
     for name in ("LICENSE", "CITATION.md", "metadata.csv", "MD5SUMS"):
@@ -76,7 +77,7 @@ def test_a_link_planted_at_the_lock_or_the_part_is_refused(tmp_path, fake_nbia_f
     (output / name).symlink_to(victim)
     run = Run(tmp_path, fake)
     err = capsys.readouterr().err
-    assert run.code == td.EXIT_USAGE, run.log
+    assert run.code == errors.EXIT_USAGE, run.log
     assert "Traceback" not in err
     assert f"{output / name} is a symbolic link" in err
     assert victim.read_bytes() == PRECIOUS
@@ -97,7 +98,7 @@ def test_a_link_planted_at_a_log_name_is_refused(tmp_path, fake_nbia_factory, ca
             (logs / f"{stamp}-{suffix}.log").symlink_to(victim)
     run = Run(tmp_path, fake)
     err = capsys.readouterr().err
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors.EXIT_USAGE
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "is a symbolic link" in err
     assert victim.read_bytes() == PRECIOUS
@@ -158,7 +159,7 @@ def test_a_trickling_doi_resolver_holds_the_run_no_longer_than_the_deadline(
         elapsed = time.monotonic() - started
     finally:
         resolver.close()
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert resolver.asked >= 1
     assert "DOI links only" in run.log or "no more time for BibTeX" in run.log
     citation = next((tmp_path / "out" / "Pancreas-CT").glob("CITATION*.md")).read_text()
@@ -173,8 +174,8 @@ def test_a_trickle_on_a_connection_the_server_closes_is_still_a_stall():
     the connection, and reads the body through its file: the watchdog must watch it on."""
     import requests
     server = Trickle(interval=0.05, size=200)            # 10 s for the whole body
-    watchdog = td.TransferWatchdog(1.0, threading.Event())
-    session = td.watched_session(requests.Session(), watchdog, "test")
+    watchdog = net.TransferWatchdog(1.0, threading.Event())
+    session = net.watched_session(requests.Session(), watchdog, "test")
     try:
         started = time.monotonic()
         with pytest.raises(requests.RequestException):
@@ -214,7 +215,7 @@ def test_formulas_in_metadata_csv_are_neutralised_and_the_rule_gives_them_back(
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = tree_run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     header, *rows = metadata_table(tmp_path / "out" / "DEMO" / "metadata.csv")
     path = header.index("Path")
     for cell in [*header, *(c for row in rows for n, c in enumerate(row) if n != path)]:
@@ -231,7 +232,7 @@ def test_formulas_in_metadata_csv_are_neutralised_and_the_rule_gives_them_back(
     # Path is the tool's: letters, digits, ._+- and / only, never a formula of consequence,
     # so it is written as it is and --verify finds the folder it names
     assert any(row[header.index("Path")].startswith("+1/") for row in rows)
-    assert td.main(["--verify", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "v")]) == 0
+    assert cli.main(["--verify", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "v")]) == 0
 
 
 def test_control_characters_in_metadata_keys_never_reach_metadata_csv(tmp_path,
@@ -244,7 +245,7 @@ def test_control_characters_in_metadata_keys_never_reach_metadata_csv(tmp_path,
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = tree_run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     data = (tmp_path / "out" / "DEMO" / "metadata.csv").read_bytes()
     assert b"\x00" not in data and b"\x1b" not in data
     header, *rows = metadata_table(tmp_path / "out" / "DEMO" / "metadata.csv")
@@ -264,7 +265,7 @@ def test_a_200000_character_value_is_kept_whole(tmp_path, fake_nbia_factory):
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = tree_run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     header, *rows = metadata_table(tmp_path / "out" / "DEMO" / "metadata.csv")
     column = header.index("ProtocolName")
     assert huge in [row[column] for row in rows]
@@ -291,10 +292,10 @@ def test_html_and_javascript_links_from_the_server_never_become_markup_in_citati
 
     fake = fake_nbia_factory(series_rows_hook=hook)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
     run = tree_run(tmp_path / "tree", fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     text = (tmp_path / "tree" / "out" / "DEMO" / "CITATION.md").read_text()
     outside_code = text.split("```")[0]
     # the only angle brackets open autolinks to http(s) URLs without spaces or brackets
@@ -371,7 +372,7 @@ def idc_index(request, monkeypatch):
 
 def test_a_listing_with_a_dtd_is_refused_before_it_is_parsed(tmp_path, idc_index):
     run, server = stub_s3_run(tmp_path, "dtd")
-    assert run.code == td.EXIT_INCOMPLETE, run.log
+    assert run.code == errors.EXIT_INCOMPLETE, run.log
     assert "declares a DTD" in run.log
     assert server.objects == 0 and server.lists == 2              # each attempt: one page
 
@@ -380,13 +381,13 @@ def test_a_dtd_is_refused_whatever_it_declares():
     for body in (b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY b "c">]><a>&b;</a>',
                  b"<!doctype a SYSTEM 'file:///etc/passwd'><a/>",
                  b"<a/><!ENTITY x 'y'>"):
-        with pytest.raises(td.TransientError, match="declares a DTD"):
-            td.parse_list_page(body)
+        with pytest.raises(errors.TransientError, match="declares a DTD"):
+            idc.parse_list_page(body)
 
 
 def test_messages_name_an_object_key_once(tmp_path, idc_index):
     run, server = stub_s3_run(tmp_path, "larger")
-    assert run.code == td.EXIT_INCOMPLETE, run.log
+    assert run.code == errors.EXIT_INCOMPLETE, run.log
     logs = "".join(p.read_text() for p in run.cache.glob("logs/*-debug.log"))
     lines = [line for line in logs.splitlines() if "more bytes than its listed" in line]
     assert lines, logs

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tcia_downloader as td
+from tcia_dl import errors
 from test_downloader_e2e import (ROOT, archive_members, expected_folders, journal_uids,
                                  series_folders, verify_with_standard_tools, wait_until)
 
@@ -31,7 +31,7 @@ def test_the_template_runs_without_slurm(tmp_path, fake_nbia_factory):
     result = subprocess.run(["bash", str(TEMPLATE), "--api-url", fake.url],
                             env=template_env(tmp_path), capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, cwd=tmp_path, timeout=120)
-    assert result.returncode == td.EXIT_OK, result.stdout + result.stderr
+    assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
     archive = tmp_path / "out" / "DEMO.tar.xz"
     assert series_folders(archive_members(archive)) == expected_folders(fake)
     verify_with_standard_tools(archive, tmp_path)
@@ -48,7 +48,7 @@ def test_the_template_passes_sigusr1_on_and_exits_75_without_requeue(tmp_path, f
     wait_until(lambda: len(journal_uids(tmp_path / "out")) >= 1, 60, "a first commit")
     process.send_signal(signal.SIGUSR1)
     output, _ = process.communicate(timeout=60)
-    assert process.returncode == td.EXIT_CHECKPOINT, output
+    assert process.returncode == errors.EXIT_CHECKPOINT, output
     assert "starting no new series" in output
     assert "requeue" not in output                      # no slurm job to requeue
     assert 1 <= len(journal_uids(tmp_path / "out")) < 8
@@ -64,7 +64,7 @@ def test_a_warning_before_python_is_ready_still_counts_as_a_checkpoint(tmp_path)
     # the stand-in skips the requirements check only if they are importable: they are here
     result = subprocess.run(["bash", str(TEMPLATE)], env=env, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, cwd=tmp_path, timeout=60)
-    assert result.returncode == td.EXIT_CHECKPOINT, result.stdout + result.stderr
+    assert result.returncode == errors.EXIT_CHECKPOINT, result.stdout + result.stderr
 
 
 def test_the_template_says_how_to_install_what_is_missing(tmp_path):
@@ -74,7 +74,7 @@ def test_the_template_says_how_to_install_what_is_missing(tmp_path):
     result = subprocess.run(["bash", str(TEMPLATE)],
                             env=template_env(tmp_path, PYTHON=str(fake_python)),
                             capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
-    assert result.returncode == td.EXIT_USAGE
+    assert result.returncode == errors.EXIT_USAGE
     assert "pip install -r" in result.stderr and "requirements.txt" in result.stderr
 
 
@@ -87,5 +87,5 @@ def test_extra_flags_pass_through_and_a_manifest_replaces_the_collection(tmp_pat
     result = subprocess.run(["bash", str(TEMPLATE), "--manifest", str(manifest), "--api-url",
                              fake.url], env=template_env(tmp_path), capture_output=True,
                             text=True, stdin=subprocess.DEVNULL, cwd=tmp_path, timeout=120)
-    assert result.returncode == td.EXIT_OK, result.stdout + result.stderr
+    assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
     assert journal_uids(tmp_path / "out", "x.tar.xz.journal") == set(uids)

@@ -24,7 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors as errors_module, plan
+from tcia_dl.sources import idc
 from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom, write_snapshot_index  # noqa: F401
 from fake_s3 import rows as series_rows
 from test_downloader_e2e import Run, wait_until
@@ -93,7 +94,7 @@ def prostate(fake_s3):
 def test_idc_gives_the_same_kind_of_verified_archive(prostate, tmp_path, capsys):
     s3, rows, blobs = prostate
     run = idc_run(tmp_path, s3, "--patient", *PATIENTS)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     archive = next((tmp_path / "out").glob("*.tar.xz"))
     files = members(archive)
     for row in rows:
@@ -109,7 +110,7 @@ def test_idc_gives_the_same_kind_of_verified_archive(prostate, tmp_path, capsys)
     assert any(n.endswith("/LICENSE.PatientID-" + "+".join(PATIENTS)) or "/LICENSE" in n
                for n in files)
     capsys.readouterr()
-    assert td.main(["--verify", str(archive), "--cache_dir", str(tmp_path / "v")]) == 0
+    assert cli.main(["--verify", str(archive), "--cache_dir", str(tmp_path / "v")]) == 0
 
 
 def test_every_fault_is_recovered_and_a_corrupt_object_never_gets_in(prostate, tmp_path):
@@ -122,7 +123,7 @@ def test_every_fault_is_recovered_and_a_corrupt_object_never_gets_in(prostate, t
     s3.script_faults(third[4], ["stall"])
     s3.script_list_faults(f"{rows[1]['crdc_series_uuid']}/", ["503", "500"])
     run = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--stall-timeout", "1")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert s3.pending_faults() == {} and s3.pending_list_faults() == {}   # every fault served
     files = members(next((tmp_path / "out").glob("*.tar.xz")))
     for row in rows:                    # byte for byte what was uploaded: no corrupt copy
@@ -136,7 +137,7 @@ def test_a_multipart_object_is_checked_by_its_etag_and_an_odd_one_by_size(fake_s
     row = series_rows("prostate_3t", patient_ids=PATIENTS[:1])[0]
     blobs = fake_s3.add_series(row, multipart_index=0)
     run = idc_run(tmp_path, fake_s3, "--patient", PATIENTS[0])
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert len(blobs[0]) > 8 * MIB and "size only:  0" in run.log
     assert series_files(members(next((tmp_path / "out").glob("*.tar.xz"))), row) == blobs
 
@@ -144,7 +145,7 @@ def test_a_multipart_object_is_checked_by_its_etag_and_an_odd_one_by_size(fake_s
     key = fake_s3.keys(row["crdc_series_uuid"])[0]
     fake_s3.put_object(row["aws_bucket"], key, blobs[0], multipart=True, part_size=7 * MIB)
     again = idc_run(tmp_path, fake_s3, "--patient", PATIENTS[0], name="again")
-    assert again.code == td.EXIT_OK
+    assert again.code == errors_module.EXIT_OK
     assert "1 file(s) verified by their size only" in again.log       # the series' warning
     assert "files verified by size only:  1" in again.log              # and the report
 
@@ -155,10 +156,10 @@ def test_an_object_of_another_series_fails_the_series(prostate, tmp_path):
     key = s3.keys(rows[0]["crdc_series_uuid"])[0]
     s3.put_object(rows[0]["aws_bucket"], key, stranger)
     run = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--retries", "2")
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors_module.EXIT_INCOMPLETE
     assert "is not DICOM of this series" in run.log or "ETag" in run.log
     failed = (tmp_path / "out").glob("*.failed.tcia")
-    assert td.read_manifest(next(failed)).uids == [rows[0]["SeriesInstanceUID"]]
+    assert plan.read_manifest(next(failed)).uids == [rows[0]["SeriesInstanceUID"]]
 
 
 @needs_the_index_package
@@ -170,7 +171,7 @@ def test_analysis_results_only_when_asked(fake_s3, tmp_path):
         fake_s3.add_series(row)
     assert len(original) == 1 and len(analysis) == 5
     run = idc_run(tmp_path, fake_s3, collection="Lung Phantom")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
     assert [r["SeriesInstanceUID"] for r in meta] == [original[0]["SeriesInstanceUID"]]
     assert fake_s3.gets_under(f"{analysis[0]['crdc_series_uuid']}/") == 0
@@ -178,7 +179,7 @@ def test_analysis_results_only_when_asked(fake_s3, tmp_path):
     wanted = [r["SeriesInstanceUID"] for r in original + analysis]
     run = idc_run(tmp_path, fake_s3, "--series-uid", *wanted, "--include-analysis-results",
                   collection="lung_phantom", name="with")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     meta = metadata_rows(members(next((tmp_path / "with").glob("*.tar.xz"))))
     assert sorted(r["SeriesInstanceUID"] for r in meta) == sorted(wanted)
     assert {r["analysis_result_id"] for r in meta} == {"", "qin_lungct_seg"}
@@ -187,7 +188,7 @@ def test_analysis_results_only_when_asked(fake_s3, tmp_path):
 def test_kill_9_then_rerun_gives_the_same_archive_without_fetching_again(prostate, tmp_path):
     s3, rows, blobs = prostate
     whole = idc_run(tmp_path, s3, "--patient", *PATIENTS, name="whole")
-    assert whole.code == td.EXIT_OK
+    assert whole.code == errors_module.EXIT_OK
     expected = members(next((tmp_path / "whole").glob("*.tar.xz")))
 
     s3.stall_seconds = 120
@@ -211,7 +212,7 @@ def test_kill_9_then_rerun_gives_the_same_archive_without_fetching_again(prostat
     s3.reset_counters()
     rerun = Run(tmp_path, _NoNbia(), "--mode", "idc", "--idc-endpoint", s3.endpoint,
                 "--patient", *PATIENTS, collection="Prostate-3T", output=out)
-    assert rerun.code == td.EXIT_OK, rerun.log
+    assert rerun.code == errors_module.EXIT_OK, rerun.log
     got = members(next(out.glob("*.tar.xz")))
     assert {n: d for n, d in got.items() if "/MD5SUMS" not in n and "/CITATION" not in n
             and "/metadata" not in n} == \
@@ -248,8 +249,8 @@ def stalled_gets(s3) -> int:
 
 
 @pytest.mark.parametrize("sig, code, extra", [
-    (signal.SIGTERM, td.EXIT_SIGTERM, ()),
-    (signal.SIGUSR1, td.EXIT_CHECKPOINT, ("--stop-grace", "1")),
+    (signal.SIGTERM, errors_module.EXIT_SIGTERM, ()),
+    (signal.SIGUSR1, errors_module.EXIT_CHECKPOINT, ("--stop-grace", "1")),
 ])
 def test_a_signal_during_stalled_objects_stops_promptly_and_the_rerun_completes(
         prostate, tmp_path, sig, code, extra):
@@ -275,7 +276,7 @@ def test_a_signal_during_stalled_objects_stops_promptly_and_the_rerun_completes(
     s3.release_stalls()
     s3.clear_faults()
     rerun = idc_run(tmp_path, s3, "--patient", *PATIENTS)
-    assert rerun.code == td.EXIT_OK, rerun.log
+    assert rerun.code == errors_module.EXIT_OK, rerun.log
     files = members(next(out.glob("*.tar.xz")))
     for row in rows:
         assert series_files(files, row) == blobs[row["SeriesInstanceUID"]]
@@ -287,7 +288,7 @@ def test_an_object_failing_for_good_ends_the_attempt_without_waiting_for_the_oth
     s3.stall_seconds = 600
     keys = s3.keys(rows[0]["crdc_series_uuid"])
     s3.script_faults(keys[1], ["stall"])                 # a sibling that would hold it
-    s3.script_faults(keys[0], ["500"] * td.OBJECT_ATTEMPTS)
+    s3.script_faults(keys[0], ["500"] * idc.OBJECT_ATTEMPTS)
     out = tmp_path / "out"
     # One attempt per series and a stall timeout far beyond the test's patience: the
     # attempt ends only if the failure cuts the stalled sibling.
@@ -297,28 +298,28 @@ def test_an_object_failing_for_good_ends_the_attempt_without_waiting_for_the_oth
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == td.EXIT_INCOMPLETE, errors
-    assert s3.gets[keys[0]] == td.OBJECT_ATTEMPTS and stalled_gets(s3) == 1
+    assert process.returncode == errors_module.EXIT_INCOMPLETE, errors
+    assert s3.gets[keys[0]] == idc.OBJECT_ATTEMPTS and stalled_gets(s3) == 1
     assert f"{keys[0]}: HTTP 500" in errors                   # the reason, not the cut
     assert "Traceback" not in errors
 
 
 def test_bad_idc_input_is_one_line(fake_s3, tmp_path, capsys, monkeypatch):
-    code = td.main(["--mode", "idc", "--collection", "Prostate3T", "--output", str(tmp_path),
+    code = cli.main(["--mode", "idc", "--collection", "Prostate3T", "--output", str(tmp_path),
                     "--cache_dir", str(tmp_path / "c"), "--idc-endpoint", fake_s3.endpoint])
-    assert code == td.EXIT_USAGE
+    assert code == errors_module.EXIT_USAGE
     assert "IDC's index has no collection 'Prostate3T'; did you mean: Prostate-3T" in \
         capsys.readouterr().err
     bogus = tmp_path / "not.parquet"
     bogus.write_bytes(b"PAR1 nothing")
-    code = td.main(["--mode", "idc", "--collection", "X", "--idc-index", str(bogus),
+    code = cli.main(["--mode", "idc", "--collection", "X", "--idc-index", str(bogus),
                     "--cache_dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
-    assert code == td.EXIT_USAGE and "not a parquet file" in err and "Traceback" not in err
+    assert code == errors_module.EXIT_USAGE and "not a parquet file" in err and "Traceback" not in err
     # $TCIA_IDC_INDEX stands for --idc-index, and says so when it names nothing
     monkeypatch.setenv("TCIA_IDC_INDEX", str(tmp_path / "gone.parquet"))
-    code = td.main(["--mode", "idc", "--collection", "X", "--cache_dir", str(tmp_path / "c")])
-    assert code == td.EXIT_USAGE
+    code = cli.main(["--mode", "idc", "--collection", "X", "--cache_dir", str(tmp_path / "c")])
+    assert code == errors_module.EXIT_USAGE
     assert "gone.parquet (or $TCIA_IDC_INDEX): no such file" in capsys.readouterr().err
 
 
@@ -368,7 +369,7 @@ def test_a_listing_no_s3_sends_fails_the_series_and_ends(tmp_path, kind, says):
     finally:
         server.shutdown()
         server.server_close()
-    assert run.code == td.EXIT_INCOMPLETE, run.log
+    assert run.code == errors_module.EXIT_INCOMPLETE, run.log
     assert says in run.log
     assert server.lists <= 2 * (row["instanceCount"] + 1)        # two attempts, each bounded
 
@@ -378,7 +379,7 @@ def test_one_instance_under_two_keys_fails_the_series(prostate, tmp_path):
     keys = s3.keys(rows[0]["crdc_series_uuid"])
     s3.put_object(rows[0]["aws_bucket"], keys[1], blobs[rows[0]["SeriesInstanceUID"]][0])
     run = idc_run(tmp_path, s3, "--patient", PATIENTS[0], "--retries", "2")
-    assert run.code == td.EXIT_INCOMPLETE, run.log
+    assert run.code == errors_module.EXIT_INCOMPLETE, run.log
     assert "repeats the instance" in run.log
     assert not list((tmp_path / "out").glob("*.tar.xz"))
 
@@ -425,7 +426,7 @@ def test_a_tls_endpoint_needs_its_ca_bundle_and_says_so_in_one_line(prostate, tl
     refused = subprocess.run([sys.executable, str(ROOT / "tcia_downloader.py"), *argv,
                               "--output", str(tmp_path / "no")], capture_output=True, text=True,
                              timeout=120)
-    assert refused.returncode == td.EXIT_USAGE, refused.stderr
+    assert refused.returncode == errors_module.EXIT_USAGE, refused.stderr
     assert "TLS with 127.0.0.1 failed (CERTIFICATE_VERIFY_FAILED): a site proxy that " \
         "inspects TLS needs --ca-bundle; check --idc-endpoint and --proxy" in refused.stderr
     assert "retrying" not in refused.stderr and "Traceback" not in refused.stderr
@@ -433,7 +434,7 @@ def test_a_tls_endpoint_needs_its_ca_bundle_and_says_so_in_one_line(prostate, tl
 
     run = Run(tmp_path, _NoNbia(), "--mode", "idc", "--idc-endpoint", url, "--ca-bundle",
               str(cert), "--patient", PATIENTS[0], collection="Prostate-3T")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     files = members(next(run.output.glob("*.tar.xz")))
     assert series_files(files, rows[0]) == blobs[rows[0]["SeriesInstanceUID"]]
 
@@ -448,7 +449,7 @@ def test_objects_go_through_the_proxy(prostate, tmp_path, monkeypatch):
     finally:
         proxy.shutdown()
         proxy.server_close()
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     prefix = f"GET /{rows[0]['aws_bucket']}/{rows[0]['crdc_series_uuid']}/"
     assert sum(s.startswith(prefix) for s in proxy.seen) == rows[0]["instanceCount"]
     assert f"GET /{rows[0]['aws_bucket']}/" in proxy.seen                   # the listing
@@ -478,7 +479,7 @@ def test_auto_takes_from_idc_what_nbia_refuses(pancreas, tmp_path):
     refused = rows[1]["SeriesInstanceUID"]
     nbia.script_faults(refused, ["not_granted"] * 10)
     run = auto_run(tmp_path, nbia, s3)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
     sources = {r["SeriesInstanceUID"]: r["Source"] for r in meta}
     assert sources[refused] == "idc"
@@ -490,7 +491,7 @@ def test_auto_takes_from_idc_what_nbia_refuses(pancreas, tmp_path):
 def test_auto_with_nbia_down_from_the_start_takes_everything_from_idc(pancreas, tmp_path):
     _, s3, rows = pancreas
     run = auto_run(tmp_path, _NoNbia(), s3, "--retries", "1", "--retry-wait", "0")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert "planning from IDC's index" in run.log
     meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
     assert sorted(r["SeriesInstanceUID"] for r in meta) == \
@@ -515,7 +516,7 @@ def test_auto_with_nbia_gone_in_the_middle_takes_the_rest_from_idc(fake_s3, fake
         run = auto_run(tmp_path, nbia, fake_s3, "--workers", "1")
     finally:
         stopper.join()
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors_module.EXIT_OK, run.log
     assert "NBIA failed 3 times in a row: the rest of the run comes from IDC" in run.log
     meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
     assert sorted(r["SeriesInstanceUID"] for r in meta) == \
@@ -531,11 +532,11 @@ def test_an_archive_begun_from_nbia_is_finished_from_idc(pancreas, tmp_path):
     nbia.script_faults(refused, ["not_granted"] * 10)
     argv = ("--patient", *AUTO_PATIENTS, "--include-analysis-results")
     first = Run(tmp_path, nbia, *argv, collection="Pancreas-CT")
-    assert first.code == td.EXIT_INCOMPLETE, first.log
+    assert first.code == errors_module.EXIT_INCOMPLETE, first.log
     assert list((tmp_path / "out").glob("*.tar.xz.part"))
     second = Run(tmp_path, _NoNbia(), "--mode", "idc", "--idc-endpoint", s3.endpoint, *argv,
                  collection="Pancreas-CT")
-    assert second.code == td.EXIT_OK, second.log
+    assert second.code == errors_module.EXIT_OK, second.log
     assert "already present:             3" in second.log
     meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
     sources = {r["SeriesInstanceUID"]: r["Source"] for r in meta}
@@ -549,7 +550,7 @@ def test_an_archive_begun_from_nbia_is_finished_from_idc(pancreas, tmp_path):
 def test_dry_run_and_shards_plan_from_the_index(prostate, tmp_path):
     s3, rows, _ = prostate
     dry = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--dry-run", name="dry")
-    assert dry.code == td.EXIT_OK and "dry run: nothing was written" in dry.log
+    assert dry.code == errors_module.EXIT_OK and "dry run: nothing was written" in dry.log
     megabytes = sum(r["series_size_MB"] for r in rows)
     assert "3 series of 1 collection(s)" in dry.log and f"{megabytes:.1f} MB" in dry.log
     assert s3.gets_under("") == 0 and not (tmp_path / "dry").exists()
@@ -557,7 +558,7 @@ def test_dry_run_and_shards_plan_from_the_index(prostate, tmp_path):
     for index in (0, 1):
         run = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--shard", f"{index}/2",
                       name="shards")
-        assert run.code == td.EXIT_OK, run.log
+        assert run.code == errors_module.EXIT_OK, run.log
     for archive in sorted((tmp_path / "shards").glob("*.tar.xz")):
         parts += [r["SeriesInstanceUID"] for r in metadata_rows(members(archive))]
     assert sorted(parts) == sorted(r["SeriesInstanceUID"] for r in rows)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import errors as errors_module
 from fake_nbia import Faults
 from test_downloader_e2e import (SCRIPT, archive_members, expected_folders, md5, series_folders,
                                  tree_members, verify_with_standard_tools)
@@ -206,14 +206,14 @@ class Campaign:
         # goes first and alone (after the probe of getImage): they scale the kill points.
         self.ref = Layout(tmp_path / "ref")
         code, errors, self.full_seconds = self.ref.complete_run(fake, mode)
-        assert code == td.EXIT_OK, self.context(errors)
+        assert code == errors_module.EXIT_OK, self.context(errors)
         self.reference = self.result_members(self.ref)
         code, errors, self.idle_seconds = self.ref.complete_run(fake, mode)
-        assert code == td.EXIT_OK, self.context(errors)
+        assert code == errors_module.EXIT_OK, self.context(errors)
         smallest = min(fake.series("DEMO"), key=lambda s: (s["FileSize"], s["SeriesInstanceUID"]))
         code, errors, self.single_seconds = self.ref.complete_run(
             fake, mode, "--series-uid", smallest["SeriesInstanceUID"])
-        assert code == td.EXIT_OK, self.context(errors)
+        assert code == errors_module.EXIT_OK, self.context(errors)
         self.single_seconds = min(max(self.single_seconds, self.idle_seconds), self.full_seconds)
         self.assert_nothing_stray()
         self.run = Layout(tmp_path / "run")
@@ -361,7 +361,7 @@ class Campaign:
         """Rerun to completion, then check the result as standard tools and users see it."""
         code, errors, seconds = self.run.complete_run(self.fake, self.mode)
         self.history.append(f"  rerun to completion ({why}): exit {code} after {seconds:.2f} s")
-        assert code == td.EXIT_OK, self.context(errors)
+        assert code == errors_module.EXIT_OK, self.context(errors)
         self.assert_nothing_stray()
         output = self.run.output
         if self.mode.compression:
@@ -432,7 +432,7 @@ class Campaign:
                 code, landed = None, "killed"
             self.history.append(f"  round {number:2} [{kind:5}] {delay:5.2f} s "
                                 f"({delay / self.full_seconds:4.2f} of a run): {landed}")
-            assert code in (None, td.EXIT_OK), self.context(f"the run ended with exit {code}")
+            assert code in (None, errors_module.EXIT_OK), self.context(f"the run ended with exit {code}")
             self.assert_nothing_stray()
             state = self.inspect()
             where = check(state)

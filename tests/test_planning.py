@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import plan
 
 DATA = Path(__file__).parent / "data"
 
@@ -17,7 +17,7 @@ DATA = Path(__file__).parent / "data"
     "x" * 300, "Thorax ä ö ü 胸部", "/", "", None, "   ", "-leading-dash", "...dots...",
 ])
 def test_clean_component_never_yields_a_dangerous_name(text):
-    name = td.clean_component(text)
+    name = plan.clean_component(text)
     assert name
     assert "/" not in name and "\\" not in name
     assert not any(ord(c) < 32 or ord(c) > 126 for c in name)
@@ -27,27 +27,27 @@ def test_clean_component_never_yields_a_dangerous_name(text):
 
 
 def test_clean_component_keeps_ordinary_descriptions_readable():
-    assert td.clean_component("CT Abdomen w/ contrast 1.5mm") == "CT_Abdomen_w_contrast_1.5mm"
-    assert td.clean_component("Thorax ä") == "Thorax_a"
-    assert td.clean_component("") == "NA"
-    assert td.clean_component("..") == "NA"
+    assert plan.clean_component("CT Abdomen w/ contrast 1.5mm") == "CT_Abdomen_w_contrast_1.5mm"
+    assert plan.clean_component("Thorax ä") == "Thorax_a"
+    assert plan.clean_component("") == "NA"
+    assert plan.clean_component("..") == "NA"
 
 
 def test_nbia_dates_become_sortable_iso_dates():
-    assert td.iso_date("11-24-2015") == "2015-11-24"
-    assert td.iso_date("2015-11-24 00:00:00.0") is None
-    assert td.iso_date(None) is None
+    assert plan.iso_date("11-24-2015") == "2015-11-24"
+    assert plan.iso_date("2015-11-24 00:00:00.0") is None
+    assert plan.iso_date(None) is None
 
 
 def test_study_date_prefers_study_date_then_earliest_series_date():
-    assert td.study_date([{"StudyDate": "01-02-2010", "SeriesDate": "12-31-2009"}]) == "2010-01-02"
-    assert td.study_date([{"SeriesDate": "03-05-2011"}, {"SeriesDate": "03-04-2011"},
+    assert plan.study_date([{"StudyDate": "01-02-2010", "SeriesDate": "12-31-2009"}]) == "2010-01-02"
+    assert plan.study_date([{"SeriesDate": "03-05-2011"}, {"SeriesDate": "03-04-2011"},
                           {}]) == "2011-03-04"
-    assert td.study_date([{}, {"SeriesDescription": "x"}]) == "unknown_date"
+    assert plan.study_date([{}, {"SeriesDescription": "x"}]) == "unknown_date"
 
 
 def test_unique_names_lengthen_the_uid_suffix_only_where_names_collide():
-    names = td.unique_names([
+    names = plan.unique_names([
         ("a", "1-CT", "1.2.3.4.55555"),
         ("b", "1-CT", "1.2.3.9.55555"),     # same last 5 -> must grow
         ("c", "2-CT", "1.2.3.4.55555"),     # other stem: keeps 5
@@ -58,7 +58,7 @@ def test_unique_names_lengthen_the_uid_suffix_only_where_names_collide():
 
 
 def test_unique_names_treat_case_as_a_collision():
-    names = td.unique_names([("a", "1-ct", "9.1.11111"), ("b", "1-CT", "9.2.11111")])
+    names = plan.unique_names([("a", "1-ct", "9.1.11111"), ("b", "1-CT", "9.2.11111")])
     assert names["a"].casefold() != names["b"].casefold()
 
 
@@ -73,7 +73,7 @@ def test_plan_gives_duplicate_series_numbers_and_suffixes_their_own_folders():
                series_record("1.2.840.2.12345", "1.2.9.1"),
                series_record("1.2.840.3.99999", "1.2.9.2"),
                series_record("1.2.840.4.88888", "1.3.9.2")]   # two studies end in "9.2"
-    planned = td.plan_collection("C", records)
+    planned = plan.plan_collection("C", records)
     paths = [p.path for p in planned]
     assert len(set(p.casefold() for p in paths)) == len(paths)
     studies = {p.path.split("/")[1] for p in planned}
@@ -83,7 +83,7 @@ def test_plan_gives_duplicate_series_numbers_and_suffixes_their_own_folders():
 def test_plan_of_hostile_patient_ids_keeps_patients_apart():
     records = [series_record("1.1", "2.1", patient="A/B"), series_record("1.2", "2.2", patient="A_B"),
                series_record("1.3", "2.3", patient="../..")]
-    planned = td.plan_collection("C", records)
+    planned = plan.plan_collection("C", records)
     patients = {p.path.split("/")[0] for p in planned}
     assert len(patients) == 3
     assert all(not p.startswith(".") for p in patients)
@@ -92,32 +92,32 @@ def test_plan_of_hostile_patient_ids_keeps_patients_apart():
 @pytest.mark.parametrize("collection", ["Pancreas-CT", "CPTAC-GBM"])
 def test_plan_of_real_collections_gives_every_series_its_own_readable_folder(collection):
     records = json.loads((DATA / f"{collection}.series.json").read_text())
-    planned = td.plan_collection(collection, records)
+    planned = plan.plan_collection(collection, records)
     assert len(planned) == len(records)
     paths = [p.path for p in planned]
     assert len({p.casefold() for p in paths}) == len(paths)
     by_uid = {p.uid: p for p in planned}
     for record in records:
         patient, study, series = by_uid[record["SeriesInstanceUID"]].path.split("/")
-        assert patient == td.clean_component(record["PatientID"])
+        assert patient == plan.clean_component(record["PatientID"])
         month, day, year = record["StudyDate"].split("-")
         assert study.startswith(f"{year}-{month}-{day}-")
         assert series.startswith(f"{record.get('SeriesNumber', 'NA')}-")
-        assert series.endswith(td.clean_component(record["SeriesInstanceUID"][-5:]))
+        assert series.endswith(plan.clean_component(record["SeriesInstanceUID"][-5:]))
 
 
 def test_real_metadata_without_series_date_still_lands_in_the_study_date_folder():
     records = json.loads((DATA / "Pancreas-CT.series.json").read_text())
     undated = [r for r in records if "SeriesDate" not in r]
     assert undated, "the fixture is supposed to contain series without SeriesDate"
-    planned = {p.uid: p for p in td.plan_collection("Pancreas-CT", records)}
+    planned = {p.uid: p for p in plan.plan_collection("Pancreas-CT", records)}
     for record in undated:
         assert "unknown_date" not in planned[record["SeriesInstanceUID"]].path
 
 
 def test_suggestions_catch_case_and_punctuation_mistakes():
     known = ["Pancreas-CT", "CPTAC-GBM", "LIDC-IDRI", "4D-Lung"]
-    assert td.suggest_collections("pancreas_ct", known) == ["Pancreas-CT"]
-    assert td.suggest_collections("LIDC IDRI", known) == ["LIDC-IDRI"]
-    assert "CPTAC-GBM" in td.suggest_collections("CPTAC-GMB", known)
-    assert td.suggest_collections("completely-different", known) == []
+    assert plan.suggest_collections("pancreas_ct", known) == ["Pancreas-CT"]
+    assert plan.suggest_collections("LIDC IDRI", known) == ["LIDC-IDRI"]
+    assert "CPTAC-GBM" in plan.suggest_collections("CPTAC-GMB", known)
+    assert plan.suggest_collections("completely-different", known) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors, journal as journal_module, plan, trust, xzread
 from test_downloader_e2e import Run, archive_members
 
 
@@ -18,7 +18,7 @@ def flip(path, offset: int) -> None:
 
 def verify(path, capsys) -> tuple[int, list[str]]:
     capsys.readouterr()
-    code = td.main(["--verify", str(path), "--cache_dir", str(path.parent / "vcache")])
+    code = cli.main(["--verify", str(path), "--cache_dir", str(path.parent / "vcache")])
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -27,21 +27,21 @@ def damaged(tmp_path, fake_nbia_factory, capsys):
     """A finished 6-series archive whose 3rd series' stream has a flipped byte; the
     manifest --verify wrote; what the archive held before; the damaged series' uid."""
     fake = fake_nbia_factory(demo_series=6)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
     before = archive_members(archive)
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     start, end = spans[2]
-    label = td.journal_series_ends(archive)[end]
+    label = trust.journal_series_ends(archive)[end]
     flip(archive, (start + end) // 2)
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE
+    assert code == errors.EXIT_INCOMPLETE
     manifest = tmp_path / "out" / "DEMO.damaged.tcia"
     assert any(line.startswith(f"1 damaged series are listed in {manifest}") for line in lines)
-    journal = td.Journal(tmp_path / "out" / "DEMO.tar.xz.journal")
+    journal = journal_module.Journal(tmp_path / "out" / "DEMO.tar.xz.journal")
     uid = next(u for u, where in journal.locations().items() if where == label)
     journal.close()
-    assert td.read_manifest(manifest).uids == [uid]
+    assert plan.read_manifest(manifest).uids == [uid]
     fake.counters.reset()
     return fake, archive, manifest, before, uid, (start, end)
 
@@ -54,9 +54,9 @@ def intact_streams(archive, spans, skip) -> list[bytes]:
 def test_retry_of_the_damaged_manifest_fetches_only_the_damaged_series(damaged, tmp_path,
                                                                         capsys):
     fake, archive, manifest, before, uid, _ = damaged
-    kept = intact_streams(archive, td.xz_stream_spans(archive), 2)
+    kept = intact_streams(archive, xzread.xz_stream_spans(archive), 2)
     run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert "5 intact series copied" in run.log
     # nothing intact fetched again (the one series may come twice: the first of a run
     # settles getImage against getImageWithMD5Hash)
@@ -66,7 +66,7 @@ def test_retry_of_the_damaged_manifest_fetches_only_the_damaged_series(damaged, 
     assert all(stream in repaired for stream in kept)     # intact streams copied as they were
     assert not archive.with_name("DEMO.tar.xz.part").exists()
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_OK and lines[-1].endswith(": OK")
+    assert code == errors.EXIT_OK and lines[-1].endswith(": OK")
     assert not manifest.exists()                          # whole again: the list is gone
 
 
@@ -76,16 +76,16 @@ def test_a_kill_before_the_journal_moves_keeps_the_old_archive(damaged, tmp_path
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patched:
-        patched.setattr(td.Journal, "rearrange", killed)
+        patched.setattr(journal_module.Journal, "rearrange", killed)
         assert Run(tmp_path, fake, "--retry-failed", str(manifest),
-                   collection=None).code == td.EXIT_SIGINT
+                   collection=None).code == errors.EXIT_SIGINT
     # the old archive is still the finished one its journal describes
     assert archive.exists() and archive.with_name("DEMO.tar.xz.part").exists()
     plain = Run(tmp_path, fake)
-    assert plain.code == td.EXIT_OK and "nothing to do" in plain.log
+    assert plain.code == errors.EXIT_OK and "nothing to do" in plain.log
     assert not archive.with_name("DEMO.tar.xz.part").exists()     # nothing describes it
     again = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
-    assert again.code == td.EXIT_OK and archive_members(archive) == before
+    assert again.code == errors.EXIT_OK and archive_members(archive) == before
 
 
 def test_a_repair_cut_short_resumes_from_its_part(damaged, tmp_path, capsys):
@@ -93,31 +93,31 @@ def test_a_repair_cut_short_resumes_from_its_part(damaged, tmp_path, capsys):
     fake.script_faults(uid, ["500"] * 3)
     cut = Run(tmp_path, fake, "--retry-failed", str(manifest), "--retries", "1",
               collection=None)
-    assert cut.code == td.EXIT_INCOMPLETE
+    assert cut.code == errors.EXIT_INCOMPLETE
     part = archive.with_name("DEMO.tar.xz.part")
     assert archive.exists() and part.exists()             # old archive kept while repairing
     resumed = Run(tmp_path, fake)                          # the plain command finishes it
-    assert resumed.code == td.EXIT_OK, resumed.log
+    assert resumed.code == errors.EXIT_OK, resumed.log
     assert "repairing DEMO.tar.xz" in resumed.log
     assert archive_members(archive) == before and not part.exists()
     assert set(fake.counters.snapshot()["complete_downloads"]) == {uid}
-    assert verify(archive, capsys)[0] == td.EXIT_OK
+    assert verify(archive, capsys)[0] == errors.EXIT_OK
 
 
 def test_a_damaged_folder_tree_is_repaired(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory(demo_series=4)
-    assert Run(tmp_path, fake, compression=False).code == td.EXIT_OK
+    assert Run(tmp_path, fake, compression=False).code == errors.EXIT_OK
     tree = tmp_path / "out"
     victim = sorted(tree.rglob("*.dcm"))[5]
     good = victim.read_bytes()
     victim.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     code, lines = verify(tree, capsys)
-    assert code == td.EXIT_INCOMPLETE
+    assert code == errors.EXIT_INCOMPLETE
     manifest = tree / "DEMO.damaged.tcia"
     assert any(f"1 damaged series are listed in {manifest}" in line for line in lines)
     fake.counters.reset()
     run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert victim.read_bytes() == good
     assert len(fake.counters.snapshot()["complete_downloads"]) == 1
-    assert verify(tree, capsys)[0] == td.EXIT_OK
+    assert verify(tree, capsys)[0] == errors.EXIT_OK

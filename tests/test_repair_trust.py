@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import (cli, errors, extract as extract_module, journal as journal_module, plan,
+                     run as run_module, trust, verify as verify_module, xzread)
 from test_downloader_e2e import Run, archive_members
 from test_repair import damaged, flip, verify  # noqa: F401  (damaged is a fixture)
 
@@ -42,7 +43,7 @@ def patients_folders(archive: Path) -> dict[str, set[str]]:
 
 def extract(archive: Path, into: Path, capsys, *selection: str) -> tuple[int, list[str]]:
     capsys.readouterr()
-    code = td.main(["--extract", str(archive), "--output", str(into), *selection,
+    code = cli.main(["--extract", str(archive), "--output", str(into), *selection,
                     "--cache_dir", str(into.parent / "xcache")])
     captured = capsys.readouterr()
     return code, captured.out.splitlines() + captured.err.splitlines()
@@ -58,11 +59,11 @@ def test_a_repair_list_saved_under_another_name_repairs_the_archive_it_names(
     copy = downloads / "DEMO.damaged (1).tcia"           # as a browser saves a second copy
     shutil.copy(manifest, copy)
     run = Run(tmp_path, fake, "--retry-failed", str(copy), collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert sorted(p.name for p in archive.parent.glob("DEMO.damaged (1)*")) == []
     assert archive_members(archive) == before             # the real archive is repaired
     assert set(fake.counters.snapshot()["complete_downloads"]) == {uid}
-    assert verify(archive, capsys)[0] == td.EXIT_OK
+    assert verify(archive, capsys)[0] == errors.EXIT_OK
 
 
 def test_a_failure_list_saved_under_another_name_goes_into_its_output(tmp_path,
@@ -71,13 +72,13 @@ def test_a_failure_list_saved_under_another_name_goes_into_its_output(tmp_path,
     victim = fake.series("DEMO")[1]["SeriesInstanceUID"]
     fake.script_faults(victim, ["500"] * 2)
     first = Run(tmp_path, fake, "--retries", "2")
-    assert first.code == td.EXIT_INCOMPLETE
+    assert first.code == errors.EXIT_INCOMPLETE
     failed = first.output / "DEMO.failed.tcia"
     assert header(failed)["tcia_downloader.name"] == "DEMO"
     copy = tmp_path / "DEMO.failed(2).tcia"
     failed.rename(copy)
     retry = Run(tmp_path, fake, "--retry-failed", str(copy), collection=None)
-    assert retry.code == td.EXIT_OK, retry.log
+    assert retry.code == errors.EXIT_OK, retry.log
     assert (first.output / "DEMO.tar.xz").exists()
     assert not list(first.output.glob("DEMO.failed(2)*"))
 
@@ -89,7 +90,7 @@ def test_an_old_repair_list_without_the_new_keys_still_works(damaged, tmp_path):
                                      "tcia_downloader.mode"))]
     manifest.write_text("\n".join(lines) + "\n")
     run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert archive_members(archive) == before
 
 
@@ -101,10 +102,10 @@ def test_verify_during_an_interrupted_repair_keeps_the_repair_list(damaged, tmp_
     fake.script_faults(uid, ["500"] * 3)
     cut = Run(tmp_path, fake, "--retry-failed", str(manifest), "--retries", "1",
               collection=None)
-    assert cut.code == td.EXIT_INCOMPLETE
+    assert cut.code == errors.EXIT_INCOMPLETE
     assert archive.with_name("DEMO.tar.xz.part").exists()   # the journal moved onto it
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE                       # the old archive is still damaged
+    assert code == errors.EXIT_INCOMPLETE                       # the old archive is still damaged
     assert manifest.read_text() == listed                   # the right list stays
     assert not any("from the journal" in line for line in lines)      # nobody blamed wrongly
     assert any(line.startswith("DEMO.tar.xz.journal is ignored: it describes "
@@ -112,7 +113,7 @@ def test_verify_during_an_interrupted_repair_keeps_the_repair_list(damaged, tmp_
     assert any(line.startswith("no repair list is written") and "is left as it is" in line
                for line in lines)
     resumed = Run(tmp_path, fake)                           # the repair still finishes
-    assert resumed.code == td.EXIT_OK, resumed.log
+    assert resumed.code == errors.EXIT_OK, resumed.log
     assert archive_members(archive) == before
 
 
@@ -132,7 +133,7 @@ def shuffle_rows(journal: Path) -> None:
 def test_a_stale_journal_does_not_choose_what_extract_reads(tmp_path, fake_nbia_factory,
                                                             capsys):
     fake = fake_nbia_factory(demo_series=6)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
     journal = archive.with_name("DEMO.tar.xz.journal")
     shuffle_rows(journal)
@@ -141,18 +142,18 @@ def test_a_stale_journal_does_not_choose_what_extract_reads(tmp_path, fake_nbia_
     written = {str(p.parent.relative_to(tmp_path / "x")) for p in (tmp_path / "x").rglob("*")
                if p.is_file() and p.parent.name != "DEMO"}
     assert written == folders                    # that patient's series, no other
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert any(line.startswith("DEMO.tar.xz.journal is ignored") for line in lines)
-    assert not td.journal_describes(archive, journal)
-    assert td.journal_beside(archive) is None and td.journal_series_ends(archive) == {}
+    assert not trust.journal_describes(archive, journal)
+    assert trust.journal_beside(archive) is None and trust.journal_series_ends(archive) == {}
 
 
 def test_the_journal_of_a_part_cut_in_an_append_describes_its_whole_streams(tmp_path,
                                                                            fake_nbia_factory):
     fake = fake_nbia_factory(demo_series=4)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     cut = tmp_path / "cut"
     cut.mkdir()
     part = cut / "DEMO.tar.xz.part"
@@ -162,12 +163,12 @@ def test_the_journal_of_a_part_cut_in_an_append_describes_its_whole_streams(tmp_
     with sqlite3.connect(journal) as db:
         db.execute("DELETE FROM series WHERE archive_end > ?", (spans[2][1],))
         db.execute("DELETE FROM meta WHERE key='closing_end'")
-    assert td.journal_describes(part, journal)
-    assert not td.journal_describes(archive, journal)         # not the finished archive's
+    assert trust.journal_describes(part, journal)
+    assert not trust.journal_describes(archive, journal)         # not the finished archive's
     flip(part, spans[2][1] - 200)                             # the last committed stream
-    assert td.journal_describes(part, journal)                # damaged, still described
+    assert trust.journal_describes(part, journal)                # damaged, still described
     flip(part, 100)                                           # and the first: another file
-    assert not td.journal_describes(part, journal)
+    assert not trust.journal_describes(part, journal)
 
 
 # -- a .part that grows while it is verified -----------------------------------------------------
@@ -176,10 +177,10 @@ def test_verify_of_a_growing_part_counts_only_the_streams_it_checked(tmp_path,
                                                                      fake_nbia_factory,
                                                                      monkeypatch, capsys):
     fake = fake_nbia_factory(demo_series=5)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
     full = tmp_path / "out" / "DEMO.tar.xz.journal"
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     live = tmp_path / "live"
     live.mkdir()
     part, journal = live / "DEMO.tar.xz.part", live / "DEMO.tar.xz.journal"
@@ -191,7 +192,7 @@ def test_verify_of_a_growing_part_counts_only_the_streams_it_checked(tmp_path,
         db.execute("DELETE FROM series WHERE archive_end > ?", (spans[2][1],))
         db.execute("DELETE FROM meta WHERE key='closing_end'")
     fourth = archive.read_bytes()[spans[3][0]:spans[3][1]]
-    original = td.xz_stream_spans
+    original = xzread.xz_stream_spans
 
     def spans_then_an_append(path):
         """The download appends its 4th series (stream, then journal row) just after
@@ -207,9 +208,10 @@ def test_verify_of_a_growing_part_counts_only_the_streams_it_checked(tmp_path,
                 db.execute("INSERT INTO files SELECT f.* FROM full.files f JOIN full.series s "
                            "ON s.uid = f.uid WHERE s.archive_end=?", (spans[3][1],))
         return found
-    monkeypatch.setattr(td, "xz_stream_spans", spans_then_an_append)
+    for patched_module in (extract_module, trust, verify_module):
+        monkeypatch.setattr(patched_module, "xz_stream_spans", spans_then_an_append)
     code, lines = verify(part, capsys)
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert len(rows_by_end(journal)) == 4 and part.stat().st_size == spans[3][1]
     assert "3 series" in lines[-1]
 
@@ -255,23 +257,23 @@ def repair_list(output: Path, uid: str, name: str = "DEMO", compression: bool = 
 def test_a_journal_not_ours_beside_an_archive_is_ignored_in_one_line(
         spoil, tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory(demo_series=4)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
     journal = archive.with_name("DEMO.tar.xz.journal")
     spoil(journal)
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert [line for line in lines if "is ignored" in line] == \
         [line for line in lines if line.startswith("DEMO.tar.xz.journal is ignored: ")]
     assert len([line for line in lines if "is ignored" in line]) == 1
     patient = sorted(patients_folders(archive))[0]
     code, lines = extract(archive, tmp_path / "x", capsys, "--patient", patient)
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert len([line for line in lines if line.startswith("DEMO.tar.xz.journal is ignored: ")]) == 1
     uid = fake.series("DEMO")[0]["SeriesInstanceUID"]
     retry = Run(tmp_path, fake, "--retry-failed", str(repair_list(archive.parent, uid)),
                 collection=None)
-    assert retry.code == td.EXIT_USAGE
+    assert retry.code == errors.EXIT_USAGE
     assert "DEMO.tar.xz.journal is unusable" in retry.log and "Traceback" not in retry.log
 
 
@@ -279,17 +281,17 @@ def test_a_journal_not_ours_beside_an_archive_is_ignored_in_one_line(
 def test_a_journal_not_ours_beside_a_tree_is_ignored_in_one_line(
         spoil, tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory(demo_series=3)
-    assert Run(tmp_path, fake, compression=False).code == td.EXIT_OK
+    assert Run(tmp_path, fake, compression=False).code == errors.EXIT_OK
     tree = tmp_path / "out"
     spoil(tree / "DEMO.journal")
     code, lines = verify(tree, capsys)
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines
     assert len([line for line in lines if line.startswith("DEMO.journal is ignored: ")]) == 1
     uid = fake.series("DEMO")[0]["SeriesInstanceUID"]
     retry = Run(tmp_path, fake, "--retry-failed",
                 str(repair_list(tree, uid, compression=False)), collection=None,
                 compression=False)
-    assert retry.code == td.EXIT_USAGE
+    assert retry.code == errors.EXIT_USAGE
     assert "DEMO.journal is unusable" in retry.log and "Traceback" not in retry.log
 
 
@@ -303,10 +305,10 @@ def test_the_repair_list_names_the_source_and_runs_as_printed(damaged, tmp_path,
     assert "cancerimagingarchive" not in manifest.read_text()   # not TCIA's: the fake's
     assert keys["downloadServerUrl"] == \
         fake.url.split("/nbia-api/")[0] + "/nbia-download/servlet/DownloadServlet"
-    code = td.main(["--retry-failed", str(manifest.resolve()),      # no --api-url, no --mode
+    code = cli.main(["--retry-failed", str(manifest.resolve()),      # no --api-url, no --mode
                     "--cache_dir", str(tmp_path / "cache"), "--no-progress",
                     "--retry-wait", "0.05", "--connect-timeout", "2"])
-    assert code == td.EXIT_OK
+    assert code == errors.EXIT_OK
     assert archive_members(archive) == before
     assert not manifest.exists()                   # repaired: the list of damage is gone
 
@@ -320,27 +322,27 @@ def test_source_flags_come_from_the_list_unless_given_and_no_secret_is_written(t
     index = tmp_path / "index.parquet"
     index.write_bytes(b"PAR1")
     out = tmp_path / "out"
-    made = td.parse_options([
+    made = cli.parse_options([
         "--collection", "X", "--output", str(out), "--mode", "auto", "--idc-index", str(index),
         "--idc-endpoint", "http://key:secret-key@127.0.0.1:9/s3?X-Amz-Security-Token=tok",
         "--api-url", "https://me:hunter2@nbia.example.org/nbia-api/services/v4/",
         "--user", "me", "--password", "hunter2"])
     out.mkdir()
-    journal = td.Journal(out / "X.tar.xz.journal")
-    td.record_provenance(journal, made, Described())
+    journal = journal_module.Journal(out / "X.tar.xz.journal")
+    run_module.record_provenance(journal, made, Described())
     manifest = out / "X.failed.tcia"
-    td.write_failed_manifest(manifest, ["1.2.3"], True, "X", td.recorded_source(journal.get))
+    plan.write_failed_manifest(manifest, ["1.2.3"], True, "X", plan.recorded_source(journal.get))
     journal.close()
     text = manifest.read_text()
     assert not any(secret in text for secret in ("hunter2", "secret-key", "tok", "me@"))
     assert header(manifest)["downloadServerUrl"] == \
         "https://nbia.example.org/nbia-download/servlet/DownloadServlet"
-    again = td.parse_options(["--retry-failed", str(manifest)])
+    again = cli.parse_options(["--retry-failed", str(manifest)])
     assert (again.mode, again.api_url, again.idc_endpoint, again.idc_index) == \
         ("auto", "https://nbia.example.org/nbia-api/services/v4/", "http://127.0.0.1:9/s3",
          index.resolve())
     assert again.selection.retry_name == "X" and again.output == out.resolve()
-    told = td.parse_options(["--retry-failed", str(manifest), "--mode", "nbia",
+    told = cli.parse_options(["--retry-failed", str(manifest), "--mode", "nbia",
                              "--api-url", "https://other.example.org/v4/"])
     assert (told.mode, told.api_url, told.idc_endpoint) == \
         ("nbia", "https://other.example.org/v4/", None)
@@ -358,7 +360,7 @@ def test_a_link_planted_at_the_incoming_name_is_not_followed(tmp_path, fake_nbia
     for name in ("DEMO.failed.tcia.incoming", ".DEMO.failed.tcia.incoming"):
         (out / name).symlink_to(victim)                  # 0.4.0's temporary name, and ours
     run = Run(tmp_path, fake, "--retries", "2")
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors.EXIT_INCOMPLETE
     assert victim.read_text() == "precious\n"
     failed = out / "DEMO.failed.tcia"
     assert failed.is_file() and not failed.is_symlink()
@@ -373,22 +375,22 @@ def test_a_finished_archive_cut_short_is_repaired_by_the_printed_command(
     left is what it recorded), --verify writes the repair list, and the command it prints
     restores the whole archive."""
     fake = fake_nbia_factory(demo_series=5)
-    assert Run(tmp_path, fake).code == td.EXIT_OK
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
     archive = tmp_path / "out" / "DEMO.tar.xz"
     before = archive_members(archive)
-    spans = td.xz_stream_spans(archive)
+    spans = xzread.xz_stream_spans(archive)
     start, end = spans[3] if where == "inside a series" else spans[-1]
     with open(archive, "r+b") as handle:
         handle.truncate((start + end) // 2)
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_INCOMPLETE, lines
+    assert code == errors.EXIT_INCOMPLETE, lines
     manifest = tmp_path / "out" / "DEMO.damaged.tcia"
     assert manifest.exists(), lines
     # the series from the cut on (none when only the collection files are lost)
     expected = len(spans) - 1 - 3 if where == "inside a series" else 0
-    assert len(td.read_manifest(manifest).uids) == expected, lines
+    assert len(plan.read_manifest(manifest).uids) == expected, lines
     run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert archive_members(archive) == before
     code, lines = verify(archive, capsys)
-    assert code == td.EXIT_OK, lines
+    assert code == errors.EXIT_OK, lines

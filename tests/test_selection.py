@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import tcia_downloader as td
+from tcia_dl import cli, errors, journal as journal_module, logs as logs_module, settings
 from test_downloader_e2e import (SCRIPT, Run, archive_members, expected_folders, journal_uids,
                                  series_folders, verify_with_standard_tools)
 
@@ -49,7 +49,7 @@ def test_a_manifest_spanning_collections_gets_exactly_its_series(tmp_path, fake_
     manifest = write_manifest(tmp_path / "cart.tcia", wanted,
                               extra=("", "this line is junk"), final_newline=False)
     run = Run(tmp_path, fake, "--manifest", str(manifest), collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     archive = run.output / "manifest-1746549740123.tar.xz"        # named after databasketId
     members = archive_members(archive)
     folders = dicom_folders(members)
@@ -74,7 +74,7 @@ def test_unknown_manifest_uids_fail_the_run_after_the_rest_is_done(tmp_path, fak
     manifest = write_manifest(tmp_path / "m.tcia", [known[0], ghost, known[1]], newline="\n",
                               final_newline=True)
     run = Run(tmp_path, fake, "--manifest", str(manifest), collection=None)
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors.EXIT_INCOMPLETE
     assert f"unknown to the server (withdrawn, or a typo): {ghost}" in run.log
     archive = run.output / "manifest-1746549740123.tar.xz"
     assert archive.exists()                       # everything that exists is in, verified
@@ -88,7 +88,7 @@ def test_two_manifests_are_united_without_duplicates(tmp_path, fake_nbia_factory
     second = write_manifest(tmp_path / "b.tcia", uids[2:5], basket="b.tcia")
     run = Run(tmp_path, fake, "--manifest", str(first), "--manifest", str(second),
               collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert journal_uids(run.output, "a-and-1-more.tar.xz.journal") == set(uids[:5])
 
 
@@ -100,7 +100,7 @@ def test_filters_map_onto_getseries_and_combine(tmp_path, fake_nbia_factory):
     modalities = sorted({r["Modality"] for r in records})[:2]
     patient = records[0]["PatientID"]
     run = Run(tmp_path, fake, "--modality", *modalities, "--patient", patient)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     expected = {r["SeriesInstanceUID"] for r in records
                 if r["Modality"] in modalities and r["PatientID"] == patient}
     assert expected
@@ -116,7 +116,7 @@ def test_filters_without_a_collection_search_every_collection(tmp_path, fake_nbi
     fake = fake_nbia_factory(instances=2)
     patient = fake.series("CPTAC-GBM")[0]["PatientID"]
     run = Run(tmp_path, fake, "--patient", patient, collection=None)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     wanted = {s["SeriesInstanceUID"] for s in fake.series("CPTAC-GBM") if s["PatientID"] == patient}
     journal = next(run.output.glob("*.tar.xz.journal"))
     assert journal.name.startswith("TCIA.PatientID-")
@@ -126,7 +126,7 @@ def test_filters_without_a_collection_search_every_collection(tmp_path, fake_nbi
 def test_a_filter_that_matches_nothing_is_bad_input(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory()
     run = Run(tmp_path, fake, "--modality", "NOPE")
-    assert run.code == td.EXIT_USAGE
+    assert run.code == errors.EXIT_USAGE
     assert "no series matches these filters" in capsys.readouterr().err
 
 
@@ -135,13 +135,13 @@ def test_a_filter_that_matches_nothing_is_bad_input(tmp_path, fake_nbia_factory,
 def test_dry_run_tells_what_and_how_much_and_writes_nothing(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory()
     run = Run(tmp_path, fake, "--dry-run", output=tmp_path / "not-yet")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     records = fake.series("DEMO")
     total = sum(r["FileSize"] for r in records)
     patients = len({r["PatientID"] for r in records})
     studies = len({r["StudyInstanceUID"] for r in records})
     assert (f"DEMO: {len(records)} series of 1 collection(s), {patients} patients, "
-            f"{studies} studies, {td.human_bytes(total)} of DICOM") in run.log
+            f"{studies} studies, {logs_module.human_bytes(total)} of DICOM") in run.log
     assert "estimated archive: about" in run.log
     assert "--output and --temp_dir" in run.log and ": enough" in run.log
     assert "dry run: nothing was written" in run.log
@@ -160,21 +160,21 @@ def tiny_filesystem(real_statvfs):
 def test_a_run_that_will_not_fit_is_refused_unless_forced(tmp_path, fake_nbia_factory,
                                                           monkeypatch):
     fake = fake_nbia_factory()
-    monkeypatch.setattr(td.os, "statvfs", tiny_filesystem(os.statvfs))   # 40 kB free
+    monkeypatch.setattr(os, "statvfs", tiny_filesystem(os.statvfs))   # 40 kB free
     refused = Run(tmp_path, fake)
-    assert refused.code == td.EXIT_USAGE
+    assert refused.code == errors.EXIT_USAGE
     assert "missing" in refused.log and "not enough space" in refused.log
     assert not list((tmp_path / "out").glob("DEMO.tar.xz*"))
     assert fake.counters.requests("getImageWithMD5Hash") == 0
     forced = Run(tmp_path, fake, "--force")
-    assert forced.code == td.EXIT_OK, forced.log
+    assert forced.code == errors.EXIT_OK, forced.log
 
 
 def test_list_collections_prints_one_name_per_line(fake_nbia_factory, tmp_path, capsys):
     fake = fake_nbia_factory()
-    code = td.main(["--list-collections", "--api-url", fake.url, "--cache_dir",
+    code = cli.main(["--list-collections", "--api-url", fake.url, "--cache_dir",
                     str(tmp_path / "c"), "--no-progress"])
-    assert code == td.EXIT_OK
+    assert code == errors.EXIT_OK
     assert capsys.readouterr().out.splitlines() == sorted(fake.collections())
 
 
@@ -184,10 +184,10 @@ def archive_then_update(tmp_path: Path, fake_nbia_factory, series_before: int,
                         series_after: int) -> tuple[Run, object, object]:
     """A finished archive of one server's DEMO, then --update against another's."""
     before = fake_nbia_factory(demo_series=series_before)
-    assert Run(tmp_path, before).code == td.EXIT_OK
+    assert Run(tmp_path, before).code == errors.EXIT_OK
     after = fake_nbia_factory(demo_series=series_after)
     run = Run(tmp_path, after, "--update")
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     return run, before, after
 
 
@@ -209,13 +209,13 @@ def test_update_fetches_only_new_series_into_a_dated_archive(tmp_path, fake_nbia
     assert series_folders({**whole, **added}).keys() == expected_folders(new).keys()
 
     again = Run(tmp_path, new, "--update")
-    assert again.code == td.EXIT_OK
+    assert again.code == errors.EXIT_OK
     assert "nothing new since the last archive" in again.log
 
 
 def test_update_needs_a_finished_archive(tmp_path, fake_nbia_factory, capsys):
     fake = fake_nbia_factory()
-    assert Run(tmp_path, fake, "--update").code == td.EXIT_USAGE
+    assert Run(tmp_path, fake, "--update").code == errors.EXIT_USAGE
     assert "run without --update first" in capsys.readouterr().err
 
 
@@ -227,11 +227,11 @@ def test_retry_failed_fetches_exactly_the_failed_series_into_the_same_archive(
     for uid in victims:
         fake.script_faults(uid, ["500"] * 2)
     first = Run(tmp_path, fake, "--retries", "2")
-    assert first.code == td.EXIT_INCOMPLETE
+    assert first.code == errors.EXIT_INCOMPLETE
     failed = first.output / "DEMO.failed.tcia"
     before = {uid: fake.counters.complete_downloads(uid) for uid in uids}
     retry = Run(tmp_path, fake, "--retry-failed", str(failed), collection=None)
-    assert retry.code == td.EXIT_OK, retry.log
+    assert retry.code == errors.EXIT_OK, retry.log
     after = {uid: fake.counters.complete_downloads(uid) for uid in uids}
     assert {u for u in uids if after[u] != before[u]} == set(victims)
     archive = first.output / "DEMO.tar.xz"
@@ -247,7 +247,7 @@ def test_retry_failed_goes_into_the_failed_runs_output_whatever_the_flags_say(
     uids = uids_of(fake, "DEMO")
     fake.script_faults(uids[1], ["500"] * 2)
     first = Run(tmp_path, fake, "--retries", "2")
-    assert first.code == td.EXIT_INCOMPLETE
+    assert first.code == errors.EXIT_INCOMPLETE
     failed = first.output / "DEMO.failed.tcia"
     assert f"--retry-failed {failed.resolve()}" in first.log     # a path that works pasted
     elsewhere = tmp_path / "elsewhere"
@@ -255,7 +255,7 @@ def test_retry_failed_goes_into_the_failed_runs_output_whatever_the_flags_say(
     monkeypatch.chdir(elsewhere)
     retry = Run(tmp_path, fake, "--retry-failed", str(failed), collection=None,
                 compression=False, output=elsewhere / "out")
-    assert retry.code == td.EXIT_OK, retry.log
+    assert retry.code == errors.EXIT_OK, retry.log
     assert not (elsewhere / "out").exists() and not (first.output / "DEMO").exists()
     archive = first.output / "DEMO.tar.xz"
     assert series_folders(archive_members(archive)) == expected_folders(fake)
@@ -270,11 +270,11 @@ def test_retry_failed_does_not_finish_an_archive_with_other_series_missing(tmp_p
     manifest = write_manifest(tmp_path / "DEMO.failed.tcia", uids[:1], basket="DEMO.failed.tcia")
     out = tmp_path / "out"
     out.mkdir()
-    journal = td.Journal(td.journal_path(out, "DEMO", compression=True))
+    journal = journal_module.Journal(journal_module.journal_path(out, "DEMO", compression=True))
     journal.request(uids, replace=True)                  # what the interrupted run asked for
     journal.close()
     run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)
-    assert run.code == td.EXIT_INCOMPLETE
+    assert run.code == errors.EXIT_INCOMPLETE
     assert "that an earlier run asked for are not in" in run.log
     assert not (out / "DEMO.tar.xz").exists() and (out / "DEMO.tar.xz.part").exists()
 
@@ -343,7 +343,7 @@ def test_https_proxy_from_the_environment_is_honoured(tmp_path, fake_nbia_factor
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     run = Run(tmp_path, fake)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert any(s.endswith("/getSeries") for s in proxy.seen)
     assert sum(s.endswith("/getImageWithMD5Hash") for s in proxy.seen) == 3
 
@@ -355,7 +355,7 @@ def test_the_proxy_flag_wins_over_the_environment(tmp_path, fake_nbia_factory, p
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")          # nobody there
     run = Run(tmp_path, fake, "--proxy", proxy.url)
-    assert run.code == td.EXIT_OK, run.log
+    assert run.code == errors.EXIT_OK, run.log
     assert proxy.seen
 
 
@@ -393,10 +393,10 @@ def test_a_ca_bundle_lets_a_private_certificate_through(tmp_path, tls_server, ca
     url, cert = tls_server
     argv = ["--list-collections", "--api-url", url, "--cache_dir", str(tmp_path / "c"),
             "--retries", "1"]
-    assert td.main(argv) == td.EXIT_USAGE             # a misconfiguration, not an outage
+    assert cli.main(argv) == errors.EXIT_USAGE             # a misconfiguration, not an outage
     assert "TLS with 127.0.0.1 failed (CERTIFICATE_VERIFY_FAILED): a site proxy that " \
         "inspects TLS needs --ca-bundle" in capsys.readouterr().err
-    assert td.main([*argv, "--ca-bundle", str(cert)]) == td.EXIT_OK
+    assert cli.main([*argv, "--ca-bundle", str(cert)]) == errors.EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["Secure-Collection"]
 
 
@@ -426,10 +426,10 @@ def test_update_reports_series_that_vanished_from_the_server(tmp_path, fake_nbia
 def test_workers_default_to_four_per_granted_cpu_and_at_most_16(monkeypatch, tmp_path, cpus,
                                                                  workers):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", cpus)
-    options = td.parse_options(["--collection", "X", "--output", str(tmp_path)])
+    options = cli.parse_options(["--collection", "X", "--output", str(tmp_path)])
     assert options.workers == workers
-    assert td.usable_cores() == int(cpus)
-    assert td.parse_options(["--collection", "X", "--output", str(tmp_path),
+    assert settings.usable_cores() == int(cpus)
+    assert cli.parse_options(["--collection", "X", "--output", str(tmp_path),
                              "--workers", "3"]).workers == 3
 
 
@@ -449,8 +449,8 @@ def test_logs_of_old_runs_are_pruned_and_only_ours(tmp_path, capsys):
     os.utime(ancient, (old, old))
     mine = logs / "notes.txt"
     mine.write_text("the user's")
-    code = td.main(["--verify", str(tmp_path / "nothing"), "--cache_dir", str(tmp_path / "cache")])
-    assert code == td.EXIT_USAGE
+    code = cli.main(["--verify", str(tmp_path / "nothing"), "--cache_dir", str(tmp_path / "cache")])
+    assert code == errors.EXIT_USAGE
     names = sorted(p.name for p in logs.iterdir())
     runs = {name.rsplit("-", 1)[0] for name in names if name.endswith(".log")}
     assert len(runs) == 50 and mine.exists()
@@ -464,5 +464,5 @@ def test_the_cache_follows_xdg_cache_home(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--verify", str(tmp_path / "nothing")],
                           capture_output=True, text=True,
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
-    assert done.returncode == td.EXIT_USAGE, done.stderr
+    assert done.returncode == errors.EXIT_USAGE, done.stderr
     assert len(list((tmp_path / "xdg" / "tcia_downloader" / "logs").glob("*-info.log"))) == 1

@@ -1,0 +1,60 @@
+"""tcia_downloader: a TCIA collection becomes one verified, kill-safe .tar.xz.
+
+Downloads every series of a collection from TCIA's NBIA v4 REST API, verifies each
+DICOM file against the server's MD5 list, drops files that do not belong to the
+series, names folders by patient, study date and description, and appends each
+finished series to a .tar.xz as an independent xz stream. A journal next to the
+archive records every committed series after fsync, so a kill at any instant loses
+no finished work and a rerun continues where the last one stopped.
+
+The package tcia_dl (`python -m tcia_dl` runs cli.main):
+  A run, in the order a series travels:
+    cli                the command line: the parser, the checks of every flag, main()
+    run                a run: source and output opened, the plan, workers, one series from
+                       first attempt to commit, stops, the report
+    plan               which series, and where each goes: records, names, manifests (and the
+                       .failed.tcia/.damaged.tcia ones written), shards, updates, space
+    sources.base       the source contract: Source, Selected, AttemptBytes, Member,
+                       VerifiedSeries, MemberSink, Packing
+    sources.nbia_api   NBIA v4's REST client: tokens, TciaApi, getImage
+    sources.nbia       NBIA as a source: NbiaSource, and a series' zip verified file by file
+    sources.idc_index  IDC's offline index (duckdb over parquet) and its records
+    sources.idc        IDC as a source: its public S3 buckets (S3Client), IdcSource
+    sources.auto       --mode auto: NBIA first, IDC where NBIA cannot serve
+    dicom              the DICOM header reader and the naming check
+    formats.base       the output contract: Target, Prepared
+    formats.tarxz      the .tar.xz: one independent xz stream per series, appended after
+                       fsync
+    formats.tree       the folder tree
+    journal            the journal beside an output: what is committed, written and read
+    collection_files   LICENSE, metadata.csv, MD5SUMS, CITATION.md, the DOI resolver
+  Checking and using an output (--verify, --extract):
+    xzread             an archive's xz streams found from their footers and indexes,
+                       decompressed to their span
+    findings           what a check found: its problem lines, its ledger of members (on
+                       disk), its findings
+    tarread            tar members as GNU tar reads them, from a stream's fragment; the
+                       collection files (MD5SUMS, metadata.csv) read back; a stream checked
+    trust              the journal --verify and --extract believe (one that describes the
+                       file beside it), and what they read from it
+    verify             --verify, and the repair lists of a damaged output
+    extract            --extract: (part of) an archive into a folder tree
+  Shared by all of them:
+    settings           what a run is asked to do (Selection, Options, Shard), shared
+                       defaults
+    errors             exit codes, the exception classes (one root), what a failed request
+                       means
+    logs               logging (secrets kept out), the progress line, printable, human_bytes
+    net                HTTP: the retry policy, the transfer watchdog, watched sessions
+    storage            locks, scratch files, fsync, reading a range, a full disk
+
+Exit codes (documented in the README):
+    0    every requested series is in the output and verified
+    1    some series failed; the archive stays <name>.tar.xz.part and a rerun resumes it
+    2    bad usage or input (flags, unknown collection, rejected credentials, busy output)
+    75   stopped early on SIGUSR1 (slurm's warning before a time limit): what finished is
+         committed, work remains; rerun (the sbatch template requeues itself)
+    130  interrupted by SIGINT (Ctrl-C)       143  terminated by SIGTERM
+"""
+
+__version__ = "0.4.0"

@@ -1,0 +1,453 @@
+"""The command line: the parser, the checks of every flag, main()."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import errno
+import getpass
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+from . import __version__
+from .errors import EXIT_SIGINT, EXIT_USAGE, FatalRunError, Interrupted, UsageError
+from .extract import extract_output
+from .logs import Secrets, log, printable, setup_logging
+from .plan import FAILED_RUN_KEY, failed_run_origin
+from .run import StopControl, run
+from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_COMPRESSION_LEVEL,
+                       DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection,
+                       Shard, default_workers)
+from .storage import disk_full
+from .trust import say_if_journal_ignored
+from .verify import verify_output
+
+EXAMPLES = """examples:
+  # a whole collection into /data/tcia/Pancreas-CT.tar.xz
+  tcia_downloader.py --collection Pancreas-CT --output /data/tcia --compression
+  # what a manifest from the TCIA portal needs, without downloading anything
+  tcia_downloader.py --manifest cart.tcia --output /data/tcia --compression --dry-run
+  # only the CT and MR series of two patients
+  tcia_downloader.py --collection CPTAC-GBM --patient C3L-00016 C3L-00365 --modality CT MR
+
+exit codes: 0 complete and verified; 1 some series failed (rerun to resume);
+  2 bad usage or input; 75 checkpointed on SIGUSR1 (rerun); 130/143 SIGINT/SIGTERM.
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (not the 20 lines of usage), with the close flag
+    when one was misspelled."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown[1].split("=")[0]
+            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
+            message = f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else
+                                               "; --help lists the flags")
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="tcia_downloader.py",
+        description="Download TCIA series (from NBIA v4, or IDC's public buckets) into one "
+                    "verified, resumable .tar.xz (or a folder tree).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    what = parser.add_argument_group("what to download")
+    what.add_argument("--collection", metavar="NAME",
+                      help="a TCIA collection, e.g. Pancreas-CT (alone: all of it)")
+    what.add_argument("--manifest", action="append", default=[], metavar="FILE.tcia",
+                      help="exactly the series of a .tcia manifest from the TCIA portal "
+                           "(repeatable; may span collections)")
+    for flag, parameter in FILTER_FLAGS.items():
+        aliases = ["--series"] if flag == "--series-uid" else []
+        what.add_argument(flag, *aliases, nargs="+", action="extend", default=[],
+                          metavar="VALUE", help=f"only series with one of these {parameter} "
+                                                "values (with or without --collection)")
+    what.add_argument("--update", action="store_true",
+                      help="after a complete archive: only the series published since, into "
+                           "<name>.update-<YYYY-MM-DD>.tar.xz")
+    what.add_argument("--retry-failed", metavar="FILE.tcia",
+                      help="exactly the series of a <name>.failed.tcia, into that run's output")
+    what.add_argument("--shard", metavar="I/N",
+                      help="part I of N (0 <= I < N), balanced by size; default in a slurm "
+                           "job array: the task's place in the array; 'none' turns it off")
+    what.add_argument("--list-collections", action="store_true",
+                      help="print the server's collection names, one per line, and exit")
+    what.add_argument("--dry-run", action="store_true",
+                      help="say what would be downloaded and whether it fits; write nothing")
+    # (no `choices`: an unknown mode gets parse_options' one line, not argparse's usage)
+    what.add_argument("--mode", metavar="{nbia,idc,auto}",
+                      help="where series come from: nbia (TCIA's NBIA v4, default), idc "
+                           "(NCI's Imaging Data Commons: public S3 buckets and an offline "
+                           "index; needs requirements-idc.txt), auto (NBIA, and IDC for "
+                           "what NBIA cannot serve)")
+    what.add_argument("--include-analysis-results", action="store_true",
+                      help="--mode idc: also the series IDC files under a collection as "
+                           "analysis results (NBIA serves only the original ones)")
+
+    where = parser.add_argument_group("where")
+    where.add_argument("--output", default=".", metavar="DIR",
+                       help="where <name>.tar.xz (or the <Collection>/ folders) go (default: .)")
+    where.add_argument("--temp-dir", "--temp_dir", dest="temp_dir", metavar="DIR",
+                       help="scratch: one file per worker (a zip, then its compressed stream); "
+                            "node-local disk on a cluster (default: --output)")
+    where.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
+                       metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
+    where.add_argument("--force", action="store_true",
+                       help="start even when the free space looks too small")
+
+    how = parser.add_argument_group("how")
+    how.add_argument("--compression", action="store_true",
+                     help="write <output>/<name>.tar.xz instead of a folder tree")
+    how.add_argument("--compression-level", "--compression_level", dest="compression_level",
+                     type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="0-9",
+                     help=f"xz preset (default: {DEFAULT_COMPRESSION_LEVEL}; 6 is ~10%% smaller "
+                          "and ~6x slower)")
+    how.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                     help="series downloaded in parallel (1 to 64); one per usable core is "
+                          "verified and compressed at a time (default: 4 per core, at most 16)")
+    how.add_argument("--retries", type=int, default=6, metavar="N",
+                     help="attempts per series before it is reported as failed (default: 6)")
+    how.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
+                     help="first wait before a retry; it doubles per attempt, with jitter, "
+                          "up to 5 minutes (default: 2)")
+    how.add_argument("--stop-grace", type=float, default=120.0, metavar="SECONDS",
+                     help="after SIGUSR1, how long series in progress may take to finish "
+                          "before they are left for the next run (default: 120)")
+    how.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="abort and retry a transfer that sends no byte, or less than 64 kB, "
+                          "in this many seconds: a 1 byte/s trickle is a stall, a slow but "
+                          "real link (even 1 kB/s) is not (default: 120)")
+
+    network = parser.add_argument_group("network and account")
+    network.add_argument("--api-url", metavar="URL",
+                         help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
+    network.add_argument("--proxy", metavar="URL",
+                         help="HTTP(S) proxy for every request (default: $HTTPS_PROXY/$HTTP_PROXY)")
+    network.add_argument("--ca-bundle", metavar="FILE",
+                         help="CA certificates to trust, e.g. a site proxy's (PEM)")
+    network.add_argument("--user", metavar="NAME",
+                         help="account on a private NBIA server (public TCIA needs none)")
+    network.add_argument("--password", metavar="PASSWORD",
+                         help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
+    network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                         help="give up a connection attempt after this long (default: 30)")
+    network.add_argument("--idc-index", metavar="FILE.parquet",
+                         help="--mode idc: this index instead of idc-index-data's (same schema; "
+                              "default: $TCIA_IDC_INDEX, else the installed one)")
+    network.add_argument("--idc-endpoint", metavar="URL",
+                         help="--mode idc: another S3-compatible endpoint, addressed path-style "
+                              "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS's "
+                              "public buckets)")
+    network.add_argument("--doi-resolver", metavar="URL",
+                         default=os.environ.get("TCIA_DOI_RESOLVER", DEFAULT_DOI_RESOLVER),
+                         help="where CITATION.md's BibTeX comes from, by content negotiation; "
+                              "'none': DOI links only (default: $TCIA_DOI_RESOLVER or "
+                              f"{DEFAULT_DOI_RESOLVER})")
+    network.add_argument("--doi-timeout", type=float, default=DEFAULT_DOI_TIMEOUT,
+                         metavar="SECONDS",
+                         help="the most time all BibTeX lookups of a run may take, however "
+                              "slowly the resolver answers (default: "
+                              f"{DEFAULT_DOI_TIMEOUT:g})")
+    network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
+                         help="how long cached metadata answers stay fresh (default: 6)")
+
+    check = parser.add_argument_group("checking what is on disk")
+    check.add_argument("--verify", metavar="PATH",
+                       help="check an archive (.tar.xz or .part) or a folder tree this tool "
+                            "wrote, against its own MD5SUMS; no network, no journal needed")
+    check.add_argument("--extract", metavar="ARCHIVE",
+                       help="write the files of an archive into --output, verified against "
+                            "its MD5SUMS; with --series-uid/--patient/--study-uid (or "
+                            "--modality, --body-part, --collection) only those series, "
+                            "decompressing only their streams")
+
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--log-level", default="INFO", type=str.upper,
+                               choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                               help="what stderr shows (the debug log file always has everything)")
+    logging_group.add_argument("--no-progress", action="store_true",
+                               help="no progress bars, only log lines")
+    logging_group.add_argument("--summary-interval", type=float, default=30.0, metavar="SECONDS",
+                               help="without a terminal: one progress line this often "
+                                    "(default: 30)")
+    logging_group.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+MAX_WORKERS = 64     # beyond this, threads and connections only load the service
+
+# (flag, lowest, highest, unit): every number a user types is finite and in a sane range, so
+# that no later arithmetic (backoff, timers, the outage breaker's limit) can overflow or
+# switch itself off. Timeouts and intervals start above zero.
+NUMERIC_FLAGS: tuple[tuple[str, float, float, str], ...] = (
+    ("--compression-level", 0, 9, "an xz preset"),
+    ("--workers", 1, MAX_WORKERS, "series in flight"),
+    ("--retries", 1, 100, "attempts"),
+    ("--retry-wait", 0, 3600, "seconds"),
+    ("--stop-grace", 0, 86400, "seconds"),
+    ("--stall-timeout", 0.01, 86400, "seconds"),
+    ("--connect-timeout", 0.01, 3600, "seconds"),
+    ("--cache-expiry", 0, 87600, "hours"),
+    ("--summary-interval", 0.01, 86400, "seconds"),
+    ("--doi-timeout", 0.01, 3600, "seconds"),
+)
+
+
+def check_number(flag: str, value: float, low: float, high: float, unit: str) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"{flag} must be a number from {low:g} to {high:g} ({unit}); "
+                         f"got {value}")
+
+
+def parse_options(argv: Optional[list[str]] = None) -> Options:
+    """Parse and validate the command line; raise UsageError with one clear line."""
+    args = build_parser().parse_args(argv)
+    selection = parse_selection(args)
+    origin = failed_run_origin(selection.retry_failed) if selection.retry_failed else {}
+    fill_source_flags(args, origin)
+    if args.mode == "aspera":
+        raise UsageError("--mode aspera is not available in this version; use --mode nbia, "
+                         "idc or auto")
+    if args.mode not in ("nbia", "idc", "auto"):
+        raise UsageError(f"--mode {printable(args.mode)}: choose nbia, idc or auto")
+    idc_endpoint = args.idc_endpoint
+    if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
+        raise UsageError(f"--idc-endpoint {idc_endpoint!r} is not an http(s) URL")
+    idc_index = Path(args.idc_index).expanduser() if args.idc_index else None
+    if idc_index is not None and args.mode != "nbia" and not idc_index.is_file():
+        raise UsageError(f"--idc-index {args.idc_index} (or $TCIA_IDC_INDEX): no such file")
+    for flag, low, high, unit in NUMERIC_FLAGS:
+        check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)
+    if args.doi_resolver.lower() != "none" and \
+            urlsplit(args.doi_resolver).scheme not in ("http", "https"):
+        raise UsageError(f"--doi-resolver {args.doi_resolver!r}: give an http(s) URL or none")
+    if urlsplit(args.api_url).scheme not in ("http", "https"):
+        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    if args.proxy and urlsplit(args.proxy).scheme not in ("http", "https"):
+        raise UsageError(f"--proxy {args.proxy!r}: give an http:// or https:// proxy URL")
+    ca_bundle = Path(args.ca_bundle).expanduser() if args.ca_bundle else None
+    if ca_bundle and not ca_bundle.is_file():
+        raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
+    output = Path(args.output).expanduser()
+    compression = args.compression
+    repair = False
+    if selection.retry_failed:
+        # The failed series go back into the output of the run that failed them, whatever
+        # --output and --compression say: anything else would start a second, partial output.
+        output = Path(origin["output"]) if "output" in origin else output
+        compression = origin.get("compression", "yes" if compression else "no") == "yes"
+        repair = origin.get("repair") == "yes"
+        name = recorded_name(selection.retry_failed, origin)
+        selection = dataclasses.replace(selection, retry_name=name)
+    password = resolve_password(args.user, args.password)
+    return Options(
+        selection=selection,
+        output=output,
+        temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
+        cache_dir=Path(args.cache_dir).expanduser(),
+        api_url=args.api_url if args.api_url.endswith("/") else args.api_url + "/",
+        user=args.user,
+        password=password,
+        proxy=args.proxy,
+        ca_bundle=ca_bundle,
+        compression=compression,
+        compression_level=args.compression_level,
+        workers=args.workers,
+        retries=args.retries,
+        retry_wait=args.retry_wait,
+        stop_grace=args.stop_grace,
+        stall_timeout=args.stall_timeout,
+        shard=parse_shard(args.shard, os.environ),
+        update=args.update,
+        dry_run=args.dry_run,
+        force=args.force,
+        list_collections=args.list_collections,
+        connect_timeout=args.connect_timeout,
+        cache_expiry_hours=args.cache_expiry,
+        log_level=args.log_level,
+        progress=not args.no_progress,
+        summary_interval=args.summary_interval,
+        verify=Path(args.verify).expanduser() if args.verify else None,
+        extract=Path(args.extract).expanduser() if args.extract else None,
+        doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
+        doi_timeout=args.doi_timeout,
+        repair=repair,
+        mode=args.mode,
+        idc_index=idc_index,
+        idc_endpoint=idc_endpoint if args.mode in ("idc", "auto") else None,
+        include_analysis_results=args.include_analysis_results,
+    )
+
+
+def fill_source_flags(args: argparse.Namespace, origin: dict[str, str]) -> None:
+    """--api-url, --mode, --idc-endpoint and --idc-index as given; else, for --retry-failed,
+    as its manifest recorded them (the series go back into an output made from there);
+    else the environment's and the defaults."""
+    args.api_url = args.api_url or origin.get("api-url") or DEFAULT_API_URL
+    args.mode = args.mode or origin.get("mode") or "nbia"
+    args.idc_endpoint = args.idc_endpoint or origin.get("idc-endpoint") or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    args.idc_index = args.idc_index or origin.get("idc-index") or \
+        os.environ.get("TCIA_IDC_INDEX") or None
+
+
+def recorded_name(manifest: Path, origin: dict[str, str]) -> Optional[str]:
+    """The output's name a failure or repair list records (None before 0.4): the file may
+    have been saved under another name ("DEMO.damaged (1).tcia")."""
+    name = origin.get("name")
+    if name is None:
+        return None
+    if not name or "/" in name or name.startswith(".") or len(name) > 200 or \
+            not name.isprintable():
+        raise UsageError(f"{manifest}: its {FAILED_RUN_KEY}name {name[:80]!r} is not the name "
+                         "of an output")
+    return name
+
+
+def parse_selection(args: argparse.Namespace) -> Selection:
+    """One way of saying what to download, and files that exist."""
+    collection = (args.collection or "").strip() or None
+    if args.collection is not None and collection is None:
+        raise UsageError("--collection is empty: give a collection name such as Pancreas-CT")
+    selection = Selection(
+        collection=collection,
+        manifests=tuple(Path(m).expanduser() for m in args.manifest),
+        patients=tuple(args.patient), study_uids=tuple(args.study_uid),
+        series_uids=tuple(args.series_uid), modalities=tuple(args.modality),
+        body_parts=tuple(args.body_part),
+        retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
+    by_name = bool(collection or selection.filters())
+    ways = sum([by_name and not args.extract, bool(selection.manifests),
+                bool(selection.retry_failed), bool(args.list_collections), bool(args.verify),
+                bool(args.extract)])
+    if ways == 0:
+        raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
+                         "filters such as --patient ID, or --list-collections (or --verify "
+                         "PATH to check an output, --extract ARCHIVE to unpack one)")
+    if ways > 1:
+        raise UsageError("choose one of --collection/filters, --manifest, --retry-failed, "
+                         "--list-collections, --verify and --extract (which takes filters)")
+    if args.extract and (args.update or args.dry_run or args.shard not in (None, "none")):
+        raise UsageError("--extract takes filters (--series-uid, --patient, --study-uid, "
+                         "--modality, --body-part, --collection) and --output, nothing else")
+    if args.update and (selection.retry_failed or args.list_collections):
+        raise UsageError("--update goes with --collection, filters or --manifest")
+    for path in (*selection.manifests, *([selection.retry_failed] if selection.retry_failed else [])):
+        if not path.is_file():
+            raise UsageError(f"{path}: no such manifest file")
+    return selection
+
+
+def parse_shard(value: Optional[str], environ: dict[str, str]) -> Optional[Shard]:
+    """--shard I/N, else the slurm array task's place in its array, else no sharding."""
+    if value is not None:
+        if value.lower() == "none":
+            return None
+        match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
+        if not match or not 0 <= int(match[1]) < int(match[2]):
+            raise UsageError(f"--shard {value!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+        shard = Shard(int(match[1]), int(match[2]))
+    else:
+        shard = shard_from_slurm(environ)
+    return shard if shard is not None and shard.count > 1 else None
+
+
+def shard_from_slurm(environ: dict[str, str]) -> Optional[Shard]:
+    """Arrays may start anywhere and step (--array=1-9:2): count places, not IDs."""
+    try:
+        task = int(environ["SLURM_ARRAY_TASK_ID"])
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", task))
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1)) or 1
+        if "SLURM_ARRAY_TASK_COUNT" in environ:
+            count = int(environ["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            count = (int(environ["SLURM_ARRAY_TASK_MAX"]) - first) // step + 1
+    except (KeyError, ValueError):
+        return None
+    index = (task - first) // step
+    if not 0 <= index < count:
+        raise UsageError(f"slurm array task {task} does not fit an array of {count} from {first}; "
+                         "pass --shard I/N")
+    return Shard(index, count)
+
+
+def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[str]:
+    """--password, else $TCIA_PASSWORD, else a prompt on a terminal."""
+    if user is None:
+        if password is not None:
+            raise UsageError("--password was given without --user")
+        return None
+    if password is not None:
+        # Printed before logging starts on purpose: it is about this command line.
+        print("warning: --password is visible to other users in `ps`; "
+              "prefer TCIA_PASSWORD or the prompt", file=sys.stderr)
+        return password
+    if os.environ.get("TCIA_PASSWORD"):
+        return os.environ["TCIA_PASSWORD"]
+    if sys.stdin.isatty():
+        return getpass.getpass(f"NBIA password for {user}: ")
+    raise UsageError("--user needs a password: set TCIA_PASSWORD (stdin is not a terminal, "
+                     "so there is no prompt)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        options = parse_options(argv)
+    except UsageError as exc:
+        print(f"tcia_downloader: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stopping = StopControl(options.stop_grace) if not (options.verify or options.extract) \
+        else StopControl(leaving="nothing unverified is left behind" if options.extract
+                         else "the check is incomplete")
+    stopping.install()
+    secrets = Secrets()
+    secrets.add(lambda: [options.password] if options.password else [])
+    bars = options.progress and sys.stderr.isatty()
+    try:
+        teardown_logging = setup_logging(options, bars, secrets)
+    except (OSError, FatalRunError) as exc:
+        stopping.uninstall()
+        why = exc.strerror if isinstance(exc, OSError) else exc
+        print(f"tcia_downloader: error: cannot write logs in {options.cache_dir}: {why}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    log.debug("options %s", options)
+    try:
+        if options.verify:
+            return verify_output(options.verify, stopping.abort)
+        if options.extract:
+            say_if_journal_ignored(options.extract)
+            return extract_output(options.extract, options.selection, options.output,
+                                  stopping.abort)
+        return run(options, stopping, secrets)
+    except Interrupted:
+        return stopping.exit_code or EXIT_SIGINT
+    except FatalRunError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+    except OSError as exc:
+        # Everything the run writes goes through paths the user chose: one line for what
+        # failed where, never a traceback. The journal keeps the run resumable.
+        where = Path(exc.filename) if exc.filename else options.output
+        error = disk_full(where) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            FatalRunError(f"cannot write {where}: {exc.strerror or exc}; check the folder, then "
+                          "rerun to resume")
+        log.error("%s", error)
+        log.debug("details", exc_info=True)
+        return error.exit_code
+    finally:
+        stopping.uninstall()
+        teardown_logging()

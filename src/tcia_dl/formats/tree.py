@@ -1,0 +1,127 @@
+"""The folder tree."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..collection_files import collection_file_names, collection_files
+from ..journal import journal_path, lock_path
+from ..logs import log
+from ..storage import fsync_directory, raise_if_disk_full, write_file_atomically
+from .base import Target
+from .tarxz import FolderPacker
+
+if TYPE_CHECKING:
+    from ..plan import PlannedSeries
+    from ..sources.base import VerifiedSeries
+    from .base import Prepared
+
+class DirectoryTarget(Target):
+    """<output>/<name>/...: each series is extracted into scratch and moved into place
+    only when verified, so a series folder under <output> is always whole."""
+
+    def __init__(self, name: str, output: Path, temp_dir: Path, file_suffix: str = ""):
+        # Parts of a collection (shards, updates, selections) share its folder (their series
+        # folders are disjoint); each keeps its own journal and suffixed LICENSE, metadata
+        # and MD5SUMS.
+        # A move cut short by a kill leaves a hidden .incoming folder beside its series:
+        # never a series, and removed when that series is moved in again. Not swept here:
+        # another shard may be moving one in right now.
+        super().__init__(name, output, temp_dir, output,
+                         journal_path(output, name, compression=False),
+                         lock_path(output, name, compression=False), file_suffix)
+        self.audit()
+
+    def audit(self, full: bool = True) -> list[str]:
+        """The journal never outranks the disk: a series folder that is gone (deleted or
+        moved) is forgotten, and fetched again. Existence only, one stat per series:
+        reading every file of a large tree would take hours (--verify does that)."""
+        gone = [uid for uid, where in self.journal.locations().items()
+                if not (self.output / where).is_dir()]
+        self.journal.forget(gone)
+        missing_files = [collection for collection in self.journal.collections()
+                         for name in collection_file_names(self.file_suffix)
+                         if not (self.output / collection / name).is_file()]
+        if missing_files and self.complete:
+            self.journal.put("finished", "no")     # the collection files are written again
+        return gone
+
+    def series_folder(self, series: PlannedSeries) -> Path:
+        return self.output / series.collection / series.path
+
+    def replace_damaged(self, uids: list[str]) -> None:
+        """Each damaged series folder is hidden at once (renamed), then removed and
+        forgotten; the collection files are written anew when the run finishes."""
+        locations = self.journal.locations()
+        gone = [uid for uid in uids if uid in locations]
+        for uid in gone:
+            folder = self.output / locations[uid]
+            stale = folder.parent / f".{folder.name}.stale"
+            if folder.exists():
+                shutil.rmtree(stale, ignore_errors=True)
+                os.rename(folder, stale)
+        self.journal.forget(gone)
+        self.journal.put("finished", "no")
+        for uid in gone:
+            folder = self.output / locations[uid]
+            shutil.rmtree(folder.parent / f".{folder.name}.stale", ignore_errors=True)
+        log.info("repairing %s: %d damaged series folders removed, to fetch again",
+                 self.output, len(gone))
+
+    def packer(self, series: PlannedSeries, zip_path: Path) -> "FolderPacker":
+        return FolderPacker(self.scratch_path(".d"), self.scratch)
+
+    def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
+        destination = self.series_folder(series)
+        with self.commit_lock:
+            self.check_open()
+            try:
+                move_folder(prepared.path, destination)
+            except OSError as exc:
+                raise_if_disk_full(exc, destination)
+                raise
+            self.journal.record(series, verified, 0, 0)
+
+    def finalize(self) -> None:
+        for collection in self.journal.collections():
+            root = self.output / collection
+            root.mkdir(parents=True, exist_ok=True)
+            for name, data in collection_files(self.journal, collection, self.file_suffix):
+                write_file_atomically(root / name, data)
+        self.journal.put("finished", "yes")
+
+    def describe(self) -> str:
+        return str(self.final)
+
+
+def move_folder(folder: Path, destination: Path) -> None:
+    """Put a finished series folder in place so that it appears whole or not at all."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    incoming = destination.parent / f".{destination.name}.incoming"
+    stale = destination.parent / f".{destination.name}.stale"
+    for planted in (incoming, stale):     # rmtree refuses a link: it would stay in the way
+        if planted.is_symlink():
+            planted.unlink()
+    shutil.rmtree(incoming, ignore_errors=True)
+    if destination.exists():            # moved by a run killed before its journal row:
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(destination, stale)   # hidden at once, so a kill never shows half of it
+    shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(folder, incoming)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Across filesystems rename fails (node-local scratch -> shared output): copy
+        # next to the destination, then rename there.
+        shutil.copytree(folder, incoming)
+        shutil.rmtree(folder)
+    for child in incoming.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.rename(incoming, destination)
+    fsync_directory(destination.parent)

@@ -1,0 +1,654 @@
+"""Which series, and where each goes: records, names, manifests (and the
+.failed.tcia/.damaged.tcia ones written), shards, updates, space."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional, TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ApiError, EXIT_USAGE, FatalRunError, UsageError
+from .journal import journal_path, read_journal
+from .logs import human_bytes, log, printable
+from .settings import NLST_API_URL
+from .storage import existing_ancestor, filesystem_of, write_file_atomically
+
+if TYPE_CHECKING:
+    from .settings import Options, Selection, Shard
+    from .sources.base import Source
+    from .sources.nbia_api import TciaApi
+
+
+# -- Planning: which series, and where each goes -------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedSeries:
+    uid: str
+    collection: str
+    path: str                      # <PatientID>/<date>-<StudyDesc>-<uid5>/<No>-<Desc>-<uid5>
+    record: dict                   # the getSeries object as served
+    image_count: Optional[int]
+    file_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.collection}/{self.path}"
+
+    @property
+    def short_label(self) -> str:
+        """<Collection>/<patient>/<series folder>: enough to find it, short enough for the
+        lines of a slurm .out file read in a 100-column terminal (the study is in label)."""
+        parts = self.path.split("/")
+        return f"{self.collection}/{parts[0]}/{parts[-1]}"
+
+    @property
+    def byte_limit(self) -> Optional[int]:
+        """The most bytes a zip of this series may hold, inflated or not: twice its FileSize
+        plus room for zip headers, LICENSE and md5hashes.csv. None when the server gave no
+        FileSize. A server that sends more is cut off instead of filling the disk."""
+        if self.file_size <= 0:
+            return None
+        return 2 * self.file_size + 4096 * (self.image_count or 0) + 16 * 1024 * 1024
+
+
+SAFE_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+# Names of the collection files (LICENSE, metadata.csv, MD5SUMS, with a part's suffix): no
+# patient folder may take one of them.
+COLLECTION_FILE_NAME = re.compile(r"^(license|md5sums|metadata|citation)(\..*)?$",
+                                  re.IGNORECASE)
+
+
+def is_uid(text: object) -> bool:
+    """A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters. A server's text
+    must be one before it names anything."""
+    return isinstance(text, str) and len(text) <= 64 and UID_PATTERN.match(text) is not None
+
+
+def as_count(value: object) -> Optional[int]:
+    """A non-negative whole number from a JSON value (NBIA sends numbers; a hostile or
+    broken server may send "12.5MB"), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return int(number) if math.isfinite(number) and 0 <= number < 2 ** 63 else None
+
+
+def usable_records(rows: list[dict], endpoint: str) -> list[dict]:
+    """The getSeries rows that can be planned: a valid SeriesInstanceUID, scalar values,
+    FileSize and ImageCount as numbers (or left out). The rest is counted in one warning."""
+    usable: list[dict] = []
+    bad: list[object] = []
+    for row in rows:
+        if not is_uid(row.get("SeriesInstanceUID")):
+            bad.append(row.get("SeriesInstanceUID"))
+            continue
+        record = {str(key): value if value is None or isinstance(value, (str, int, float))
+                  else json.dumps(value) for key, value in row.items()}
+        for key in ("FileSize", "ImageCount"):
+            if key in record and as_count(record[key]) is None:
+                log.debug("%s: %s %r of %s is no number; ignored", endpoint, key, record[key],
+                          record["SeriesInstanceUID"])
+                del record[key]
+        usable.append(record)
+    if bad:
+        log.warning("%s: skipped %d row(s) without a valid SeriesInstanceUID (first: %.80r)",
+                    endpoint, len(bad), bad[0])
+    return usable
+
+
+NBIA_DATE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
+
+
+def clean_component(text: object, max_length: int = 64) -> str:
+    """One safe path component: ASCII letters, digits and ._+- only, no leading dots
+    (so never hidden, never '..'), capped in length; empty becomes NA."""
+    ascii_text = unicodedata.normalize("NFKD", str(text) if text is not None else "")
+    ascii_text = ascii_text.encode("ascii", "ignore").decode("ascii")
+    cleaned = SAFE_CHARS.sub("_", ascii_text).strip("._-")
+    cleaned = cleaned[:max_length].rstrip("._-")
+    return cleaned or "NA"
+
+
+def iso_date(nbia_date: Optional[str]) -> Optional[str]:
+    """NBIA v4 dates are MM-DD-YYYY; folders use YYYY-MM-DD so they sort."""
+    match = NBIA_DATE.match(nbia_date or "")
+    if not match:
+        return None
+    month, day, year = match.groups()
+    return f"{year}-{month}-{day}"
+
+
+def study_date(records: list[dict]) -> str:
+    """StudyDate, else the study's earliest SeriesDate, else unknown_date: one folder per
+    study even when its series were acquired on different days."""
+    for record in records:
+        date = iso_date(record.get("StudyDate"))
+        if date:
+            return date
+    series_dates = sorted(d for d in (iso_date(r.get("SeriesDate")) for r in records) if d)
+    return series_dates[0] if series_dates else "unknown_date"
+
+
+def unique_names(entries: list[tuple[str, str, str]]) -> dict[str, str]:
+    """entries: (key, stem, uid) -> key: f"{stem}-{uid suffix}", lengthening the UID suffix
+    of colliding names until they differ. Names compare case-insensitively, because the
+    archive may be extracted on macOS or Windows."""
+    width = {key: 5 for key, _, _ in entries}
+    info = {key: (stem, uid) for key, stem, uid in entries}
+
+    def name_of(key: str) -> str:
+        stem, uid = info[key]
+        return f"{stem}-{clean_component(uid[-width[key]:], 64)}"
+
+    while True:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key in info:
+            groups[name_of(key).casefold()].append(key)
+        clashes = [keys for keys in groups.values() if len(keys) > 1]
+        if not clashes:
+            return {key: name_of(key) for key in info}
+        grew = False
+        for keys in clashes:
+            for key in keys:
+                if width[key] < len(info[key][1]):
+                    width[key] += 1
+                    grew = True
+        if not grew:
+            # Whole UIDs still clash (e.g. identical UIDs): number them, deterministically.
+            names = {key: name_of(key) for key in info}
+            for keys in clashes:
+                for n, key in enumerate(sorted(keys)[1:], start=2):
+                    names[key] = f"{names[key]}-{n}"
+            return names
+
+
+def plan_collection(collection: str, records: list[dict]) -> list[PlannedSeries]:
+    """Give every series its folder: <PatientID>/<date>-<StudyDesc>-<uid5>/<No>-<Desc>-<uid5>."""
+    by_patient: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_patient[str(record.get("PatientID", ""))].append(record)
+    patient_dirs = _unique_patient_dirs(sorted(by_patient))
+
+    planned: list[PlannedSeries] = []
+    for patient_id, patient_records in sorted(by_patient.items()):
+        by_study: dict[str, list[dict]] = defaultdict(list)
+        for record in patient_records:
+            by_study[str(record.get("StudyInstanceUID") or "")].append(record)
+        study_dirs = unique_names([
+            (study_uid, f"{study_date(rs)}-{clean_component(rs[0].get('StudyDesc'))}", study_uid)
+            for study_uid, rs in by_study.items()])
+        for study_uid, study_records in by_study.items():
+            series_dirs = unique_names([
+                (r["SeriesInstanceUID"],
+                 f"{clean_component(r.get('SeriesNumber'), 16)}-"
+                 f"{clean_component(r.get('SeriesDescription'))}",
+                 r["SeriesInstanceUID"])
+                for r in study_records])
+            for record in study_records:
+                uid = record["SeriesInstanceUID"]
+                count = as_count(record.get("ImageCount"))
+                planned.append(PlannedSeries(
+                    uid=uid, collection=collection,
+                    path=f"{patient_dirs[patient_id]}/{study_dirs[study_uid]}/{series_dirs[uid]}",
+                    record=record, image_count=count or None,
+                    file_size=as_count(record.get("FileSize")) or 0))
+    return planned
+
+
+def _unique_patient_dirs(patient_ids: list[str]) -> dict[str, str]:
+    """Two IDs that clean to the same folder ('A/B', 'A_B') get -2, -3... in sorted order;
+    an ID named like a collection file (MD5SUMS, LICENSE, CITATION, metadata) gets -patient."""
+    taken: dict[str, int] = defaultdict(int)
+    dirs = {}
+    for patient_id in patient_ids:
+        base = clean_component(patient_id, 64)
+        if COLLECTION_FILE_NAME.match(base):
+            base = f"{base}-patient"
+        taken[base.casefold()] += 1
+        n = taken[base.casefold()]
+        dirs[patient_id] = base if n == 1 else f"{base}-{n}"
+    return dirs
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    basket: Optional[str]                  # databasketId, as the TCIA portal names the cart
+    uids: list[str]
+    stray: list[tuple[int, str]]           # (line number, text): the first lines not a UID
+    stray_count: int = 0                   # how many lines were not a UID
+
+
+MANIFEST_MARKER = "ListOfSeriesToDownload="
+MANIFEST_HEADER = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*=")     # key=value, before the list
+MANIFEST_LINE = 1024       # longer lines are read in pieces, each a stray line
+STRAY_SHOWN = 5            # stray lines quoted in the log
+STRAY_LIMIT = 1000         # past this many stray lines, a file that is mostly not UIDs is refused
+
+
+def failed_run_origin(path: Path) -> dict[str, str]:
+    """The tcia_downloader.* keys of a <name>.failed.tcia header (none in other manifests)."""
+    origin: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            for line in iter(lambda: handle.readline(MANIFEST_LINE), ""):
+                if line.strip().startswith(MANIFEST_MARKER):
+                    break
+                key, _, value = line.strip().partition("=")
+                if key.startswith(FAILED_RUN_KEY):
+                    origin[key[len(FAILED_RUN_KEY):]] = value.strip()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror})") from None
+    return origin
+
+
+def manifests_of(selection: Selection) -> tuple[list[Manifest], list[str]]:
+    """The manifests (or failure list) of a selection, read, and their UIDs once each."""
+    manifests = [read_manifest(path) for path in
+                 (selection.manifests or (selection.retry_failed,))]
+    for manifest in manifests:
+        warn_stray_lines(manifest)
+    return manifests, list(dict.fromkeys(uid for m in manifests for uid in m.uids))
+
+
+def warn_stray_lines(manifest: Manifest) -> None:
+    for number, text in manifest.stray:
+        log.warning("%s line %d is not a SeriesInstanceUID; skipped: %r", manifest.path,
+                    number, text)
+    if manifest.stray_count > len(manifest.stray):
+        log.warning("%s: %d more lines are not SeriesInstanceUIDs; skipped", manifest.path,
+                    manifest.stray_count - len(manifest.stray))
+
+
+def read_manifest(path: Path) -> Manifest:
+    """A .tcia manifest: key=value lines, then one SeriesInstanceUID per line after
+    ListOfSeriesToDownload=. CRLF, blank lines, a missing last newline and stray lines
+    (one official test file has one) are tolerated; a bare list of UIDs is too. Read line
+    by line: a file that is mostly not UIDs (the wrong file, random bytes) is refused early
+    instead of being queried line by line."""
+    basket = None
+    uids: dict[str, None] = {}
+    stray: list[tuple[int, str]] = []
+    stray_count = 0
+    in_list = False
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            for number, line in enumerate(iter(lambda: handle.readline(MANIFEST_LINE), ""),
+                                          start=1):
+                candidate = line.strip()
+                if not in_list and candidate.startswith(MANIFEST_MARKER):
+                    # What came before was the header: UIDs there are not in the list.
+                    in_list, uids, stray, stray_count = True, {}, [], 0
+                    candidate = candidate[len(MANIFEST_MARKER):].strip()
+                key, _, value = candidate.partition("=")
+                if not in_list and key == "databasketId" and value.strip():
+                    basket = value.strip()
+                if not candidate:
+                    continue
+                if is_uid(candidate):
+                    uids[candidate] = None
+                elif in_list or not MANIFEST_HEADER.match(candidate):
+                    stray_count += 1
+                    if len(stray) < STRAY_SHOWN:
+                        stray.append((number, printable(candidate[:80])))
+                    if stray_count > STRAY_LIMIT and stray_count > len(uids):
+                        raise FatalRunError(f"{path} is mostly not SeriesInstanceUIDs "
+                                            f"({stray_count} of its first {number} lines): is "
+                                            "it a .tcia manifest?", EXIT_USAGE)
+    except OSError as exc:
+        raise FatalRunError(f"{path}: cannot read it ({exc.strerror})", EXIT_USAGE) from None
+    if not uids and failed_run_origin(path).get("repair") != "yes":
+        # (A repair manifest may list none: only the collection files were damaged.)
+        raise FatalRunError(f"{path} lists no SeriesInstanceUID: is it a .tcia manifest?",
+                            EXIT_USAGE)
+    return Manifest(path, basket, list(uids), stray, stray_count)
+
+
+def records_for_uids(api: TciaApi, uids: list[str]) -> tuple[list[dict], list[str]]:
+    """getSeries records of these UIDs, in their order, and the UIDs the server does not
+    know. getSeriesMetadata (thousands of UIDs per call) says which collections they are in;
+    each collection's getSeries (cached) then gives the same records a collection run uses."""
+    collections: set[str] = set()
+    try:
+        for start in range(0, len(uids), 1000):
+            for row in api.series_metadata(uids[start:start + 1000]):
+                # NBIA's own column is "Project"; the documented form says "Collection".
+                name = row.get("Collection") or row.get("Project")
+                if name:
+                    collections.add(str(name))
+    except ApiError as exc:
+        log.warning("getSeriesMetadata is unavailable (%s); asking getSeries per series", exc)
+    wanted = set(uids)
+    found: dict[str, dict] = {}
+    for collection in sorted(collections):
+        for record in api.series(Collection=collection):
+            if record.get("SeriesInstanceUID") in wanted:
+                found[record["SeriesInstanceUID"]] = record
+    for uid in [u for u in uids if u not in found]:
+        for record in api.series(SeriesInstanceUID=uid):
+            found[uid] = record
+    return [found[u] for u in uids if u in found], [u for u in uids if u not in found]
+
+
+def records_for_filters(api: TciaApi, selection: Selection) -> list[dict]:
+    """One getSeries call per combination of filter values (NBIA takes one value per
+    parameter), united by SeriesInstanceUID."""
+    filters = selection.filters()
+    combinations: list[dict[str, str]] = [{}]
+    for parameter, values in filters.items():
+        combinations = [{**c, parameter: v} for c in combinations for v in dict.fromkeys(values)]
+    base = {"Collection": selection.collection} if selection.collection else {}
+    found: dict[str, dict] = {}
+    for combination in combinations:
+        for record in api.series(**base, **combination):
+            found.setdefault(record["SeriesInstanceUID"], record)
+    return list(found.values())
+
+
+def selection_name(selection: Selection, manifests: list[Manifest]) -> str:
+    """The archive's name: the collection; a manifest's databasketId or file name; for
+    filters the collection plus what was filtered, so that a part never poses as the whole."""
+    if selection.retry_name:
+        return selection.retry_name
+    if selection.retry_failed:
+        stem = selection.retry_failed.name
+        for ending in (".failed.tcia", ".damaged.tcia", ".tcia"):
+            if stem.endswith(ending):
+                return stem[:-len(ending)]
+        return clean_component(stem, 100)
+    if manifests:
+        first = manifests[0]
+        stem = first.basket or first.path.name
+        stem = stem[:-5] if stem.lower().endswith(".tcia") else stem
+        more = f"-and-{len(manifests) - 1}-more" if len(manifests) > 1 else ""
+        return clean_component(stem, 100) + more
+    filters = selection.filters()
+    if not filters:
+        return clean_component(selection.collection, 100)
+    described = "_".join(f"{parameter}-{'+'.join(values)}" for parameter, values in filters.items())
+    name = f"{selection.collection or 'TCIA'}.{described}"
+    if len(name) > 100:
+        digest = hashlib.sha1(described.encode()).hexdigest()[:10]
+        name = f"{selection.collection or 'TCIA'}.selection-{digest}"
+    return clean_component(name, 120)
+
+
+def plan_records(records: list[dict]) -> list[PlannedSeries]:
+    """Folders for series of one or more collections (each collection planned on its own)."""
+    unique = {}
+    for record in records:
+        unique.setdefault(record["SeriesInstanceUID"], record)
+    if len(unique) < len(records):
+        log.warning("the server listed %d series twice; each is downloaded once",
+                    len(records) - len(unique))
+    by_collection: dict[str, list[dict]] = defaultdict(list)
+    for record in unique.values():
+        by_collection[str(record.get("Collection", "NA"))].append(record)
+    return [series for collection, group in sorted(by_collection.items())
+            for series in plan_collection(clean_component(collection, 100), group)]
+
+
+def shard_of(planned: list[PlannedSeries], shard: Shard) -> list[PlannedSeries]:
+    """Part shard.index of a partition balanced by FileSize: largest series first, each to
+    the lightest part so far. Every array task computes the same partition on its own."""
+    loads = [0] * shard.count
+    mine: list[PlannedSeries] = []
+    for series in sorted(planned, key=lambda s: (-s.file_size, s.uid)):
+        lightest = min(range(shard.count), key=lambda i: (loads[i], i))
+        loads[lightest] += max(series.file_size, 1)   # a size-less series still counts
+        if lightest == shard.index:
+            mine.append(series)
+    return mine
+
+
+def suggest_collections(name: str, known: list[str]) -> list[str]:
+    """Close names: case and punctuation differences are the usual mistake."""
+    def squash(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.casefold())
+    exact = [k for k in known if squash(k) == squash(name)]
+    if exact:
+        return exact
+    by_squash = {squash(k): k for k in known}
+    close = difflib.get_close_matches(squash(name), list(by_squash), n=5, cutoff=0.6)
+    return [by_squash[c] for c in close]
+
+
+# -- workers, failures and signals ---------------------------------------------------------
+
+
+FAILED_RUN_KEY = "tcia_downloader."      # header keys that say which run failed the series
+
+
+# The settings that say where an output's series come from, as the journal records them
+# ("made <flag>") and a manifest of its series carries them (tcia_downloader.<flag>), so
+# that --retry-failed fetches from the same place without being told again.
+SOURCE_FLAGS = ("api-url", "mode", "idc-endpoint", "idc-index")
+
+
+def write_failed_manifest(path: Path, uids: list[str], compression: bool, name: str,
+                          source: Optional[dict[str, str]] = None, repair: bool = False) -> None:
+    """Series as a .tcia manifest, the format TCIA's portal hands out, with header keys of
+    our own (other readers skip unknown keys): the output it belongs to (its folder and
+    its name, for the manifest may be saved under another name), where its series came
+    from, and for damaged series (--verify) that --retry-failed must replace them, not add
+    them. downloadServerUrl names TCIA's servlet only when its series came from TCIA."""
+    source = source or {}
+    servlet = download_servlet(source.get("api-url", ""), source.get("mode", ""))
+    ours = {"output": str(path.parent.resolve()), "name": name,
+            "compression": "yes" if compression else "no", **source,
+            **({"repair": "yes"} if repair else {})}
+    lines = [*([f"downloadServerUrl={servlet}"] if servlet else []),
+             "includeAnnotation=true", "noOfrRetry=4", f"databasketId={path.name}",
+             "manifestVersion=3.0",
+             *(f"{FAILED_RUN_KEY}{key}={value}" for key, value in ours.items()
+               if value and value.isprintable()),
+             "ListOfSeriesToDownload=", *uids]
+    write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def download_servlet(api_url: str, mode: str) -> Optional[str]:
+    """The NBIA Data Retriever's download servlet of the server the series came from, by
+    NBIA's layout (.../nbia-api/services/v4/ -> .../nbia-download/servlet/DownloadServlet);
+    None when they came from IDC, or from a server of another layout."""
+    if mode not in ("nbia", "auto") or "/nbia-api/" not in api_url:
+        return None
+    return api_url.split("/nbia-api/", 1)[0] + "/nbia-download/servlet/DownloadServlet"
+
+
+def without_credentials(url: str) -> str:
+    """A URL as it may be written down: no user, password, query or fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
+def recorded_source(meta: Callable[[str], Optional[str]]) -> dict[str, str]:
+    """flag -> value of the source settings a journal recorded (none before 0.4), from its
+    meta table's getter."""
+    values = {flag: meta(f"made {flag}") for flag in SOURCE_FLAGS}
+    return {flag: value for flag, value in values.items() if value}
+
+
+def unknown_collection_message(api: TciaApi, name: str) -> str:
+    known = api.collections()
+    message = f"unknown collection {name!r}"
+    suggestions = suggest_collections(name, known)
+    if suggestions:
+        message += f"; did you mean: {', '.join(suggestions)}?"
+    elif known:
+        message += "; --list-collections prints the names this server knows"
+    if "nlst" in name.casefold():
+        message += f". NLST is on its own server: add --api-url {NLST_API_URL}"
+    return message
+
+
+# -- planning a run ------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    name: str                          # of the archive (or journal, for a folder tree)
+    series: list[PlannedSeries]        # what this run must have in its output
+    unknown: list[str]                 # manifest UIDs the server does not know
+    file_suffix: str                   # on LICENSE, metadata.csv, MD5SUMS of a part
+
+    def journal(self, options: Options) -> Path:
+        return journal_path(options.output, self.name, options.compression)
+
+
+def make_plan(source: Source, options: Options) -> Plan:
+    """Which series, named how, into which archive: selection, then --update, then --shard."""
+    selection = options.selection
+    selected = source.records(selection)
+    records, unknown, manifests = selected.records, selected.unknown, selected.manifests
+    name = selection_name(selection, manifests)
+    served = {str(r.get("Collection")) for r in records}
+    if not selection.filters() and not manifests and len(served) == 1:
+        name = clean_component(served.pop(), 100)      # the server's spelling of the name
+    planned = plan_records(records)
+    base = name
+    if options.update:
+        planned, name = updates_only(planned, options, name)
+    if options.shard:
+        everything = planned
+        planned = shard_of(planned, options.shard)
+        name += options.shard.suffix
+        log.info("shard %d of %d (0-based): %d of %d series, %s of %s", options.shard.index,
+                 options.shard.count, len(planned), len(everything),
+                 human_bytes(sum(s.file_size for s in planned)),
+                 human_bytes(sum(s.file_size for s in everything)))
+    collections = {s.collection for s in planned} or {base}
+    suffix = name[len(base):] if collections == {base} else f".{name}"
+    return Plan(name, planned, unknown, suffix)
+
+
+def updates_only(planned: list[PlannedSeries], options: Options,
+                 name: str) -> tuple[list[PlannedSeries], str]:
+    """--update: the series no finished archive of this name (whole, shards, earlier
+    updates) holds yet, and the name of today's update archive."""
+    ending = ".tar.xz.journal" if options.compression else ".journal"
+    bases = [p for p in (options.output / f"{name}{ending}",
+                         *options.output.glob(f"{name}.shard-*{ending}")) if p.exists()]
+    if not bases or not all(read_journal(p)[1] for p in bases):
+        raise FatalRunError(f"--update needs a finished {name}{ending[:-8] or ''} in "
+                            f"{options.output}: run without --update first", EXIT_USAGE)
+    had: set[str] = set()
+    for path in [*bases, *options.output.glob(f"{name}.update-*{ending}")]:
+        had |= set(read_journal(path)[0])
+    listed = {s.uid for s in planned}
+    vanished = had - listed
+    if vanished:
+        log.warning("%d series in the archives are no longer listed by the server (kept): %s",
+                    len(vanished), ", ".join(sorted(vanished)[:10]))
+    new = [s for s in planned if s.uid not in had]
+    log.info("--update: %d series already archived, %d new", len(had & listed), len(new))
+    day = datetime.now().strftime("%Y-%m-%d")
+    update_name, n = f"{name}.update-{day}", 1
+    while read_journal(options.output / f"{update_name}{ending}")[1]:
+        n += 1
+        update_name = f"{name}.update-{day}-{n}"
+    return new, update_name
+
+
+# -- before anything is written: space -----------------------------------------------------
+
+
+# xz ratios on CT-like DICOM measured on our machines (shared/measured.md); images that are
+# JPEG-compressed inside DICOM (slide microscopy, ultrasound, photos) barely shrink.
+XZ_RATIO = {0: 2.7, 1: 2.85, 2: 2.86, 3: 2.89, 4: 3.0, 5: 3.05, 6: 3.15, 7: 3.15, 8: 3.15, 9: 3.15}
+PRECOMPRESSED_MODALITIES = {"SM", "US", "XC", "ES", "OP", "GM", "IVUS"}
+
+
+def estimated_archive_bytes(series: list[PlannedSeries], preset: int) -> int:
+    return int(sum(s.file_size / (1.0 if s.record.get("Modality") in PRECOMPRESSED_MODALITIES
+                                  else XZ_RATIO[preset]) for s in series))
+
+
+@dataclass
+class SpaceNeed:
+    what: str                  # "--output", "--temp_dir" or both on one filesystem
+    folder: Path
+    bytes: int
+    inodes: int
+
+
+def space_needs(todo: list[PlannedSeries], options: Options) -> list[SpaceNeed]:
+    """What the rest of the run will put on each filesystem: the archive (or the tree) on
+    --output, one zip and its compressed stream (or a folder) per worker on --temp_dir."""
+    if not todo:
+        return []
+    largest = max(s.file_size for s in todo)
+    parallel = min(options.workers, len(todo))
+    if options.compression:
+        output = SpaceNeed("--output", options.output,
+                           int(estimated_archive_bytes(todo, options.compression_level) * 1.05), 4)
+        scratch = SpaceNeed("--temp_dir", options.temp_dir, int(parallel * largest * 1.5),
+                            parallel + 1)     # one file per worker, in the scratch folder
+    else:
+        files = sum(s.image_count or 1 for s in todo)
+        folders = len({s.path for s in todo}) + len({s.path.rsplit("/", 1)[0] for s in todo})
+        output = SpaceNeed("--output", options.output, sum(s.file_size for s in todo)
+                           + 4096 * files, files + folders + 8)
+        most_files = max(s.image_count or 1 for s in todo)
+        scratch = SpaceNeed("--temp_dir", options.temp_dir, parallel * largest * 2,
+                            parallel * (most_files + 2))
+    if filesystem_of(options.output) == filesystem_of(options.temp_dir):
+        return [SpaceNeed("--output and --temp_dir", options.output,
+                          output.bytes + scratch.bytes, output.inodes + scratch.inodes)]
+    return [output, scratch]
+
+
+def space_shortfalls(needs: list[SpaceNeed]) -> list[tuple[str, bool]]:
+    """One line per need (what it needs, what is free, what is missing), and whether
+    something is missing."""
+    lines = []
+    for need in needs:
+        stats = os.statvfs(existing_ancestor(need.folder))
+        free = stats.f_bavail * stats.f_frsize
+        inodes = stats.f_favail if stats.f_files else None     # some filesystems don't say
+        line = (f"{need.what} {need.folder}: needs about {human_bytes(need.bytes)} and "
+                f"{need.inodes} inodes; free: {human_bytes(free)}"
+                + (f" and {inodes} inodes" if inodes is not None else ""))
+        missing = []
+        if free < need.bytes:
+            missing.append(f"{human_bytes(need.bytes - free)} missing")
+        if inodes is not None and inodes < need.inodes:
+            missing.append(f"{need.inodes - inodes} inodes missing")
+        lines.append((line + (": " + ", ".join(missing) if missing else ": enough"),
+                      bool(missing)))
+    return lines
+
+
+def describe_plan(plan: Plan, todo: list[PlannedSeries], options: Options) -> list[str]:
+    series = plan.series
+    patients = {(s.collection, s.record.get("PatientID")) for s in series}
+    studies = {s.record.get("StudyInstanceUID") for s in series}
+    total = sum(s.file_size for s in series)
+    lines = [f"{plan.name}: {len(series)} series of {len({s.collection for s in series})} "
+             f"collection(s), {len(patients)} patients, {len(studies)} studies, "
+             f"{human_bytes(total)} of DICOM ({sum(s.image_count or 0 for s in series)} files)",
+             f"  already in the output: {len(series) - len(todo)} series; to download: "
+             f"{len(todo)} series, {human_bytes(sum(s.file_size for s in todo))}"]
+    if options.compression:
+        lines.append(f"  estimated archive: about "
+                     f"{human_bytes(estimated_archive_bytes(series, options.compression_level))} "
+                     f"(xz preset {options.compression_level}; CT-like images shrink about "
+                     f"{XZ_RATIO[options.compression_level]}x, JPEG-compressed ones barely)")
+    if plan.unknown:
+        lines.append(f"  unknown to the server: {len(plan.unknown)} series "
+                     f"({', '.join(plan.unknown[:5])}{', ...' if len(plan.unknown) > 5 else ''})")
+    return lines

@@ -1,0 +1,748 @@
+"""A run: source and output opened, the plan, workers, one series from first attempt to
+commit, stops, the report."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TYPE_CHECKING
+
+from . import __version__
+from .collection_files import DoiResolver, collection_file_names, datasets, utc_day
+from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,
+                     EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
+from .formats.tarxz import TarXzTarget, stream_sha256
+from .formats.tree import DirectoryTarget
+from .journal import lock_path, read_journal, read_only
+from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable, private_dir
+from .net import RetryPolicy, TransferWatchdog
+from .plan import (describe_plan, make_plan, recorded_source, space_needs, space_shortfalls,
+                   without_credentials, write_failed_manifest)
+from .settings import FILTER_FLAGS, usable_cores
+from .sources.auto import AutoSource
+from .sources.base import AttemptBytes
+from .sources.idc import IdcSource, S3Client
+from .sources.idc_index import IdcIndex
+from .sources.nbia import NbiaSource
+from .sources.nbia_api import TciaApi
+from .storage import acquire_lock, release_lock, sweep_abandoned_scratch
+
+if TYPE_CHECKING:
+    from .formats.base import Prepared, Target
+    from .journal import Journal
+    from .logs import Secrets
+    from .plan import Plan, PlannedSeries
+    from .settings import Options, Selection
+    from .sources.base import MemberSink, Source, VerifiedSeries
+
+
+# -- one series, from first attempt to commit or failure -----------------------------------
+
+
+@dataclass
+class Outcome:
+    series: PlannedSeries
+    ok: bool
+    reason: str = ""
+    refused: bool = False          # the server refuses this series; says nothing of its health
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    dropped: int = 0               # files in the zip that were not the series'
+    source: str = ""               # which source served it (nbia, idc)
+    by_size_only: int = 0          # files verified by their size only (no usable checksum)
+    retries: int = 0               # single files downloaded again within the series' attempt
+
+
+@dataclass
+class RunContext:
+    source: Source
+    target: Target
+    progress: Progress
+    retry: RetryPolicy
+    stopping: "StopControl"
+    breaker: "OutageBreaker"
+    packing_slots: threading.Semaphore
+    fatal: list[FatalRunError] = field(default_factory=list)
+
+
+class OutageBreaker:
+    """Ends the run when the service looks down (NBIA once answered 500 for days): after
+    `limit` series in a row failed for server-side reasons, going on would only spend the
+    job's time. A refused series says nothing about the service; a success resets."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._streak = 0
+        self._lock = threading.Lock()
+
+    def record(self, outcome: "Outcome") -> Optional[FatalRunError]:
+        with self._lock:
+            if outcome.ok:
+                self._streak = 0
+            elif not outcome.refused:
+                self._streak += 1
+            if self._streak < self.limit:
+                return None
+            return FatalRunError(f"the service looks down: {self._streak} series in a row "
+                                 f"failed (last: {outcome.reason}); stopping instead of "
+                                 "spending the job on it. Rerun later: it resumes")
+
+
+def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
+    """One series, retried within its budget: every failed attempt is thrown away whole."""
+    started = time.monotonic()
+    count = AttemptBytes(ctx.progress.add_bytes)
+    failures = 0
+    reason = ""
+    while failures < ctx.retry.attempts:
+        try:
+            verified = attempt_series(ctx, series, count)
+        except SeriesUnavailable as exc:
+            count.take_back()
+            ctx.progress.series_finished(False, count.received, series.file_size)
+            return Outcome(series, False, reason=str(exc), refused=True,
+                           seconds=time.monotonic() - started)
+        except TransientError as exc:
+            count.take_back()
+            error = exc
+        else:
+            ctx.progress.series_finished(True, count.received, series.file_size)
+            return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
+                           seconds=time.monotonic() - started, dropped=len(verified.dropped),
+                           source=str((verified.record or series.record).get("Source") or ""),
+                           by_size_only=verified.by_size_only, retries=verified.retries)
+        if ctx.stopping.abort.is_set():
+            raise Interrupted()            # the failure is the stop's doing, not the series'
+        failures += 1
+        reason = str(error)
+        if failures < ctx.retry.attempts:
+            delay = 0.0 if error.immediate else ctx.retry.delay(failures, error.retry_after)
+            log.warning("%s: attempt %d/%d failed: %s; retrying in %.0f s", series.short_label,
+                        failures, ctx.retry.attempts, reason, delay)
+            # Waiting ends early on a drain: a series between attempts is not in progress.
+            if ctx.stopping.drain.wait(delay):
+                raise Interrupted()
+    ctx.progress.series_finished(False, count.received, series.file_size)
+    return Outcome(series, False, reason=reason, seconds=time.monotonic() - started)
+
+
+def attempt_series(ctx: RunContext, series: PlannedSeries,
+                   count: Callable[[int], None]) -> VerifiedSeries:
+    """Fetch from the source, verifying, cleaning and packing in one pass; commit."""
+    scratch = ctx.target.scratch_path(ctx.source.scratch_suffix)
+
+    def pack(verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries, Prepared]:
+        # One series packed per core: more would share the cores and thrash their caches;
+        # meanwhile the other workers keep downloading, so the next series is ready.
+        with ctx.packing_slots:
+            packer = ctx.target.packer(series, scratch)
+            try:
+                verified = verify(packer)
+                return verified, packer.finish()
+            except BaseException:
+                packer.discard()
+                raise
+    try:
+        verified, prepared = ctx.source.fetch(series, scratch, count, pack, ctx.stopping.abort)
+        try:
+            log_dropped(series, verified)
+            ctx.target.commit(series, verified, prepared)
+        finally:
+            prepared.discard()            # after a commit, only what is left in scratch
+        return verified
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def log_dropped(series: PlannedSeries, verified: VerifiedSeries) -> None:
+    if verified.dropped:
+        # One line per series in the .out file; every name and reason in the debug log.
+        reasons: dict[str, int] = defaultdict(int)
+        for entry, why in verified.dropped:
+            log.debug("%s: dropped %s: %s", series.label, entry, why)
+            reasons[why.split(" (")[0]] += 1
+        log.warning("%s: dropped %d file(s): %s", series.short_label, len(verified.dropped),
+                    "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
+    if series.file_size and verified.bytes != series.file_size:
+        log.debug("%s: %d bytes of DICOM kept; the server's FileSize says %d",
+                  series.label, verified.bytes, series.file_size)
+
+
+def log_outcome(outcome: Outcome, position: int, total: int) -> None:
+    series = outcome.series
+    if outcome.ok:    # short: a slurm .out file is read in a terminal (the rate: summaries)
+        log.info("[%d/%d] done %s: %d files, %s in %.1f s", position, total, series.short_label,
+                 outcome.files, human_bytes(outcome.bytes), outcome.seconds)
+    else:
+        log.error("[%d/%d] FAILED %s (%s): %s", position, total, series.label, series.uid,
+                  outcome.reason)
+
+
+# -- workers, failures and signals ---------------------------------------------------------
+
+
+class WorkerPool:
+    """Daemon worker threads over a queue of series. Daemon threads, because on a signal
+    the process must be able to leave while a worker sits in a read: the journal is
+    consistent at every instant, so abandoning in-flight work loses nothing committed."""
+
+    def __init__(self, ctx: RunContext, todo: list[PlannedSeries], workers: int,
+                 first_position: int, total: int):
+        self.ctx = ctx
+        self._todo = deque(todo)
+        self._lock = threading.Lock()
+        self.outcomes: list[Outcome] = []
+        self._finished = threading.Event()
+        self._position = first_position
+        self._total = total
+        self._threads = [threading.Thread(target=self._work, name=f"worker-{n + 1}", daemon=True)
+                         for n in range(min(workers, len(todo)))]
+        self._running = len(self._threads)
+
+    def _next(self) -> Optional[PlannedSeries]:
+        with self._lock:
+            if self.ctx.stopping.drain.is_set() or self.ctx.fatal or not self._todo:
+                return None
+            return self._todo.popleft()
+
+    def _work(self) -> None:
+        try:
+            for series in iter(self._next, None):
+                try:
+                    outcome = process_series(self.ctx, series)
+                except Interrupted:
+                    return
+                except FatalRunError as exc:
+                    if self.ctx.stopping.abort.is_set():
+                        return         # the run is already stopping: the first cause wins
+                    with self._lock:
+                        self.ctx.fatal.append(exc)
+                    self.ctx.stopping.drain.set()
+                    self.ctx.stopping.abort.set()
+                    return
+                except Exception as exc:  # a bug must not kill the run silently
+                    if self.ctx.stopping.abort.is_set():
+                        return         # what a stop cut short (scratch gone, sockets cut)
+                    log.exception("unexpected error on %s", series.label)
+                    outcome = Outcome(series, False, reason=f"internal error: {exc!r}")
+                with self._lock:
+                    self._position += 1
+                    self.outcomes.append(outcome)
+                    log_outcome(outcome, self._position, self._total)
+                outage = self.ctx.breaker.record(outcome)
+                if outage is not None:
+                    with self._lock:
+                        self.ctx.fatal.append(outage)
+                    self.ctx.stopping.drain.set()
+                    self.ctx.stopping.abort.set()
+                    return
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._finished.set()
+
+    def run(self) -> None:
+        if not self._threads:
+            return
+        for thread in self._threads:
+            thread.start()
+        # Wake regularly so the main thread can run signal handlers.
+        while not self._finished.wait(0.5):
+            if self.ctx.stopping.abort.is_set():
+                # The watchdog cuts every transfer, packing checks the stop between chunks:
+                # workers leave within moments, before scratch is removed under them.
+                self._finished.wait(5.0)
+                return
+
+
+class StopControl:
+    """How a run ends early. drain: start no new series (SIGUSR1: slurm's warning before a
+    time limit); abort: leave now (SIGINT, SIGTERM, or a drain whose grace ran out). The
+    journal is consistent at every instant, so leaving never costs a committed series."""
+
+    def __init__(self, grace: float = 120.0,
+                 leaving: str = "everything committed is kept, rerun to resume"):
+        self.leaving = leaving                # what a stop leaves behind, for the user
+        self.drain = threading.Event()
+        self.abort = threading.Event()
+        self.exit_code: Optional[int] = None
+        self.grace = grace
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            if not self.drain.is_set():
+                self.exit_code = EXIT_CHECKPOINT
+                log.warning("received %s: starting no new series; series in progress have "
+                            "%.0f s to finish", name, self.grace)
+                self.drain.set()
+                timer = threading.Timer(self.grace, self._grace_over)
+                timer.daemon = True
+                timer.start()
+            return
+        if self.exit_code in (None, EXIT_CHECKPOINT):
+            self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+            log.warning("received %s: stopping now; %s", name, self.leaving)
+        self.drain.set()
+        self.abort.set()
+
+    def _grace_over(self) -> None:
+        if not self.abort.is_set():
+            log.warning("the grace period is over: series still in progress are left for "
+                        "the next run")
+            self.abort.set()
+
+
+def retry_policy(options: Options) -> RetryPolicy:
+    return RetryPolicy(attempts=options.retries, base_delay=options.retry_wait)
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def check_folders(options: Options) -> None:
+    """Before any network traffic: --output and --temp_dir exist or can be made, and are
+    writable (a typo should not cost the wait for a slow server)."""
+    for flag, folder in (("--output", options.output), ("--temp_dir", options.temp_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FatalRunError(f"{flag} {folder}: cannot create it ({exc.strerror})",
+                                EXIT_USAGE) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FatalRunError(f"{flag} {folder} is not writable: choose another folder",
+                                EXIT_USAGE)
+
+
+def still_on_disk(options: Options, plan: Plan, committed: dict[str, str],
+                  finished: bool) -> tuple[dict[str, str], bool]:
+    """What the journal says is in the output, less what the disk no longer has: a journal
+    never outranks the output (a deleted archive, a removed series folder). Cheap: one stat
+    per series at most; the targets check the rest when they open."""
+    if options.compression:
+        if (options.output / f"{plan.name}.tar.xz").exists():
+            return committed, finished
+        if (options.output / f"{plan.name}.tar.xz.part").exists():
+            return committed, False
+        if committed:
+            log.warning("%s.tar.xz and its .part are gone: its journal is set aside and the "
+                        "archive starts over", plan.name)
+        return {}, False
+    present = {uid: where for uid, where in committed.items()
+               if (options.output / where).is_dir()}
+    if len(present) < len(committed):
+        log.warning("%d series folders that %s lists are gone from %s: they will be "
+                    "downloaded again", len(committed) - len(present),
+                    plan.journal(options).name, options.output)
+    files = {options.output / where.split("/", 1)[0] / name for where in present.values()
+             for name in collection_file_names(plan.file_suffix)}
+    whole = len(present) == len(committed) and all(path.is_file() for path in files)
+    return present, finished and whole
+
+
+def finished_archive_damage(options: Options, plan: Plan) -> Optional[str]:
+    """What is wrong with a finished archive, from what is cheap to check on a rerun: its
+    size, and its last series' stream against the journal (an archive cut short, or
+    overwritten at its end). Reading all of it is --verify's job."""
+    final = options.output / f"{plan.name}.tar.xz"
+    journal = plan.journal(options)
+    if not options.compression or not journal.exists():
+        return None
+    with read_only(journal) as db:
+        closing = db.execute("SELECT value FROM meta WHERE key='closing_end'").fetchone()
+        last = db.execute("SELECT archive_end, stream_sha256 FROM series "
+                          "ORDER BY archive_end DESC LIMIT 2").fetchall()
+    size = final.stat().st_size
+    if closing and int(closing[0]) != size:
+        return f"{final} is {size} bytes, but its journal says {closing[0]}: it changed"
+    if last and last[0][1]:
+        start = last[1][0] if len(last) > 1 else 0
+        if stream_sha256(final, start, last[0][0]) != last[0][1]:
+            return f"the last series' stream in {final} is not the one that was appended"
+    return None
+
+
+def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
+    """A run killed after its output was finished leaves its lock file and its scratch (a
+    repair killed early, a .part); the run that finds the output finished removes them,
+    unless a run still uses them."""
+    path = lock_path(options.output, plan.name, options.compression)
+    part = options.output / f"{plan.name}.tar.xz.part"
+    if path.exists() or (options.compression and part.exists()):
+        with contextlib.suppress(FatalRunError):
+            lock = acquire_lock(path, plan.name)
+            # Beside a finished archive, a .part is a repair killed before its journal
+            # moved onto it (it would have said "replacing"): nothing describes it.
+            if part.exists():
+                log.info("removing %s: a repair of the finished archive that did not get "
+                         "far; --retry-failed of the .damaged.tcia starts it again", part.name)
+                part.unlink()
+            release_lock(path, lock)
+    sweep_abandoned_scratch(options.temp_dir, plan.name)
+
+
+def open_target(options: Options, plan: Plan) -> Target:
+    if options.compression:
+        return TarXzTarget(plan.name, options.output, options.temp_dir,
+                           options.compression_level, plan.file_suffix)
+    return DirectoryTarget(plan.name, options.output, options.temp_dir, plan.file_suffix)
+
+
+def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
+    """Plan, check, resume, download in parallel, finalize, report. Returns the exit code."""
+    started = time.monotonic()
+    writes = not (options.list_collections or options.dry_run)
+    if writes:
+        check_folders(options)
+    source = open_source(options, stopping)
+    nbia = source.nbia if isinstance(source, AutoSource) else source
+    if isinstance(nbia, NbiaSource):
+        secrets.add(nbia.api.tokens.secrets)
+    try:
+        if options.list_collections:
+            for name in source.collections():
+                print(name)
+            return EXIT_OK
+        log.info("tcia_downloader %s from %s", __version__, source.describe())
+        plan = make_plan(source, options)
+        return _run_plan(source, plan, options, stopping, started)
+    finally:
+        source.close()
+
+
+def open_source(options: Options, stopping: StopControl) -> Source:
+    """The source --mode names, with the run's network settings."""
+    if options.mode == "auto":
+        return AutoSource(open_nbia(options, stopping), open_idc(options, stopping))
+    if options.mode == "idc":
+        return open_idc(options, stopping)
+    return open_nbia(options, stopping)
+
+
+def open_idc(options: Options, stopping: StopControl) -> IdcSource:
+    index = IdcIndex(options.idc_index)
+    watchdog = TransferWatchdog(options.stall_timeout, stopping.abort)
+    transport: dict[str, object] = {}
+    if options.proxy:
+        transport["proxies"] = {"http": options.proxy, "https": options.proxy}
+    if options.ca_bundle:
+        transport["verify"] = str(options.ca_bundle)
+    timeout = (options.connect_timeout, options.stall_timeout)
+    s3 = S3Client(options.idc_endpoint, watchdog, transport, timeout, stopping.abort)
+    return IdcSource(index, s3, options.include_analysis_results, watchdog, transport, timeout)
+
+
+def open_nbia(options: Options, stopping: StopControl) -> NbiaSource:
+    api = TciaApi(options.api_url,
+                  cache_path=private_dir(options.cache_dir) / "http_cache",
+                  cache_expiry=timedelta(hours=options.cache_expiry_hours),
+                  user=options.user, password=options.password,
+                  connect_timeout=options.connect_timeout,
+                  stall_timeout=options.stall_timeout,
+                  retry=retry_policy(options), stop=stopping.abort,
+                  proxy=options.proxy, ca_bundle=options.ca_bundle)
+    return NbiaSource(api)
+
+
+def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopControl,
+              started: float) -> int:
+    committed, finished = still_on_disk(options, plan, *read_journal(plan.journal(options)))
+    repairing = options.repair and not options.dry_run
+    if repairing:                   # the damaged series count as not there
+        committed = {uid: where for uid, where in committed.items() if uid not in
+                     {s.uid for s in plan.series} | set(plan.unknown)}
+    todo = [s for s in plan.series if s.uid not in committed]
+    for line in describe_plan(plan, todo, options):
+        log.info("%s", line)
+    if finished and not repairing:
+        damage = finished_archive_damage(options, plan)
+        if damage:
+            log.error("%s; --verify %s says what is damaged", damage,
+                      (options.output / f"{plan.name}.tar.xz").resolve())
+            return EXIT_INCOMPLETE
+        log.info("%s is finished; nothing to do%s", plan.name,
+                 f" (its size and last stream match the journal; --verify "
+                 f"{(options.output / f'{plan.name}.tar.xz').resolve()} reads all of it)"
+                 if options.compression else "")
+        if not options.dry_run:
+            tidy_after_a_late_kill(options, plan)
+        if todo:
+            log.warning("%d series were published after it was finished; --update fetches "
+                        "them into an update archive", len(todo))
+        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+    shortfalls = space_shortfalls(space_needs(todo, options))
+    short = any(missing for _, missing in shortfalls)
+    for line, _ in shortfalls:
+        (log.warning if short else log.info)("%s", line)
+    if options.dry_run:
+        log.info("dry run: nothing was written")
+        return EXIT_OK
+    if short and not options.force:
+        log.error("not enough space for this run: free space or choose other folders "
+                  "(--force starts anyway)")
+        return EXIT_USAGE
+    if options.update and not plan.series:
+        log.info("nothing new since the last archive")
+        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+    target = open_target(options, plan)
+    try:
+        if repairing:
+            target.replace_damaged([s.uid for s in plan.series] + plan.unknown)
+        if target.complete:     # a run killed after its last rename, now recognised
+            log.info("%s is finished; nothing to do", target.describe())
+            forget_repair_list(options, plan.name)
+            return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+        target.journal.request([s.uid for s in plan.series],
+                               replace=options.selection.retry_failed is None)
+        record_provenance(target.journal, options, source)
+        with collector_ignoring_what_exists():
+            return _download_into(target, plan, source, options, stopping, started)
+    finally:
+        target.close()
+
+
+def _download_into(target: Target, plan: Plan, source: Source, options: Options,
+                   stopping: StopControl, started: float) -> int:
+    committed = target.committed()
+    # The smallest series goes first: a source that settles something on its first fetch
+    # (NBIA: which image endpoint serves MD5s) holds the others back only that long. Then
+    # largest first, so that no big series is left to compress on one core at the end
+    # while the other workers idle.
+    todo = sorted((s for s in plan.series if s.uid not in committed),
+                  key=lambda s: (-s.file_size, s.uid))
+    if todo:
+        todo.insert(0, todo.pop())
+    skipped = len(plan.series) - len(todo)
+    packing = min(usable_cores(), options.workers)
+    log.info("%d to download into %s with %d workers, %d packing at a time", len(todo),
+             target.describe(), options.workers, packing)
+
+    bars = options.progress and sys.stderr.isatty()
+    progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
+    ctx = RunContext(source=source, target=target, progress=progress,
+                     retry=retry_policy(options), stopping=stopping,
+                     breaker=OutageBreaker(max(5, 2 * options.workers)),
+                     packing_slots=threading.Semaphore(packing))
+    outcomes: list[Outcome] = []
+    try:
+        for _ in range(AUDIT_ROUNDS):
+            if todo:
+                pool = WorkerPool(ctx, todo, options.workers, skipped + len(outcomes),
+                                  len(plan.series))
+                pool.run()
+                outcomes += pool.outcomes
+            if ctx.fatal or stopping.abort.is_set() or any(not o.ok for o in outcomes):
+                break
+            # Nothing is finished unchecked: what was committed must still be in place.
+            lost = set(target.audit(full=False))
+            if not lost:
+                break
+            log.warning("%d committed series are no longer intact in %s; fetching them "
+                        "again", len(lost), target.describe())
+            skipped -= len(lost - {o.series.uid for o in outcomes})
+            todo = [s for s in plan.series if s.uid in lost]
+        else:
+            ctx.fatal.append(FatalRunError(f"{target.describe()} keeps changing under this "
+                                           "run: is another program writing to it?"))
+    finally:
+        progress.close()
+
+    if ctx.fatal:
+        log.error("%s", ctx.fatal[0])
+        report(options, target, plan, skipped, outcomes, started, interrupted=False)
+        return ctx.fatal[0].exit_code
+    unfinished = len(plan.series) - skipped - len(outcomes)
+    if stopping.exit_code is not None and unfinished > 0:
+        report(options, target, plan, skipped, outcomes, started, interrupted=True)
+        return stopping.exit_code
+    # A drain that came after the last series had started changes nothing: finish normally.
+    failures = [o for o in outcomes if not o.ok]
+    missing = target.journal.missing_requested() if not failures else []
+    if not failures and not missing:
+        add_bibtex(target.journal, source, options)
+        target.finalize()
+        forget_repair_list(options, plan.name)
+    report(options, target, plan, skipped, outcomes, started, interrupted=False)
+    if missing:
+        log.error("%d series that an earlier run asked for are not in %s yet; rerun that "
+                  "run's command to fetch them", len(missing), target.describe())
+    return EXIT_OK if not (failures or missing or plan.unknown) else EXIT_INCOMPLETE
+
+
+AUDIT_ROUNDS = 3       # downloads, each followed by a check of everything committed
+
+
+def forget_repair_list(options: Options, name: str) -> None:
+    """After a repair that finished the output: the list of damage --verify wrote is
+    history, and a second --retry-failed of it would fetch intact series again."""
+    if options.repair:
+        (options.output / f"{name}.damaged.tcia").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def collector_ignoring_what_exists() -> Iterator[None]:
+    """What exists before the downloads (modules, the plan, the index) lives as long as
+    they do: out of the garbage collector's sight, its passes over their many short-lived
+    objects stay short (py-spy: 12 % of an IDC run's busy samples were in the collector)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def record_provenance(journal: Journal, options: Options, source: Source) -> None:
+    """What CITATION.md says of how the copy was made: the source (without credentials),
+    when the first run started, and its selection (a --retry-failed run only completes it);
+    and the flags of that source, which a manifest of its series carries (never a password
+    or a token: URLs lose their user part)."""
+    journal.put("made source", source.describe())
+    idc = options.mode in ("idc", "auto")
+    flags = {"api-url": without_credentials(options.api_url) if options.mode != "idc" else "",
+             "mode": options.mode,
+             "idc-endpoint": without_credentials(options.idc_endpoint)
+             if idc and options.idc_endpoint else "",
+             "idc-index": str(options.idc_index.resolve()) if idc and options.idc_index else ""}
+    for flag, value in flags.items():
+        journal.put(f"made {flag}", value)
+    if journal.get("made started") is None:
+        journal.put("made started", utc_day())
+    if options.selection.retry_failed is None and journal.get("made selection") is None:
+        journal.put("made selection", describe_selection(options.selection))
+
+
+def describe_selection(selection: Selection) -> str:
+    """The selection as the flags that make it (manifests by file name)."""
+    words = [f"--collection {selection.collection}"] if selection.collection else []
+    chosen = selection.filters()
+    words += [f"{flag} {' '.join(chosen[parameter])}" for flag, parameter in
+              FILTER_FLAGS.items() if parameter in chosen]
+    words += [f"--manifest {manifest.name}" for manifest in selection.manifests]
+    return printable(" ".join(words))
+
+
+def add_bibtex(journal: Journal, source: Source, options: Options) -> None:
+    """BibTeX of the output's DOIs into the journal, once: CITATION.md is made from it."""
+    dois = sorted({dataset.doi for collection in journal.collections()
+                   for dataset in datasets(journal, collection)
+                   if dataset.doi and journal.get(f"bibtex {dataset.doi}") is None})
+    if not dois or not options.doi_resolver:
+        return
+    resolver = DoiResolver(options.doi_resolver, source.watchdog, source.transport,
+                           source.timeout, options.doi_timeout)
+    for doi, entry in resolver.bibtex(dois).items():
+        journal.put(f"bibtex {doi}", entry)
+
+
+def report(options: Options, target: Target, plan: Plan, skipped: int,
+           outcomes: list[Outcome], started: float, interrupted: bool) -> None:
+    elapsed = time.monotonic() - started
+    done = [o for o in outcomes if o.ok]
+    failures = [o for o in outcomes if not o.ok]
+    new_bytes = sum(o.bytes for o in done)
+    missing = len(plan.series) - skipped - len(done)
+    lines = [
+        f"report for {plan.name}: {len(plan.series)} series requested",
+        f"  downloaded and verified now: {len(done)} ({human_bytes(new_bytes)})",
+        f"  already present:             {skipped}",
+        f"  failed:                      {len(failures)}",
+        f"  not attempted:               {missing - len(failures)}",
+        f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
+        *idc_lines(done),
+        *source_lines(done),
+        f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
+        f"  output: {describe_output(target)}",
+        *citation_lines(target.journal),
+        f"  logs: {', '.join(log_files()) or 'none'}",
+    ]
+    for line in lines:
+        log.info("%s", line, extra=ALWAYS)
+    manifest = options.output / f"{target.name}.failed.tcia"
+    if not failures:
+        manifest.unlink(missing_ok=True)     # an earlier run's list would mislead
+    else:
+        write_failed_manifest(manifest, [o.series.uid for o in failures], options.compression,
+                              target.name, recorded_source(target.journal.get))
+        for outcome in failures:
+            log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,
+                      outcome.reason)
+        log.error("the %d failed series are listed in %s; rerun the same command (or "
+                  "--retry-failed %s) to retry them", len(failures), manifest.resolve(),
+                  manifest.resolve())
+    if plan.unknown:
+        log.error("%d series UIDs are unknown to the server (withdrawn, or a typo): %s",
+                  len(plan.unknown), ", ".join(plan.unknown[:20])
+                  + (", ..." if len(plan.unknown) > 20 else ""))
+        log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
+    if interrupted or failures or missing:
+        log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
+
+
+def idc_lines(done: list[Outcome]) -> list[str]:
+    """Whenever a series came from IDC (a 0 there is worth reading too): how many files
+    only their size vouches for (multipart ETags can defeat the checksum), and how many
+    object downloads were tried again (many: S3 throttles, or the link is poor)."""
+    if not any(o.source == "idc" for o in done):
+        return []
+    return [f"  files verified by size only:  {sum(o.by_size_only for o in done)} "
+            "(the others by their MD5)",
+            f"  object downloads retried:     {sum(o.retries for o in done)}"]
+
+
+def source_lines(done: list[Outcome]) -> list[str]:
+    """Which source served how many series, when more than one did."""
+    counts: dict[str, int] = defaultdict(int)
+    for outcome in done:
+        counts[outcome.source or "?"] += 1
+    if len(counts) < 2:
+        return []
+    return ["  from each source:            " + ", ".join(f"{name} {n}" for name, n in
+                                                          sorted(counts.items()))]
+
+
+def citation_lines(journal: Journal) -> list[str]:
+    """The DOIs to cite, in the report: TCIA's policy asks every user of the data."""
+    links = sorted({d.link for c in journal.collections() for d in datasets(journal, c)
+                    if d.link})
+    if not links:
+        return []
+    return [f"  cite: {', '.join(links)} and TCIA (https://doi.org/10.1007/s10278-013-9622-7); "
+            "CITATION.md in each collection folder says how"]
+
+
+def describe_output(target: Target) -> str:
+    """Where the output is (absolute: the line is pasted into other shells), how big it is,
+    and for an archive how much xz saved."""
+    path = Path(target.describe()).resolve()
+    if not path.is_file():
+        return str(path)
+    size = path.stat().st_size
+    dicom = target.journal.total_bytes()
+    ratio = f", {dicom / size:.2f}x smaller than its DICOM" if dicom and size else ""
+    return f"{path} ({human_bytes(size)}{ratio})"
+
+
+def log_files() -> list[str]:
+    return [handler.baseFilename for handler in log.handlers
+            if isinstance(handler, logging.FileHandler)]

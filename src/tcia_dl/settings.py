@@ -1,0 +1,115 @@
+"""What a run is asked to do (Selection, Options, Shard), shared defaults."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
+DEFAULT_DOI_RESOLVER = "https://doi.org/"
+DEFAULT_DOI_TIMEOUT = 30.0      # seconds for all the BibTeX lookups of a run
+NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
+DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "tcia_downloader")
+# xz preset 1 compresses CT about 6x faster than preset 6 for about 10 % more output
+# (shared/measured.md); on a cluster node the preset, not the network, sets the run time.
+DEFAULT_COMPRESSION_LEVEL = 1
+CHUNK_SIZE = 1 << 20
+COMPRESS_BLOCK = 4 << 20   # bytes of tar handed to the xz compressor at once
+TAR_BLOCK = tarfile.BLOCKSIZE           # 512
+TAR_RECORD = tarfile.RECORDSIZE         # 10240: GNU tar pads archives to whole records
+MD5_TABLE = "md5hashes.csv"
+LICENSE_ENTRY = "LICENSE"
+
+
+def usable_cores() -> int:
+    """The cores this job may use: slurm's grant, else the process's CPU affinity."""
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, int(slurm_cpus) if slurm_cpus.isdigit() else len(os.sched_getaffinity(0)))
+
+
+def default_workers() -> int:
+    """Series in flight: four per usable core, at most 16. Each core packs one series at a
+    time (about 16 MB/s of DICOM at preset 1), and at the 2-3 MB/s per connection users
+    see from TCIA it takes about three downloads to keep a core fed (bench/ sweep on 2
+    cores at 2.5 MB/s per connection: 4 workers 21.5 s, 8 workers 13.7 s; at 10 MB/s, 4 to
+    16 are level). At most 16: TCIA's own client opens 10 connections."""
+    return min(4 * usable_cores(), 16)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to download: a collection, filters on getSeries, manifests, or a failure list."""
+    collection: Optional[str] = None
+    manifests: tuple[Path, ...] = ()
+    patients: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    retry_failed: Optional[Path] = None
+    retry_name: Optional[str] = None       # the output's name, as that manifest records it
+
+    def filters(self) -> dict[str, tuple[str, ...]]:
+        """getSeries parameter (exact NBIA v4 spelling) -> the values asked for."""
+        pairs = (("PatientID", self.patients), ("StudyInstanceUID", self.study_uids),
+                 ("SeriesInstanceUID", self.series_uids), ("Modality", self.modalities),
+                 ("BodyPartExamined", self.body_parts))
+        return {parameter: values for parameter, values in pairs if values}
+
+
+@dataclass(frozen=True)
+class Options:
+    selection: Selection
+    output: Path
+    temp_dir: Path
+    cache_dir: Path
+    api_url: str
+    user: Optional[str]
+    password: Optional[str] = field(repr=False)
+    proxy: Optional[str]
+    ca_bundle: Optional[Path]
+    compression: bool
+    compression_level: int
+    workers: int
+    retries: int
+    retry_wait: float
+    stop_grace: float
+    stall_timeout: float
+    shard: Optional["Shard"]
+    update: bool
+    dry_run: bool
+    force: bool
+    list_collections: bool
+    connect_timeout: float
+    cache_expiry_hours: float
+    log_level: str
+    progress: bool
+    summary_interval: float
+    verify: Optional[Path] = None      # --verify: check this output instead of downloading
+    extract: Optional[Path] = None     # --extract: write (part of) this archive into output
+    doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
+    doi_timeout: float = DEFAULT_DOI_TIMEOUT   # for all the BibTeX lookups of a run
+    repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
+    mode: str = "nbia"                 # where series come from: nbia, idc
+    idc_index: Optional[Path] = None   # another parquet of IDC's schema
+    idc_endpoint: Optional[str] = None         # another S3 endpoint (path-style addressing)
+    include_analysis_results: bool = False
+
+
+# The filters on a selection: flag -> the getSeries parameter (and metadata.csv column).
+FILTER_FLAGS = {"--patient": "PatientID", "--study-uid": "StudyInstanceUID",
+                "--series-uid": "SeriesInstanceUID", "--modality": "Modality",
+                "--body-part": "BodyPartExamined"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int      # 0-based
+    count: int
+
+    @property
+    def suffix(self) -> str:
+        return f".shard-{self.index}-of-{self.count}"

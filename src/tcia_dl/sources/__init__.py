@@ -1,0 +1,1 @@
+"""Where series come from: the contract (base), NBIA, IDC, and --mode auto."""

@@ -1,0 +1,529 @@
+"""IDC as a source: its public S3 buckets (S3Client), IdcSource."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import itertools
+import os
+import random
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from .. import __version__
+from ..dicom import dicom_naming_fields
+from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, SeriesAttemptAbandoned,
+                      SeriesUnavailable, TransientError, misconfiguration)
+from ..logs import log
+from ..net import parse_retry_after, watched_session
+from ..plan import as_count, manifests_of, suggest_collections
+from ..settings import CHUNK_SIZE
+from ..storage import raise_if_disk_full, read_range
+from .base import AttemptBytes, Member, Selected, VerifiedSeries, unique_file_name
+from .idc_index import idc_record
+
+if TYPE_CHECKING:
+    from ..formats.base import Prepared
+    from ..net import TransferWatchdog
+    from ..plan import Manifest, PlannedSeries
+    from ..settings import Selection
+    from .base import MemberSink, Packing
+    from .idc_index import IdcIndex
+
+S3_NAMESPACE = re.compile(r"^\{[^}]*\}")
+S3_OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+MULTIPART_SIZES = (8, 16, 5, 15, 32, 64, 100, 128)   # MiB: the AWS CLI's default first
+OBJECTS_IN_FLIGHT = 8          # objects of one series fetched at once
+OBJECT_ATTEMPTS = 3            # before the series' attempt fails (then it is retried whole)
+MOST_OBJECTS = 100_000         # in a series whose index row has no instanceCount
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str                     # without quotes: <md5 hex> or <hex>-<parts>
+
+
+class S3Client:
+    """Anonymous S3 REST: ListObjectsV2 of a prefix, and GET of an object into a file at
+    an offset. The one place where S3's answers become TransientError (retry) or
+    SeriesUnavailable (refused). Against AWS the bucket is in the host name; against
+    another endpoint (--idc-endpoint) in the path, as s5cmd and the AWS CLI address it."""
+
+    LIST_LIMIT = 16 * 1024 * 1024          # one page of 1,000 keys is ~300 kB of XML
+
+    def __init__(self, endpoint: Optional[str], watchdog: TransferWatchdog,
+                 transport: dict[str, object], timeout: tuple[float, float],
+                 stop: threading.Event):
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self._watchdog = watchdog
+        self._transport = transport
+        self._timeout = timeout
+        self._stop = stop
+        self._idle: list[requests.Session] = []
+        self._idle_lock = threading.Lock()
+        self._settings: dict[str, dict[str, object]] = {}
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[requests.Session]:
+        """An idle session (a new one when all are busy), given back after the request: its
+        open connection, and against AWS its TLS, serve the next object of any series."""
+        with self._idle_lock:
+            session = self._idle.pop() if self._idle else None
+        if session is None:
+            session = watched_session(requests.Session(), self._watchdog,
+                                      f"tcia_downloader/{__version__}")
+            # The environment (proxies, CA bundle) is read once per host (_request_settings),
+            # not for every object: that and ~/.netrc cost more than the GET itself.
+            session.trust_env = False
+        try:
+            yield session
+        finally:
+            with self._idle_lock:
+                self._idle.append(session)
+
+    def _request_settings(self, url: str) -> dict[str, object]:
+        """proxies and verify for a request to url: the flags', else the environment's
+        (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE), as requests would merge them."""
+        host = "://".join(urlsplit(url)[:2])
+        settings = self._settings.get(host)
+        if settings is None:
+            with requests.Session() as probe:
+                merged = probe.merge_environment_settings(
+                    url, dict(self._transport.get("proxies") or {}), True,  # type: ignore
+                    self._transport.get("verify"), None)
+            settings = {"proxies": merged["proxies"], "verify": merged["verify"]}
+            self._settings[host] = settings
+        return settings
+
+    def close(self) -> None:
+        with self._idle_lock:
+            sessions, self._idle = self._idle, []
+        for session in sessions:
+            session.close()
+
+    def url(self, bucket: str, key: str = "") -> str:
+        if self.endpoint:
+            return f"{self.endpoint}/{bucket}/{quote(key)}"
+        return f"https://{bucket}.s3.amazonaws.com/{quote(key)}"
+
+    def list(self, bucket: str, prefix: str, most: Optional[int] = None) -> list[S3Object]:
+        """Every object under prefix, page by page; more than `most` objects, or a page that
+        says "more" but lists nothing, is a listing to distrust (and would never end)."""
+        objects: list[S3Object] = []
+        token: Optional[str] = None
+        while True:
+            params = {"list-type": "2", "prefix": prefix,
+                      **({"continuation-token": token} if token else {})}
+            body = self._get(self.url(bucket), params, self.LIST_LIMIT)
+            page, token = parse_list_page(body)
+            objects += page
+            if most is not None and len(objects) > most:
+                raise TransientError(f"the listing of {prefix} goes on beyond {most} objects")
+            if not token:
+                return objects
+            if not page:
+                raise TransientError(f"a listing page of {prefix} that lists nothing but "
+                                     "says there is more")
+
+    def _get(self, url: str, params: dict[str, str], limit: int) -> bytes:
+        try:
+            with self._session() as session, \
+                    session.get(url, params=params, stream=True, timeout=self._timeout,
+                                **self._request_settings(url)) as response:
+                self._raise_for_status(response)
+                body = bytearray()
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    body += chunk
+                    if len(body) > limit:
+                        raise TransientError(f"a listing page of more than {limit} bytes")
+                return bytes(body)
+        except requests.RequestException as exc:
+            raise self._transfer_error(exc, 0, url) from None
+
+    def download(self, bucket: str, item: S3Object, handle: int, offset: int,
+                 on_bytes: Callable[[int], None], abandon: threading.Event) -> "hashlib._Hash":
+        """The object's bytes written at offset of the open file, hashed as they come:
+        exactly its listed size, or TransientError (whose text does not name the object:
+        the caller does, once). Returns the MD5 of what was written.
+        abandon: the series' attempt has failed elsewhere; this object no longer matters."""
+        digest = hashlib.md5()
+        written = 0
+        try:
+            with self._session() as session, \
+                    session.get(self.url(bucket, item.key), stream=True,
+                                timeout=self._timeout,
+                                **self._request_settings(self.url(bucket, item.key))) \
+                    as response:
+                self._raise_for_status(response)
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    if self._stop.is_set():
+                        raise Interrupted()
+                    if abandon.is_set():
+                        raise SeriesAttemptAbandoned()
+                    if written + len(chunk) > item.size:
+                        raise TransientError(f"more bytes than its listed {item.size}")
+                    os.pwrite(handle, chunk, offset + written)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    on_bytes(len(chunk))
+        except requests.RequestException as exc:
+            raise self._transfer_error(exc, written, self.url(bucket, item.key)) from None
+        if written != item.size:
+            raise TransientError(f"{written} of its {item.size} bytes arrived")
+        return digest
+
+    def _raise_for_status(self, response: requests.Response) -> None:
+        status = response.status_code
+        if status in (200, 206):
+            return
+        head = next(response.iter_content(4096), b"")      # an error body, never all of it
+        code = re.search(r"<Code>([^<]{1,64})</Code>", head.decode("utf-8", "replace"))
+        what = f"HTTP {status}" + (f" {code[1]}" if code else "")
+        if status == 403 or (code and code[1] == "NoSuchBucket"):
+            raise SeriesUnavailable(f"{what}: the bucket refuses anonymous reading")
+        if status in (429, 500, 502, 503, 504) or status == 404:
+            # 503 SlowDown is S3 throttling; 404 means the listing changed under us.
+            raise TransientError(what, parse_retry_after(response.headers.get("Retry-After")))
+        raise TransientError(what)
+
+    def _transfer_error(self, exc: requests.RequestException, written: int,
+                        url: str) -> Exception:
+        if self._stop.is_set():
+            return Interrupted()
+        # An endpoint that cannot exist or whose TLS cannot pass: one line, not hours of retries
+        misconfigured = misconfiguration(exc, str(urlsplit(url).hostname), "--idc-endpoint")
+        if misconfigured:
+            return FatalRunError(misconfigured, EXIT_USAGE)
+        cut = self._watchdog.cut_reason()
+        if cut:
+            return TransientError(f"{cut}, after {written} bytes")
+        return TransientError(f"connection failed after {written} bytes "
+                              f"({type(exc).__name__})")
+
+
+def parse_list_page(body: bytes) -> tuple[list[S3Object], Optional[str]]:
+    """The objects of a ListObjectsV2 page, and the token of the next page (None: last)."""
+    import xml.etree.ElementTree as ElementTree
+    refuse_dtd(body)
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise TransientError(f"a listing that is not S3's XML ({exc})") from None
+
+    def text(element: ElementTree.Element, name: str) -> str:
+        for child in element:
+            if S3_NAMESPACE.sub("", child.tag) == name:
+                return (child.text or "").strip()
+        return ""
+    objects = []
+    for element in root:
+        if S3_NAMESPACE.sub("", element.tag) != "Contents":
+            continue
+        size = as_count(text(element, "Size"))
+        if size is None:
+            raise TransientError(f"a listing with no size for {text(element, 'Key')!r}")
+        objects.append(S3Object(text(element, "Key"), size, text(element, "ETag").strip('"')))
+    truncated = text(root, "IsTruncated").lower() == "true"
+    token = text(root, "NextContinuationToken") if truncated else ""
+    if truncated and not token:
+        raise TransientError("a truncated listing without a continuation token")
+    return objects, token or None
+
+
+# A document type declaration, or an entity or other declaration of one. expat expands
+# internal entities within its own limits only (a 16 MiB page may grow a hundredfold), so a
+# page is refused before it is parsed: S3 never sends a DTD.
+XML_DECLARATION = re.compile(rb"<!\s*(?:DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)", re.IGNORECASE)
+
+
+def refuse_dtd(body: bytes) -> None:
+    if XML_DECLARATION.search(body):
+        raise TransientError("the listing declares a DTD (DOCTYPE or ENTITY), which S3 never "
+                             "sends; not parsed")
+
+
+def multipart_etag_matches(etag: str, handle: int, offset: int, size: int) -> Optional[int]:
+    """The part size (MiB) that reproduces a multipart ETag (<md5 of part MD5s>-<parts>)
+    from the bytes, or None: S3 does not store the part size, so the usual ones are tried."""
+    digest, _, parts = etag.partition("-")
+    for mib in MULTIPART_SIZES:
+        part = mib * 1024 * 1024
+        if -(-size // part) != int(parts):
+            continue
+        combined = hashlib.md5()
+        for start in range(0, size, part):
+            piece = hashlib.md5()
+            for at in range(start, min(start + part, size), CHUNK_SIZE):
+                piece.update(os.pread(handle, min(CHUNK_SIZE, start + part - at, size - at),
+                                      offset + at))
+            combined.update(piece.digest())
+        if combined.hexdigest() == digest:
+            return mib
+    return None
+
+
+@dataclass
+class FetchedObject:
+    item: S3Object
+    offset: int
+    md5: str
+    by_size_only: bool = False
+    retries: int = 0               # failed tries before this one (throttling, resets, ...)
+
+
+class IdcSource:
+    """IDC as a source of series: the records of a selection from its offline index, and a
+    series fetched from its bucket, one object per instance, into one scratch file (one
+    inode per series in flight), every object checked against its ETag and as DICOM of
+    this series, then handed to the sink in InstanceNumber order under the names NBIA's
+    NewFileNames gives, so the same series lands in the same place from either source."""
+
+    name = "idc"
+    scratch_suffix = ".objects"
+
+    def __init__(self, index: IdcIndex, s3: S3Client, include_analysis_results: bool,
+                 watchdog: TransferWatchdog, transport: dict[str, object],
+                 timeout: tuple[float, float]):
+        self.index = index
+        self.s3 = s3
+        self.include_analysis_results = include_analysis_results
+        self.watchdog, self.transport, self.timeout = watchdog, transport, timeout
+
+    def describe(self) -> str:
+        where = self.s3.endpoint or "AWS S3 (public buckets)"
+        return f"IDC (index {self.index.version}) at {where}"
+
+    def collections(self) -> list[str]:
+        return sorted(c.name for c in self.index.collections.values())
+
+    def records(self, selection: Selection) -> Selected:
+        conditions: list[tuple[str, list[str]]] = []
+        manifests: list[Manifest] = []
+        uids: list[str] = []
+        if selection.manifests or selection.retry_failed:
+            manifests, uids = manifests_of(selection)
+            conditions.append(("SeriesInstanceUID", uids))
+        if selection.collection:
+            collection = self.index.collection(selection.collection)
+            if collection is None:
+                raise FatalRunError(self._unknown_collection(selection.collection), EXIT_USAGE)
+            conditions.append(("collection_id", [collection.id]))
+        conditions += [(column, list(values)) for column, values in selection.filters().items()]
+        # Named series are fetched whatever they are; a collection means what NBIA serves
+        # for it: its original data, not the analysis results IDC files beside it.
+        original_only = not (uids or selection.series_uids or self.include_analysis_results)
+        rows = self.index.rows(conditions, original_only)
+        records = [idc_record(row, self.index.collections[row["collection_id"]])
+                   for row in rows]
+        found = {r["SeriesInstanceUID"] for r in records}
+        unknown = [u for u in (uids or list(selection.series_uids)) if u not in found]
+        if manifests:
+            log.info("%d series listed in %s; IDC's index has %d", len(uids),
+                     ", ".join(str(m.path) for m in manifests), len(records))
+        elif not records:
+            raise FatalRunError("no series of IDC's index matches these filters: check the "
+                                "values (compared exactly)", EXIT_USAGE)
+        return Selected(records, unknown, manifests)
+
+    def _unknown_collection(self, name: str) -> str:
+        names = self.collections()
+        close = suggest_collections(name, names)
+        return (f"IDC's index has no collection {name!r}" +
+                (f"; did you mean: {', '.join(close)}?" if close else
+                 "; --mode idc --list-collections prints its names"))
+
+    def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+              pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        bucket = str(series.record.get("aws_bucket") or "")
+        uuid = str(series.record.get("crdc_series_uuid") or "")
+        if not bucket or not uuid:
+            raise SeriesUnavailable("IDC's index gives no bucket for it")
+        listed = self._listing(series, bucket, uuid)
+        fetched = self._download_all(series, bucket, listed, scratch, count, stop)
+        return pack(lambda sink: self._verify_into(series, scratch, fetched, sink, stop))
+
+    def _listing(self, series: "PlannedSeries", bucket: str, uuid: str) -> list[S3Object]:
+        """The series' objects: exactly instanceCount of them, named like instances, and no
+        more bytes than the index's size allows. A series prefix never changes in IDC (a
+        revision gets a new uuid): anything else is a listing to distrust."""
+        objects = self.s3.list(bucket, f"{uuid}/", series.image_count or MOST_OBJECTS)
+        if len({item.key for item in objects}) != len(objects):
+            raise TransientError(f"the listing of {uuid}/ names an object twice")
+        for item in objects:
+            inside = item.key.startswith(f"{uuid}/")
+            name = item.key[len(uuid) + 1:] if inside else item.key
+            if not inside or not S3_OBJECT_NAME.match(name):
+                raise TransientError(f"the listing of {uuid}/ holds {name[:80]!r}, not an "
+                                     "instance of the series")
+        if series.image_count is not None and len(objects) != series.image_count:
+            raise TransientError(f"the bucket lists {len(objects)} objects for it, IDC's "
+                                 f"index {series.image_count}")
+        total = sum(item.size for item in objects)
+        if series.byte_limit is not None and total > series.byte_limit:
+            raise TransientError(f"the listing adds up to {total} bytes, more than the index's "
+                                 "size for the series allows")
+        return objects
+
+    def _download_all(self, series: "PlannedSeries", bucket: str, listed: list[S3Object],
+                      scratch: Path, count: Callable[[int], None],
+                      stop: threading.Event) -> list[FetchedObject]:
+        """All objects at once (OBJECTS_IN_FLIGHT), each at its own offset of scratch, each
+        retried a few times before the series' attempt fails. The first object that fails
+        for good ends the attempt at once: the others stop mid-body, the queued never start."""
+        offsets = list(itertools.accumulate([0] + [item.size for item in listed[:-1]]))
+        abandon = threading.Event()
+        threads: set[int] = set()
+        handle = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            def fetch_one(pair: tuple[S3Object, int]) -> FetchedObject:
+                threads.add(threading.get_ident())
+                return self._download_one(series, bucket, pair[0], handle, pair[1], count,
+                                          stop, abandon)
+            with concurrent.futures.ThreadPoolExecutor(OBJECTS_IN_FLIGHT) as pool:
+                futures = [pool.submit(fetch_one, pair) for pair in zip(listed, offsets)]
+                done, _ = concurrent.futures.wait(
+                    futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+                failed = next((f for f in futures if f in done and f.exception()), None)
+                if failed is not None:
+                    abandon.set()
+                    for future in futures:
+                        future.cancel()
+                    self.watchdog.cut_threads(threads, "another object of the series failed")
+                    raise failed.exception()       # type: ignore[misc]
+                return [future.result() for future in futures]
+        except OSError as exc:
+            raise_if_disk_full(exc, scratch.parent)
+            raise
+        finally:
+            os.close(handle)
+
+    def _download_one(self, series: "PlannedSeries", bucket: str, item: S3Object, handle: int,
+                      offset: int, count: Callable[[int], None], stop: threading.Event,
+                      abandon: threading.Event) -> FetchedObject:
+        for attempt in range(1, OBJECT_ATTEMPTS + 1):
+            counted = AttemptBytes(count)
+            try:
+                digest = self.s3.download(bucket, item, handle, offset, counted, abandon)
+                fetched = self._checked(item, handle, offset, digest.hexdigest())
+                fetched.retries = attempt - 1
+                return fetched
+            except TransientError as exc:
+                counted.take_back()
+                if abandon.is_set():
+                    raise SeriesAttemptAbandoned() from None
+                if attempt == OBJECT_ATTEMPTS or stop.is_set():
+                    raise TransientError(f"{item.key}: {exc}") from None
+                log.debug("%s: %s: attempt %d failed: %s", series.label, item.key, attempt, exc)
+                # The wait ends at once on a stop; an abandoned series waits out this pause
+                # (2 s at most) rather than poll two events.
+                if stop.wait(min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)):
+                    raise Interrupted() from None
+                if abandon.is_set():
+                    raise SeriesAttemptAbandoned() from None
+            except BaseException:
+                counted.take_back()
+                raise
+        raise AssertionError("unreachable")
+
+    def _checked(self, item: S3Object, handle: int, offset: int, md5: str) -> FetchedObject:
+        """The bytes against the ETag: an MD5 for a single-part upload; a multipart ETag is
+        recomputed with the usual part sizes, and only where none reproduces it is the
+        object trusted by its size, which is logged and counted in the report."""
+        if re.fullmatch(r"[0-9a-f]{32}", item.etag):
+            if md5 != item.etag:
+                raise TransientError(f"MD5 {md5}, but its ETag says {item.etag}")
+            return FetchedObject(item, offset, md5)
+        if re.fullmatch(r"[0-9a-f]{32}-[0-9]{1,5}", item.etag):
+            if multipart_etag_matches(item.etag, handle, offset, item.size) is not None:
+                return FetchedObject(item, offset, md5)
+        return FetchedObject(item, offset, md5, by_size_only=True)
+
+    def _verify_into(self, series: "PlannedSeries", scratch: Path, fetched: list[FetchedObject],
+                     sink: "MemberSink", stop: threading.Event) -> "VerifiedSeries":
+        """Every object must be DICOM of this series (header only); then, in InstanceNumber
+        order, into the sink as <acquisition>-<instance>.dcm."""
+        headers = []
+        instances: set[str] = set()
+        with open(scratch, "rb") as handle:
+            for number, item in enumerate(fetched):
+                fields = dicom_naming_fields(FileRegion(handle, item.offset, item.item.size))
+                if fields is None or fields.series_uid != series.uid:
+                    raise TransientError(f"{item.item.key} is not DICOM of this series")
+                if fields.sop_uid in instances:      # one instance under two keys: twice in
+                    raise TransientError(f"{item.item.key} repeats the instance "  # the output
+                                         f"{fields.sop_uid[:64]}")
+                instances.add(fields.sop_uid)
+                headers.append((fields.instance if fields.instance is not None else number + 1,
+                                fields.acquisition if fields.acquisition is not None else 1,
+                                item))
+        log_size_only(series, [f.item for f in fetched if f.by_size_only])
+        width = len(str(len(fetched)))
+        used: set[str] = set()
+        members = []
+        for instance, acquisition, item in sorted(headers, key=lambda h: (h[0], h[2].item.key)):
+            if stop.is_set():
+                raise Interrupted()
+            name = unique_file_name(f"{acquisition}-{instance:0{width}d}.dcm", used)
+            sink.add(name, item.item.size, read_range(scratch, item.offset,
+                                                      item.offset + item.item.size))
+            members.append(Member(item.item.key, name, item.item.size, item.md5))
+        return VerifiedSeries(scratch, members, None, [],
+                              by_size_only=sum(f.by_size_only for f in fetched),
+                              retries=sum(f.retries for f in fetched))
+
+    def close(self) -> None:
+        self.s3.close()
+        self.index.close()
+        self.watchdog.close()
+
+
+def log_size_only(series: "PlannedSeries", objects: list[S3Object]) -> None:
+    """One line per series in the .out file; every name and ETag in the debug log."""
+    for item in objects:
+        log.debug("%s: %s has the ETag %s, which no usual part size reproduces",
+                  series.label, item.key, item.etag)
+    if objects:
+        log.warning("%s: %d file(s) verified by their size only (multipart ETags that no "
+                    "usual part size reproduces)", series.short_label, len(objects))
+
+
+class FileRegion(io.RawIOBase):
+    """A read-only view of bytes [offset, offset + size) of an open file, for pydicom: a
+    header is read as far as it goes (a SEG's per-frame groups run to megabytes), never
+    beyond the object, and nothing is copied into memory first."""
+
+    def __init__(self, handle: io.BufferedReader, offset: int, size: int):
+        super().__init__()
+        self._handle, self._offset, self._size, self._at = handle, offset, size, 0
+        self.name = f"{handle.name}@{offset}"      # pydicom names its dataset after it
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
+        self._at = min(max(base + position, 0), self._size)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def readinto(self, buffer: bytearray) -> int:
+        wanted = min(len(buffer), self._size - self._at)
+        data = os.pread(self._handle.fileno(), wanted, self._offset + self._at) if wanted else b""
+        buffer[:len(data)] = data
+        self._at += len(data)
+        return len(data)

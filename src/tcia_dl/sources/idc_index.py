@@ -1,0 +1,148 @@
+"""IDC's offline index (duckdb over parquet) and its records."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..collection_files import license_url
+from ..errors import EXIT_USAGE, FatalRunError
+
+IDC_INSTALL = "pip install -r requirements-idc.txt"
+IDC_INDEX_COLUMNS = {"collection_id", "analysis_result_id", "PatientID", "SeriesInstanceUID",
+                     "StudyInstanceUID", "instanceCount", "aws_bucket", "crdc_series_uuid",
+                     "series_size_MB", "license_short_name", "source_DOI"}
+
+
+def idc_date(value: object) -> Optional[str]:
+    """IDC's YYYY-MM-DD as NBIA's MM-DD-YYYY: one archive, one way of writing dates."""
+    match = re.match(r"^(\d{4})-(\d{2})-(\d{2})", str(value or ""))
+    return f"{match[2]}-{match[3]}-{match[1]}" if match else None
+
+
+@dataclass(frozen=True)
+class IdcCollection:
+    name: str                     # TCIA's: Pancreas-CT
+    id: str                       # IDC's: pancreas_ct
+    licenses: dict[str, str]      # source DOI -> license URL
+
+
+class IdcIndex:
+    """IDC's offline index: idc-index-data's parquet of one row per series (or another of
+    the same schema), read with duckdb (measured: a collection out of 1 M rows in 0.27 s,
+    pyarrow 0.7-1.2 s), and its collections index (TCIA's names, DOIs, licenses)."""
+
+    def __init__(self, path: Optional[Path]):
+        try:
+            import duckdb
+        except ImportError:
+            raise FatalRunError(f"IDC (--mode idc or auto) needs duckdb: {IDC_INSTALL}",
+                                EXIT_USAGE) from None
+        collections_path: Optional[Path] = None
+        if path is None:
+            try:
+                import idc_index_data
+            except ImportError:
+                raise FatalRunError(f"IDC (--mode idc or auto) needs IDC's index "
+                                    f"(idc-index-data), or --idc-index FILE: {IDC_INSTALL}",
+                                    EXIT_USAGE) from None
+            path = Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH)
+            collections_path = Path(idc_index_data.INDEX_METADATA["collections_index"]
+                                    ["parquet_filepath"])
+            self.version = getattr(idc_index_data, "__version__", "?")
+        else:
+            beside = path.with_name("collections_index.parquet")
+            collections_path = beside if beside.is_file() else None
+            self.version = path.name
+        self.path = path
+        self._db = duckdb.connect()
+        try:
+            self._db.execute(f"CREATE VIEW series AS SELECT * FROM read_parquet({sql_text(path)})")
+            columns = {row[0] for row in self._db.execute("DESCRIBE series").fetchall()}
+        except duckdb.Error as exc:
+            raise FatalRunError(f"{path}: not a parquet file duckdb can read ({exc})",
+                                EXIT_USAGE) from None
+        missing = sorted(IDC_INDEX_COLUMNS - columns)
+        if missing:
+            raise FatalRunError(f"{path} is not an IDC index: it has no {', '.join(missing)} "
+                                "column(s)", EXIT_USAGE)
+        self.collections = self._read_collections(collections_path)
+
+    def _read_collections(self, path: Optional[Path]) -> dict[str, IdcCollection]:
+        """collection_id -> its TCIA name and licenses; without a collections index the
+        IDC id stands in for the name."""
+        found: dict[str, IdcCollection] = {}
+        if path is not None:
+            rows = self._db.execute(f"SELECT collection_id, collection_name, sources FROM "
+                                    f"read_parquet({sql_text(path)})").fetchall()
+            for collection_id, name, sources in rows:
+                licenses = {str(s.get("source_doi") or "").lower():
+                            str((s.get("license") or {}).get("license_url") or "")
+                            for s in (sources or []) if isinstance(s, dict)}
+                found[collection_id] = IdcCollection(name or collection_id, collection_id,
+                                                     licenses)
+        for (collection_id,) in self._db.execute("SELECT DISTINCT collection_id FROM series"
+                                                 ).fetchall():
+            found.setdefault(collection_id, IdcCollection(collection_id, collection_id, {}))
+        return found
+
+    def collection(self, name: str) -> Optional[IdcCollection]:
+        """By TCIA's name (any case) or IDC's id."""
+        wanted = name.casefold()
+        return next((c for c in self.collections.values()
+                     if wanted in (c.name.casefold(), c.id.casefold())), None)
+
+    def rows(self, conditions: list[tuple[str, list[str]]], original_only: bool) -> list[dict]:
+        """The series whose column is one of the values, for every (column, values)."""
+        # Values as quoted literals, not bound parameters: duckdb imports pandas to bind a
+        # Python value (measured: 87 -> 165 MB of RSS, most of an IDC run's peak).
+        where = [f'"{column}" IN ({", ".join(sql_text(value) for value in values)})'
+                 for column, values in conditions if values]
+        where += ["FALSE" for _, values in conditions if not values]
+        if original_only:
+            where.append("analysis_result_id IS NULL")
+        query = "SELECT * FROM series" + (" WHERE " + " AND ".join(where) if where else "")
+        cursor = self._db.execute(query)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def sql_text(text: object) -> str:
+    """A string literal of SQL (duckdb: quotes doubled, no backslash escapes)."""
+    if "\0" in str(text):
+        raise FatalRunError(f"{str(text)[:40]!r}: a NUL character cannot be in a query",
+                            EXIT_USAGE)
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def idc_record(row: dict, collection: IdcCollection) -> dict:
+    """An index row in the shape of NBIA's getSeries record, so that planning, folder names,
+    metadata.csv, LICENSE and CITATION.md are the same whichever source served a series."""
+    doi = str(row.get("source_DOI") or "").strip()
+    license_name = str(row.get("license_short_name") or "")
+    size_mb = row.get("series_size_MB")
+    return {
+        "SeriesInstanceUID": row["SeriesInstanceUID"],
+        "StudyInstanceUID": row.get("StudyInstanceUID"),
+        "Modality": row.get("Modality"), "SeriesDate": idc_date(row.get("SeriesDate")),
+        "SeriesDescription": row.get("SeriesDescription"),
+        "BodyPartExamined": row.get("BodyPartExamined"),
+        "SeriesNumber": row.get("SeriesNumber"), "Collection": collection.name,
+        "PatientID": row.get("PatientID"), "PatientSex": row.get("PatientSex"),
+        "PatientAge": row.get("PatientAge"), "Manufacturer": row.get("Manufacturer"),
+        "ManufacturerModelName": row.get("ManufacturerModelName"),
+        "ImageCount": row.get("instanceCount"),
+        "LicenseName": license_name,
+        "LicenseURI": collection.licenses.get(doi.lower()) or license_url(license_name, None),
+        "DataDescriptionURI": f"https://doi.org/{doi}" if doi else None,
+        "FileSize": int(float(size_mb) * 1e6) if size_mb else None,
+        "StudyDesc": row.get("StudyDescription"), "StudyDate": idc_date(row.get("StudyDate")),
+        "Source": "idc", "crdc_series_uuid": row.get("crdc_series_uuid"),
+        "aws_bucket": row.get("aws_bucket"),
+        "analysis_result_id": row.get("analysis_result_id"),
+    }

@@ -1,0 +1,282 @@
+"""NBIA as a source: NbiaSource, and a series' zip verified file by file."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import lzma
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+from ..dicom import HEAD_SIZE, read_head, series_uid_in
+from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, Md5ParameterRefused, Md5TableMissing,
+                      TransientError)
+from ..logs import log
+from ..plan import manifests_of, records_for_filters, records_for_uids, unknown_collection_message
+from ..settings import CHUNK_SIZE, LICENSE_ENTRY, MD5_TABLE
+from .base import AttemptBytes, Member, Selected, VerifiedSeries, safe_entry_name, unique_file_name
+from .nbia_api import ImageEndpoint
+
+if TYPE_CHECKING:
+    from ..formats.base import Prepared
+    from ..plan import PlannedSeries
+    from ..settings import Selection
+    from .base import MemberSink, Packing
+    from .nbia_api import TciaApi
+
+
+# -- NBIA as a source of series ------------------------------------------------------------
+
+
+def from_nbia(records: list[dict]) -> list[dict]:
+    """metadata.csv says which source served each series (an archive may mix them)."""
+    return [{**record, "Source": "nbia"} for record in records]
+
+
+class NbiaSource:
+    """NBIA v4 as a source of series, the one object the planning and the per-series loop
+    talk to: the records of a selection, and "fetch this series, verified, into a sink",
+    raising only TransientError (retry), SeriesUnavailable (skip) or FatalRunError / Interrupted
+    (stop). Zips, endpoints and md5hashes.csv stay in here.
+
+    Which image endpoint works is settled by the first fetch of a run, while the others
+    wait: getImage with IncludeMD5=Yes (MD5s in the zip) if the server honours it, else
+    getImageWithMD5Hash; a zip fetched from the wrong one would only be thrown away."""
+
+    name = "nbia"
+    scratch_suffix = ".zip"          # what it downloads into a series' scratch file
+
+    def __init__(self, api: TciaApi):
+        self.api = api
+        self.watchdog, self.transport, self.timeout = api.watchdog, api.transport, api.timeout
+        self._endpoint = ImageEndpoint()
+        self._settled = threading.Event()
+        self._settling = threading.Lock()
+
+    def describe(self) -> str:
+        """The server, without credentials (it goes into logs and CITATION.md)."""
+        parts = urlsplit(self.api.base_url)
+        server = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+        return f"NBIA v4 at {server}"
+
+    def collections(self) -> list[str]:
+        return self.api.collections()
+
+    def records(self, selection: Selection) -> Selected:
+        """getSeries records for a manifest (or failure list), filters, or a collection."""
+        if selection.manifests or selection.retry_failed:
+            manifests, uids = manifests_of(selection)
+            records, unknown = records_for_uids(self.api, uids)
+            log.info("%d series listed in %s; the server knows %d", len(uids),
+                     ", ".join(str(m.path) for m in manifests), len(records))
+            return Selected(from_nbia(records), unknown, manifests)
+        if selection.filters():
+            records = records_for_filters(self.api, selection)
+            listed = {r["SeriesInstanceUID"] for r in records}
+            if not records:
+                if selection.collection and not self.api.series(Collection=selection.collection):
+                    raise FatalRunError(unknown_collection_message(self.api,
+                                                                   selection.collection),
+                                        EXIT_USAGE)
+                raise FatalRunError("no series matches these filters: check the values (NBIA "
+                                    "compares them exactly)", EXIT_USAGE)
+            return Selected(from_nbia(records),
+                            [u for u in selection.series_uids if u not in listed], [])
+        records = self.api.series(Collection=selection.collection)
+        if not records:
+            raise FatalRunError(unknown_collection_message(self.api, selection.collection),
+                                EXIT_USAGE)
+        return Selected(from_nbia(records), [], [])
+
+    def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+              pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        """Download the series' zip into scratch, then hand pack() the verification, which
+        pack runs on the sink it makes (packing is the caller's: it chooses when a core is
+        free). count(n) reports bytes received, and takes back those of a zip that the
+        endpoint switch throws away."""
+        if not self._settled.is_set():
+            with self._settling:
+                if not self._settled.is_set():
+                    # An attempt that fails before a zip is read settles nothing: the next
+                    # fetch, of whichever series, tries again while the others wait.
+                    fetched = self._fetch(series, scratch, count, pack, stop)
+                    self._settled.set()
+                    return fetched
+        return self._fetch(series, scratch, count, pack, stop)
+
+    def _fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
+               pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        while True:
+            endpoint = self._endpoint.name
+            counted = AttemptBytes(count)
+            try:
+                self.api.download_zip(endpoint, series.uid, scratch, counted, series.byte_limit)
+                return pack(lambda sink: verify_zip(scratch, series, sink, stop))
+            except Md5ParameterRefused:
+                self._endpoint.fall_back("refuses IncludeMD5 (a build older than 2025-11)")
+            except Md5TableMissing:
+                if endpoint != "getImage":
+                    raise TransientError("the zip has no md5hashes.csv (cut short)") from None
+                counted.take_back()
+                self._endpoint.fall_back("ignores IncludeMD5=Yes (its zips have no "
+                                         "md5hashes.csv)")
+
+    def close(self) -> None:
+        self.api.close()
+
+
+# -- Per-series work: download, verify, clean ----------------------------------------------
+
+
+LICENSE_LIMIT = 1024 * 1024          # TCIA's LICENSE is a paragraph
+MD5_ROW_LIMIT = 512                  # bytes per md5hashes.csv row: a name and 32 hex digits
+
+
+def read_small_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A zip entry that is read whole (LICENSE, md5hashes.csv), at most limit bytes: a
+    series whose small files are absurdly large is a bad transfer, not a reason to run out
+    of memory. The bytes read decide, not the size the zip claims."""
+    with archive.open(name) as entry:
+        data = entry.read(limit + 1)
+    if len(data) > limit:
+        raise TransientError(f"{name} in the zip is larger than {limit} bytes; refused")
+    return data
+
+
+def read_md5_table(archive: zipfile.ZipFile) -> dict[str, str]:
+    limit = MD5_ROW_LIMIT * len(archive.infolist()) + 64 * 1024
+    text = read_small_entry(archive, MD5_TABLE, limit).decode("utf-8", "replace")
+    table: dict[str, str] = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2 or row[0].strip() == "Filename":
+            continue
+        table[row[0].strip()] = row[1].strip().lower()
+    return table
+
+
+def verify_zip(path: Path, series: PlannedSeries, sink: Optional[MemberSink] = None,
+               stop: Optional[threading.Event] = None) -> VerifiedSeries:
+    """Check every listed file's MD5 and keep what belongs to the series, streaming what is
+    kept into sink in the same pass: each entry is inflated and hashed once. md5hashes.csv
+    is the zip's last entry, but the central directory gives it first.
+
+    Raises TransientError (truncated, mismatching, incomplete: download again; what went
+    into sink must then be discarded) or Md5TableMissing (the server sent no md5hashes.csv)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise TransientError(f"truncated or unreadable zip ({exc})") from None
+    with archive:
+        names = archive.namelist()
+        if MD5_TABLE not in names:
+            raise Md5TableMissing()
+        try:
+            table = read_md5_table(archive)
+            missing = sorted(set(table) - set(names))
+            if missing:
+                raise TransientError(f"{len(missing)} file(s) listed in md5hashes.csv are "
+                                     f"missing from the zip (first: {missing[0]})")
+            check_entry_sizes(archive, series)
+            return _check_entries(archive, path, series, table, sink, stop)
+        except (zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError, OSError,
+                csv.Error) as exc:
+            raise TransientError(f"damaged zip entry ({exc})") from None
+        except (RuntimeError, NotImplementedError) as exc:    # encrypted, unknown method
+            raise TransientError(f"unreadable zip entry ({exc})") from None
+
+
+def check_entry_sizes(archive: zipfile.ZipFile, series: PlannedSeries) -> None:
+    """What the zip would inflate to must fit the series' FileSize (a zip bomb, or a
+    gigantic entry listed in md5hashes.csv, is a bad series). zipfile stops reading an
+    entry at its declared size and checks its CRC, so the declared sizes bound the reads."""
+    limit = series.byte_limit
+    declared = sum(info.file_size for info in archive.infolist())
+    if limit is not None and declared > limit:
+        raise TransientError(f"the zip would inflate to {declared} bytes, far more than the "
+                             f"server's FileSize of {series.file_size}; refused")
+
+
+def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
+                   table: dict[str, str], sink: Optional[MemberSink],
+                   stop: Optional[threading.Event]) -> VerifiedSeries:
+    members: list[Member] = []
+    dropped: list[tuple[str, str]] = []
+    license_text: Optional[str] = None
+    names_used: set[str] = set()
+    for info in archive.infolist():
+        entry = info.filename
+        if entry == MD5_TABLE:
+            continue
+        if entry == LICENSE_ENTRY:
+            license_text = read_small_entry(archive, entry, LICENSE_LIMIT).decode("utf-8",
+                                                                                  "replace")
+            continue
+        if info.is_dir() or not safe_entry_name(entry):
+            dropped.append((entry, "unsafe name (a directory, an absolute path or '..')"))
+            continue
+        if entry not in table:
+            dropped.append((entry, "not listed in md5hashes.csv"))
+            continue
+        with archive.open(info) as stream:
+            keep, why, md5 = _take_entry(stream, info, series, sink,
+                                         lambda: unique_file_name(entry, names_used), stop)
+        if md5 != table[entry]:
+            raise TransientError(f"MD5 mismatch for {entry}")
+        if keep is None:
+            dropped.append((entry, why))
+        else:
+            members.append(Member(entry=entry, name=keep, size=info.file_size, md5=md5))
+    if series.image_count is not None and len(members) != series.image_count:
+        raise TransientError(f"{len(members)} DICOM files, but the server's ImageCount is "
+                             f"{series.image_count}")
+    if not members:
+        raise TransientError("the zip holds no DICOM file of this series")
+    return VerifiedSeries(path=path, members=members, license_text=license_text, dropped=dropped)
+
+
+def _take_entry(stream: io.BufferedIOBase, info: zipfile.ZipInfo, series: PlannedSeries,
+                sink: Optional[MemberSink], name_for: Callable[[], str],
+                stop: Optional[threading.Event]) -> tuple[Optional[str], str, str]:
+    """Read one listed entry once: decide from its head whether it belongs to the series,
+    stream it into sink if so, and hash all of it. Returns (output name or None, why it was
+    dropped, md5)."""
+    digest = hashlib.md5()
+    head = read_head(stream, info.file_size)
+    uid = None
+    if head[128:132] == b"DICM":
+        uid = series_uid_in(head)
+        while uid is None and len(head) < info.file_size:   # a header longer than the head
+            more = stream.read(max(len(head), HEAD_SIZE))
+            if not more:
+                break
+            head += more
+            uid = series_uid_in(head)
+    digest.update(head)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+            digest.update(chunk)
+            yield chunk
+
+    if head[128:132] != b"DICM":
+        keep, why = None, "not a DICOM file"
+    elif uid is None:
+        keep, why = None, "not a readable DICOM file"
+    elif uid != series.uid:
+        keep, why = None, f"belongs to another series ({uid})"
+    else:
+        keep, why = name_for(), ""
+    if keep is not None and sink is not None:
+        sink.add(keep, info.file_size, chunks())
+    else:
+        for _ in chunks():     # dropped files are hashed too: a mismatch means a bad transfer
+            pass
+    return keep, why, digest.hexdigest()

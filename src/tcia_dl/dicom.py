@@ -16,15 +16,16 @@ def after_instance_number(tag: int, vr: Optional[str], length: int) -> bool:
 
 
 class DicomNaming(NamedTuple):
-    series_uid: str
+    series_uid: str                # "" where the header has none
     sop_uid: str
     instance: Optional[int]        # InstanceNumber and AcquisitionNumber name the file
     acquisition: Optional[int]
 
 
-def dicom_naming_fields(region: io.RawIOBase) -> Optional[DicomNaming]:
-    """What names and places a file, from its DICOM header; None when the bytes are no
-    DICOM, or DICOM without the UIDs of an instance."""
+def dicom_naming_fields(source: io.BufferedIOBase) -> Optional[DicomNaming]:
+    """What names and places a file, from its DICOM header: the one header reader of the
+    tool (an NBIA zip entry's head, an IDC object). None when the bytes are no DICOM or end
+    before the header does (a caller with more bytes may try again with them)."""
     # The package whole first: threads importing its modules at once see them half made
     import pydicom  # noqa: F401
     from pydicom.errors import InvalidDicomError
@@ -32,17 +33,15 @@ def dicom_naming_fields(region: io.RawIOBase) -> Optional[DicomNaming]:
     try:
         # Only as far as the last of the four tags (0020,0013): what follows (an enhanced
         # image's per-frame sequences: megabytes) is never parsed.
-        dataset = read_partial(io.BufferedReader(region), stop_when=after_instance_number,
+        dataset = read_partial(source, stop_when=after_instance_number,
                                specific_tags=NAMING_TAGS)
-        series_uid = str(dataset.get("SeriesInstanceUID", ""))
-        sop_uid = str(dataset.get("SOPInstanceUID", ""))
+        return DicomNaming(str(dataset.get("SeriesInstanceUID", "")),
+                           str(dataset.get("SOPInstanceUID", "")),
+                           as_count(dataset.get("InstanceNumber")),
+                           as_count(dataset.get("AcquisitionNumber")))
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
             AttributeError, IndexError):
         return None
-    if not series_uid or not sop_uid:
-        return None
-    return DicomNaming(series_uid, sop_uid, as_count(dataset.get("InstanceNumber")),
-                       as_count(dataset.get("AcquisitionNumber")))
 
 
 HEAD_SIZE = 64 * 1024          # enough for nearly every DICOM header; more is read if not
@@ -55,12 +54,5 @@ def read_head(entry: io.BufferedIOBase, size: int) -> bytes:
 def series_uid_in(head: bytes) -> Optional[str]:
     """SeriesInstanceUID from the first bytes of a DICOM file (pixels never parsed), or
     None when these bytes do not reach it or are no DICOM."""
-    import pydicom  # imported here: pydicom takes a while to import and --help needs none of it
-    from pydicom.errors import InvalidDicomError
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True,
-                                  specific_tags=["SeriesInstanceUID"])
-        return str(dataset.get("SeriesInstanceUID", "")) or None
-    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
-            AttributeError, IndexError):
-        return None
+    fields = dicom_naming_fields(io.BytesIO(head))
+    return fields.series_uid if fields is not None and fields.series_uid else None

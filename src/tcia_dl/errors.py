@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 EXIT_OK = 0
@@ -86,6 +87,56 @@ def misconfiguration(exc: BaseException, host: str, address_flag: str) -> Option
             return (f"TLS with {host} failed ({cause.reason or cause}): a site proxy "
                     f"that inspects TLS needs --ca-bundle; check {address_flag} and --proxy")
     return None
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What request_failure needs to know of the request that failed."""
+    host: str                              # the server's host name (DNS, TLS)
+    server: str                            # its host[:port], as a failure names it
+    address_flag: str                      # the flag that names it (--api-url, --idc-endpoint)
+    timeouts: tuple[float, float]          # (connect, read) seconds
+    cut: Optional[str] = None              # why the transfer watchdog cut it, if it did
+    written: Optional[int] = None          # bytes of the body received (None: metadata)
+    stopped: bool = False                  # a signal asked the run to stop
+
+
+def request_failure(exc: BaseException, context: RequestContext) -> TciaDownloaderError:
+    """What a failed HTTP request means, for every client of the tool (NBIA's metadata and
+    images, IDC's listings and objects): the run was asked to stop (Interrupted); a
+    misconfiguration that waiting cannot cure (FatalRunError, exit 2); else a failure worth
+    another attempt (TransientError), said in words a user can act on."""
+    if context.stopped:
+        return Interrupted()
+    misconfigured = misconfiguration(exc, context.host, context.address_flag)
+    if misconfigured:
+        return FatalRunError(misconfigured, EXIT_USAGE)
+    return TransientError(describe_request_failure(exc, context))
+
+
+def describe_request_failure(exc: BaseException, context: RequestContext) -> str:
+    import requests                           # (errors is imported by --help, which needs none)
+    host, written = context.server, context.written
+    if written is None:                        # a metadata request: whom it failed with
+        if context.cut:
+            return f"{host}: {context.cut}"
+        if isinstance(exc, requests.exceptions.Timeout):
+            return f"{host} did not answer in time"
+        if isinstance(exc, requests.exceptions.SSLError):
+            return f"TLS with {host} failed (a proxy or an old CA bundle?)"
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return f"cannot connect to {host}"
+        return f"{type(exc).__name__} from {host}"
+    if context.cut:                            # a transfer: how far it came
+        return f"{context.cut}, after {written} bytes"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"no connection within {context.timeouts[0]:.0f} s"
+    # requests reports a read timeout inside a body as a ConnectionError.
+    if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(exc):
+        return f"stalled: no byte for {context.timeouts[1]:.0f} s after {written} bytes"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"connection broke after {written} bytes"
+    return f"connection failed after {written} bytes ({type(exc).__name__})"
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:

@@ -21,7 +21,7 @@ import requests
 from .. import __version__
 from ..dicom import dicom_naming_fields
 from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, SeriesAttemptAbandoned,
-                      SeriesUnavailable, TransientError, misconfiguration)
+                      RequestContext, SeriesUnavailable, TransientError, request_failure)
 from ..logs import log
 from ..net import parse_retry_after, watched_session
 from ..plan import as_count, manifests_of, suggest_collections
@@ -198,17 +198,11 @@ class S3Client:
 
     def _transfer_error(self, exc: requests.RequestException, written: int,
                         url: str) -> Exception:
-        if self._stop.is_set():
-            return Interrupted()
-        # An endpoint that cannot exist or whose TLS cannot pass: one line, not hours of retries
-        misconfigured = misconfiguration(exc, str(urlsplit(url).hostname), "--idc-endpoint")
-        if misconfigured:
-            return FatalRunError(misconfigured, EXIT_USAGE)
-        cut = self._watchdog.cut_reason()
-        if cut:
-            return TransientError(f"{cut}, after {written} bytes")
-        return TransientError(f"connection failed after {written} bytes "
-                              f"({type(exc).__name__})")
+        return request_failure(exc, RequestContext(
+            host=str(urlsplit(url).hostname), server=urlsplit(url).netloc,
+            address_flag="--idc-endpoint",
+            timeouts=self._timeout, cut=self._watchdog.cut_reason(), written=written,
+            stopped=self._stop.is_set()))
 
 
 def parse_list_page(body: bytes) -> tuple[list[S3Object], Optional[str]]:
@@ -456,8 +450,9 @@ class IdcSource:
         instances: set[str] = set()
         with open(scratch, "rb") as handle:
             for number, item in enumerate(fetched):
-                fields = dicom_naming_fields(FileRegion(handle, item.offset, item.item.size))
-                if fields is None or fields.series_uid != series.uid:
+                fields = dicom_naming_fields(io.BufferedReader(
+                    FileRegion(handle, item.offset, item.item.size)))
+                if fields is None or fields.series_uid != series.uid or not fields.sop_uid:
                     raise TransientError(f"{item.item.key} is not DICOM of this series")
                 if fields.sop_uid in instances:      # one instance under two keys: twice in
                     raise TransientError(f"{item.item.key} repeats the instance "  # the output

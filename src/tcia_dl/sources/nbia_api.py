@@ -14,7 +14,7 @@ import requests_cache
 
 from .. import __version__
 from ..errors import (ApiError, EXIT_USAGE, FatalRunError, Interrupted, Md5ParameterRefused,
-                      SeriesUnavailable, TransientError, misconfiguration)
+                      RequestContext, SeriesUnavailable, TransientError, request_failure)
 from ..logs import log
 from ..net import RetryPolicy, TransferWatchdog, parse_retry_after, watched_session
 from ..plan import usable_records
@@ -231,11 +231,10 @@ class TciaApi:
                                                   **self.transport)
             except requests.RequestException as exc:
                 self.check_stop()
-                misconfigured = misconfiguration(exc, str(urlsplit(self.base_url).hostname),
-                                                 "--api-url")
-                if misconfigured:
-                    raise FatalRunError(misconfigured, EXIT_USAGE) from None
-                last = self._describe_request_error(exc)
+                failure = request_failure(exc, self._request_context(None))
+                if isinstance(failure, FatalRunError):
+                    raise failure from None
+                last = str(failure)
                 self._pause(attempt, f"{endpoint}: {last}")
                 continue
             if response.status_code == 200:
@@ -254,18 +253,12 @@ class TciaApi:
                             "not: check --api-url, and --proxy or HTTPS_PROXY on a node "
                             "without internet)")
 
-    def _describe_request_error(self, exc: requests.RequestException) -> str:
-        host = urlsplit(self.base_url).netloc
-        cut = self.watchdog.cut_reason()
-        if cut:
-            return f"{host}: {cut}"
-        if isinstance(exc, requests.exceptions.Timeout):
-            return f"{host} did not answer in time"
-        if isinstance(exc, requests.exceptions.SSLError):
-            return f"TLS with {host} failed (a proxy or an old CA bundle?)"
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            return f"cannot connect to {host}"
-        return f"{type(exc).__name__} from {host}"
+    def _request_context(self, written: Optional[int]) -> RequestContext:
+        address = urlsplit(self.base_url)
+        return RequestContext(host=str(address.hostname), server=address.netloc,
+                              address_flag="--api-url",
+                              timeouts=self.timeout, cut=self.watchdog.cut_reason(),
+                              written=written, stopped=self.stop.is_set())
 
     def _pause(self, attempt: int, what: str, retry_after: Optional[float] = None) -> None:
         if attempt >= self.retry.attempts:
@@ -310,26 +303,11 @@ class TciaApi:
                                                  "more than the series' FileSize allows; "
                                                  "cut off")
         except requests.RequestException as exc:
-            if self.stop.is_set():
-                raise Interrupted() from None
-            raise TransientError(self._describe_transfer_error(exc, written)) from None
+            raise request_failure(exc, self._request_context(written)) from None
         except OSError as exc:
             raise_if_disk_full(exc, dest.parent)
             raise
         return written
-
-    def _describe_transfer_error(self, exc: requests.RequestException, written: int) -> str:
-        cut = self.watchdog.cut_reason()
-        if cut:
-            return f"{cut}, after {written} bytes"
-        if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return f"no connection within {self.timeout[0]:.0f} s"
-        # requests reports a read timeout inside a body as a ConnectionError.
-        if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(exc):
-            return f"stalled: no byte for {self.timeout[1]:.0f} s after {written} bytes"
-        if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-            return f"connection broke after {written} bytes"
-        return f"connection failed after {written} bytes ({type(exc).__name__})"
 
     def _raise_for_image_status(self, response: requests.Response,
                                 sent_headers: dict[str, str]) -> None:

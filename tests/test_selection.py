@@ -4,7 +4,9 @@ CA bundles, and --help."""
 
 from __future__ import annotations
 
+import csv
 import http.client
+import io
 import http.server
 import os
 import ssl
@@ -147,6 +149,36 @@ def test_dry_run_tells_what_and_how_much_and_writes_nothing(tmp_path, fake_nbia_
     assert "dry run: nothing was written" in run.log
     assert not (tmp_path / "not-yet").exists()
     assert fake.counters.requests("getImage") == fake.counters.requests("getImageWithMD5Hash") == 0
+
+
+def test_dry_run_lists_every_series_on_stdout_as_tsv(tmp_path, fake_nbia_factory, capsys):
+    """`--dry-run > plan.tsv`: a header and one row per series (what it is, where it would
+    go, whether it is still to come), the summary staying on stderr; a series already in
+    the output says so."""
+    fake = fake_nbia_factory(demo_series=4)
+    records = fake.series("DEMO")
+    missing = records[1]["SeriesInstanceUID"]
+    fake.script_faults(missing, ["500"] * 3)
+    assert Run(tmp_path, fake, "--retries", "1").code == errors.EXIT_INCOMPLETE
+    capsys.readouterr()
+    run = Run(tmp_path, fake, "--dry-run")
+    assert run.code == errors.EXIT_OK, run.log
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out), delimiter="\t"))
+    assert sorted(r["SeriesInstanceUID"] for r in rows) == \
+        sorted(r["SeriesInstanceUID"] for r in records)
+    assert len(rows) == len(records) and "dry run" not in out and "dry run" in err
+    by_uid = {r["SeriesInstanceUID"]: r for r in records}
+    for row in rows:
+        record = by_uid[row["SeriesInstanceUID"]]
+        assert (row["PatientID"], row["Modality"], row["Files"], row["Bytes"]) == (
+            record["PatientID"], record["Modality"], str(record["ImageCount"]),
+            str(record["FileSize"]))
+        assert row["Folder"].startswith(f"DEMO/{record['PatientID']}/") and row["Source"] == "nbia"
+        assert len(row["StudyDate"]) == 10 and row["StudyDate"][4] == "-"
+    status = {r["SeriesInstanceUID"]: r["Status"] for r in rows}
+    assert status.pop(missing) == "to download"
+    assert set(status.values()) == {"present"}
 
 
 def tiny_filesystem(real_statvfs):

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional, TYPE_CHECKING
+from typing import Callable, Iterator, Optional, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ApiError, EXIT_USAGE, FatalRunError, UsageError
@@ -631,6 +631,29 @@ def space_shortfalls(needs: list[SpaceNeed]) -> list[tuple[str, bool]]:
         lines.append((line + (": " + ", ".join(missing) if missing else ": enough"),
                       bool(missing)))
     return lines
+
+
+DRY_RUN_COLUMNS = ["PatientID", "StudyDate", "Modality", "SeriesDescription",
+                   "SeriesInstanceUID", "Files", "Bytes", "Source", "Status", "Folder"]
+
+
+def dry_run_rows(plan: "Plan", todo: list[PlannedSeries], mode: str) -> Iterator[str]:
+    """--dry-run's listing for stdout, tab-separated (a header, then a row per series of the
+    plan, in its order): what each series is, where it would go, and whether it is to be
+    downloaded or already in the output. A server's value never breaks a row: tabs, line
+    breaks and other control characters become spaces."""
+    def cell(value: object) -> str:
+        return re.sub(r"[\x00-\x1f\x7f]+", " ", str(value if value is not None else ""))
+    pending = {series.uid for series in todo}
+    yield "\t".join(DRY_RUN_COLUMNS)
+    for series in plan.series:
+        record = series.record
+        study_date = series.path.split("/")[1][:10] if series.path.count("/") >= 1 else ""
+        yield "\t".join(cell(value) for value in (
+            record.get("PatientID"), study_date, record.get("Modality"),
+            record.get("SeriesDescription"), series.uid, series.image_count,
+            series.file_size, record.get("Source") or mode,
+            "to download" if series.uid in pending else "present", series.label))
 
 
 def describe_plan(plan: Plan, todo: list[PlannedSeries], options: Options) -> list[str]:

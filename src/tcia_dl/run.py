@@ -26,8 +26,8 @@ from .formats.tree import DirectoryTarget
 from .journal import lock_path, read_journal, read_only
 from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable, private_dir
 from .net import RetryPolicy, TransferWatchdog
-from .plan import (describe_plan, make_plan, recorded_source, space_needs, space_shortfalls,
-                   without_credentials, write_failed_manifest)
+from .plan import (describe_plan, dry_run_rows, make_plan, recorded_source, space_needs,
+                   space_shortfalls, without_credentials, write_failed_manifest)
 from .settings import FILTER_FLAGS, usable_cores
 from .sources.auto import AutoSource
 from .sources.base import AttemptBytes
@@ -496,7 +496,10 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
     for line, _ in shortfalls:
         (log.warning if short else log.info)("%s", line)
     if options.dry_run:
-        log.info("dry run: nothing was written")
+        for row in dry_run_rows(plan, todo, options.mode):
+            print(row)
+        log.info("dry run: nothing was written; the series are listed on stdout, "
+                 "tab-separated (--dry-run > plan.tsv)")
         return EXIT_OK
     if short and not options.force:
         log.error("not enough space for this run: free space or choose other folders "

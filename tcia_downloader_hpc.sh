@@ -8,16 +8,19 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #
-# tcia_downloader_hpc.sh: run tcia_downloader.py as a slurm job, or as a plain script.
+# tcia_downloader_hpc.sh: run tcia_downloader.pyz (or tcia_downloader.py from a checkout) as a
+# slurm job, or as a plain script.
 #
 #   sbatch tcia_downloader_hpc.sh                      one job, the whole collection
-#   sbatch tcia_downloader_hpc.sh --manifest x.tcia    extra flags go to tcia_downloader.py
+#   sbatch tcia_downloader_hpc.sh --manifest x.tcia    extra flags go to the downloader
 #   sbatch --array=0-7 --output=%x-%A_%a.out tcia_downloader_hpc.sh
 #                                                      8 tasks, one shard of the collection each
 #   ./tcia_downloader_hpc.sh                           on a machine without slurm
 #
-# Submit from the folder that holds tcia_downloader.py (slurm runs a copy of this file from
-# its spool folder), or set TCIA_DOWNLOADER to its path.
+# Submit from the folder that holds tcia_downloader.pyz or tcia_downloader.py (slurm runs a
+# copy of this file from its spool folder), or set TCIA_DOWNLOADER to the one to run. The
+# .pyz brings its packages and unpacks them once to SHIV_ROOT (below); the .py needs
+# requirements.txt installed for PYTHON.
 #
 # Time limits: 300 s before the limit slurm sends SIGUSR1 (--signal above); the downloader
 # then starts no new series, lets the running ones finish within STOP_GRACE seconds, and
@@ -34,6 +37,7 @@ CACHE_DIR="${CACHE_DIR:-$HOME/.cache/tcia_downloader}"             # logs and me
 WORKERS="${WORKERS:-}"            # empty: 4 per CPU of the job (16 at most), one packing per CPU
 STOP_GRACE="${STOP_GRACE:-240}"
 PYTHON="${PYTHON:-python3}"
+export SHIV_ROOT="${SHIV_ROOT:-$CACHE_DIR/pyz}"   # where a .pyz unpacks (about 15 MB per build)
 # source "$HOME/venvs/tcia/bin/activate"                           # optional virtual environment
 # ---------------------------------------------------------------------------------------------
 
@@ -43,12 +47,17 @@ EXIT_USAGE=2
 EXIT_CHECKPOINT=75
 
 script_dir="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
-downloader="${TCIA_DOWNLOADER:-$script_dir/tcia_downloader.py}"
+downloader="${TCIA_DOWNLOADER:-}"
+if [[ -z "$downloader" ]]; then
+    downloader="$script_dir/tcia_downloader.pyz"
+    [[ -f "$downloader" ]] || downloader="$script_dir/tcia_downloader.py"
+fi
 if [[ ! -f "$downloader" ]]; then
-    echo "tcia_downloader_hpc.sh: $downloader not found: submit from its folder or set TCIA_DOWNLOADER" >&2
+    echo "tcia_downloader_hpc.sh: $downloader not found: submit from the folder of tcia_downloader.pyz or tcia_downloader.py, or set TCIA_DOWNLOADER" >&2
     exit "$EXIT_USAGE"
 fi
-if ! "$PYTHON" -c "import requests, requests_cache, pydicom, tqdm" 2>/dev/null; then
+if [[ "$downloader" != *.pyz ]] &&
+   ! "$PYTHON" -c "import requests, requests_cache, pydicom, tqdm" 2>/dev/null; then
     echo "tcia_downloader_hpc.sh: $PYTHON lacks the requirements: $PYTHON -m pip install -r $(dirname "$downloader")/requirements.txt" >&2
     exit "$EXIT_USAGE"
 fi
@@ -96,5 +105,5 @@ if [[ "$status" -eq "$EXIT_CHECKPOINT" && -n "${SLURM_JOB_ID:-}" ]]; then
     echo "$(date '+%F %T') checkpointed before the time limit: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 fi
-echo "$(date '+%F %T') tcia_downloader.py exited with $status"
+echo "$(date '+%F %T') $(basename "$downloader") exited with $status"
 exit "$status"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,7 +12,24 @@ from typing import Optional
 from ..collection_files import license_url
 from ..errors import EXIT_USAGE, FatalRunError
 
-IDC_INSTALL = "pip install -r requirements-idc.txt"
+
+def idc_install_hint() -> str:
+    """What to install for IDC, for the way this copy runs. The .pyz carries pure-Python
+    packages only: duckdb (compiled) goes into the Python that runs it, whose site-packages
+    the .pyz still sees. A checkout has requirements-idc.txt; an installed copy has the
+    [idc] extra. idc-index-data needs Python 3.10 (on 3.9: --idc-index FILE)."""
+    packages = "duckdb idc-index-data" if sys.version_info >= (3, 10) else "duckdb"
+    if zipfile.is_zipfile(sys.argv[0]):
+        user = "" if sys.prefix != sys.base_prefix else " --user"      # no --user in a venv
+        return (f"install it for the Python that runs the .pyz, which carries pure-Python "
+                f"packages only: {sys.executable} -m pip install{user} {packages} (or run the "
+                f".pyz with the python of a venv that has them)")
+    checkout = Path(__file__).resolve().parents[3] / "requirements-idc.txt"
+    if checkout.is_file():
+        return f"pip install -r {checkout}"
+    return "pip install 'tcia-downloader[idc]'"
+
+
 IDC_INDEX_COLUMNS = {"collection_id", "analysis_result_id", "PatientID", "SeriesInstanceUID",
                      "StudyInstanceUID", "instanceCount", "aws_bucket", "crdc_series_uuid",
                      "series_size_MB", "license_short_name", "source_DOI"}
@@ -38,7 +57,7 @@ class IdcIndex:
         try:
             import duckdb
         except ImportError:
-            raise FatalRunError(f"IDC (--mode idc or auto) needs duckdb: {IDC_INSTALL}",
+            raise FatalRunError(f"IDC (--mode idc or auto) needs duckdb: {idc_install_hint()}",
                                 EXIT_USAGE) from None
         collections_path: Optional[Path] = None
         if path is None:
@@ -46,7 +65,7 @@ class IdcIndex:
                 import idc_index_data
             except ImportError:
                 raise FatalRunError(f"IDC (--mode idc or auto) needs IDC's index "
-                                    f"(idc-index-data), or --idc-index FILE: {IDC_INSTALL}",
+                                    f"(idc-index-data), or --idc-index FILE: {idc_install_hint()}",
                                     EXIT_USAGE) from None
             path = Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH)
             collections_path = Path(idc_index_data.INDEX_METADATA["collections_index"]

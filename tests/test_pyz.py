@@ -1,0 +1,177 @@
+"""dist/tcia_downloader.pyz (tools/build_pyz.py) run the way a user runs it: one file, on a
+Python with nothing installed, against tests/fake_nbia.py.
+
+The .pyz is built once per module, with the builder from PyPI (a failed build fails these
+tests: CI can install it). TCIA_PYZ=path uses a .pyz built before (CI builds it once).
+
+The tool runs through TCIA_PYZ_PYTHON when it is set: CI points it at a bare venv of 3.9
+and of 3.13 (`python3.9 -m venv --without-pip DIR`), with no packages at all. Without it, the
+Python running the tests runs the .pyz with -S, so that none of this venv's packages is on
+its path: what the tool imports, the .pyz must bring. The fake server and the checks run
+here, in the test venv.
+
+Every run extracts to a SHIV_ROOT of this module's own, never to ~/.shiv: the kill campaign
+checks that nothing is written to HOME or TMPDIR.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import test_kill_campaign
+from tcia_dl import __version__, errors as errors_module
+from test_downloader_e2e import (ROOT, archive_members, expected_folders, old_pythons,
+                                 series_folders, tool_arguments, verify_with_standard_tools)
+from test_hpc_template import TEMPLATE, template_env
+
+BUILDER = ROOT / "tools" / "build_pyz.py"
+
+
+def interpreter() -> list[str]:
+    """The Python that runs the .pyz, with its flags."""
+    bare = os.environ.get("TCIA_PYZ_PYTHON")
+    return [bare] if bare else [sys.executable, "-S"]
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory) -> Path:
+    given = os.environ.get("TCIA_PYZ")
+    if given:
+        assert Path(given).is_file(), f"TCIA_PYZ={given}: no such file"
+        return Path(given).resolve()
+    output = tmp_path_factory.mktemp("dist") / "tcia_downloader.pyz"
+    built = subprocess.run([sys.executable, str(BUILDER), "--output", str(output)],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert built.returncode == 0 and output.is_file(), built.stdout + built.stderr
+    return output
+
+
+@pytest.fixture(scope="module")
+def shiv_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shiv-root")
+
+
+def pyz_env(shiv_root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(SHIV_ROOT=str(shiv_root), **extra)
+    return env
+
+
+def run_pyz(pyz: Path, shiv_root: Path, *argv: str, cwd: Path, python=None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*(python or interpreter()), str(pyz), *argv], cwd=cwd,
+                          env=pyz_env(shiv_root), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def test_the_pyz_extracts_once_and_says_its_version(pyz, tmp_path):
+    root = tmp_path / "shiv-root"                 # empty: the first run extracts
+    for _ in range(2):
+        result = run_pyz(pyz, root, "--version", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.split()[-1] == __version__, result.stdout
+    extracted = list(root.glob("tcia_downloader.pyz_*/site-packages"))
+    assert len(extracted) == 1, list(root.iterdir())
+    assert (extracted[0] / "tcia_dl" / "cli.py").is_file()
+    assert (extracted[0] / "pydicom" / "data" / "urls.json").is_file()   # read by path
+
+
+def test_a_collection_becomes_one_verified_archive_through_the_pyz(pyz, shiv_root, tmp_path,
+                                                                   fake_nbia_factory):
+    fake = fake_nbia_factory()
+    argv = tool_arguments(fake, tmp_path / "out", tmp_path / "cache")[1:]   # without SCRIPT
+    result = run_pyz(pyz, shiv_root, *argv, cwd=tmp_path)
+    assert result.returncode == errors_module.EXIT_OK, result.stderr[-3000:]
+    archive = tmp_path / "out" / "DEMO.tar.xz"
+    members = archive_members(archive)
+    assert series_folders(members) == expected_folders(fake)
+    assert {"DEMO/LICENSE", "DEMO/metadata.csv", "DEMO/MD5SUMS"} <= set(members)
+    verify_with_standard_tools(archive, tmp_path)
+    assert "damaged" not in result.stderr and "Traceback" not in result.stderr
+
+
+class PyzLayout(test_kill_campaign.Layout):
+    """The kill campaign's folders, with the tool run from the .pyz."""
+    pyz: Path
+    shiv_root: Path
+
+    def start(self, fake, mode, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+        argv = [*interpreter(), str(self.pyz), "--collection", "DEMO", *extra,
+                "--output", str(self.output), "--temp_dir", str(self.scratch),
+                "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
+                "--workers", str(test_kill_campaign.WORKERS), "--retry-wait", "0.05",
+                "--stall-timeout", "5", *(["--compression"] if mode.compression else [])]
+        env = {k: v for k, v in pyz_env(self.shiv_root).items() if not k.startswith("XDG_")}
+        env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def test_kill_9_and_rerun_through_the_pyz(pyz, shiv_root, tmp_path, fake_nbia_factory,
+                                          monkeypatch):
+    """Four rounds of tests/test_kill_campaign.py (one at start-up, in the downloads, near the
+    end, at the finish) and a rerun to completion, every run from the .pyz."""
+    monkeypatch.setattr(PyzLayout, "pyz", pyz, raising=False)
+    monkeypatch.setattr(PyzLayout, "shiv_root", shiv_root, raising=False)
+    monkeypatch.setattr(test_kill_campaign, "Layout", PyzLayout)
+    fake = fake_nbia_factory(seed=test_kill_campaign.SEED % 1000,
+                             **test_kill_campaign.FAKE_CONFIG)
+    campaign = test_kill_campaign.Campaign(
+        dataclasses.replace(test_kill_campaign.TAR, rounds=4), tmp_path, fake)
+    campaign.play()
+
+
+def test_an_old_python_gets_one_line_from_the_pyz_too(pyz, shiv_root, tmp_path):
+    pythons = old_pythons()
+    if not pythons:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no Python 3.6-3.8 under pyenv to check the version message with")
+        pytest.skip("no Python 3.6-3.8 under pyenv")
+    for python in pythons:
+        result = run_pyz(pyz, shiv_root, "--collection", "X", cwd=tmp_path, python=[str(python)])
+        assert result.returncode == errors_module.EXIT_USAGE, (python, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "needs Python 3.9 or newer" in lines[0], (python, lines)
+
+
+def test_idc_without_duckdb_is_one_line_saying_what_to_install(pyz, shiv_root, tmp_path):
+    """duckdb is compiled: the .pyz cannot carry it, and the interpreter here has none."""
+    result = run_pyz(pyz, shiv_root, "--collection", "X", "--mode", "idc", "--output",
+                     str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+                     "--no-progress", cwd=tmp_path)
+    assert result.returncode == errors_module.EXIT_USAGE, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "needs duckdb" in lines[0], lines
+    assert "pip install" in lines[0]
+
+
+def test_the_sbatch_template_runs_the_pyz_beside_it(pyz, tmp_path, fake_nbia_factory):
+    """A folder holding only the template and the .pyz, and a Python with no packages: the
+    template runs the .pyz (no requirements check), which unpacks under CACHE_DIR."""
+    python = os.environ.get("TCIA_PYZ_PYTHON")
+    if not python:
+        bare = tmp_path / "bare-venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+        python = str(bare / "bin" / "python")
+    job = tmp_path / "job"
+    job.mkdir()
+    shutil.copy(TEMPLATE, job / TEMPLATE.name)
+    shutil.copy(pyz, job / "tcia_downloader.pyz")
+    fake = fake_nbia_factory()
+    env = template_env(tmp_path, PYTHON=python)
+    for name in ("SHIV_ROOT", "PYTHONPATH", "PYTHONHOME"):
+        env.pop(name, None)
+    result = subprocess.run(["bash", str(job / TEMPLATE.name), "--api-url", fake.url], env=env,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == errors_module.EXIT_OK, result.stdout + result.stderr
+    assert "tcia_downloader.pyz exited with 0" in result.stdout
+    archive = tmp_path / "out" / "DEMO.tar.xz"
+    assert series_folders(archive_members(archive)) == expected_folders(fake)
+    assert list((tmp_path / "cache" / "pyz").glob("tcia_downloader.pyz_*/site-packages/tcia_dl"))

@@ -22,6 +22,11 @@
 # .pyz brings its packages and unpacks them once to SHIV_ROOT (below); the .py needs
 # requirements.txt installed for PYTHON.
 #
+# A job pending with Reason=PartitionConfig asks for more than the partition's nodes have
+# (4 CPUs or 4G above; `sinfo -o "%P %c %m"` shows what they have): ask for less when you
+# submit, e.g. `sbatch --cpus-per-task=2 --mem=2G tcia_downloader_hpc.sh` (command-line
+# options override the #SBATCH lines). It never starts, so it cannot say so itself.
+#
 # Time limits: 300 s before the limit slurm sends SIGUSR1 (--signal above); the downloader
 # then starts no new series, lets the running ones finish within STOP_GRACE seconds, and
 # exits with 75, and this script requeues the job, which resumes where it stopped. A job

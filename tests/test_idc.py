@@ -431,6 +431,10 @@ def test_a_tls_endpoint_needs_its_ca_bundle_and_says_so_in_one_line(prostate, tl
         "inspects TLS needs --ca-bundle; check --idc-endpoint and --proxy" in refused.stderr
     assert "retrying" not in refused.stderr and "Traceback" not in refused.stderr
     assert s3.gets_under("") == 0
+    # nothing that looks resumable: no empty .part, no journal, no failure list
+    assert "resumable" not in refused.stderr and "nothing was written" in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "no").iterdir()
+                  if not p.name.endswith(".lock")) == []
 
     run = Run(tmp_path, _NoNbia(), "--mode", "idc", "--idc-endpoint", url, "--ca-bundle",
               str(cert), "--patient", PATIENTS[0], collection="Prostate-3T")

@@ -573,6 +573,9 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
 
     if ctx.fatal:
         log.error("%s", ctx.fatal[0])
+        if ctx.fatal[0].exit_code == EXIT_USAGE and target.discard_if_unused():
+            log.info("nothing was written: fix that, then run the same command again")
+            return EXIT_USAGE
         report(options, target, plan, skipped, outcomes, started, interrupted=False)
         return ctx.fatal[0].exit_code
     unfinished = len(plan.series) - skipped - len(outcomes)

@@ -81,6 +81,23 @@ class Target:
         """Forget committed series the disk no longer holds intact; returns their UIDs."""
         raise NotImplementedError
 
+    def discard_if_unused(self) -> bool:
+        """After a run that failed before anything was committed, for a reason a rerun of
+        the same command cannot cure (a host that does not exist, TLS that cannot pass:
+        exit 2): take back what opening the output made, so that nothing looks resumable.
+        True when it did; False when the output holds work (an earlier run's), which stays."""
+        if self.journal.committed() or self.journal.get("finished") == "yes":
+            return False
+        with self.commit_lock:
+            self._closed = True
+            self.journal.close()
+        self.journal.path.unlink(missing_ok=True)
+        self._discard_empty_output()
+        return True
+
+    def _discard_empty_output(self) -> None:
+        """What the format made when the output was opened, if it is still empty."""
+
     def replace_damaged(self, uids: list[str]) -> None:
         """--retry-failed of a <name>.damaged.tcia (written by --verify): take these series
         out of the output, keeping every other one, so that this run fetches them again and

@@ -274,6 +274,10 @@ class TarXzTarget(Target):
             log.info("checked the %s of committed streams in %s against the journal in %.1f s",
                      human_bytes(self.archive_end), self.part.name, time.monotonic() - started)
 
+    def _discard_empty_output(self) -> None:
+        if self.part.is_file() and self.part.stat().st_size == 0:
+            self.part.unlink()
+
     def audit(self, full: bool = True) -> list[str]:
         """Check every committed stream against the sha256 its row keeps (a stream of 0.3,
         without one, against its own xz checks); not full: only that each stream still

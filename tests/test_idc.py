@@ -423,6 +423,12 @@ def test_a_tls_endpoint_needs_its_ca_bundle_and_says_so_in_one_line(prostate, tl
     argv = ["--mode", "idc", "--collection", "Prostate-3T", "--patient", PATIENTS[0],
             "--idc-endpoint", url, "--api-url", _NoNbia.url, "--no-progress",
             "--cache_dir", str(tmp_path / "c")]
+    dry = subprocess.run([sys.executable, str(ROOT / "tcia_downloader.py"), *argv, "--dry-run",
+                          "--output", str(tmp_path / "no")], capture_output=True, text=True,
+                         timeout=120)
+    assert dry.returncode == errors_module.EXIT_USAGE, dry.stderr      # as the run says it
+    assert "TLS with 127.0.0.1 failed (CERTIFICATE_VERIFY_FAILED)" in dry.stderr
+    assert "enough" not in dry.stderr.splitlines()[-1]
     refused = subprocess.run([sys.executable, str(ROOT / "tcia_downloader.py"), *argv,
                               "--output", str(tmp_path / "no")], capture_output=True, text=True,
                              timeout=120)
@@ -555,6 +561,7 @@ def test_dry_run_and_shards_plan_from_the_index(prostate, tmp_path):
     s3, rows, _ = prostate
     dry = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--dry-run", name="dry")
     assert dry.code == errors_module.EXIT_OK and "dry run: nothing was written" in dry.log
+    assert "dry run: IDC" in dry.log and "answers" in dry.log     # the bucket was asked once
     megabytes = sum(r["series_size_MB"] for r in rows)
     assert "3 series of 1 collection(s)" in dry.log and f"{megabytes:.1f} MB" in dry.log
     assert s3.gets_under("") == 0 and not (tmp_path / "dry").exists()

@@ -496,6 +496,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
     for line, _ in shortfalls:
         (log.warning if short else log.info)("%s", line)
     if options.dry_run:
+        reach_endpoints(source, todo)
         for row in dry_run_rows(plan, todo, options.mode):
             print(row)
         log.info("dry run: nothing was written; the series are listed on stdout, "
@@ -523,6 +524,21 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
             return _download_into(target, plan, source, options, stopping, started)
     finally:
         target.close()
+
+
+def reach_endpoints(source: Source, todo: list[PlannedSeries]) -> None:
+    """--dry-run asks every endpoint the run would use, once, with the first series to
+    fetch: a host that does not exist or TLS that cannot pass is then exit 2 here, as in
+    the run, instead of "enough" and a run that fails a second later. An outage is a
+    warning: the run would retry it."""
+    if not todo:
+        return
+    try:
+        source.reach(todo[0])
+    except TransientError as exc:
+        log.warning("dry run: %s answered %s; a run would retry it", source.describe(), exc)
+    else:
+        log.info("dry run: %s answers", source.describe())
 
 
 def _download_into(target: Target, plan: Plan, source: Source, options: Options,

@@ -90,6 +90,14 @@ class AutoSource:
         verified.record = record
         return verified, prepared
 
+    def reach(self, series: "PlannedSeries") -> None:
+        """NBIA's endpoint (if it planned) and IDC's bucket, which serves what NBIA cannot."""
+        if not self.nbia_down:
+            self.nbia.reach(series)
+        record = self._idc_records.get(series.uid)
+        if record is not None:
+            self.idc.reach(dataclasses.replace(series, record=record))
+
     def _nbia_answered(self, ok: bool) -> None:
         with self._lock:
             self._nbia_failures = 0 if ok else self._nbia_failures + 1

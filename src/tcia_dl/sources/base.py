@@ -67,6 +67,11 @@ class Source(Protocol):
     def fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
               pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]": ...
 
+    def reach(self, series: "PlannedSeries") -> None:
+        """--dry-run: one cheap request to each endpoint a fetch of series would use,
+        raising what a fetch would (FatalRunError for a misconfiguration: a host that does
+        not exist, TLS that cannot pass; TransientError for an outage)."""
+
     def close(self) -> None: ...
 
 

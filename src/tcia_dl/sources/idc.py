@@ -135,6 +135,12 @@ class S3Client:
                 raise TransientError(f"a listing page of {prefix} that lists nothing but "
                                      "says there is more")
 
+    def peek(self, bucket: str, prefix: str) -> None:
+        """One listing page of at most one object under prefix: whether the endpoint
+        answers (--dry-run), at the cost of one small request."""
+        parse_list_page(self._get(self.url(bucket), {"list-type": "2", "prefix": prefix,
+                                                     "max-keys": "1"}, self.LIST_LIMIT))
+
     def _get(self, url: str, params: dict[str, str], limit: int) -> bytes:
         try:
             with self._session() as session, \
@@ -345,6 +351,14 @@ class IdcSource:
         listed = self._listing(series, bucket, uuid)
         fetched = self._download_all(series, bucket, listed, scratch, count, stop)
         return pack(lambda sink: self._verify_into(series, scratch, fetched, sink, stop))
+
+    def reach(self, series: "PlannedSeries") -> None:
+        """One listing of at most one object of the series: the plan came from the offline
+        index, and the bucket's endpoint was never asked."""
+        bucket = str(series.record.get("aws_bucket") or "")
+        uuid = str(series.record.get("crdc_series_uuid") or "")
+        if bucket and uuid:
+            self.s3.peek(bucket, f"{uuid}/")
 
     def _listing(self, series: "PlannedSeries", bucket: str, uuid: str) -> list[S3Object]:
         """The series' objects: exactly instanceCount of them, named like instances, and no

@@ -58,6 +58,10 @@ class NbiaSource:
         self._settled = threading.Event()
         self._settling = threading.Lock()
 
+    def reach(self, series: "PlannedSeries") -> None:
+        """Nothing more to ask: the plan's getSeries reached the API, and images come from
+        the same server."""
+
     def describe(self) -> str:
         """The server, without credentials (it goes into logs and CITATION.md)."""
         parts = urlsplit(self.api.base_url)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .journal import Journal
     from .net import TransferWatchdog
 
+
 class DoiResolver:
     """BibTeX for DOIs from doi.org by content negotiation: the one request of a run that
     is not to NBIA. Best effort and bounded: a cluster without a route to doi.org still

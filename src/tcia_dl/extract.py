@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .settings import Selection
     from .tarread import TarEntry
 
+
 def inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 

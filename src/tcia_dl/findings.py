@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Optional
 # learns goes to a temporary database on disk, not to lists in memory; and a signal stops
 # it within a chunk.
 
+
 @dataclass
 class VerifiedMember:
     name: str

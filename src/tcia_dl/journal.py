@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .plan import PlannedSeries
     from .sources.base import VerifiedSeries
 
+
 def read_only(journal: Path) -> "contextlib.closing[sqlite3.Connection]":
     """A journal opened for reading only (--verify, --extract and checks that must not
     write to it), closed when the with-block ends. The path is quoted: a '?' or '#' in a

@@ -17,6 +17,7 @@ from typing import Optional
 import requests
 import urllib3
 
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6

@@ -14,6 +14,7 @@ from typing import Iterator
 from .errors import EXIT_USAGE, FatalRunError
 from .settings import CHUNK_SIZE
 
+
 def acquire_lock(path: Path, what: str) -> io.TextIOWrapper:
     """One run per output: an flock on path, held until release_lock. A run that ends
     unlinks its lock file, so a run that opened the old file just before may get the lock

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .findings import Findings
     from .journal import JournalSnapshot
 
+
 def recovered_spans(path: Path) -> list[tuple[int, int]]:
     """The streams of a file whose streams cannot all be walked from its end (a .part cut
     in an append; damage). From its journal if it describes the file (a finished archive

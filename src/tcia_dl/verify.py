@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .findings import ProblemLines
     from .journal import JournalSnapshot
 
+
 def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findings:
     """Every stream, on all usable cores (they are independent): its xz checks, its tar
     headers, every member's MD5. A .part is checked up to its last whole stream."""

@@ -13,6 +13,7 @@ from ..errors import Interrupted
 from ..journal import Journal
 from ..storage import acquire_lock, claim_scratch, release_lock, release_scratch
 
+
 @dataclass
 class Prepared:
     """A series made ready in scratch by a worker: an xz stream, which starts at `offset`

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..plan import PlannedSeries
     from ..sources.base import VerifiedSeries
 
+
 def stream_sha256(path: Path, start: int, end: int) -> str:
     digest = hashlib.sha256()
     for chunk in read_range(path, start, end):

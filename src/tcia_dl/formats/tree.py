@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..sources.base import VerifiedSeries
     from .base import Prepared
 
+
 class DirectoryTarget(Target):
     """<output>/<name>/...: each series is extracted into scratch and moved into place
     only when verified, so a series folder under <output> is always whole."""

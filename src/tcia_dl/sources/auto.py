@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .idc import IdcSource
     from .nbia import NbiaSource
 
+
 class AutoSource:
     """NBIA first; a series NBIA refuses, or every series once NBIA looks down, comes from
     IDC when IDC's index has it, into the same archive under the same folder. NBIA gone

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..plan import Manifest, PlannedSeries
     from ..settings import Selection
 
+
 @dataclass
 class Selected:
     """A source's answer to a selection: the series records, the UIDs it does not know,

@@ -21,6 +21,7 @@ from ..plan import usable_records
 from ..settings import CHUNK_SIZE
 from ..storage import raise_if_disk_full
 
+
 def token_url_for(api_url: str) -> str:
     """The OAuth endpoint lives at <host>/nbia-api/oauth/token beside .../services/v4/."""
     parts = urlsplit(api_url)

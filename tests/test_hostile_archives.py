@@ -498,8 +498,16 @@ def test_extract_with_another_archives_journal_writes_only_the_patient_asked_for
     assert one["PatientID"] != two["PatientID"]
     first = archive_in_order(tmp_path, fake, tmp_path / "a", two["SeriesInstanceUID"])
     second = archive_in_order(tmp_path, fake, tmp_path / "b", one["SeriesInstanceUID"])
-    assert xzread.xz_stream_spans(first)[1][1] == xzread.xz_stream_spans(second)[1][1]
-    shutil.copy(tmp_path / "a" / "DEMO.tar.xz.journal", tmp_path / "b" / "DEMO.tar.xz.journal")
+    stale = tmp_path / "b" / "DEMO.tar.xz.journal"
+    shutil.copy(tmp_path / "a" / "DEMO.tar.xz.journal", stale)
+    # The two archives' streams end at nearly the same bytes (their tar headers hold the
+    # time of packing): make the stale journal name exactly the second archive's ends.
+    ends = [end for _, end in xzread.xz_stream_spans(second)]
+    with sqlite3.connect(stale) as db:
+        rows = db.execute("SELECT uid FROM series ORDER BY archive_end").fetchall()
+        for (uid,), end in zip(rows, ends):
+            db.execute("UPDATE series SET archive_end = ? WHERE uid = ?", (end, uid))
+    assert xzread.xz_stream_spans(first)[0][0] == 0 and len(rows) == 2
 
     for patient in (two["PatientID"], one["PatientID"]):
         into = tmp_path / f"x-{patient}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""tests/fake_s3.py for benchmarks: a cloud-bucket-shaped fake of IDC's S3 holding a synthetic
+"""tests/fakes/fake_s3.py for benchmarks: a cloud-bucket-shaped fake of IDC's S3 holding a synthetic
 CT-like collection, an IDC index of it, and a cache of the GET answers.
 
     python bench/fake_s3_server.py --index-dir DIR [--series N --instances N --image-size N]
@@ -8,7 +8,7 @@ CT-like collection, an IDC index of it, and a cache of the GET answers.
 prints 'READY <endpoint>' on its first stdout line once everything is uploaded, then serves
 until SIGTERM or SIGINT (then writes --stats again, with the request counters).
 
-The collection: the DICOM files of tests/fake_nbia.py's DEMO collection (the NBIA bench's:
+The collection: the DICOM files of tests/fakes/fake_nbia.py's DEMO collection (the NBIA bench's:
 CT-like slices with a phantom and noise, MR and PT among them, and pydicom's sample files as
 its second series; same --seed, same bytes), uploaded to moto (``FakeS3.put_object``) one
 object per instance at ``<crdc_series_uuid>/<crdc_instance_uuid>.dcm`` in ``idc-open-data``,
@@ -16,7 +16,7 @@ as IDC files them. ``DIR/idc_index.parquet`` has idc-index-data's schema (one ro
 collection_id ``demo``) and ``DIR/collections_index.parquet`` names it ``DEMO`` with its DOI
 and license, which is what ``--mode idc --idc-index DIR/idc_index.parquet`` reads.
 
-Shaping: FakeS3's own (first byte, per-connection and total bandwidth; see tests/fake_s3.py).
+Shaping: FakeS3's own (first byte, per-connection and total bandwidth; see tests/fakes/fake_s3.py).
 
 Why a cache: through moto, one object GET costs this machine about 5 ms of CPU (moto finds its
 backend for every request: werkzeug, Flask, its dispatcher), i.e. about a core for 100 MB/s
@@ -50,8 +50,7 @@ from typing import Any, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import fake_nbia  # noqa: E402
-import fake_s3  # noqa: E402
+from fakes import fake_nbia, fake_s3  # noqa: E402
 
 BUCKET = "idc-open-data"
 COLLECTION_ID = "demo"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""tests/fake_nbia.py for benchmarks: the same server, the same flags, plus a cache of the
+"""tests/fakes/fake_nbia.py for benchmarks: the same server, the same flags, plus a cache of the
 zips it sends.
 
 Why: the fake builds every DICOM file (numpy pixels, pydicom) and deflates every zip on each
@@ -35,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import fake_nbia  # noqa: E402
+from fakes import fake_nbia  # noqa: E402
 
 # (license, new_names, md5): what ours asks for (getImage, NewFileNames=Yes, IncludeMD5=Yes,
 # honoured) and what tcia_utils asks for (getImage?NewFileNames=Yes, no IncludeMD5).
@@ -155,7 +155,7 @@ def warm(fake: fake_nbia.FakeNbia, procs: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--no-cache", action="store_true",
-                     help="serve exactly as tests/fake_nbia.py (generate on every request)")
+                     help="serve exactly as tests/fakes/fake_nbia.py (generate on every request)")
     own.add_argument("--stats", type=Path, help="write collection sizes (JSON) here")
     own.add_argument("--warm-procs", type=int, default=len(os.sched_getaffinity(0)))
     mine, rest = own.parse_known_args(argv)

@@ -7,7 +7,7 @@
     python bench/run.py --help      # scale, shaping, contenders, checks
 
 Everything runs on this machine against one shaped fake NBIA server (bench/fake_server.py,
-i.e. tests/fake_nbia.py with its zips pre-built), one contender at a time, each in its own
+i.e. tests/fakes/fake_nbia.py with its zips pre-built), one contender at a time, each in its own
 process tree, which is sampled every 50 ms (RSS summed over the tree) and whose CPU time is
 taken from getrusage(RUSAGE_CHILDREN). The table comes first; the ratios and the PASS/FAIL
 lines of the targets are the last lines printed. See bench/README.md for what each number means.
@@ -1263,13 +1263,13 @@ def idc_missing() -> list[str]:
 
 
 def s5cmd_env() -> dict[str, str]:
-    """As tests/test_fake_s3.py runs s5cmd: no AWS_* settings, no proxies."""
+    """As tests/fakes/test_fake_s3.py runs s5cmd: no AWS_* settings, no proxies."""
     return {k: v for k, v in child_env().items()
             if not k.upper().startswith("AWS_") and not k.upper().endswith("_PROXY")}
 
 
 class S3Fake:
-    """bench/fake_s3_server.py in its own process: moto behind tests/fake_s3.py's shaped fault
+    """bench/fake_s3_server.py in its own process: moto behind tests/fakes/fake_s3.py's shaped fault
     layer, the collection uploaded and its IDC index written before READY."""
 
     def __init__(self, workdir: Path, *, series: int, instances: int, image_size: int, seed: int,
@@ -1487,7 +1487,7 @@ def idc_report(b: Bench, out: dict, lines: list[str], targets: list) -> Optional
     dicom = st["dicom_bytes"]
     sh = st.get("shaping", {})
     lines.append("")
-    lines.append(f"idc: --mode idc against a fake IDC bucket (moto behind tests/fake_s3.py's shaped layer, "
+    lines.append(f"idc: --mode idc against a fake IDC bucket (moto behind tests/fakes/fake_s3.py's shaped layer, "
                  f"bench/fake_s3_server.py): {st['series']} series, {st['instances']:,} objects (one per DICOM "
                  f"instance) of {a.idc_image_size}x{a.idc_image_size} CT-like slices, {dicom / MB:,.0f} MB; "
                  f"{sh.get('first_byte_delay', 0) * 1000:g} ms to first byte per request, "

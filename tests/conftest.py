@@ -1,4 +1,6 @@
-"""Shared fixtures: a fake NBIA v4 server on 127.0.0.1 (see tests/fake_nbia.py)."""
+"""Shared fixtures: a fake NBIA v4 server on 127.0.0.1 (see tests/fakes/fake_nbia.py), a fake
+of IDC's S3 buckets (tests/fakes/fake_s3.py), and a finished archive with a damaged series.
+Helpers (plain functions and classes) are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
@@ -8,9 +10,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # make `import fake_nbia` work anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # `import fakes`, `helpers` anywhere
 
-from fake_nbia import FakeNbia  # noqa: E402
+from fakes.fake_nbia import FakeNbia  # noqa: E402
+from fakes.fake_s3 import FakeS3  # noqa: E402
+from helpers import Run, archive_members, flip, verify  # noqa: E402
+from tcia_dl import errors, journal as journal_module, plan, trust, xzread  # noqa: E402
 
 # Tests talk only to servers they start: no run (in this process, in a subprocess or in a
 # slurm job, which inherit the environment) asks doi.org for BibTeX unless a test points
@@ -37,3 +42,37 @@ def fake_nbia_factory() -> Iterator[Callable[..., FakeNbia]]:
 def fake_nbia(fake_nbia_factory: Callable[..., FakeNbia]) -> FakeNbia:
     """A started FakeNbia with the default configuration."""
     return fake_nbia_factory()
+
+
+@pytest.fixture
+def fake_s3() -> Iterator[FakeS3]:
+    """A started FakeS3, stopped at teardown."""
+    fake = FakeS3().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def damaged(tmp_path, fake_nbia_factory, capsys):
+    """A finished 6-series archive whose 3rd series' stream has a flipped byte; the
+    manifest --verify wrote; what the archive held before; the damaged series' uid."""
+    fake = fake_nbia_factory(demo_series=6)
+    assert Run(tmp_path, fake).code == errors.EXIT_OK
+    archive = tmp_path / "out" / "DEMO.tar.xz"
+    before = archive_members(archive)
+    spans = xzread.xz_stream_spans(archive)
+    start, end = spans[2]
+    label = trust.journal_series_ends(archive)[end]
+    flip(archive, (start + end) // 2)
+    code, lines = verify(archive, capsys)
+    assert code == errors.EXIT_INCOMPLETE
+    manifest = tmp_path / "out" / "DEMO.damaged.tcia"
+    assert any(line.startswith(f"1 damaged series are listed in {manifest}") for line in lines)
+    journal = journal_module.Journal(tmp_path / "out" / "DEMO.tar.xz.journal")
+    uid = next(u for u, where in journal.locations().items() if where == label)
+    journal.close()
+    assert plan.read_manifest(manifest).uids == [uid]
+    fake.counters.reset()
+    return fake, archive, manifest, before, uid, (start, end)

@@ -3,7 +3,7 @@
 #
 #     bash tests/demo.sh [OUTPUT_DIR]          (default: ./demo-out)
 #
-# Starts tests/fake_nbia.py on a free port of 127.0.0.1 with faults and hostile data, waits
+# Starts tests/fakes/fake_nbia.py on a free port of 127.0.0.1 with faults and hostile data, waits
 # until it listens, downloads its DEMO collection into OUTPUT_DIR/DEMO.tar.xz, checks the
 # archive with the standard tools (xz -t, tar, md5sum -c) and stops the fake, whatever happens.
 # Needs: python3 with requirements-test.txt installed (PYTHON=... to use another), xz, tar.
@@ -19,7 +19,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$python" "$here/fake_nbia.py" --port 0 --fault-500 0.1 --fault-reset 0.1 --nasty all \
+"$python" "$here/fakes/fake_nbia.py" --port 0 --fault-500 0.1 --fault-reset 0.1 --nasty all \
     > "$work/fake.out" 2> "$work/fake.err" &
 fake_pid=$!
 # The fake prints "READY <url>" once it listens; it may also die first (a missing package).

@@ -3,32 +3,19 @@ readers, MD5SUMS, and recovery from a run killed in the middle of an append."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from tcia_dl import dicom, errors, journal as journal_module, plan
-from tcia_dl.formats import base as formats_base, tarxz, tree
+from tcia_dl import dicom, errors, journal as journal_module
+from tcia_dl.formats import tarxz, tree
 from tcia_dl.sources import base as sources_base, nbia
-from dicom_helpers import dicom_bytes, md5, write_series_zip
-from fake_nbia import dicom_file_bytes
-
-
-def planned(uid: str, path: str, count: int | None = 2, collection: str = "COLL") -> plan.PlannedSeries:
-    return plan.PlannedSeries(uid=uid, collection=collection, path=path,
-                            record={"SeriesInstanceUID": uid, "PatientID": path.split("/")[0],
-                                    "LicenseName": "CC BY 4.0"},
-                            image_count=count, file_size=0)
-
-
-def two_file_series(tmp_path: Path, uid: str) -> tuple[Path, dict[str, bytes]]:
-    files = {"1-1.dcm": dicom_bytes(uid, 1), "1-2.dcm": dicom_bytes(uid, 2)}
-    return write_series_zip(tmp_path / f"{uid}.zip", files), files
+from fakes.fake_nbia import dicom_file_bytes
+from helpers import (commit_series, dicom_bytes, md5, member_md5s, planned, two_file_series,
+                     write_series_zip)
 
 
 # -- verification ---------------------------------------------------------------------------
@@ -98,22 +85,6 @@ def test_verify_reports_count_mismatch_truncation_and_missing_table(tmp_path):
 
 
 # -- the archive ----------------------------------------------------------------------------
-
-def commit_series(target: formats_base.Target, tmp_path: Path, uid: str, path: str) -> dict[str, bytes]:
-    zip_path, files = two_file_series(tmp_path, uid)
-    series = planned(uid, path)
-    packer = target.packer(series, zip_path)
-    verified = nbia.verify_zip(zip_path, series, packer)
-    target.commit(series, verified, packer.finish())
-    packer.discard()
-    return {f"COLL/{path}/{name}": data for name, data in files.items()}
-
-
-def member_md5s(archive: Path) -> dict[str, str]:
-    with tarfile.open(archive, "r:xz") as tar:
-        return {m.name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
-                for m in tar.getmembers() if m.isfile()}
-
 
 def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
     """Inode quotas: the series' xz stream grows after its zip, in the zip's own file,

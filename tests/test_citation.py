@@ -15,7 +15,7 @@ import pytest
 
 import tcia_dl
 from tcia_dl import cli, collection_files, errors, plan
-from test_downloader_e2e import Run
+from helpers import Run
 
 PATIENTS = ("PANCREAS_0001", "PANCREAS_0002")     # each has series of both of its DOIs
 CT_DOI = "10.7937/k9/tcia.2016.tnb1kqbu"

@@ -25,8 +25,8 @@ import tcia_dl
 from tcia_dl import collection_files, errors, journal as journal_module, logs, net, plan, storage
 from tcia_dl.formats import base as formats_base, tarxz, tree
 from tcia_dl.sources import base as sources_base, nbia
-from dicom_helpers import dicom_bytes, write_series_zip
-from test_archive import commit_series, member_md5s, planned, two_file_series
+from helpers import (Run, commit_series, dicom_bytes, member_md5s, planned, two_file_series,
+                     write_series_zip)
 
 
 def tar_target(out: Path, scratch: Path, name: str = "COLL") -> tarxz.TarXzTarget:
@@ -442,7 +442,6 @@ def test_a_run_finding_its_output_finished_removes_what_a_late_kill_left(tmp_pat
                                                                          fake_nbia_factory):
     """A kill after the journal said finished, before the run cleaned up, left its lock
     file and scratch for ever: the rerun stopped at 'nothing to do' before tidying."""
-    from test_downloader_e2e import Run
     fake = fake_nbia_factory(demo_series=2)
     assert Run(tmp_path, fake).code == errors.EXIT_OK
     out = tmp_path / "out"

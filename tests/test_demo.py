@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from test_downloader_e2e import ROOT, archive_members
+from helpers import ROOT, archive_members
 
 
 def test_the_offline_demo_runs_end_to_end_in_one_command(tmp_path):

@@ -1,108 +1,27 @@
-"""The downloader end to end against tests/fake_nbia.py: clean runs, every fault kind,
+"""The downloader end to end against tests/fakes/fake_nbia.py: clean runs, every fault kind,
 contamination, hostile names, both MD5 endpoints, tokens, exit codes, and kill -9 / SIGTERM
 at several points followed by a resume that matches an uninterrupted run."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
-import tarfile
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from tcia_dl import cli, errors as errors_module, plan
+from tcia_dl import cli, errors as errors_module
 from tcia_dl.sources import nbia, nbia_api
-from fake_nbia import Faults
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tcia_downloader.py"
-
+from fakes.fake_nbia import Faults
+from helpers import (SCRIPT, Run, archive_members, expected_folders, journal_uids, series_folders,
+                     start_subprocess, tree_members, verify_with_standard_tools, wait_until)
 
 # -- helpers --------------------------------------------------------------------------------
-
-class Run:
-    """One downloader run in this process, with its exit code and logs."""
-
-    def __init__(self, tmp_path: Path, fake, *extra: str, collection: str = "DEMO",
-                 compression: bool = True, output: Path | None = None, name: str = "run"):
-        self.output = output or tmp_path / "out"
-        self.cache = tmp_path / "cache"
-        self.argv = [*(["--collection", collection] if collection else []),
-                     "--output", str(self.output),
-                     "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
-                     "--workers", "3", "--retry-wait", "0.05", "--stall-timeout", "1",
-                     *(["--compression"] if compression else []), *extra]
-        before = set(self.cache.glob("logs/*-info.log"))
-        self.code = cli.main(self.argv)
-        new_logs = sorted(set(self.cache.glob("logs/*-info.log")) - before) or \
-            sorted(self.cache.glob("logs/*-info.log"))
-        self.log = new_logs[-1].read_text() if new_logs else ""
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def archive_members(path: Path) -> dict[str, str]:
-    with tarfile.open(path, "r:xz") as tar:
-        return {m.name: md5(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
-
-
-def tree_members(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): md5(p.read_bytes()) for p in root.rglob("*") if p.is_file()}
-
-
-def series_folders(members: dict[str, str]) -> dict[str, list[str]]:
-    """series folder -> sorted MD5s of its DICOM files (file names depend on the endpoint)."""
-    folders: dict[str, list[str]] = defaultdict(list)
-    for name, digest in members.items():
-        if name.count("/") == 4:          # <Collection>/<patient>/<study>/<series>/<file>
-            folders[name.rsplit("/", 1)[0]].append(digest)
-    return {folder: sorted(d) for folder, d in folders.items()}
-
-
-def expected_folders(fake, collection: str = "DEMO") -> dict[str, list[str]]:
-    planned = plan.plan_collection(collection, fake.series(collection))
-    return {f"{collection}/{p.path}": sorted(md5(data) for _, data in fake.instances(p.uid))
-            for p in planned}
-
-
-def verify_with_standard_tools(archive: Path, tmp_path: Path, collection: str = "DEMO") -> None:
-    subprocess.run(["xz", "-t", str(archive)], check=True)
-    subprocess.run(["tar", "-tJf", str(archive)], check=True, capture_output=True)
-    extract = tmp_path / f"extract-{archive.stem}"
-    extract.mkdir()
-    subprocess.run(["tar", "-xJf", str(archive), "-C", str(extract)], check=True)
-    subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=extract / collection, check=True)
-
-
-def journal_uids(output: Path, name: str = "DEMO.tar.xz.journal") -> set[str]:
-    path = output / name
-    if not path.exists():
-        return set()
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        try:
-            return {uid for (uid,) in db.execute("SELECT uid FROM series")}
-        except sqlite3.OperationalError:       # created but the schema is not there yet
-            return set()
-
-
-def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
 
 # -- clean runs -----------------------------------------------------------------------------
 
@@ -339,18 +258,6 @@ def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path
 
 
 # -- kills and signals ----------------------------------------------------------------------
-
-def tool_arguments(fake, output: Path, cache: Path, *extra: str) -> list[str]:
-    """The tool's command line (without the interpreter) of start_subprocess."""
-    return [str(SCRIPT), "--collection", "DEMO", "--output", str(output), "--cache_dir",
-            str(cache), "--api-url", fake.url, "--no-progress", "--compression", "--workers",
-            "2", "--retry-wait", "0.05", "--stall-timeout", "5", *extra]
-
-
-def start_subprocess(fake, output: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, *tool_arguments(fake, output, cache, *extra)]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
 
 def test_kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive(tmp_path,
                                                                              fake_nbia_factory):

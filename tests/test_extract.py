@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tcia_dl import cli, errors, extract as extract_module, tarread, verify, xzread
-from test_downloader_e2e import Run
+from helpers import Run
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from tcia_dl import errors, xzread
-from test_downloader_e2e import ROOT, Run
+from helpers import ROOT, Run
 
 SEED = 18_2026
 CASES = 150

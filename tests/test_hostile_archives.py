@@ -23,7 +23,7 @@ from typing import Iterable, Union
 import pytest
 
 from tcia_dl import cli, errors, journal, xzread
-from test_downloader_e2e import ROOT, Run
+from helpers import ROOT, Run
 
 MiB = 1 << 20
 MTIME = 1_600_000_000

@@ -5,7 +5,7 @@ and manifests, signals while a request hangs or series are in flight, a tampered
 deleted outputs, a foreign --cache_dir and runs that share --temp_dir.
 
 The unit tests of the same features are in test_data_safety.py; these go through td.main
-(in process, see Run) or a real process (start_subprocess) against tests/fake_nbia.py."""
+(in process, see Run) or a real process (start_subprocess) against tests/fakes/fake_nbia.py."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from tcia_dl import errors as errors_module, plan, storage
-from fake_nbia import Faults
-from test_downloader_e2e import (Run, archive_members, expected_folders, journal_uids, md5,
-                                 series_folders, start_subprocess, tool_arguments, tree_members,
-                                 verify_with_standard_tools, wait_until)
+from fakes.fake_nbia import Faults
+from helpers import (Run, archive_members, expected_folders, journal_uids, md5,
+                     series_folders, start_subprocess, tool_arguments, tree_members,
+                     verify_with_standard_tools, wait_until)
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """What a server (or another user of a shared folder) puts in the values the tool writes:
 symbolic links planted at the names the tool writes, a DOI resolver that trickles, formulas,
 HTML, control characters and huge values in the metadata, and S3 listings with a DTD or with
-objects larger than listed. Each goes through td.main against a fake (tests/fake_nbia.py, a
-stub S3 here) and checks what lands on disk and in the log."""
+objects larger than listed. Each goes through td.main against a fake
+(tests/fakes/fake_nbia.py, a stub S3 here) and checks what lands on disk and in the log."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +20,8 @@ import pytest
 
 from tcia_dl import cli, errors, net
 from tcia_dl.sources import idc
-from test_downloader_e2e import Run, archive_members, expected_folders, series_folders
+from helpers import (PATIENTS, WITHOUT_THE_INDEX_PACKAGE, Run, _NoNbia, archive_members,
+                     expected_folders, series_folders)
 
 PRECIOUS = b"precious: not the tool's to write\n"
 
@@ -342,8 +343,7 @@ class _StubS3(http.server.BaseHTTPRequestHandler):
 
 
 def stub_s3_run(tmp_path: Path, kind: str) -> tuple[Run, http.server.ThreadingHTTPServer]:
-    from fake_s3 import rows as series_rows
-    from test_idc import PATIENTS, _NoNbia
+    from fakes.fake_s3 import rows as series_rows
     row = series_rows("prostate_3t", patient_ids=PATIENTS[:1])[0]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubS3)
     server.kind, server.count, server.lists, server.objects = kind, row["instanceCount"], 0, 0
@@ -362,9 +362,8 @@ def stub_s3_run(tmp_path: Path, kind: str) -> tuple[Run, http.server.ThreadingHT
 def idc_index(request, monkeypatch):
     """The index the IDC tests use on this Python (see tests/test_idc.py)."""
     pytest.importorskip("duckdb")
-    from test_idc import WITHOUT_THE_INDEX_PACKAGE
     if WITHOUT_THE_INDEX_PACKAGE:
-        from fake_s3 import write_snapshot_index
+        from fakes.fake_s3 import write_snapshot_index
         monkeypatch.setenv("TCIA_IDC_INDEX",
                            write_snapshot_index(request.getfixturevalue("tmp_path_factory")
                                                 .mktemp("idc-index")))

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from tcia_dl import errors
-from test_downloader_e2e import (ROOT, archive_members, expected_folders, journal_uids,
-                                 series_folders, verify_with_standard_tools, wait_until)
+from helpers import (ROOT, archive_members, expected_folders, journal_uids,
+                     series_folders, verify_with_standard_tools, wait_until)
 
 TEMPLATE = ROOT / "tcia_downloader_hpc.sh"
 

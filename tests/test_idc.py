@@ -1,5 +1,5 @@
 """--mode idc and --mode auto against a real S3 implementation (moto's server, behind a fault
-layer; tests/fake_s3.py) holding synthetic DICOM at the real keys of real series of the
+layer; tests/fakes/fake_s3.py) holding synthetic DICOM at the real keys of real series of the
 installed idc-index-data: the same verified archive as from NBIA, every fault recovered, a
 corrupt object never in it, analysis results only when asked for, kill-safe, and auto mode
 taking from IDC what NBIA cannot serve."""
@@ -26,13 +26,11 @@ import pytest
 
 from tcia_dl import cli, errors as errors_module, plan
 from tcia_dl.sources import idc
-from fake_s3 import MIB, fake_s3, index_rows, synthetic_dicom, write_snapshot_index  # noqa: F401
-from fake_s3 import rows as series_rows
-from test_downloader_e2e import Run, wait_until
-from test_selection import ForwardProxy, pass_answer_on
+from fakes.fake_s3 import MIB, index_rows, synthetic_dicom, write_snapshot_index
+from fakes.fake_s3 import rows as series_rows
+from helpers import (PATIENTS, ROOT, WITHOUT_THE_INDEX_PACKAGE, ForwardProxy, Run, _NoNbia,
+                     pass_answer_on, wait_until)
 
-ROOT = Path(__file__).resolve().parent.parent
-WITHOUT_THE_INDEX_PACKAGE = sys.version_info < (3, 10)
 # idc-index-data 25.0.5 installs on Python 3.10+ only. On 3.9 the tool reads the index the
 # way a 3.9 user gives it, --idc-index (here $TCIA_IDC_INDEX), made of the snapshot of real
 # rows in fake_s3; what needs rows beyond the snapshot is 3.10+ only.
@@ -58,11 +56,6 @@ def idc_run(tmp_path: Path, s3, *extra: str, collection: str | None = "Prostate-
                collection=collection, compression=compression, output=tmp_path / name)
 
 
-class _NoNbia:
-    """--api-url for runs that must never ask NBIA: a port nothing listens on."""
-    url = "http://127.0.0.1:9/nbia-api/services/v4/"
-
-
 def members(archive: Path) -> dict[str, bytes]:
     with tarfile.open(archive, "r:xz") as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -78,9 +71,6 @@ def series_files(files: dict[str, bytes], row: dict) -> list[bytes]:
     tail = row["SeriesInstanceUID"][-5:]
     names = sorted(n for n in files if n.count("/") == 4 and n.split("/")[3].endswith(tail))
     return [files[n] for n in names]
-
-
-PATIENTS = ("Prostate3T-01-0001", "Prostate3T-01-0002", "Prostate3T-01-0003")
 
 
 @pytest.fixture

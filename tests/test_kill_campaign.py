@@ -38,9 +38,9 @@ from pathlib import Path
 import pytest
 
 from tcia_dl import errors as errors_module
-from fake_nbia import Faults
-from test_downloader_e2e import (SCRIPT, archive_members, expected_folders, md5, series_folders,
-                                 tree_members, verify_with_standard_tools)
+from fakes.fake_nbia import Faults
+from helpers import (SCRIPT, archive_members, expected_folders, md5, series_folders,
+                     tree_members, verify_with_standard_tools)
 
 DEFAULT_SEED = 20240611
 SEED = int(os.environ.get("TCIA_KILL_SEED", DEFAULT_SEED))

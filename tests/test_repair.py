@@ -4,46 +4,8 @@ and checked, never downloaded again), fetches the damaged ones, writes the colle
 anew, and a kill at any point of it leaves the old output or a resumable repair."""
 from __future__ import annotations
 
-import pytest
-
-from tcia_dl import cli, errors, journal as journal_module, plan, trust, xzread
-from test_downloader_e2e import Run, archive_members
-
-
-def flip(path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x5A
-    path.write_bytes(bytes(data))
-
-
-def verify(path, capsys) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    code = cli.main(["--verify", str(path), "--cache_dir", str(path.parent / "vcache")])
-    return code, capsys.readouterr().out.splitlines()
-
-
-@pytest.fixture
-def damaged(tmp_path, fake_nbia_factory, capsys):
-    """A finished 6-series archive whose 3rd series' stream has a flipped byte; the
-    manifest --verify wrote; what the archive held before; the damaged series' uid."""
-    fake = fake_nbia_factory(demo_series=6)
-    assert Run(tmp_path, fake).code == errors.EXIT_OK
-    archive = tmp_path / "out" / "DEMO.tar.xz"
-    before = archive_members(archive)
-    spans = xzread.xz_stream_spans(archive)
-    start, end = spans[2]
-    label = trust.journal_series_ends(archive)[end]
-    flip(archive, (start + end) // 2)
-    code, lines = verify(archive, capsys)
-    assert code == errors.EXIT_INCOMPLETE
-    manifest = tmp_path / "out" / "DEMO.damaged.tcia"
-    assert any(line.startswith(f"1 damaged series are listed in {manifest}") for line in lines)
-    journal = journal_module.Journal(tmp_path / "out" / "DEMO.tar.xz.journal")
-    uid = next(u for u, where in journal.locations().items() if where == label)
-    journal.close()
-    assert plan.read_manifest(manifest).uids == [uid]
-    fake.counters.reset()
-    return fake, archive, manifest, before, uid, (start, end)
+from tcia_dl import errors, journal as journal_module, xzread
+from helpers import Run, archive_members, verify
 
 
 def intact_streams(archive, spans, skip) -> list[bytes]:

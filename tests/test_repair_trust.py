@@ -16,8 +16,7 @@ import pytest
 
 from tcia_dl import (cli, errors, extract as extract_module, journal as journal_module, plan,
                      run as run_module, trust, verify as verify_module, xzread)
-from test_downloader_e2e import Run, archive_members
-from test_repair import damaged, flip, verify  # noqa: F401  (damaged is a fixture)
+from helpers import Run, archive_members, flip, verify
 
 
 def header(manifest: Path) -> dict[str, str]:

@@ -16,13 +16,12 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from tcia_dl import cli, errors, journal as journal_module, logs as logs_module, settings
-from test_downloader_e2e import (SCRIPT, Run, archive_members, expected_folders, journal_uids,
-                                 series_folders, verify_with_standard_tools)
+from helpers import (SCRIPT, ForwardProxy, Run, archive_members, expected_folders, journal_uids,
+                     series_folders, verify_with_standard_tools)
 
 
 def uids_of(fake, collection: str) -> list[str]:
@@ -312,53 +311,6 @@ def test_retry_failed_does_not_finish_an_archive_with_other_series_missing(tmp_p
 
 
 # -- network ---------------------------------------------------------------------------------
-
-class ForwardProxy(http.server.ThreadingHTTPServer):
-    """A plain HTTP forward proxy on 127.0.0.1 that counts what passes through it."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-        super().__init__(("127.0.0.1", 0), ForwardProxyHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ForwardProxyHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def relay(self) -> None:
-        target = urlsplit(self.path)                     # absolute URI: a proxy request
-        self.server.seen.append(f"{self.command} {target.path}")
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection",)}
-        upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""),
-                         body=body or None, headers=headers)
-        pass_answer_on(self, upstream)
-
-    do_GET = do_POST = relay
-
-
-def pass_answer_on(handler: http.server.BaseHTTPRequestHandler,
-                   upstream: http.client.HTTPConnection) -> None:
-    """The upstream's answer to the request just sent, whole, as the handler's answer."""
-    answer = upstream.getresponse()
-    content = answer.read()
-    handler.send_response(answer.status)
-    for key, value in answer.getheaders():
-        if key.lower() not in ("transfer-encoding", "content-length", "connection"):
-            handler.send_header(key, value)
-    handler.send_header("Content-Length", str(len(content)))
-    handler.end_headers()
-    handler.wfile.write(content)
-    upstream.close()
-
 
 @pytest.fixture
 def proxy():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tcia_dl import cli, errors as errors_module, plan, settings
-from test_downloader_e2e import (SCRIPT, Run, archive_members, expected_folders, journal_uids,
-                                 series_folders, wait_until)
+from helpers import (SCRIPT, Run, archive_members, expected_folders, journal_uids,
+                     series_folders, wait_until)
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tcia_dl import cli, errors, xzread
-from test_downloader_e2e import Run
+from helpers import Run
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from test_downloader_e2e import (ROOT, archive_members, expected_folders, series_folders,
-                                 verify_with_standard_tools)
+from helpers import (ROOT, archive_members, expected_folders, series_folders,
+                     verify_with_standard_tools)
 
 TEMPLATE = ROOT / "tcia_downloader_hpc.sh"
 

@@ -32,8 +32,8 @@ import pydicom.data
 import pytest
 import requests
 
-import fake_nbia
-from fake_nbia import BODY_500, FakeConfig, FakeNbia, Faults
+from fakes import fake_nbia
+from fakes.fake_nbia import BODY_500, FakeConfig, FakeNbia, Faults
 
 HERE = Path(__file__).resolve().parent
 DATE = re.compile(r"^\d{2}-\d{2}-\d{4}$")
@@ -224,7 +224,7 @@ def test_series_records_as_served(fake_nbia):
 
 def test_real_metadata_scaled_down_and_rewritten(fake_nbia_factory):
     fake = fake_nbia_factory(instances=2, demo_series=0)
-    original = {r["SeriesInstanceUID"]: r for r in json.loads((HERE / "data" / "Pancreas-CT.series.json").read_text())}
+    original = {r["SeriesInstanceUID"]: r for r in json.loads((HERE.parent / "data" / "Pancreas-CT.series.json").read_text())}
     for rec in fake.series("Pancreas-CT"):
         orig = original[rec["SeriesInstanceUID"]]
         assert rec["ImageCount"] == min(orig["ImageCount"], 2)
@@ -986,7 +986,7 @@ def test_config_overrides_and_validation():
 
 
 def test_custom_data_dir(tmp_path):
-    rec = json.loads((HERE / "data" / "CPTAC-GBM.series.json").read_text())[0]
+    rec = json.loads((HERE.parent / "data" / "CPTAC-GBM.series.json").read_text())[0]
     (tmp_path / "X.series.json").write_text(json.dumps([{**rec, "Collection": "X-Coll"}]))
     fake = FakeNbia(data_dir=tmp_path, demo_series=0)
     assert fake.collections() == ["X-Coll"] and fake.series("X-Coll")[0]["SeriesInstanceUID"] == rec["SeriesInstanceUID"]

@@ -1,4 +1,4 @@
-"""Tests of the fake IDC S3 endpoint (tests/fake_s3.py): moto behind a scripted fault layer.
+"""Tests of the fake IDC S3 endpoint (tests/fakes/fake_s3.py): moto behind a scripted fault layer.
 
 Each test fails if the feature it names broke. The last ones prove, with IDC's own download
 tool (s5cmd), that the endpoint speaks S3 the way IDC's tooling expects.
@@ -23,8 +23,7 @@ import pydicom
 import pytest
 import requests
 
-from fake_s3 import (PART_SIZE, SNAPSHOT_COLUMNS, FakeS3, fake_s3, index_rows,  # noqa: F401 (fixture)
-                     rows, snapshot_rows)
+from fakes.fake_s3 import PART_SIZE, SNAPSHOT_COLUMNS, FakeS3, index_rows, rows, snapshot_rows
 
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 

@@ -8,9 +8,9 @@ test's own uploads go straight to moto (``.direct_endpoint``).
 
 Use it::
 
-    from fake_s3 import FakeS3, index_rows, fake_s3  # noqa: F401   (the last one is a fixture)
+    from fakes.fake_s3 import FakeS3, index_rows
 
-    def test_something(fake_s3):
+    def test_something(fake_s3):                              # tests/conftest.py's fixture
         row = index_rows("prostate_3t", limit=1)[0]
         blobs = fake_s3.add_series(row)                       # row["instanceCount"] objects
         key = fake_s3.keys(row["crdc_series_uuid"])[0]
@@ -105,9 +105,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence
-
-import pytest
+from typing import Any, Dict, List, Optional, Sequence
 
 MIB = 1024 * 1024
 PART_SIZE = 8 * MIB               # boto3's and the AWS CLI's default multipart threshold and part size
@@ -312,7 +310,7 @@ def synthetic_dicom(row: Dict[str, Any], instance_number: int, sop_instance_uid:
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
 
-    from fake_nbia import dicom_file_bytes
+    from .fake_nbia import dicom_file_bytes
 
     sop_class = row.get("SOPClassUID") or SECONDARY_CAPTURE
     meta = FileMetaDataset()
@@ -945,15 +943,5 @@ class FakeS3:
             return {k: v for k, v in sorted(self._objects.get(bucket, {}).items()) if k.startswith(prefix)}
 
 
-@pytest.fixture
-def fake_s3() -> Iterator[FakeS3]:
-    """A started FakeS3, stopped at teardown. Use: ``from fake_s3 import fake_s3  # noqa: F401``."""
-    fake = FakeS3().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-
-
-__all__ = ["FakeS3", "FAULT_KINDS", "PART_SIZE", "Request", "fake_s3", "index_rows", "rows", "s3_etag",
+__all__ = ["FakeS3", "FAULT_KINDS", "PART_SIZE", "Request", "index_rows", "rows", "s3_etag",
            "snapshot_rows", "synthetic_dicom", "write_snapshot_index"]

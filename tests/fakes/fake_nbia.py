@@ -21,7 +21,7 @@ Use it from Python::
 
 or as a program::
 
-    python tests/fake_nbia.py --port 0 --nasty all --fault-reset 0.1
+    python tests/fakes/fake_nbia.py --port 0 --nasty all --fault-reset 0.1
 
 which prints ``READY http://127.0.0.1:<port>/nbia-api/services/v4/`` once it listens.
 
@@ -229,7 +229,7 @@ class Faults:
 @dataclass
 class FakeConfig:
     seed: int = 0
-    data_dir: Path | None = None          # *.series.json; None -> tests/data beside this file
+    data_dir: Path | None = None          # *.series.json; None -> tests/data
     real_collections: bool = True         # serve the series.json collections
     demo_series: int = 12                 # DEMO collection: number of series
     demo_patients: int = 4
@@ -613,7 +613,7 @@ class _Catalogue:
         self._seed = abs(int(cfg.seed)) % 10 ** 9
         self._demo_next = 0
         if cfg.real_collections:
-            self._load_real(cfg.data_dir or Path(__file__).resolve().parent / "data")
+            self._load_real(cfg.data_dir or Path(__file__).resolve().parent.parent / "data")
         if cfg.demo_series > 0:
             self._build_demo()
 
@@ -1864,7 +1864,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of all generated data and fault draws")
     g.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
-                   help="folder of *.series.json real metadata (default: tests/data beside this file)")
+                   help="folder of *.series.json real metadata (default: tests/data)")
     g.add_argument("--no-real-collections", action="store_true",
                    help="serve only DEMO, not the collections of the *.series.json files")
     g.add_argument("--demo-series", type=int, default=d.demo_series, help="series in the generated DEMO collection")

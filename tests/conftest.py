@@ -4,6 +4,7 @@ Helpers (plain functions and classes) are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # `import fakes`, `he
 
 from fakes.fake_nbia import FakeNbia  # noqa: E402
 from fakes.fake_s3 import FakeS3  # noqa: E402
-from helpers import Run, archive_members, flip, verify  # noqa: E402
+from helpers import PYZ_BUILDER, Run, archive_members, flip, verify  # noqa: E402
 from tcia_dl import errors, journal as journal_module, plan, trust, xzread  # noqa: E402
 
 # Tests talk only to servers they start: no run (in this process, in a subprocess or in a
@@ -76,3 +77,25 @@ def damaged(tmp_path, fake_nbia_factory, capsys):
     assert plan.read_manifest(manifest).uids == [uid]
     fake.counters.reset()
     return fake, archive, manifest, before, uid, (start, end)
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory) -> Path:
+    """dist/tcia_downloader.pyz: TCIA_PYZ (CI builds it once), else built here, once; a
+    failed build fails the tests that need it (CI can install the builder)."""
+    given = os.environ.get("TCIA_PYZ")
+    if given:
+        assert Path(given).is_file(), f"TCIA_PYZ={given}: no such file"
+        return Path(given).resolve()
+    output = tmp_path_factory.mktemp("dist") / "tcia_downloader.pyz"
+    built = subprocess.run([sys.executable, str(PYZ_BUILDER), "--output", str(output)],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert built.returncode == 0 and output.is_file(), built.stdout + built.stderr
+    return output
+
+
+@pytest.fixture(scope="session")
+def shiv_root(tmp_path_factory) -> Path:
+    """Where the .pyz unpacks in the tests: never ~/.shiv."""
+    return tmp_path_factory.mktemp("shiv-root")
+

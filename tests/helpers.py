@@ -5,6 +5,7 @@ Fixtures live in conftest.py; the fakes in fakes/."""
 from __future__ import annotations
 
 import hashlib
+import os
 import http.client
 import http.server
 import sqlite3
@@ -249,3 +250,53 @@ PATIENTS = ("Prostate3T-01-0001", "Prostate3T-01-0002", "Prostate3T-01-0003")
 class _NoNbia:
     """--api-url for runs that must never ask NBIA: a port nothing listens on."""
     url = "http://127.0.0.1:9/nbia-api/services/v4/"
+
+
+def old_pythons() -> list[Path]:
+    """RHEL 8's python3 is 3.6: pyenv's 3.6 to 3.8 on this machine kind, where present."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    return sorted(p for version in ("3.6", "3.7", "3.8")
+                  for p in root.glob(f"{version}.*/bin/python3"))
+
+
+# -- the sbatch template ----------------------------------------------------------------------
+
+TEMPLATE = ROOT / "tcia_downloader_hpc.sh"
+
+
+def template_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The template's settings; PYTHON is the interpreter running the tests, whose venv
+    need not be on PATH (the template's default, python3 from PATH, may lack the packages)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.pop("TMPDIR", None)
+    env.update(COLLECTION="DEMO", OUTPUT_DIR=str(tmp_path / "out"), CACHE_DIR=str(tmp_path / "cache"),
+               TEMP_DIR=str(tmp_path / "scratch"), PYTHON=sys.executable)
+    env.update(extra)
+    return env
+
+
+# -- the .pyz (tools/build_pyz.py) ------------------------------------------------------------
+
+PYZ_BUILDER = ROOT / "tools" / "build_pyz.py"
+
+
+def pyz_interpreter() -> list[str]:
+    """The Python that runs the .pyz, with its flags: TCIA_PYZ_PYTHON (CI: a bare venv of
+    3.9 or 3.13), else this one with -S, so that none of this venv's packages is on its path:
+    what the tool imports, the .pyz must bring."""
+    bare = os.environ.get("TCIA_PYZ_PYTHON")
+    return [bare] if bare else [sys.executable, "-S"]
+
+
+def pyz_env(shiv_root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(SHIV_ROOT=str(shiv_root), **extra)
+    return env
+
+
+def run_pyz(pyz: Path, shiv_root: Path, *argv: str, cwd: Path, python=None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*(python or pyz_interpreter()), str(pyz), *argv], cwd=cwd,
+                          env=pyz_env(shiv_root), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+

@@ -18,8 +18,9 @@ import pytest
 from tcia_dl import cli, errors as errors_module
 from tcia_dl.sources import nbia, nbia_api
 from fakes.fake_nbia import Faults
-from helpers import (SCRIPT, Run, archive_members, expected_folders, journal_uids, series_folders,
-                     start_subprocess, tree_members, verify_with_standard_tools, wait_until)
+from helpers import (SCRIPT, Run, archive_members, expected_folders, journal_uids, old_pythons,
+                     series_folders, start_subprocess, tree_members, verify_with_standard_tools,
+                     wait_until)
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -632,13 +633,6 @@ def test_a_wrong_api_path_and_a_tls_failure_are_mistakes_to_fix(tmp_path, fake_n
     assert run_against(tmp_path, fake.url.replace("http://", "https://")) == errors_module.EXIT_USAGE
     assert time.monotonic() - started < 5
     assert "TLS with 127.0.0.1 failed" in capsys.readouterr().err
-
-
-def old_pythons() -> list[Path]:
-    """RHEL 8's python3 is 3.6: pyenv's 3.6 to 3.8 on this machine kind, where present."""
-    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    return sorted(p for version in ("3.6", "3.7", "3.8")
-                  for p in root.glob(f"{version}.*/bin/python3"))
 
 
 def test_an_old_python_gets_one_line_saying_what_to_load(tmp_path):

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 from tcia_dl import errors
-from helpers import (ROOT, archive_members, expected_folders, journal_uids,
-                     series_folders, verify_with_standard_tools, wait_until)
-
-TEMPLATE = ROOT / "tcia_downloader_hpc.sh"
-
-
-def template_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The template's settings; PYTHON is the interpreter running the tests, whose venv
-    need not be on PATH (the template's default, python3 from PATH, may lack the packages)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.pop("TMPDIR", None)
-    env.update(COLLECTION="DEMO", OUTPUT_DIR=str(tmp_path / "out"), CACHE_DIR=str(tmp_path / "cache"),
-               TEMP_DIR=str(tmp_path / "scratch"), PYTHON=sys.executable)
-    env.update(extra)
-    return env
-
+from helpers import (TEMPLATE, archive_members, expected_folders, journal_uids,
+                     series_folders, template_env, verify_with_standard_tools, wait_until)
 
 def test_the_template_runs_without_slurm(tmp_path, fake_nbia_factory):
     fake = fake_nbia_factory()

@@ -21,6 +21,7 @@ then hit start-up and downloads again instead of a finished archive.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import lzma
 import os
@@ -39,8 +40,8 @@ import pytest
 
 from tcia_dl import errors as errors_module
 from fakes.fake_nbia import Faults
-from helpers import (SCRIPT, archive_members, expected_folders, md5, series_folders,
-                     tree_members, verify_with_standard_tools)
+from helpers import (SCRIPT, archive_members, expected_folders, md5, pyz_env, pyz_interpreter,
+                     series_folders, tree_members, verify_with_standard_tools)
 
 DEFAULT_SEED = 20240611
 SEED = int(os.environ.get("TCIA_KILL_SEED", DEFAULT_SEED))
@@ -458,3 +459,36 @@ def test_kill_9_at_random_instants_never_breaks_the_promises(tmp_path, fake_nbia
         raise
     except Exception as exc:         # anything unforeseen still names the seed and the rounds
         raise AssertionError(campaign.context(f"{type(exc).__name__}: {exc}")) from exc
+
+
+# -- the same, through the .pyz ------------------------------------------------------------
+
+class PyzLayout(Layout):
+    """The kill campaign's folders, with the tool run from the .pyz."""
+    pyz: Path
+    shiv_root: Path
+
+    def start(self, fake, mode, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+        argv = [*pyz_interpreter(), str(self.pyz), "--collection", "DEMO", *extra,
+                "--output", str(self.output), "--temp_dir", str(self.scratch),
+                "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
+                "--workers", str(WORKERS), "--retry-wait", "0.05",
+                "--stall-timeout", "5", *(["--compression"] if mode.compression else [])]
+        env = {k: v for k, v in pyz_env(self.shiv_root).items() if not k.startswith("XDG_")}
+        env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def test_kill_9_and_rerun_through_the_pyz(pyz, shiv_root, tmp_path, fake_nbia_factory,
+                                          monkeypatch):
+    """Four rounds of tests/test_kill_campaign.py (one at start-up, in the downloads, near the
+    end, at the finish) and a rerun to completion, every run from the .pyz."""
+    monkeypatch.setattr(PyzLayout, "pyz", pyz, raising=False)
+    monkeypatch.setattr(PyzLayout, "shiv_root", shiv_root, raising=False)
+    monkeypatch.setattr(sys.modules[__name__], "Layout", PyzLayout)
+    fake = fake_nbia_factory(seed=SEED % 1000,
+                             **FAKE_CONFIG)
+    campaign = Campaign(
+        dataclasses.replace(TAR, rounds=4), tmp_path, fake)
+    campaign.play()

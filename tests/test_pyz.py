@@ -1,73 +1,26 @@
 """dist/tcia_downloader.pyz (tools/build_pyz.py) run the way a user runs it: one file, on a
-Python with nothing installed, against tests/fake_nbia.py.
+Python with nothing installed, against tests/fakes/fake_nbia.py.
 
-The .pyz is built once per module, with the builder from PyPI (a failed build fails these
-tests: CI can install it). TCIA_PYZ=path uses a .pyz built before (CI builds it once).
-
-The tool runs through TCIA_PYZ_PYTHON when it is set: CI points it at a bare venv of 3.9
-and of 3.13 (`python3.9 -m venv --without-pip DIR`), with no packages at all. Without it, the
-Python running the tests runs the .pyz with -S, so that none of this venv's packages is on
-its path: what the tool imports, the .pyz must bring. The fake server and the checks run
-here, in the test venv.
-
-Every run extracts to a SHIV_ROOT of this module's own, never to ~/.shiv: the kill campaign
-checks that nothing is written to HOME or TMPDIR.
+The .pyz comes from the `pyz` fixture (conftest.py: TCIA_PYZ, or built once). The tool runs
+through TCIA_PYZ_PYTHON when it is set: CI points it at a bare venv of 3.9 and of 3.13
+(`python3.9 -m venv --without-pip DIR`), with no packages at all. Without it, the Python
+running the tests runs the .pyz with -S, so that none of this venv's packages is on its path:
+what the tool imports, the .pyz must bring. The fake server and the checks run here, in the
+test venv. Every run extracts to a SHIV_ROOT of the tests' own, never to ~/.shiv. The kill
+campaign through the .pyz is in test_kill_campaign.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-import test_kill_campaign
 from tcia_dl import __version__, errors as errors_module
-from test_downloader_e2e import (ROOT, archive_members, expected_folders, old_pythons,
-                                 series_folders, tool_arguments, verify_with_standard_tools)
-from test_hpc_template import TEMPLATE, template_env
-
-BUILDER = ROOT / "tools" / "build_pyz.py"
-
-
-def interpreter() -> list[str]:
-    """The Python that runs the .pyz, with its flags."""
-    bare = os.environ.get("TCIA_PYZ_PYTHON")
-    return [bare] if bare else [sys.executable, "-S"]
-
-
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory) -> Path:
-    given = os.environ.get("TCIA_PYZ")
-    if given:
-        assert Path(given).is_file(), f"TCIA_PYZ={given}: no such file"
-        return Path(given).resolve()
-    output = tmp_path_factory.mktemp("dist") / "tcia_downloader.pyz"
-    built = subprocess.run([sys.executable, str(BUILDER), "--output", str(output)],
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
-    assert built.returncode == 0 and output.is_file(), built.stdout + built.stderr
-    return output
-
-
-@pytest.fixture(scope="module")
-def shiv_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shiv-root")
-
-
-def pyz_env(shiv_root: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(SHIV_ROOT=str(shiv_root), **extra)
-    return env
-
-
-def run_pyz(pyz: Path, shiv_root: Path, *argv: str, cwd: Path, python=None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*(python or interpreter()), str(pyz), *argv], cwd=cwd,
-                          env=pyz_env(shiv_root), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+from helpers import (TEMPLATE, archive_members, expected_folders, old_pythons, run_pyz,
+                     series_folders, template_env, tool_arguments, verify_with_standard_tools)
 
 
 def test_the_pyz_extracts_once_and_says_its_version(pyz, tmp_path):
@@ -94,37 +47,6 @@ def test_a_collection_becomes_one_verified_archive_through_the_pyz(pyz, shiv_roo
     assert {"DEMO/LICENSE", "DEMO/metadata.csv", "DEMO/MD5SUMS"} <= set(members)
     verify_with_standard_tools(archive, tmp_path)
     assert "damaged" not in result.stderr and "Traceback" not in result.stderr
-
-
-class PyzLayout(test_kill_campaign.Layout):
-    """The kill campaign's folders, with the tool run from the .pyz."""
-    pyz: Path
-    shiv_root: Path
-
-    def start(self, fake, mode, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-        argv = [*interpreter(), str(self.pyz), "--collection", "DEMO", *extra,
-                "--output", str(self.output), "--temp_dir", str(self.scratch),
-                "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
-                "--workers", str(test_kill_campaign.WORKERS), "--retry-wait", "0.05",
-                "--stall-timeout", "5", *(["--compression"] if mode.compression else [])]
-        env = {k: v for k, v in pyz_env(self.shiv_root).items() if not k.startswith("XDG_")}
-        env.update(HOME=str(self.home), TMPDIR=str(self.tmp))
-        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-
-
-def test_kill_9_and_rerun_through_the_pyz(pyz, shiv_root, tmp_path, fake_nbia_factory,
-                                          monkeypatch):
-    """Four rounds of tests/test_kill_campaign.py (one at start-up, in the downloads, near the
-    end, at the finish) and a rerun to completion, every run from the .pyz."""
-    monkeypatch.setattr(PyzLayout, "pyz", pyz, raising=False)
-    monkeypatch.setattr(PyzLayout, "shiv_root", shiv_root, raising=False)
-    monkeypatch.setattr(test_kill_campaign, "Layout", PyzLayout)
-    fake = fake_nbia_factory(seed=test_kill_campaign.SEED % 1000,
-                             **test_kill_campaign.FAKE_CONFIG)
-    campaign = test_kill_campaign.Campaign(
-        dataclasses.replace(test_kill_campaign.TAR, rounds=4), tmp_path, fake)
-    campaign.play()
 
 
 def test_an_old_python_gets_one_line_from_the_pyz_too(pyz, shiv_root, tmp_path):

@@ -5,6 +5,7 @@ objects larger than listed. Each goes through td.main against a fake
 (tests/fakes/fake_nbia.py, a stub S3 here) and checks what lands on disk and in the log."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.server
 import io
@@ -179,12 +180,17 @@ def test_a_trickle_on_a_connection_the_server_closes_is_still_a_stall():
     session = net.watched_session(requests.Session(), watchdog, "test")
     try:
         started = time.monotonic()
-        with pytest.raises(requests.RequestException):
+        received = 0
+        # A cut read ends in an error, or (the socket shut down under it) in an early end
+        # of the body, which http.client may take for the end that "close" announces: either
+        # way the watchdog says it cut the transfer, long before the 10 s of the trickle.
+        with contextlib.suppress(requests.RequestException):
             with session.get(f"http://127.0.0.1:{server.server_address[1]}/", stream=True,
                              timeout=(5, 5)) as response:
-                for _ in response.iter_content(8192):
-                    pass
-        assert time.monotonic() - started < 5
+                for chunk in response.iter_content(8192):
+                    received += len(chunk)
+        assert time.monotonic() - started < 5 and received < 200
+        assert watchdog.cut_reason() is not None
     finally:
         session.close()
         watchdog.close()

@@ -23,7 +23,7 @@ from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXI
                      EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
 from .formats.tarxz import TarXzTarget, stream_sha256
 from .formats.tree import DirectoryTarget
-from .journal import lock_path, read_journal, read_only
+from .journal import lock_path, read_journal, read_only, roll_back_hot_journal
 from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable, private_dir
 from .net import RetryPolicy, TransferWatchdog
 from .plan import (describe_plan, dry_run_rows, make_plan, recorded_source, space_needs,
@@ -389,7 +389,10 @@ def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
     unless a run still uses them."""
     path = lock_path(options.output, plan.name, options.compression)
     part = options.output / f"{plan.name}.tar.xz.part"
-    if path.exists() or (options.compression and part.exists()):
+    # sqlite's rollback journal of a transaction killed right after it was created: not hot
+    # (nothing to roll back: empty, or its header not yet written), so no read removes it.
+    stale = Path(f"{plan.journal(options)}-journal")
+    if path.exists() or (options.compression and part.exists()) or stale.exists():
         with contextlib.suppress(FatalRunError):
             lock = acquire_lock(path, plan.name)
             # Beside a finished archive, a .part is a repair killed before its journal
@@ -398,6 +401,9 @@ def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
                 log.info("removing %s: a repair of the finished archive that did not get "
                          "far; --retry-failed of the .damaged.tcia starts it again", part.name)
                 part.unlink()
+            if stale.exists():
+                roll_back_hot_journal(plan.journal(options))   # a hot one is rolled back
+                stale.unlink(missing_ok=True)   # no writer can be in it: the lock is ours
             release_lock(path, lock)
     sweep_abandoned_scratch(options.temp_dir, plan.name)
 

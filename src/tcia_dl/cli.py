@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 from . import __version__
 from .errors import EXIT_SIGINT, EXIT_USAGE, FatalRunError, Interrupted, UsageError
 from .extract import extract_output
+from .formats import FORMATS, archive_codecs, target_format
 from .logs import Secrets, log, printable, setup_logging
-from .plan import FAILED_RUN_KEY, failed_run_origin
+from .plan import FAILED_RUN_KEY, failed_run_origin, recorded_format
 from .run import StopControl, run
-from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_COMPRESSION_LEVEL,
-                       DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection,
+from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection,
                        Shard, default_workers)
 from .storage import disk_full
 from .trust import say_if_journal_ignored
@@ -107,12 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start even when the free space looks too small")
 
     how = parser.add_argument_group("how")
+    # (no `choices`: an unknown format gets parse_options' one line, not argparse's usage)
+    how.add_argument("--format", metavar="{" + ",".join(FORMATS) + "}",
+                     help="dir: a folder tree under <output> (default); " + "; ".join(
+                         f"{name}: one <output>/<name>{target.suffix}" for name, target in
+                         FORMATS.items() if target.codec) + "; every file verified either way")
     how.add_argument("--compression", action="store_true",
-                     help="write <output>/<name>.tar.xz instead of a folder tree")
+                     help="the same as --format tar.xz (the first spelling, kept)")
     how.add_argument("--compression-level", "--compression_level", dest="compression_level",
-                     type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="0-9",
-                     help=f"xz preset (default: {DEFAULT_COMPRESSION_LEVEL}; 6 is ~10%% smaller "
-                          "and ~6x slower)")
+                     type=int, metavar="N", help="on the format's own scale: " + "; ".join(
+                         f"{codec.name} {codec.levels[0]}-{codec.levels[1]}, default "
+                         f"{codec.default_level} ({codec.level_note})"
+                         for codec in archive_codecs()).replace("%", "%%"))
     how.add_argument("--workers", type=int, default=default_workers(), metavar="N",
                      help="series downloaded in parallel (1 to 64); one per usable core is "
                           "verified and compressed at a time (default: 4 per core, at most 16)")
@@ -191,7 +197,6 @@ MAX_WORKERS = 64     # beyond this, threads and connections only load the servic
 # that no later arithmetic (backoff, timers, the outage breaker's limit) can overflow or
 # switch itself off. Timeouts and intervals start above zero.
 NUMERIC_FLAGS: tuple[tuple[str, float, float, str], ...] = (
-    ("--compression-level", 0, 9, "an xz preset"),
     ("--workers", 1, MAX_WORKERS, "series in flight"),
     ("--retries", 1, 100, "attempts"),
     ("--retry-wait", 0, 3600, "seconds"),
@@ -240,16 +245,17 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     if ca_bundle and not ca_bundle.is_file():
         raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
     output = Path(args.output).expanduser()
-    compression = args.compression
+    format_name = asked_format(args)
     repair = False
     if selection.retry_failed:
         # The failed series go back into the output of the run that failed them, whatever
-        # --output and --compression say: anything else would start a second, partial output.
+        # --output and --format say: anything else would start a second, partial output.
         output = Path(origin["output"]) if "output" in origin else output
-        compression = origin.get("compression", "yes" if compression else "no") == "yes"
+        format_name = recorded_format(origin) or format_name
         repair = origin.get("repair") == "yes"
         name = recorded_name(selection.retry_failed, origin)
         selection = dataclasses.replace(selection, retry_name=name)
+    check_format(format_name, args.compression_level)
     password = resolve_password(args.user, args.password)
     return Options(
         selection=selection,
@@ -261,7 +267,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         password=password,
         proxy=args.proxy,
         ca_bundle=ca_bundle,
-        compression=compression,
+        format=format_name,
         compression_level=args.compression_level,
         workers=args.workers,
         retries=args.retries,
@@ -288,6 +294,27 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         idc_endpoint=idc_endpoint if args.mode in ("idc", "auto") else None,
         include_analysis_results=args.include_analysis_results,
     )
+
+
+def asked_format(args: argparse.Namespace) -> str:
+    """--format, or --compression (the seed's word for tar.xz), or a folder tree."""
+    if args.compression and args.format not in (None, "tar.xz"):
+        raise UsageError(f"--compression means --format tar.xz; give only --format "
+                         f"{printable(args.format)}")
+    return args.format or ("tar.xz" if args.compression else "dir")
+
+
+def check_format(name: str, level: Optional[int]) -> None:
+    """A format this tool knows and this Python can write, and a level on its scale."""
+    target = target_format(name)
+    missing = target.missing()
+    if missing:
+        raise UsageError(missing)
+    if target.codec is not None and level is not None:
+        low, high = target.codec.levels
+        if not low <= level <= high:
+            raise UsageError(f"--compression-level must be from {low} to {high} for --format "
+                             f"{name} ({target.codec.level_note}); got {level}")
 
 
 def fill_source_flags(args: argparse.Namespace, origin: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ import pytest
 from tcia_dl import (cli, errors, extract as extract_module, journal as journal_module, plan,
                      run as run_module, trust, verify as verify_module)
 from tcia_dl.formats import xz as xzread
+from tcia_dl.sources.nbia import NbiaSettings
 from helpers import Run, archive_members, flip, verify
 
 
@@ -331,21 +332,21 @@ def test_source_flags_come_from_the_list_unless_given_and_no_secret_is_written(t
     journal = journal_module.Journal(out / "X.tar.xz.journal")
     run_module.record_provenance(journal, made, Described())
     manifest = out / "X.failed.tcia"
-    plan.write_failed_manifest(manifest, ["1.2.3"], True, "X", plan.recorded_source(journal.get))
+    plan.write_failed_manifest(manifest, ["1.2.3"], "tar.xz", "X", plan.recorded_source(journal.get))
     journal.close()
     text = manifest.read_text()
     assert not any(secret in text for secret in ("hunter2", "secret-key", "tok", "me@"))
     assert header(manifest)["downloadServerUrl"] == \
         "https://nbia.example.org/nbia-download/servlet/DownloadServlet"
     again = cli.parse_options(["--retry-failed", str(manifest)])
-    assert (again.mode, again.api_url, again.idc_endpoint, again.idc_index) == \
+    assert (again.mode, again.source.nbia.api_url, again.source.idc.endpoint,
+            again.source.idc.index) == \
         ("auto", "https://nbia.example.org/nbia-api/services/v4/", "http://127.0.0.1:9/s3",
          index.resolve())
     assert again.selection.retry_name == "X" and again.output == out.resolve()
     told = cli.parse_options(["--retry-failed", str(manifest), "--mode", "nbia",
                              "--api-url", "https://other.example.org/v4/"])
-    assert (told.mode, told.api_url, told.idc_endpoint) == \
-        ("nbia", "https://other.example.org/v4/", None)
+    assert (told.mode, told.source) == ("nbia", NbiaSettings("https://other.example.org/v4/"))
 
 
 # -- the .incoming name --------------------------------------------------------------------------

@@ -391,7 +391,8 @@ def test_help_groups_the_flags_and_shows_three_examples():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
                             text=True, check=True)
     text = result.stdout
-    for group in ("what to download:", "where:", "how:", "network and account:", "logging:"):
+    for group in ("what to download:", "where:", "how:", "network:", "NBIA:", "IDC:",
+                  "logging:"):
         assert group in text
     examples = text.split("examples:")[1].split("exit codes:")[0]
     assert sum(line.strip().startswith("tcia_downloader.py ") for line in examples.splitlines()) == 3

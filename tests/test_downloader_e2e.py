@@ -431,8 +431,9 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
     (["--collection", "X", "--mode", "s3"], "--mode s3: choose nbia, idc or auto"),
     (["--collection", "X", "--workers", "0"], "--workers must be a number from 1 to 64"),
     (["--collection", "X", "--workers", "10000"], "--workers must be a number from 1 to 64"),
-    (["--collection", "X", "--compression-level", "12"],
-     "--compression-level must be a number from 0 to 9"),
+    (["--collection", "X", "--compression", "--compression-level", "12"],
+     "--compression-level must be from 0 to 9 for --format tar.xz"),
+    (["--collection", "X", "--compression-level", "99"], "--compression-level must be from 0 to"),
     # numbers that would overflow the backoff or switch a timer off
     (["--collection", "X", "--stall-timeout", "nan"], "--stall-timeout must be a number"),
     (["--collection", "X", "--stall-timeout", "inf"], "--stall-timeout must be a number"),

@@ -310,11 +310,20 @@ def check_format(name: str, level: Optional[int]) -> None:
     missing = target.missing()
     if missing:
         raise UsageError(missing)
-    if target.codec is not None and level is not None:
+    if level is None:
+        return
+    if target.codec is not None:
         low, high = target.codec.levels
         if not low <= level <= high:
             raise UsageError(f"--compression-level must be from {low} to {high} for --format "
                              f"{name} ({target.codec.level_note}); got {level}")
+        return
+    # A folder tree is not compressed: the seed accepted a level without --compression, so
+    # one that some archive format takes is still accepted (and has no effect).
+    low = min(codec.levels[0] for codec in archive_codecs())
+    high = max(codec.levels[1] for codec in archive_codecs())
+    if not low <= level <= high:
+        raise UsageError(f"--compression-level must be from {low} to {high}; got {level}")
 
 
 def fill_source_flags(args: argparse.Namespace, origin: dict[str, str]) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tcia_dl import (cli, errors, extract as extract_module, journal as journal_module, plan,
-                     run as run_module, trust, verify as verify_module)
+from tcia_dl import cli, errors, journal as journal_module, plan, run as run_module, trust
 from tcia_dl.formats import xz as xzread
 from helpers import Run, archive_members, flip, verify
 

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from tcia_dl import dicom, errors, journal as journal_module
-from tcia_dl.formats import tarstreams, tree, xz as tarxz
+from tcia_dl.formats import tree, xz as tarxz
 from tcia_dl.sources import base as sources_base, nbia
 from fakes.fake_nbia import dicom_file_bytes
 from helpers import (STANDARD_TOOLS, commit_series, dicom_bytes, md5, member_md5s, planned,

@@ -4,7 +4,6 @@ gets these by its registry line (formats.FORMATS) and its line in helpers.STANDA
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 

@@ -22,7 +22,7 @@ from typing import Iterable, Union
 
 import pytest
 
-from tcia_dl import cli, errors, journal
+from tcia_dl import cli, errors
 from tcia_dl.formats import tree, xz as xzread
 from helpers import ROOT, Run
 

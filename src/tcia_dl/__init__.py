@@ -31,6 +31,8 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
                        appended after fsync (codec-neutral)
     formats.xz         the xz codec (streams found from their footers and indexes,
                        decompressed to their span) and --format tar.xz
+    formats.zstd       the zstd codec (frames found by walking their block headers) and
+                       --format tar.zst
     formats.tree       --format dir: the folder tree
     journal            the journal beside an output: what is committed, written and read
     collection_files   LICENSE, metadata.csv, MD5SUMS, CITATION.md, the DOI resolver

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="tcia_downloader.py",
         description="Download TCIA series (from NBIA v4, or IDC's public buckets) into one "
-                    "verified, resumable .tar.xz (or a folder tree).",
+                    "verified, resumable .tar.xz or .tar.zst (or a folder tree).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     what = parser.add_argument_group("what to download")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "values (with or without --collection)")
     what.add_argument("--update", action="store_true",
                       help="after a complete archive: only the series published since, into "
-                           "<name>.update-<YYYY-MM-DD>.tar.xz")
+                           "<name>.update-<YYYY-MM-DD> of the same format")
     what.add_argument("--retry-failed", metavar="FILE.tcia",
                       help="exactly the series of a <name>.failed.tcia, into that run's output")
     what.add_argument("--shard", metavar="I/N",
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
-                       help="where <name>.tar.xz (or the <Collection>/ folders) go (default: .)")
+                       help="where <name>.tar.xz / .tar.zst (or the <Collection>/ folders) go "
+                            "(default: .)")
     where.add_argument("--temp-dir", "--temp_dir", dest="temp_dir", metavar="DIR",
                        help="scratch: one file per worker (a zip, then its compressed stream); "
                             "node-local disk on a cluster (default: --output)")
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = parser.add_argument_group("checking what is on disk")
     check.add_argument("--verify", metavar="PATH",
-                       help="check an archive (.tar.xz or .part) or a folder tree this tool "
+                       help="check an archive (.tar.xz, .tar.zst or their .part) or a folder tree this tool "
                             "wrote, against its own MD5SUMS; no network, no journal needed")
     check.add_argument("--extract", metavar="ARCHIVE",
                        help="write the files of an archive into --output, verified against "
@@ -264,11 +265,20 @@ def check_format(name: str, level: Optional[int]) -> None:
     missing = target.missing()
     if missing:
         raise UsageError(missing)
-    if target.codec is not None and level is not None:
+    if level is None:
+        return
+    if target.codec is not None:
         low, high = target.codec.levels
         if not low <= level <= high:
             raise UsageError(f"--compression-level must be from {low} to {high} for --format "
                              f"{name} ({target.codec.level_note}); got {level}")
+        return
+    # A folder tree is not compressed: the seed accepted a level without --compression, so
+    # one that some archive format takes is still accepted (and has no effect).
+    low = min(codec.levels[0] for codec in archive_codecs())
+    high = max(codec.levels[1] for codec in archive_codecs())
+    if not low <= level <= high:
+        raise UsageError(f"--compression-level must be from {low} to {high}; got {level}")
 
 
 def parse_network(args: argparse.Namespace) -> NetworkSettings:

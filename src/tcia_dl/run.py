@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, TYPE_CHECKING
 
 from . import __version__
-from .collection_files import DoiResolver, collection_file_names, datasets, utc_day
+from .collection_files import DoiResolver, datasets, utc_day
 from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,
                      EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
 from .formats import target_format

@@ -15,12 +15,14 @@ from ..logs import printable
 from .base import Codec, Target
 from .tree import DirectoryTarget
 from .xz import TarXzTarget
+from .zstd import TarZstTarget
 
 # --format's words -> the output's Target class. The first archive format is what the
 # seed's --compression asks for.
 FORMATS: dict[str, type[Target]] = {
     "dir": DirectoryTarget,
     "tar.xz": TarXzTarget,
+    "tar.zst": TarZstTarget,
 }
 
 

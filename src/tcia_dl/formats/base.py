@@ -17,7 +17,7 @@ from ..storage import SpaceNeed, acquire_lock, claim_scratch, release_lock, rele
 
 if TYPE_CHECKING:
     from ..plan import PlannedSeries
-    from ..sources.base import MemberSink, VerifiedSeries
+    from ..sources.base import VerifiedSeries
 
 
 class UnitCompressor(Protocol):

@@ -4,6 +4,9 @@
     python bench/run.py             # full default run (about 200 series, 1 GB of CT-like DICOM)
     python bench/run.py --quick     # a small run in 1-2 minutes: also the benchmark's self-check
     python bench/run.py --only idc  # --mode idc against a fake IDC bucket, vs s5cmd then tar | xz
+    python bench/run.py --only zstd,small,bigspeed   # issue 20's regimes: --format tar.zst, hundreds
+                                                     # of small series, one big series (IncludeMD5
+                                                     # honoured and ignored)
     python bench/run.py --help      # scale, shaping, contenders, checks
 
 Everything runs on this machine against one shaped fake NBIA server (bench/fake_server.py,

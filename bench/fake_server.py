@@ -9,7 +9,9 @@ so a benchmark that let the fake burn the client's CPU would measure the fake.
 
 What changes: before it prints READY, this launcher builds every series' zip once, in both
 variants the contenders ask for (getImage with NewFileNames=Yes, with and without
-IncludeMD5=Yes), and answers fault-free image requests from that cache. The bytes are those
+IncludeMD5=Yes), and answers fault-free image requests from that cache. The MD5 of every
+DICOM file, computed meanwhile, stays in the fake's cache, so getMD5Hierarchy (which a client
+of a server that ignores IncludeMD5 asks for each series) regenerates nothing either. The bytes are those
 fake_nbia.py would send (its zips are byte-identical across requests by design, apart from
 the order of md5hashes.csv rows); shaping (first-byte delay, per-connection and total
 bandwidth), chunked encoding, counters and every fault path are fake_nbia.py's own code.
@@ -140,6 +142,12 @@ def warm(fake: fake_nbia.FakeNbia, procs: int) -> dict[str, Any]:
             keep(_warm_task(task))
     every_md5 = sorted(h for hashes in md5s.values() for h in hashes)
     fake._cache = fake_nbia._InstanceCache()          # back to the fake's own bound
+    # The workers' MD5s into the serving cache's (permanent) map: getMD5Hierarchy, which a
+    # client of a server that ignores IncludeMD5 asks for every series, then costs nothing
+    # instead of regenerating the series' files on this machine's cores.
+    for uid, hashes in md5s.items():
+        for k, h in enumerate(hashes):
+            fake._cache._md5[(uid, k)] = h
     fake_nbia._Handler._write_zip = _cached_write_zip
     sizes = {name: [len(_ZIPS[(s.uid, *VARIANTS[name])]) for s in series] for name in md5_variants}
     return {"series": len(series), "instances": sum(s.n for s in series),

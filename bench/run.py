@@ -4,6 +4,9 @@
     python bench/run.py             # full default run (about 200 series, 1 GB of CT-like DICOM)
     python bench/run.py --quick     # a small run in 1-2 minutes: also the benchmark's self-check
     python bench/run.py --only idc  # --mode idc against a fake IDC bucket, vs s5cmd then tar | xz
+    python bench/run.py --only zstd,small,bigspeed   # issue 20's regimes: --format tar.zst, hundreds
+                                                     # of small series, one big series (IncludeMD5
+                                                     # honoured and ignored)
     python bench/run.py --help      # scale, shaping, contenders, checks
 
 Everything runs on this machine against one shaped fake NBIA server (bench/fake_server.py,
@@ -47,11 +50,12 @@ MB = 1e6
 COLLECTION = "DEMO"
 # A series' scratch files: named by its UID up to 0.3, by the tool (series-N.zip) since 0.4.
 UID_RE = re.compile(r"^(?:\d+(?:\.\d+)+|series-\d+)")
-ALL_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract",
-              "idc", "sweep", "profile")
-# idc runs by default where its tools are installed (idc_missing()); else the report says why not.
-DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "big", "scale", "resume", "verify", "extract",
-                  "idc")
+ALL_CHECKS = ("ours", "tcia", "serial", "limits", "zstd", "small", "bigspeed", "big", "scale", "resume",
+              "verify", "extract", "idc", "sweep", "profile")
+# idc and zstd run by default where their tools are installed (idc_missing(), zstd_missing());
+# else the report says why not.
+DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "zstd", "small", "bigspeed", "big", "scale", "resume",
+                  "verify", "extract", "idc")
 
 
 def log(msg: str) -> None:
@@ -311,13 +315,13 @@ def tail(path: Optional[Path], n: int = 15) -> str:
 class Fake:
     def __init__(self, workdir: Path, *, series: int, instances: int, image_size: int, seed: int,
                  first_byte_delay: float, conn_bandwidth: float, total_bandwidth: float,
-                 cache: bool, label: str):
+                 cache: bool, label: str, include_md5: str = "honour"):
         self.workdir = workdir
         self.stats_path = workdir / f"fake-{label}.json"
         cmd = [sys.executable, str(HERE / "fake_server.py"), "--port", "0", "--no-real-collections",
                "--demo-series", str(series), "--demo-patients", str(max(1, min(series, 50))),
                "--instances", str(instances), "--image-size", str(image_size), "--seed", str(seed),
-               "--include-md5", "honour", "--first-byte-delay", str(first_byte_delay),
+               "--include-md5", include_md5, "--first-byte-delay", str(first_byte_delay),
                "--stats", str(self.stats_path)]
         if conn_bandwidth > 0:
             cmd += ["--conn-bandwidth", str(conn_bandwidth)]
@@ -328,6 +332,8 @@ class Fake:
         self.cmd = cmd
         self.shaping = dict(first_byte_delay=first_byte_delay, conn_bandwidth=conn_bandwidth,
                             total_bandwidth=total_bandwidth)
+        self.include_md5 = include_md5
+        self.image_size = image_size
         started = time.monotonic()
         self.err = open(workdir / f"fake-{label}.err", "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
@@ -353,6 +359,14 @@ class Fake:
     def image_requests(self) -> int:
         return sum(n for k, n in self.counters()["requests"].items() if k.startswith("getImage"))
 
+    def requests_by_endpoint(self) -> dict[str, int]:
+        """Requests so far per endpoint (any status)."""
+        out: dict[str, int] = {}
+        for key, n in self.counters()["requests"].items():
+            endpoint = key.rsplit(" ", 1)[0]
+            out[endpoint] = out.get(endpoint, 0) + n
+        return out
+
     def stop(self) -> None:
         terminate(self.proc, 15)
         self.err.close()
@@ -373,12 +387,19 @@ def terminate(proc: subprocess.Popen, grace: float) -> None:
 # Verification of archives
 # ---------------------------------------------------------------------------------------------
 
+def decompressor(path: Path) -> list[str]:
+    """The command that writes an archive's tar to stdout, checking every xz CRC (.tar.xz) or
+    every zstd frame's content checksum (.tar.zst) on the way."""
+    return ["zstd", "-dcq", str(path)] if path.name.endswith(".zst") else ["xz", "-dc", str(path)]
+
+
 def verify_archive(path: Path, stats: dict, with_collection_files: bool) -> tuple[bool, str]:
-    """Decompress (which checks every xz CRC), hash every member; the DICOM files must be
-    exactly those served (count and MD5 digest), and ours' MD5SUMS must match the members."""
+    """Decompress (which checks every xz CRC or zstd checksum), hash every member; the DICOM
+    files must be exactly those served (count and MD5 digest), and ours' MD5SUMS must match
+    the members."""
     if not path.exists():
         return False, f"{path.name} missing"
-    proc = subprocess.Popen(["xz", "-dc", str(path)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(decompressor(path), stdout=subprocess.PIPE)
     md5s: dict[str, str] = {}
     md5sums: dict[str, bytes] = {}
     try:
@@ -399,7 +420,7 @@ def verify_archive(path: Path, stats: dict, with_collection_files: bool) -> tupl
         proc.wait()
         return False, f"unreadable tar: {exc}"
     if proc.wait() != 0:
-        return False, "xz -d failed (corrupt stream)"
+        return False, f"{decompressor(path)[0]} -d failed (corrupt stream)"
     dicom = sorted(h for n, h in md5s.items() if n.endswith(".dcm"))
     problems = []
     if len(dicom) != stats["instances"]:
@@ -423,6 +444,18 @@ def verify_archive(path: Path, stats: dict, with_collection_files: bool) -> tupl
     return (not problems), ("; ".join(problems) or f"{len(dicom)} DICOM files verified")
 
 
+def zstd_readers(path: Path) -> tuple[bool, str]:
+    """What the issue asks of a .tar.zst beyond verify_archive: the zstd tool's own test of
+    every frame and checksum (zstd -t), and GNU tar reading it with its zstd support."""
+    test = subprocess.run(["zstd", "-tq", str(path)], capture_output=True, text=True)
+    if test.returncode != 0:
+        return False, f"zstd -t: exit {test.returncode}: {test.stderr.strip()[-300:]}"
+    listing = subprocess.run(["tar", "--zstd", "-tf", str(path)], capture_output=True, text=True)
+    if listing.returncode != 0:
+        return False, f"tar --zstd -tf: exit {listing.returncode}: {listing.stderr.strip()[-300:]}"
+    return True, f"zstd -t OK, tar --zstd -tf lists {len(listing.stdout.splitlines())} members"
+
+
 # ---------------------------------------------------------------------------------------------
 # Contenders
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +469,17 @@ def downloader_defaults(path: Path) -> dict:
         "from tcia_dl.cli import build_parser\n"
         "from tcia_dl.settings import CHUNK_SIZE\n"
         "a = build_parser().parse_args(['--collection', 'X'])\n"
-        "print(json.dumps({'workers': a.workers, 'preset': a.compression_level, "
+        "levels, zstd_missing = {}, 'this downloader has no --format tar.zst'\n"
+        "try:\n"
+        "    from tcia_dl.formats import FORMATS\n"
+        "    levels = {n: t.codec.default_level for n, t in FORMATS.items() if t.codec is not None}\n"
+        "    if 'tar.zst' in FORMATS:\n"
+        "        zstd_missing = FORMATS['tar.zst'].codec.missing()\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "preset = a.compression_level if a.compression_level is not None else levels.get('tar.xz', 1)\n"
+        "print(json.dumps({'workers': a.workers, 'preset': preset, "
+        "'zstd_level': levels.get('tar.zst'), 'zstd_missing': zstd_missing, "
         "'stall_timeout': a.stall_timeout, 'chunk': CHUNK_SIZE, "
         "'version': tcia_dl.__version__}))\n")
     try:
@@ -445,7 +488,8 @@ def downloader_defaults(path: Path) -> dict:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as exc:  # a mid-edit downloader: say so, use the documented defaults
         log(f"could not read the defaults of {path} ({exc}); assuming preset 1 and 4 workers per core")
-        return {"workers": min(4 * NCPU, 16), "preset": 1, "stall_timeout": 120.0,
+        return {"workers": min(4 * NCPU, 16), "preset": 1, "zstd_level": None,
+                "zstd_missing": f"its defaults could not be read ({exc})", "stall_timeout": 120.0,
                 "chunk": None, "version": "?"}
 
 
@@ -456,6 +500,8 @@ class Bench:
         self.logdir = workdir / "logs"
         self.defaults = downloader_defaults(args.downloader)
         self.preset = args.preset if args.preset is not None else self.defaults["preset"]
+        # --format tar.zst's level (zstd's own scale): --zstd-level, else the downloader's default.
+        self.zstd_level = args.zstd_level if args.zstd_level is not None else self.defaults.get("zstd_level")
         self.ours_workers = self.defaults["workers"]
         self.failures: list[str] = []           # the benchmark could not do what it should
         self.notes: list[str] = []
@@ -472,32 +518,38 @@ class Bench:
             shutil.rmtree(d, ignore_errors=True)
 
     def ours_cmd(self, d: Path, url: str, extra: list[str] = (), downloader: Optional[Path] = None,
-                 preset: Optional[int] = None) -> list[str]:
+                 preset: Optional[int] = None, fmt: str = "tar.xz") -> list[str]:
+        """Ours with default flags; tar.xz spelt --compression (what every version knows),
+        tar.zst as --format tar.zst at --zstd-level if given."""
         cmd = [sys.executable, str(downloader or self.args.downloader), "--collection", COLLECTION,
-               "--compression", "--output", str(d / "out"), "--temp_dir", str(d / "tmp"),
+               *(["--compression"] if fmt == "tar.xz" else ["--format", fmt]),
+               "--output", str(d / "out"), "--temp_dir", str(d / "tmp"),
                "--cache_dir", str(d / "cache"), "--api-url", url, "--no-progress"]
-        p = preset if preset is not None else self.args.preset
+        p = preset if preset is not None else self.args.preset if fmt == "tar.xz" else self.args.zstd_level
         if p is not None:
             cmd += ["--compression-level", str(p)]
         return cmd + list(extra)
 
     def run_ours(self, name: str, fake: Fake, extra: list[str] = (), verify: bool = True,
                  downloader: Optional[Path] = None, preset: Optional[int] = None,
-                 keep_dir: bool = False) -> Run:
+                 keep_dir: bool = False, fmt: str = "tar.xz") -> Run:
         d = self.fresh(name)
         for sub in ("out", "tmp", "cache"):
             (d / sub).mkdir()
-        run = measure(name, self.ours_cmd(d, fake.url, extra, downloader, preset), self.logdir,
+        run = measure(name, self.ours_cmd(d, fake.url, extra, downloader, preset, fmt), self.logdir,
                       dirs={"output": d / "out", "scratch": d / "tmp"}, scratch="scratch",
                       fake_pid=fake.pid, timeout=self.args.timeout)
-        archive = d / "out" / f"{COLLECTION}.tar.xz"
+        archive = d / "out" / f"{COLLECTION}.{fmt}"
         run.info["dir"] = d
         run.info["archive_bytes"] = archive.stat().st_size if archive.exists() else 0
-        run.info["largest_stream"] = largest_stream(d / "out" / f"{COLLECTION}.tar.xz.journal")
+        run.info["largest_stream"] = largest_stream(d / "out" / f"{COLLECTION}.{fmt}.journal")
         if run.rc != 0:
             self.fail(f"{name}: exit {run.rc}\n{tail(run.stderr_path)}")
         elif verify:
             ok, why = verify_archive(archive, fake.stats, with_collection_files=True)
+            if ok and fmt == "tar.zst":
+                ok, readers = zstd_readers(archive)
+                why = f"{readers}; {why}" if ok else readers
             run.info["verified"] = why
             if not ok:
                 self.fail(f"{name}: the archive is wrong: {why}")
@@ -699,12 +751,14 @@ def main_collection(b: Bench, res: dict) -> None:
     log(f"fake ready in {fake.startup:.0f} s: {fake.stats['series']} series, {fake.stats['instances']} "
         f"DICOM files, {fake.stats['dicom_bytes'] / MB:,.0f} MB")
     checks = set(a.only)
-    runs: dict[str, list[Run]] = {k: [] for k in ("ours", "tcia", "serial", "fetch", "xz")}
+    runs: dict[str, list[Run]] = {k: [] for k in ("ours", "tcia", "serial", "fetch", "xz",
+                                                  "zst", "fetch_workers", "zstd")}
     ref_tar: Optional[Path] = None
+    zst_tar: Optional[Path] = None
     try:
         for rep in range(a.repeat):
             tag = f"#{rep + 1}"
-            if "ours" in checks:
+            if "ours" in checks or "zstd" in checks:        # (a) is what zstd is compared with
                 r = b.run_ours(f"ours{tag}", fake, keep_dir=ref_tar is None and "limits" in checks)
                 runs["ours"].append(r)
                 log(f"ours {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, other load / "
@@ -744,13 +798,150 @@ def main_collection(b: Bench, res: dict) -> None:
                 runs["xz"].append(r)
                 log(f"xz -T0 -{b.preset} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, other load / "
                     f"CPU speed {disturbance([r])}")
+            if "zstd" in checks:
+                zst_tar = zstd_round(b, fake, tag, runs, zst_tar)
         if "profile" in checks:
             res["profile"] = profile(b, fake)
     finally:
         fake.stop()
-        if ref_tar is not None and not a.keep:
-            ref_tar.unlink(missing_ok=True)
+        for tar in (ref_tar, zst_tar):
+            if tar is not None and not a.keep:
+                tar.unlink(missing_ok=True)
     res["runs"] = runs
+
+
+def zstd_round(b: Bench, fake: Fake, tag: str, runs: dict[str, list[Run]],
+               zst_tar: Optional[Path]) -> Optional[Path]:
+    """One repeat of the zstd check: (e) ours --format tar.zst, verified as (a) is plus zstd -t
+    and tar --zstd -tf; its limits: a plain parallel fetch with ours' number of connections
+    (--workers), and zstd -T0 -<level> of the same tar (ours' .tar.zst decompressed). Returns
+    that tar (made on the first round)."""
+    r = b.run_ours(f"ours_zst{tag}", fake, fmt="tar.zst", keep_dir=zst_tar is None)
+    runs["zst"].append(r)
+    log(f"ours --format tar.zst {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, other load / "
+        f"CPU speed {disturbance([r])} ({r.info.get('verified', 'not verified')})")
+    if zst_tar is None and r.rc == 0:
+        zst_tar = make_ref_tar(b, r.info["archive"], name="reference-zst.tar")
+        b.cleanup(r.info["dir"])
+    r = run_fetch(b, fake, f"fetch_{b.ours_workers}{tag}", b.ours_workers)
+    runs["fetch_workers"].append(r)
+    log(f"fetch to /dev/null, {b.ours_workers} connections {tag}: {r.wall:.1f} s, other load / CPU speed "
+        f"{disturbance([r])}")
+    if zst_tar is not None:
+        r = run_compressor(b, fake, f"zstd{tag}", "zstd", b.zstd_level, zst_tar)
+        runs["zstd"].append(r)
+        log(f"zstd -T0 -{b.zstd_level} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.1f} s, other load / "
+            f"CPU speed {disturbance([r])}")
+    return zst_tar
+
+
+def run_fetch(b: Bench, fake: Fake, name: str, connections: int) -> Run:
+    """A limit: bench/fetch_all.py, every zip to /dev/null over `connections` connections."""
+    r = measure(name, [sys.executable, str(HERE / "fetch_all.py"), "--api-url", fake.url, "--collection",
+                       COLLECTION, "--connections", str(connections)], b.logdir, fake_pid=fake.pid,
+                timeout=b.args.timeout)
+    try:
+        r.info.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        b.fail(f"{name}: no result\n{tail(r.stderr_path)}")
+    return r
+
+
+def run_compressor(b: Bench, fake: Fake, name: str, tool: str, level: int, tar: Path) -> Run:
+    """A limit: `xz -T0 -<level>` or `zstd -T0 -<level>` of tar (from the page cache) alone."""
+    out = b.workdir / f"{tool}-limit.out"
+    quiet = " -q" if tool == "zstd" else ""
+    r = measure(name, ["bash", "-c", f'{tool} -T0 -{level}{quiet} -c "$1" > "$2"', "bash", str(tar), str(out)],
+                b.logdir, fake_pid=fake.pid, timeout=b.args.timeout)
+    r.info["tar_bytes"] = tar.stat().st_size
+    r.info["archive_bytes"] = out.stat().st_size if out.exists() else 0
+    if r.rc != 0:
+        b.fail(f"{name}: exit {r.rc}\n{tail(r.stderr_path)}")
+    out.unlink(missing_ok=True)
+    return r
+
+
+def regime(b: Bench, fake: Fake, key: str, ours_extra: list[str], connections: int) -> dict:
+    """One regime against its own fake, --repeat times, interleaved: (a) ours (ours_extra added
+    to its default flags), (b) TCIA's official client (downloadSeries, then tar | xz -T0 at the
+    same preset), and the limits: a plain parallel fetch with `connections` connections and
+    xz -T0 of the same tar (ours' archive decompressed)."""
+    a = b.args
+    runs: dict[str, list[Run]] = {k: [] for k in ("ours", "tcia", "fetch", "xz")}
+    ref: Optional[Path] = None
+    try:
+        for rep in range(a.repeat):
+            tag = f"#{rep + 1}"
+            before = fake.requests_by_endpoint()
+            r = b.run_ours(f"{key}_ours{tag}", fake, ours_extra, keep_dir=ref is None)
+            after = fake.requests_by_endpoint()
+            # How often ours asked for each series' zip, and for its getMD5Hierarchy hash.
+            r.info["requests"] = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+            runs["ours"].append(r)
+            log(f"{key} ours {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, RSS {r.rss / MB:.0f} MB, other load / "
+                f"CPU speed {disturbance([r])} ({r.info.get('verified', 'not verified')})")
+            if ref is None and r.rc == 0:
+                ref = make_ref_tar(b, r.info["archive"], name=f"reference-{key}.tar")
+                b.cleanup(r.info["dir"])
+            r = b.run_tcia(f"{key}_tcia_utils{tag}", fake)
+            runs["tcia"].append(r)
+            log(f"{key} tcia_utils {tag}: {r.wall:.1f} s (download {r.info.get('download_s', '?')} s, "
+                f"tar|xz {r.info.get('archive_s', '?')} s), CPU {r.cpu:.0f} s, other load / CPU speed "
+                f"{disturbance([r])}")
+            r = run_fetch(b, fake, f"{key}_fetch{tag}", connections)
+            runs["fetch"].append(r)
+            log(f"{key} fetch to /dev/null, {connections} connections {tag}: {r.wall:.1f} s, "
+                f"{disturbance([r])}")
+            if ref is not None:
+                r = run_compressor(b, fake, f"{key}_xz{tag}", "xz", b.preset, ref)
+                runs["xz"].append(r)
+                log(f"{key} xz -T0 -{b.preset} of the tar {tag}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, "
+                    f"{disturbance([r])}")
+    finally:
+        if ref is not None and not a.keep:
+            ref.unlink(missing_ok=True)
+    return {"runs": runs, "stats": fake.stats, "shaping": fake.shaping, "include_md5": fake.include_md5,
+            "image_size": fake.image_size, "connections": connections, "ours_extra": ours_extra}
+
+
+def small_check(b: Bench, res: dict) -> None:
+    """Hundreds of small series behind a WAN's first-byte delay: per-series latency, not
+    bandwidth or compression, is what a client must hide here."""
+    a = b.args
+    log(f"small series: {a.small_series} series x {a.small_instances} instances of {a.small_image_size}x"
+        f"{a.small_image_size}, first byte {a.first_byte_delay} s, {a.conn_bandwidth / MB:g} MB/s per connection, "
+        f"ours --workers {a.small_workers}")
+    fake = Fake(b.workdir, series=a.small_series, instances=a.small_instances, image_size=a.small_image_size,
+                seed=a.seed, first_byte_delay=a.first_byte_delay, conn_bandwidth=a.conn_bandwidth,
+                total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label="small")
+    log(f"small: fake ready in {fake.startup:.0f} s: {fake.stats['series']} series, {fake.stats['instances']:,} "
+        f"DICOM files, {fake.stats['dicom_bytes'] / MB:,.0f} MB")
+    try:
+        res["small"] = regime(b, fake, "small", ["--workers", str(a.small_workers)], a.small_workers)
+    finally:
+        fake.stop()
+
+
+def bigspeed_check(b: Bench, res: dict) -> None:
+    """One big CT-like series, shaped as the main collection, from a server that honours
+    IncludeMD5 (a md5hashes.csv in the zip) and from one that ignores it (the zip is verified
+    against getMD5Hierarchy's series hash): ours vs the official client vs the limits."""
+    a = b.args
+    out: dict[str, dict] = {}
+    res["bigspeed"] = out
+    for mode in a.bigspeed_md5:
+        log(f"bigspeed ({mode} IncludeMD5): one series of {a.bigspeed_instances} instances of "
+            f"{a.bigspeed_image_size}x{a.bigspeed_image_size}, {a.conn_bandwidth / MB:g} MB/s per connection "
+            "(building its zips takes a while)")
+        fake = Fake(b.workdir, series=1, instances=a.bigspeed_instances, image_size=a.bigspeed_image_size,
+                    seed=a.seed, first_byte_delay=a.first_byte_delay, conn_bandwidth=a.conn_bandwidth,
+                    total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label=f"bigspeed-{mode}",
+                    include_md5=mode)
+        log(f"bigspeed ({mode}): fake ready in {fake.startup:.0f} s: {fake.stats['dicom_bytes'] / MB:,.0f} MB")
+        try:
+            out[mode] = regime(b, fake, f"bigspeed_{mode}", [], b.ours_workers)
+        finally:
+            fake.stop()
 
 
 def make_ref_tar(b: Bench, archive: Optional[Path], fake: Optional[Fake] = None,
@@ -759,7 +950,8 @@ def make_ref_tar(b: Bench, archive: Optional[Path], fake: Optional[Fake] = None,
     lzma), else one built from the served zips."""
     ref = b.workdir / name
     if archive is not None and archive.exists():
-        subprocess.run(["bash", "-c", 'xz -dc "$1" > "$2"', "bash", str(archive), str(ref)], check=True)
+        with open(ref, "wb") as out:
+            subprocess.run(decompressor(archive), stdout=out, check=True)
         return ref
     import io
     import zipfile
@@ -1588,6 +1780,121 @@ def idc_report(b: Bench, out: dict, lines: list[str], targets: list) -> Optional
     return "idc ratios (median wall time): " + ";  ".join(parts)
 
 
+# The issue's targets: ours <= official x first, ours <= limit x second (median wall times).
+SMALL_TARGETS = (0.80, 1.15)
+BIGSPEED_TARGETS = (0.80, 1.25)
+ZSTD_LIMIT_TARGET = 1.20        # ours --format tar.zst <= this x max(fetch, zstd -T0 of the same tar)
+ZSTD_OVER_XZ_TARGET = 3.0       # ours --format tar.xz >= this x ours --format tar.zst
+
+
+def zstd_report(b: Bench, runs: dict[str, list[Run]], dicom: int, lines: list[str], targets: list) -> str:
+    """The zstd check's lines (its rows are (e) in the main table) and targets; returns its ratio line."""
+    z = runs["zst"]
+    zst_wall = statistics.median(r.wall for r in z)
+    zbytes = z[0].info.get("archive_bytes", 0)
+    text = (f"(e) archive {zbytes / MB:,.0f} MB (ratio {dicom / max(zbytes, 1):.2f}"
+            + (f"; (a)'s .tar.xz {runs['ours'][0].info['archive_bytes'] / MB:,.0f} MB" if runs.get("ours") else "")
+            + (f"; zstd -T0 -{b.zstd_level} alone {runs['zstd'][0].info.get('archive_bytes', 0) / MB:,.0f} MB"
+               if runs.get("zstd") else "")
+            + f"); {z[0].info.get('verified', 'not verified')}; fake server CPU during the run "
+            f"{med(z, 'fake_cpu'):.1f} s")
+    lines.append(text)
+    parts = []
+    limits = {}
+    if runs.get("fetch_workers"):
+        limits[f"fetch, {b.ours_workers} connections"] = statistics.median(r.wall for r in runs["fetch_workers"])
+    if runs.get("zstd"):
+        limits[f"zstd -T0 -{b.zstd_level}"] = statistics.median(r.wall for r in runs["zstd"])
+    if limits:
+        name, worst = max(limits.items(), key=lambda kv: kv[1])
+        parts.append(f"ours tar.zst/max(e) = {zst_wall / worst:.2f} (max(e) = {name}, {worst:.1f} s)")
+        targets.append((zst_wall <= ZSTD_LIMIT_TARGET * worst,
+                        f"zstd: ours --format tar.zst <= {ZSTD_LIMIT_TARGET:.2f} x max(limits): {zst_wall:.1f} s vs "
+                        f"{ZSTD_LIMIT_TARGET:.2f} x {worst:.1f} s ({name}) = {ZSTD_LIMIT_TARGET * worst:.1f} s "
+                        f"(ratio {zst_wall / worst:.2f}; {disturbance(z)})"))
+    if runs.get("ours"):
+        xz_wall = statistics.median(r.wall for r in runs["ours"])
+        parts.append(f"ours tar.xz/ours tar.zst = {xz_wall / zst_wall:.2f}")
+        targets.append((xz_wall >= ZSTD_OVER_XZ_TARGET * zst_wall,
+                        f"zstd: ours --format tar.zst >= {ZSTD_OVER_XZ_TARGET:g} x faster than ours --format tar.xz: "
+                        f"{zst_wall:.1f} s vs {xz_wall:.1f} s = {xz_wall / zst_wall:.2f}x faster "
+                        f"({disturbance(z + runs['ours'])})"))
+    return "zstd ratios (median wall time): " + ";  ".join(parts)
+
+
+def regime_report(b: Bench, label: str, data: dict, lines: list[str], targets: list,
+                  factors: tuple[float, float]) -> Optional[str]:
+    """A regime's (regime()) table, lines and targets: ours <= factors[0] x the official client
+    and <= factors[1] x max(limits), by median wall times. Returns its ratio line."""
+    runs, st, sh = data["runs"], data["stats"], data["shaping"]
+    if not runs.get("ours"):
+        return None
+    dicom = st["dicom_bytes"]
+    zips = st.get("zip_bytes", {})
+    wire = zips.get("ours") or zips.get("tcia_utils") or 0
+    size = data["image_size"]
+    lines.append("")
+    lines.append(f"{label}: {st['series']} series, {st['instances']:,} DICOM files ({size}x{size} CT-like "
+                 f"slices), {dicom / MB:,.0f} MB DICOM, {wire / MB:,.0f} MB of zips on the wire; fake NBIA that "
+                 f"{data['include_md5']}s IncludeMD5, {sh['first_byte_delay'] * 1000:.0f} ms to first byte, "
+                 f"{sh['conn_bandwidth'] / MB:g} MB/s per connection, {sh['total_bandwidth'] / MB:g} MB/s total")
+    flags = (" ".join(data["ours_extra"]) + f" (-{b.preset})" if data["ours_extra"]
+             else f"default flags (--workers {b.ours_workers}, -{b.preset})")
+    header = ["contender", "wall s", "range", "CPU s", "peak RSS MB", "DICOM MB/s", "peak scratch MB",
+              "peak files", "other load / CPU speed"]
+    rows = [row(f"(a) ours, {flags}", runs["ours"], dicom)]
+    if runs.get("tcia"):
+        rows.append(row(f"(b) tcia_utils downloadSeries + tar | xz -T0 -{b.preset}", runs["tcia"], dicom))
+    if runs.get("fetch"):
+        rows.append(row(f"(d) parallel fetch to /dev/null ({data['connections']} connections)", runs["fetch"],
+                        dicom, "-"))
+    if runs.get("xz"):
+        rows.append(row(f"(d) xz -T0 -{b.preset} of the same tar alone", runs["xz"], dicom, "-"))
+    lines.append("")
+    lines += table(rows, header)
+    lines.append("")
+    o = runs["ours"]
+    if runs.get("tcia"):
+        t = runs["tcia"]
+        lines.append(f"{label} (b) phases (median): import {statistics.median(r.info.get('import_s', 0) for r in t):.1f} s, "
+                     f"download+unzip {statistics.median(r.info.get('download_s', 0) for r in t):.1f} s, "
+                     f"tar | xz {statistics.median(r.info.get('archive_s', 0) for r in t):.1f} s; "
+                     f"{t[0].info.get('verified', 'not verified')}")
+    asked = [r.info.get("requests", {}) for r in o]
+    zips_asked = [q.get("getImage", 0) + q.get("getImageWithMD5Hash", 0) for q in asked]
+    hashes = max((q.get("getMD5Hierarchy", 0) for q in asked), default=0)
+    lines.append(f"{label} (a) archive {o[0].info['archive_bytes'] / MB:,.0f} MB (ratio "
+                 f"{dicom / max(o[0].info['archive_bytes'], 1):.2f}); {o[0].info.get('verified', '')}; "
+                 f"fake server CPU during the run {med(o, 'fake_cpu'):.1f} s; image zips asked for per run: "
+                 f"{', '.join(map(str, zips_asked))} for {st['series']} series; getMD5Hierarchy requests: {hashes}")
+    ours_wall = statistics.median(r.wall for r in o)
+    parts = []
+    official, limit = factors
+    if runs.get("tcia"):
+        b_wall = statistics.median(r.wall for r in runs["tcia"])
+        parts.append(f"ours/(b) = {ours_wall / b_wall:.2f}")
+        targets.append((ours_wall <= official * b_wall,
+                        f"{label}: ours <= {official:.2f} x official (tcia_utils + tar | xz): {ours_wall:.1f} s vs "
+                        f"{official:.2f} x {b_wall:.1f} s = {official * b_wall:.1f} s (ratio {ours_wall / b_wall:.2f}; "
+                        f"{disturbance(o + runs['tcia'])})"))
+    limits = {}
+    if runs.get("fetch"):
+        limits[f"fetch, {data['connections']} connections"] = statistics.median(r.wall for r in runs["fetch"])
+    if runs.get("xz"):
+        limits[f"xz -T0 -{b.preset}"] = statistics.median(r.wall for r in runs["xz"])
+    if limits:
+        name, worst = max(limits.items(), key=lambda kv: kv[1])
+        parts.append(f"ours/max(d) = {ours_wall / worst:.2f} (max(d) = {name}, {worst:.1f} s)")
+        targets.append((ours_wall <= limit * worst,
+                        f"{label}: ours <= {limit:.2f} x max(limits): {ours_wall:.1f} s vs {limit:.2f} x {worst:.1f} s "
+                        f"({name}) = {limit * worst:.1f} s (ratio {ours_wall / worst:.2f}; {disturbance(o)})"))
+    if all(q for q in asked):
+        targets.append((max(zips_asked) == st["series"],
+                        f"{label}: no series downloaded twice: ours asked for {max(zips_asked)} image zips (most "
+                        f"in one run) for {st['series']} series"))
+    return f"{label} ratios (median wall time): " + ";  ".join(parts)
+
+
 def report(b: Bench, res: dict) -> list[str]:
     a = b.args
     lines: list[str] = []
@@ -1597,6 +1904,7 @@ def report(b: Bench, res: dict) -> list[str]:
                  f"{b.ours_workers}, --compression-level {b.preset}")
     results: dict[str, Any] = {}
     targets: list[tuple[Optional[bool], str]] = []
+    ratio_lines: list[Optional[str]] = []
     runs = res.get("runs", {})
     if "fake" in res:
         st = res["fake"]
@@ -1622,7 +1930,7 @@ def report(b: Bench, res: dict) -> list[str]:
         if runs.get("serial"):
             rows.append(row("(c) ours --workers 1", runs["serial"], dicom))
         floor = None
-        if "zip_bytes" in st and a.total_bandwidth > 0:
+        if "zip_bytes" in st and a.total_bandwidth > 0 and "limits" in a.only:
             floor = st["zip_bytes"]["ours"] / a.total_bandwidth
             rows.append(["(d) transfer floor: zip bytes / total bandwidth", f"{floor:.1f}", "-", "-", "-",
                          f"{dicom / MB / floor:.1f}", "-", "-", "-"])
@@ -1630,6 +1938,14 @@ def report(b: Bench, res: dict) -> list[str]:
             rows.append(row(f"(d) parallel fetch to /dev/null ({a.fetch_connections} connections)", runs["fetch"], dicom, "-"))
         if runs.get("xz"):
             rows.append(row(f"(d) xz -T0 -{b.preset} of the same tar alone", runs["xz"], dicom, "-"))
+        if runs.get("zst"):
+            rows.append(row(f"(e) ours --format tar.zst (--workers {b.ours_workers}, -{b.zstd_level})",
+                            runs["zst"], dicom))
+        if runs.get("fetch_workers"):
+            rows.append(row(f"(e) parallel fetch to /dev/null ({b.ours_workers} connections)", runs["fetch_workers"],
+                            dicom, "-"))
+        if runs.get("zstd"):
+            rows.append(row(f"(e) zstd -T0 -{b.zstd_level} of the same tar alone", runs["zstd"], dicom, "-"))
         lines.append("")
         lines += table(rows, header)
         lines.append("")
@@ -1687,6 +2003,13 @@ def report(b: Bench, res: dict) -> list[str]:
             targets.append((per <= 1,
                             f"at most one file per series on --output's filesystem: peak {per} per series in flight, "
                             f"{entries} files in all (--output and --temp_dir, one filesystem){bline}"))
+        if runs.get("zst"):
+            ratio_lines.append(zstd_report(b, runs, dicom, lines, targets))
+    if "small" in res:
+        ratio_lines.append(regime_report(b, "small", res["small"], lines, targets, SMALL_TARGETS))
+    for mode, data in res.get("bigspeed", {}).items():
+        ratio_lines.append(regime_report(b, f"bigspeed ({mode} IncludeMD5)", data, lines, targets,
+                                         BIGSPEED_TARGETS))
     if "big" in res:
         big = res["big"]
         st = res["big_fake"]
@@ -1810,7 +2133,9 @@ def report(b: Bench, res: dict) -> list[str]:
         if results.get("limits"):
             name, worst = max(results["limits"].items(), key=lambda kv: kv[1])
             parts.append(f"ours/max(d) = {results['ours'] / worst:.2f} (max(d) = {name}, {worst:.1f} s)")
-        lines.append("ratios (median wall time): " + ";  ".join(parts))
+        if parts:
+            lines.append("ratios (median wall time): " + ";  ".join(parts))
+    lines += [r for r in ratio_lines if r]
     if idc_ratios:
         lines.append(idc_ratios)
     for ok, text in targets:
@@ -1827,13 +2152,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="a small run (24 series, 125 MB; a 0.3 GB big series; 5,000-series scale check; "
-                        "one repeat): 1-2 minutes, the benchmark's self-check")
+                        "96 small series; a 0.1 GB series for bigspeed; one repeat): a few minutes, the "
+                        "benchmark's self-check")
     p.add_argument("--downloader", type=Path, default=REPO / "tcia_downloader.py",
                    help="the tcia_downloader.py to measure (default: the repository's)")
     p.add_argument("--only", default=None,
                    help=f"comma-separated checks, from {', '.join(ALL_CHECKS)} (default: "
                         f"{','.join(DEFAULT_CHECKS)}; idc only where moto, duckdb and s5cmd are "
-                        "installed, else the report says it was skipped; sweep and profile are extra)")
+                        "installed, zstd only where the zstd tool and a zstd module are, else the report "
+                        "says it was skipped; sweep and profile are extra)")
     p.add_argument("--repeat", type=int, help="runs of each contender; the table shows medians (default 3, quick 1)")
     p.add_argument("--serial-once", action=argparse.BooleanOptionalAction, default=True,
                    help="run (c) only in the first repeat: it is the slowest and its ratio is far from any "
@@ -1859,6 +2186,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="xz preset for every contender (default: the downloader's default; ours then "
                         "runs with its default flags)")
     g.add_argument("--fetch-connections", type=int, default=32, help="connections of the fetch limit")
+    g = p.add_argument_group("zstd (ours --format tar.zst on the collection above, against its limits "
+                             "and ours --format tar.xz)")
+    g.add_argument("--zstd-level", type=int,
+                   help="--compression-level of ours' tar.zst and of zstd -T0 (default: the downloader's "
+                        "default for tar.zst, 3)")
+    g = p.add_argument_group("small (hundreds of small series: ours vs TCIA's client vs the limits, "
+                             "with the shaping above)")
+    g.add_argument("--small-series", type=int, help="series (default 416; quick 96)")
+    g.add_argument("--small-instances", type=int, default=6, help="DICOM files per series (default %(default)s)")
+    g.add_argument("--small-image-size", type=int, default=256, help="rows = columns (default %(default)s)")
+    g.add_argument("--small-workers", type=int, default=8,
+                   help="ours' --workers and the fetch limit's connections (default %(default)s)")
+    g = p.add_argument_group("bigspeed (one big series: ours vs TCIA's client vs the limits, with the "
+                             "shaping above, from servers that honour and ignore IncludeMD5)")
+    g.add_argument("--bigspeed-instances", type=int,
+                   help="slices of the series (default 800: 420 MB of DICOM; quick 200)")
+    g.add_argument("--bigspeed-image-size", type=int, default=512)
+    g.add_argument("--bigspeed-md5", default="honour,ignore",
+                   help="the servers' IncludeMD5 behaviours, one fake each (default %(default)s)")
     g = p.add_argument_group("big series (memory flat in series size)")
     g.add_argument("--big-instances", type=int, help="files in the one big series (default 4000: 2.1 GB; quick 600)")
     g.add_argument("--big-image-size", type=int, default=512)
@@ -1916,6 +2262,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a.repeat = a.repeat or (1 if a.quick else 3)
     a.series = a.series or (24 if a.quick else 200)
     a.big_instances = a.big_instances or (600 if a.quick else 4000)
+    a.small_series = a.small_series or (96 if a.quick else 416)
+    a.bigspeed_instances = a.bigspeed_instances or (200 if a.quick else 800)
+    a.bigspeed_md5 = [m.strip() for m in a.bigspeed_md5.split(",") if m.strip()]
+    if not set(a.bigspeed_md5) <= {"honour", "ignore", "refuse"}:
+        p.error(f"--bigspeed-md5 {a.bigspeed_md5}: choose from honour, ignore, refuse")
     a.scale_series = a.scale_series or (5000 if a.quick else 50000)
     a.resume_gib = a.resume_gib or (1 if a.quick else 10)
     a.verify_series = a.verify_series or (12 if a.quick else 60)
@@ -1933,6 +2284,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return a
 
 
+def zstd_missing(b: Bench) -> list[str]:
+    """What the zstd check needs and this machine (or the downloader) lacks (empty: it can run)."""
+    problems = []
+    if b.defaults.get("zstd_missing"):
+        problems.append(f"the downloader: {b.defaults['zstd_missing']}")
+    if shutil.which("zstd") is None:
+        problems.append("the zstd tool is not installed (apt-get install zstd)")
+    elif subprocess.run(["tar", "--zstd", "-cf", "/dev/null", "--files-from", "/dev/null"],
+                        capture_output=True).returncode != 0:
+        problems.append("tar has no --zstd (GNU tar 1.31 or later)")
+    return problems
+
+
 def preflight() -> list[str]:
     missing = [tool for tool in ("xz", "tar", "bash") if shutil.which(tool) is None]
     problems = [f"{tool} is not installed" for tool in missing]
@@ -1947,7 +2311,7 @@ def preflight() -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     a = parse_args(argv)
     problems = preflight()
-    if "tcia" not in a.only and "big" not in a.only:
+    if not set(a.only) & {"tcia", "big", "small", "bigspeed"}:
         problems = [p for p in problems if "tcia_utils" not in p]
     if problems:
         for p in problems:
@@ -1959,8 +2323,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     res: dict[str, Any] = {}
     started = time.monotonic()
     try:
-        if set(a.only) & {"ours", "tcia", "serial", "limits", "profile"}:
+        if "zstd" in a.only:
+            missing = zstd_missing(b)
+            if missing:
+                a.only.remove("zstd")
+                if a.only_given:
+                    b.fail(f"zstd: cannot run: {'; '.join(missing)}")
+                else:
+                    b.notes.append(f"zstd: skipped: {'; '.join(missing)}")
+        if set(a.only) & {"ours", "tcia", "serial", "limits", "profile", "zstd"}:
             main_collection(b, res)
+        if "small" in a.only:
+            small_check(b, res)
+        if "bigspeed" in a.only:
+            bigspeed_check(b, res)
         if "big" in a.only:
             big_series(b, res)
         if "scale" in a.only:

@@ -20,7 +20,8 @@ from .formats import codec_of
 from .logs import human_bytes, printable
 from .settings import FILTER_FLAGS, TAR_BLOCK
 from .tarread import bounded_map, check_stream, pax_records, tar_entry
-from .trust import journal_files, journal_records, journal_series_ends, recovered_spans
+from .trust import (journal_files, journal_records, journal_series_ranges, recovered_spans,
+                    uncommitted_tail)
 from .verify import series_of
 
 if TYPE_CHECKING:
@@ -174,10 +175,12 @@ def tar_header_name(data: bytes) -> Optional[str]:
 
 def map_archive(path: Path, findings: Findings,
                 stop: Optional[threading.Event] = None) -> ArchiveMap:
-    """Streams from the file itself (or its journal, for a .part cut inside an append);
-    each stream's series from the journal beside it, else from its first tar header; the
-    closing stream decompressed whole (it is small) for MD5SUMS and metadata.csv, read
-    into findings' ledger."""
+    """Streams from the file itself (or its journal, for a .part cut inside an append; a
+    .part's units after its journal's last series are left out, as a resume cuts them off);
+    each stream's series from the journal beside it (the series whose range holds it: a big
+    series is several units, all of them its), else from its first tar header (each unit
+    starts with a member of its series); the closing stream decompressed whole (it is
+    small) for MD5SUMS and metadata.csv, read into findings' ledger."""
     problems: list[str] = []
     try:
         spans = codec_of(path).spans(path)
@@ -186,6 +189,9 @@ def map_archive(path: Path, findings: Findings,
         if not path.name.endswith(".part"):      # for a .part, a torn append is normal
             problems.append(f"{path.name}: {exc}; its {len(spans)} streams are extracted "
                             "one by one")
+    series = journal_series_ranges(path)
+    if path.name.endswith(".part"):              # and so is one its journal lacks yet
+        spans = spans[:len(spans) - uncommitted_tail(spans, series)]
     archive = ArchiveMap(spans, {}, problems=problems)
     if spans and not path.name.endswith(".part"):
         archive.closing = len(spans) - 1
@@ -199,12 +205,12 @@ def map_archive(path: Path, findings: Findings,
         reference = journal_files(path)
         if reference is not None:
             findings.ledger.add_listed(reference.items(), "journal")
-    ends = journal_series_ends(path)
     for index, (start, end) in enumerate(spans):
         if index == archive.closing:
             continue
-        if end in ends:
-            archive.folders[index] = ends[end]
+        folder = series.folder_of(start, end)
+        if folder is not None:
+            archive.folders[index] = folder
             continue
         try:
             name, read = first_member_name(path, start, end)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Optional, TYPE_CHECKING
+from typing import Iterator, Optional, Sequence, TYPE_CHECKING
 from urllib.parse import quote
 
 from .errors import EXIT_USAGE, FatalRunError, JournalUnusable
@@ -28,7 +28,8 @@ def read_only(journal: Path) -> "contextlib.closing[sqlite3.Connection]":
     return contextlib.closing(sqlite3.connect(f"file:{quote(str(journal))}?mode=ro", uri=True))
 
 
-# The tables and columns a journal needs (stream_sha256 came in 0.4: it may be missing).
+# The tables and columns a journal needs (stream_sha256 came in 0.4, unit_ends after it:
+# they may be missing).
 JOURNAL_TABLES = {
     "meta": {"key", "value"},
     "series": {"uid", "collection", "path", "archive_end", "tar_end", "files", "bytes",
@@ -88,9 +89,11 @@ class JournalStream:
     """A committed series as its journal row has it."""
     uid: str
     folder: str                  # <Collection>/<series path>
-    end: int                     # where its stream ends in the archive (0 in a folder tree)
-    sha256: Optional[str]        # of its stream (None in a journal of 0.3, or a tree)
+    end: int                     # where its last unit ends in the archive (0 in a folder tree)
+    sha256: Optional[str]        # of all its units (None in a journal of 0.3, or a tree)
     record: dict                 # its getSeries record
+    # Where each of its units but the last ends, from the series' start (none: one unit).
+    unit_ends: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,32 @@ class JournalSnapshot:
     files: dict[str, dict[str, str]]           # uid -> {<Collection>/<name>: MD5}, if read
 
     def reference(self, count: int) -> dict[str, str]:
-        """name -> MD5 of the files of the first count streams."""
+        """name -> MD5 of the files of the first count series."""
         return {name: md5 for stream in self.streams[:count]
                 for name, md5 in self.files.get(stream.uid, {}).items()}
+
+    def reference_through(self, end: int) -> dict[str, str]:
+        """name -> MD5 of the files of the series that end at or before byte end."""
+        return self.reference(sum(1 for stream in self.streams if stream.end <= end))
+
+    def units_inside(self) -> bool:
+        """Every series' other units end inside its range, as this tool writes them."""
+        start = 0
+        for stream in self.streams:
+            if stream.unit_ends and stream.unit_ends[-1] >= stream.end - start:
+                return False
+            start = stream.end
+        return True
+
+    def unit_spans(self) -> list[tuple[int, int]]:
+        """(start, end) of every unit of every committed series, in archive order."""
+        spans: list[tuple[int, int]] = []
+        start = 0
+        for stream in self.streams:
+            ends = [start + inner for inner in stream.unit_ends] + [stream.end]
+            spans += zip([start] + ends[:-1], ends)
+            start = stream.end
+        return spans
 
 
 def read_snapshot(path: Path, files: bool = False) -> JournalSnapshot:
@@ -117,9 +143,11 @@ def read_snapshot(path: Path, files: bool = False) -> JournalSnapshot:
             db.execute("BEGIN")                   # one snapshot for every SELECT below
             tables = journal_columns(db)
             meta = dict(db.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
-            sha = "stream_sha256" if "stream_sha256" in tables.get("series", ()) else "NULL"
-            rows = db.execute(f"SELECT uid, collection, path, archive_end, {sha}, record "
-                              "FROM series ORDER BY archive_end, uid").fetchall() \
+            series_columns = tables.get("series", ())
+            sha = "stream_sha256" if "stream_sha256" in series_columns else "NULL"
+            units = "unit_ends" if "unit_ends" in series_columns else "NULL"
+            rows = db.execute(f"SELECT uid, collection, path, archive_end, {sha}, record, "
+                              f"{units} FROM series ORDER BY archive_end, uid").fetchall() \
                 if "series" in tables else []
             listed = db.execute("SELECT f.uid, s.collection || '/' || f.name, f.md5 FROM files f "
                                 "JOIN series s ON s.uid = f.uid").fetchall() \
@@ -135,7 +163,7 @@ def read_snapshot(path: Path, files: bool = False) -> JournalSnapshot:
 
 def journal_stream(row: tuple) -> JournalStream:
     """One series row, checked: what this tool writes, or JournalUnusable."""
-    uid, collection, where, end, sha256, record = row
+    uid, collection, where, end, sha256, record, unit_ends = row
     try:
         parsed = json.loads(record)
     except (TypeError, ValueError):
@@ -143,10 +171,27 @@ def journal_stream(row: tuple) -> JournalStream:
     if not isinstance(parsed, dict):
         raise JournalUnusable(f"the record of series {printable(str(uid))[:80]} is not a JSON "
                               "object")
-    if not isinstance(end, int) or not all(isinstance(v, str) for v in (uid, collection, where)):
+    inner = parsed_unit_ends(unit_ends)
+    if not isinstance(end, int) or not all(isinstance(v, str) for v in (uid, collection, where)) \
+            or inner is None:
         raise JournalUnusable(f"the row of series {printable(str(uid))[:80]} is not one this "
                               "tool writes")
-    return JournalStream(uid, f"{collection}/{where}", end, sha256, parsed)
+    return JournalStream(uid, f"{collection}/{where}", end, sha256, parsed, inner)
+
+
+def parsed_unit_ends(text: object) -> Optional[tuple[int, ...]]:
+    """A row's unit_ends (a JSON list of rising positive integers, or NULL: one unit), or
+    None when it is not what this tool writes."""
+    if text is None:
+        return ()
+    try:
+        ends = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    if not isinstance(ends, list) or not all(type(end) is int for end in ends) or \
+            any(end <= before for before, end in zip([0] + ends, ends)):
+        return None
+    return tuple(ends)
 
 
 class Journal:
@@ -176,6 +221,7 @@ class Journal:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
             if "stream_sha256" not in columns:      # a journal of version 0.3
                 self._db.execute("ALTER TABLE series ADD COLUMN stream_sha256 TEXT")
+            self._has_unit_ends = "unit_ends" in columns
         except sqlite3.Error as exc:
             raise self._failure(exc) from None
 
@@ -267,8 +313,8 @@ class Journal:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('finished', 'no')")
 
     def streams(self) -> list[tuple[str, str, int, int, Optional[str]]]:
-        """(uid, path, start, end, sha256 or None before 0.4) of every committed stream, in
-        archive order; each starts where the one before ends."""
+        """(uid, path, start, end, sha256 or None before 0.4) of every committed series (the
+        range of all its units), in archive order; each starts where the one before ends."""
         rows = self._db.execute("SELECT uid, collection || '/' || path, archive_end, "
                                 "stream_sha256 FROM series ORDER BY archive_end").fetchall()
         starts = [0] + [end for _, _, end, _ in rows[:-1]]
@@ -276,7 +322,8 @@ class Journal:
                 for (uid, label, end, sha), start in zip(rows, starts)]
 
     def layout(self) -> list[tuple[str, str, int, int, int, Optional[str]]]:
-        """(uid, path, start, end, tar bytes, sha256) of every stream, in archive order."""
+        """(uid, path, start, end, tar bytes, sha256) of every series' range, in archive
+        order."""
         rows = self._db.execute("SELECT uid, collection || '/' || path, archive_end, tar_end, "
                                 "stream_sha256 FROM series ORDER BY archive_end").fetchall()
         before = [(0, 0)] + [(end, tar) for _, _, end, tar, _ in rows[:-1]]
@@ -285,7 +332,8 @@ class Journal:
 
     def rearrange(self, kept: list[tuple[str, int, int]], gone: list[str],
                   replacing: int) -> None:
-        """After a repair built a new .part: the kept series' new (archive end, tar end),
+        """After a repair built a new .part: the kept series' new (archive end, tar end)
+        (their unit_ends count from their own start: they move with them),
         the damaged ones forgotten, and the old archive marked as being replaced (it stays
         until the new one is renamed over it). One transaction: a kill leaves the journal
         describing the old archive or the new .part, never a mix."""
@@ -298,20 +346,31 @@ class Journal:
                                  [("finished", "no"), ("replacing", str(replacing))])
 
     def record(self, series: PlannedSeries, verified: VerifiedSeries, archive_end: int,
-               tar_end: int, stream_sha256: Optional[str] = None) -> None:
+               tar_end: int, stream_sha256: Optional[str] = None,
+               unit_ends: Sequence[int] = ()) -> None:
+        """A committed series: where its last unit ends (archive_end), the SHA-256 of all
+        its units, where its other units end (from its start; none: it is one unit)."""
+        values = [series.uid, series.collection, series.path, archive_end, tar_end,
+                  len(verified.members), verified.bytes,
+                  json.dumps(verified.record or series.record),
+                  (verified.license_text or "").strip() or None,
+                  datetime.now().isoformat(timespec="seconds"), stream_sha256]
+        # Only a journal that holds a big series gets the column: one that never did stays
+        # the one that 0.4.0 reads and resumes.
+        add_column = bool(unit_ends) and not self._has_unit_ends
+        if add_column or self._has_unit_ends:
+            values.append(json.dumps(list(unit_ends)) if unit_ends else None)
         with self._transaction():  # one transaction: the series and its files, or nothing
-            self._db.execute(
-                "INSERT OR REPLACE INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (series.uid, series.collection, series.path, archive_end, tar_end,
-                 len(verified.members), verified.bytes,
-                 json.dumps(verified.record or series.record),
-                 (verified.license_text or "").strip() or None,
-                 datetime.now().isoformat(timespec="seconds"), stream_sha256))
+            if add_column:
+                self._db.execute("ALTER TABLE series ADD COLUMN unit_ends TEXT")
+            self._db.execute(f"INSERT OR REPLACE INTO series VALUES "
+                             f"({','.join('?' * len(values))})", values)
             self._db.execute("DELETE FROM files WHERE uid=?", (series.uid,))
             self._db.executemany(
                 "INSERT INTO files VALUES (?,?,?,?)",
                 [(series.uid, f"{series.path}/{m.name}", m.md5, m.size)
                  for m in verified.members])
+        self._has_unit_ends = self._has_unit_ends or add_column
 
     def total_bytes(self) -> int:
         return self._db.execute("SELECT coalesce(sum(bytes), 0) FROM series").fetchone()[0]

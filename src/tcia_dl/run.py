@@ -21,6 +21,7 @@ from .collection_files import DoiResolver, datasets, utc_day
 from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,
                      EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
 from .formats import target_format
+from .formats.base import PackingCores
 from .journal import read_journal, roll_back_hot_journal
 from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable
 from .net import RetryPolicy, TransferWatchdog, retry_policy
@@ -66,7 +67,7 @@ class RunContext:
     retry: RetryPolicy
     stopping: "StopControl"
     breaker: "OutageBreaker"
-    packing_slots: threading.Semaphore
+    packing_cores: PackingCores
     fatal: list[FatalRunError] = field(default_factory=list)
 
 
@@ -138,9 +139,10 @@ def attempt_series(ctx: RunContext, series: PlannedSeries,
 
     def pack(verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries, Prepared]:
         # One series packed per core: more would share the cores and thrash their caches;
-        # meanwhile the other workers keep downloading, so the next series is ready.
-        with ctx.packing_slots:
-            packer = ctx.target.packer(series, scratch)
+        # meanwhile the other workers keep downloading, so the next series is ready. A big
+        # series (several units) also borrows the cores no other series waits for.
+        with ctx.packing_cores.own():
+            packer = ctx.target.packer(series, scratch, ctx.packing_cores)
             try:
                 verified = verify(packer)
                 return verified, packer.finish()
@@ -478,8 +480,9 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     if todo:
         todo.insert(0, todo.pop())
     skipped = len(plan.series) - len(todo)
-    packing = min(usable_cores(), options.workers)
-    log.info("%d to download into %s with %d workers, %d packing at a time", len(todo),
+    # Every usable core, even with fewer workers: a big series packs on the idle ones.
+    packing = usable_cores()
+    log.info("%d to download into %s with %d workers, packing on %d cores", len(todo),
              target.describe(), options.workers, packing)
 
     bars = options.progress and sys.stderr.isatty()
@@ -487,7 +490,7 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     ctx = RunContext(source=source, target=target, progress=progress,
                      retry=retry_policy(options.network), stopping=stopping,
                      breaker=OutageBreaker(max(5, 2 * options.workers)),
-                     packing_slots=threading.Semaphore(packing))
+                     packing_cores=PackingCores(packing))
     outcomes: list[Outcome] = []
     try:
         for _ in range(AUDIT_ROUNDS):

@@ -160,9 +160,9 @@ COLLECTION_FILE_LIMIT = 1 << 30
 
 
 class TarFragmentReader:
-    """The tar members of one xz stream of our archives (whole members, a series each; the
-    closing stream adds the end-of-archive blocks), hashed as they stream by, never kept
-    whole in memory; with an output, written (--extract)."""
+    """The tar members of one unit of our archives (whole members: a series, or a part of a
+    big one cut between members; the closing unit adds the end-of-archive blocks), hashed
+    as they stream by, never kept whole in memory; with an output, written (--extract)."""
 
     def __init__(self, stream: int, findings: Findings, output: Optional[MemberOutput] = None):
         self._stream = stream

@@ -3,6 +3,8 @@ what they read from it."""
 
 from __future__ import annotations
 
+import bisect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TYPE_CHECKING
 
@@ -19,11 +21,11 @@ if TYPE_CHECKING:
 
 def recovered_spans(path: Path) -> list[tuple[int, int]]:
     """The streams of a file whose streams cannot all be walked from its end (a .part cut
-    in an append; damage). From its journal if it describes the file (a finished archive
-    gains its closing stream: from the last series to the end); else the whole streams
-    from the start, found by their headers, and for a finished archive the streams walked
-    from the end, with what lies between as one span (decompressing it says what is
-    wrong): damage in one stream never hides the others."""
+    in an append; damage). From its journal if it describes the file (every unit of every
+    series; a finished archive gains its closing stream: from the last series to the
+    end); else the whole streams from the start, found by their headers, and for a
+    finished archive the streams walked from the end, with what lies between as one span
+    (decompressing it says what is wrong): damage in one stream never hides the others."""
     size = path.stat().st_size
     finished = not path.name.endswith(".part")
     journal = journal_spans(path)
@@ -42,11 +44,45 @@ def recovered_spans(path: Path) -> list[tuple[int, int]]:
 
 
 def journal_series_ends(path: Path) -> dict[int, str]:
-    """Where each committed series' stream ends -> its <Collection>/<path>, from the journal
-    beside the archive if it describes it (none at another site: then problems name
-    streams only)."""
+    """Where each committed series' last unit ends -> its <Collection>/<path>, from the
+    journal beside the archive if it describes it (none at another site: then problems
+    name streams only)."""
     journal, _ = trusted_journal(path)
     return {stream.end: stream.folder for stream in journal.streams} if journal else {}
+
+
+@dataclass(frozen=True)
+class SeriesRanges:
+    """Where each committed series lies in an archive, to name the series of any of its
+    units (a big series is several)."""
+    ends: list[int]              # where each series' last unit ends, in archive order
+    folders: list[str]           # its <Collection>/<path>
+
+    def folder_of(self, start: int, end: int) -> Optional[str]:
+        """The series whose bytes hold the span from start to end, or None (no series
+        holds all of it: the closing unit, or a span across two series)."""
+        index = bisect.bisect_left(self.ends, end)
+        if index == len(self.ends):
+            return None
+        series_start = self.ends[index - 1] if index else 0
+        return self.folders[index] if series_start <= start else None
+
+
+def uncommitted_tail(spans: list[tuple[int, int]], series: SeriesRanges) -> int:
+    """How many of a .part's last units lie after its journal's last series: an append the
+    journal does not record yet (killed before its row, or a run appending now), which a
+    resume cuts off, as it does a torn one."""
+    return sum(1 for _, end in spans if end > series.ends[-1]) if series.ends else 0
+
+
+def journal_series_ranges(path: Path) -> SeriesRanges:
+    """Each committed series' range, from the journal beside the archive if it describes
+    it (none at another site: then problems name units only, and --extract reads each
+    unit's series from its first member)."""
+    journal, _ = trusted_journal(path)
+    streams = journal.streams if journal else []
+    return SeriesRanges([stream.end for stream in streams],
+                        [stream.folder for stream in streams])
 
 
 def journal_name_beside(path: Path) -> Path:
@@ -95,15 +131,18 @@ def journal_mismatch(archive: Path, journal: JournalSnapshot) -> Optional[str]:
     """Why the journal does not describe the archive, in words; None when it does. A
     journal beside a file may be another file's: a repair moves it onto the new .part
     while the old archive stays, and an earlier run of another selection may have left it.
-    It describes the file when its committed streams end exactly where the file's streams
-    do (a .part: its first ones, for an append may follow), a finished archive has the size
+    It describes the file when its committed units (each series' last, and the others of a
+    series of several, which it records too) end exactly where the file's units do (a
+    .part: its first ones, for an append may follow), a finished archive has the size
     it recorded, and the content is the one it recorded: the last committed stream's
     SHA-256 (or, that stream being damaged, the first's) is the file's. A few bytes a
     stream and one or two streams are read: cheap enough for --extract of one series."""
     part = archive.name.endswith(".part")
-    ends = [stream.end for stream in journal.streams]
+    ends = [end for _, end in journal.unit_spans()]
     if not ends:
         return None if part else "it lists no series"
+    if not journal.units_inside():
+        return "its rows put units outside their series: it is not one this tool writes"
     size = archive.stat().st_size
     if journal.meta.get("replacing") and archive.with_name(archive.name + ".part").exists():
         elsewhere = f"it describes {archive.name}.part, the repair in progress"
@@ -119,7 +158,8 @@ def journal_mismatch(archive: Path, journal: JournalSnapshot) -> Optional[str]:
         return f"{elsewhere}: its series run to byte {ends[-1]}, past the end ({size})"
     if not streams_end_at(archive, [end for end in ends if end <= size],
                           finished=not part and not cut):
-        return f"{elsewhere}: its {len(ends)} series' streams do not end where {archive.name}'s do"
+        return (f"{elsewhere}: its {len(journal.streams)} series' streams do not end where "
+                f"{archive.name}'s do")
     if not content_recorded(archive, journal):
         return f"{elsewhere}: the streams it names hold other bytes (SHA-256)"
     return None
@@ -155,12 +195,10 @@ def content_recorded(archive: Path, journal: JournalSnapshot) -> bool:
 
 
 def journal_spans(path: Path) -> Optional[list[tuple[int, int]]]:
-    """The committed streams of an archive, from the journal beside it, if it describes it."""
+    """The committed units of an archive (every one of a series of several), from the
+    journal beside it, if it describes it."""
     journal, _ = trusted_journal(path)
-    if journal is None:
-        return None
-    ends = [stream.end for stream in journal.streams]
-    return list(zip([0] + ends[:-1], ends))
+    return journal.unit_spans() if journal is not None else None
 
 
 def journal_files(path: Path) -> Optional[dict[str, str]]:

@@ -17,8 +17,8 @@ from .logs import human_bytes, printable
 from .plan import recorded_source, write_failed_manifest
 from .storage import read_range
 from .tarread import COLLECTION_FILE, MEMBER_BATCH, bounded_map, check_stream, read_collection_file
-from .trust import (journal_series_ends, recovered_spans, tree_journals, trusted_journal,
-                    untrusted_journal_lines)
+from .trust import (journal_series_ranges, recovered_spans, tree_journals, trusted_journal,
+                    uncommitted_tail, untrusted_journal_lines)
 
 if TYPE_CHECKING:
     from .findings import ProblemLines
@@ -47,18 +47,27 @@ def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findin
         else:
             findings.problems.append(f"{path.name}: {exc}; its {len(spans)} streams are "
                                      "checked one by one")
+    # Every unit is named by the series whose range holds it: a damaged first unit of a
+    # series of several is that series' damage, and it goes on the repair list.
+    series = journal_series_ranges(path)
+    beyond = uncommitted_tail(spans, series) if part else 0
+    if beyond:
+        findings.notes.append(f"{path.name}: the last {beyond} {codec.unit}s, after byte "
+                              f"{series.ends[-1]}, are an append its journal does not record "
+                              "yet (a resume cuts them off); the ones before are checked")
+        spans = spans[:-beyond]
     findings.streams, findings.whole_streams = len(spans), spans
-    series_at = journal_series_ends(path)
 
     def check(item: tuple[int, tuple[int, int]]) -> ProblemLines:
         index, (start, end) = item
         return check_stream(path, index, start, end, findings, stop,
                             closing=index == len(spans) - 1 and not part)
-    for (_, end), problems in zip(spans, bounded_map(check, enumerate(spans))):
-        findings.problems += [f"{problem} (series {series_at[end]}, from the journal)"
-                              if end in series_at else problem for problem in problems]
-        if problems and end in series_at:
-            findings.affected.add(series_at[end])
+    for (start, end), problems in zip(spans, bounded_map(check, enumerate(spans))):
+        folder = series.folder_of(start, end)
+        findings.problems += [f"{problem} (series {folder}, from the journal)"
+                              if folder else problem for problem in problems]
+        if problems and folder:
+            findings.affected.add(folder)
     return findings
 
 
@@ -154,7 +163,8 @@ def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
         # rows for streams beyond those checked, which are not missing.
         journal, ignored = trusted_journal(path, files=part)
         findings.notes += [ignored] if ignored else []
-        reference = journal.reference(findings.streams) if part and journal else None
+        checked_end = findings.whole_streams[-1][1] if findings.whole_streams else 0
+        reference = journal.reference_through(checked_end) if part and journal else None
         cross_check(findings, reference.items() if reference is not None else None,
                     whole=not part)
     else:

@@ -4,6 +4,7 @@ compressed units (how they are written, found and read back by --verify and --ex
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import threading
@@ -87,12 +88,14 @@ PRECOMPRESSED_MODALITIES = {"SM", "US", "XC", "ES", "OP", "GM", "IVUS"}
 
 @dataclass
 class Prepared:
-    """A series made ready in scratch by a worker: an xz stream, which starts at `offset`
-    in its file, or a folder."""
+    """A series made ready in scratch by a worker: its compressed units, which start at
+    `offset` in its file and run to its end, or a folder."""
     path: Path
     offset: int = 0
     tar_bytes: int = 0
-    sha256: Optional[str] = None      # of the xz stream, as it was compressed
+    sha256: Optional[str] = None      # of all its units, as they were compressed
+    # Where each of its units but the last ends, from `offset` (none: it is one unit).
+    unit_ends: tuple[int, ...] = ()
 
     def discard(self) -> None:
         if self.path.is_dir():
@@ -241,9 +244,11 @@ class Target:
         finishes the output anew (collection files too)."""
         raise NotImplementedError
 
-    def packer(self, series: PlannedSeries, scratch: Path) -> "Packer":
+    def packer(self, series: PlannedSeries, scratch: Path,
+               cores: Optional[PackingCores] = None) -> "Packer":
         """Where a worker turns one verified series into output-to-be, in scratch (scratch
-        is the series' download file, which the packer may append to)."""
+        is the series' download file, which the packer may append to). The worker holds
+        one of cores (cores.own()); a packer may borrow more for the same series."""
         raise NotImplementedError
 
     def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
@@ -259,6 +264,46 @@ class Target:
     def describe(self) -> str:
         """Where the output is, as the user sees it now (a .part until finished)."""
         raise NotImplementedError
+
+
+class PackingCores:
+    """The cores a run packs on. Each series being packed holds one of them (own(), for as
+    long as it packs); a series packed as several units borrows idle ones for them, each
+    for one unit (borrow(), give_back()). A borrow succeeds only while no series waits for
+    a core of its own: small series never queue behind a big one for longer than one unit
+    takes to compress. Every compressing thread holds a core: never more of them than
+    there are cores."""
+
+    def __init__(self, cores: int):
+        self._free = cores
+        self._waiting = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def own(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            try:
+                self._changed.wait_for(lambda: self._free > 0)
+            finally:
+                self._waiting -= 1
+            self._free -= 1
+        try:
+            yield
+        finally:
+            self.give_back()
+
+    def borrow(self) -> bool:
+        with self._changed:
+            if self._free > 0 and self._waiting == 0:
+                self._free -= 1
+                return True
+            return False
+
+    def give_back(self) -> None:
+        with self._changed:
+            self._free += 1
+            self._changed.notify()
 
 
 class Packer(Protocol):

@@ -1,5 +1,6 @@
-"""An archive as a tar split into independent compressed units, one per series, appended
-after fsync; codec-neutral (formats.xz and formats.zstd bring the codec)."""
+"""An archive as a tar split into independent compressed units, one per series (several
+for a big one, cut between its members), appended after fsync; codec-neutral (formats.xz
+and formats.zstd bring the codec)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,21 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Optional, TYPE_CHECKING
 
 from ..collection_files import collection_files
-from ..errors import EXIT_USAGE, FatalRunError, TransientError
+from ..errors import EXIT_USAGE, FatalRunError, Interrupted, TransientError
 from ..journal import read_only
 from ..logs import human_bytes, log
 from ..settings import CHUNK_SIZE, COMPRESS_BLOCK, TAR_BLOCK, TAR_RECORD, usable_cores
 from ..storage import (SpaceNeed, fsync_directory, open_no_follow, raise_if_disk_full,
                        read_range, refuse_symlink)
-from .base import Codec, Prepared, Target, UnitCompressor, estimated_bytes
+from .base import (Codec, Packer, PackingCores, Prepared, Target, UnitCompressor,
+                   estimated_bytes)
 
 if TYPE_CHECKING:
     from ..plan import PlannedSeries
@@ -37,8 +41,10 @@ def stream_sha256(path: Path, start: int, end: int) -> str:
 def first_damaged_unit(codec: Codec, path: Path,
                        streams: list[tuple[str, str, int, int, Optional[str]]],
                        full: bool = True) -> Optional[int]:
-    """The index of the first unit that is not what its journal row says, or None. On
-    all usable cores: hashing releases the GIL."""
+    """The index of the first series whose bytes are not what its journal row says, or
+    None: by the SHA-256 of all its units, or (a row of 0.3, which kept none) by the one
+    unit's own checks, as 0.3 wrote one unit per series; not full: its first unit's start
+    and its last unit's end in place. On all usable cores: hashing releases the GIL."""
     def intact(stream: tuple[str, str, int, int, Optional[str]]) -> bool:
         _, _, start, end, sha256 = stream
         if not full:
@@ -81,17 +87,27 @@ def tar_padding(size: int) -> bytes:
     return tarfile.NUL * (-size % TAR_BLOCK)
 
 
+def passing_on(chunks: Iterator[bytes]) -> Callable[[Callable[[bytes], None]], None]:
+    """What UnitWriter.add_file fills a member with: every chunk, passed on."""
+    def fill(write: Callable[[bytes], None]) -> None:
+        for chunk in chunks:
+            write(chunk)
+    return fill
+
+
 class UnitWriter:
     """One complete compressed unit in a file: tar fragments go in, compressed bytes come
     out. With after_existing, the unit goes after what the file already holds, from
-    `start`."""
+    `start`, to `end` once closed. With digest, the unit's bytes go into that one too (a
+    series of several units has one SHA-256)."""
 
-    def __init__(self, path: Path, compressor: UnitCompressor, after_existing: bool = False):
+    def __init__(self, path: Path, compressor: UnitCompressor, after_existing: bool = False,
+                 digest: Optional["hashlib._Hash"] = None):
         self._file = open(path, "r+b" if after_existing else "wb")
-        self.start = self._file.seek(0, os.SEEK_END)
+        self.start = self.end = self._file.seek(0, os.SEEK_END)
         self._compressor = compressor
         self.tar_bytes = 0
-        self.digest = hashlib.sha256()      # of the compressed stream, as it is produced
+        self.digest = digest or hashlib.sha256()    # of the compressed bytes, as produced
         self._pending = bytearray()
 
     def write(self, data: bytes) -> None:
@@ -126,6 +142,7 @@ class UnitWriter:
     def close(self) -> None:
         self._compress_pending()
         self._emit(self._compressor.flush())
+        self.end = self._file.tell()
         self._file.close()
 
     def abort(self) -> None:
@@ -136,9 +153,10 @@ class UnitWriter:
 
 class UnitPacker:
     """A MemberSink that turns a series into one tar fragment in one compressed unit,
-    written after the series' download in its own scratch file: one file per series in
-    flight (inode quotas), and the download is read, never rewritten, while the unit
-    grows."""
+    compressed on the worker's thread and written after the series' download in its own
+    scratch file: one file per series in flight (inode quotas), and the download is read,
+    never rewritten, while the unit grows. What every series the server says is smaller
+    than UNIT_TAR_BYTES becomes (most series: a few MB)."""
 
     def __init__(self, zip_path: Path, compressor: UnitCompressor, prefix: str, scratch: Path):
         self._writer = UnitWriter(zip_path, compressor, after_existing=True)
@@ -148,11 +166,8 @@ class UnitPacker:
         self._mtime = int(time.time())
 
     def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
-        def fill(write: Callable[[bytes], None]) -> None:
-            for chunk in chunks:
-                write(chunk)
         try:
-            self._writer.add_file(self._prefix + name, size, self._mtime, fill)
+            self._writer.add_file(self._prefix + name, size, self._mtime, passing_on(chunks))
         except OSError as exc:
             raise_if_disk_full(exc, self._scratch)
             raise
@@ -172,12 +187,247 @@ class UnitPacker:
         self.prepared.discard()
 
 
+# A series whose server-given size (FileSize) is UNIT_TAR_BYTES or more is cut into units of
+# at most this much tar (between members), compressed at once on every core it can borrow.
+# Cutting costs nothing measurable in size (xz -1's dictionary is 1 MiB; -6's 8 MiB) and
+# lets --verify and --extract read the series on all cores too. Smaller units leave less
+# for one core at the series' end (the last unit compresses alone) but hold the other
+# cores less long when small series want them; larger ones take more memory. Measured on
+# 2 cores, one 420 MB CT-like series at xz -1 (bench/run.py --series 1 --instances 800):
+# MEASUREMENTS.
+UNIT_TAR_BYTES = 32 << 20
+# Units of one series in memory at once: compressing, or compressed and waiting for those
+# before them to be written. Each holds at most UNIT_TAR_BYTES of tar (its input, less as
+# it is compressed, plus its output), and a compressor (xz: about 10 MB at -1, 94 MB at
+# -6), so a series takes at most (UNITS_IN_FLIGHT + 1) x 32 MiB of tar (the unit being
+# filled too) beside its compressors; a series uses at most this many cores.
+UNITS_IN_FLIGHT = 4
+
+
+class UnitTar:
+    """The tar of the unit being filled, in blocks of COMPRESS_BLOCK: the compressor gets
+    a block at a time (see UnitWriter.write)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[bytearray] = []
+        self.tar_bytes = 0
+        self._pending = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.tar_bytes += len(data)
+        self._pending += data
+        if len(self._pending) >= COMPRESS_BLOCK:
+            self.blocks.append(self._pending)
+            self._pending = bytearray()
+
+    def sealed(self) -> list[bytearray]:
+        if self._pending:
+            self.blocks.append(self._pending)
+            self._pending = bytearray()
+        return self.blocks
+
+
+class UnitCores:
+    """The cores one series' units compress on: the one its worker holds, and idle ones of
+    the run borrowed one unit at a time (each given back as a unit ends, so that a small
+    series waiting for a core waits one unit at most)."""
+
+    def __init__(self, shared: Optional[PackingCores]):
+        self._shared = shared
+        self._lock = threading.Lock()
+        self._running = 0
+        self._borrowed = 0
+
+    def claim(self) -> bool:
+        """A core for one more unit: the series' own if no unit runs on it, else a borrowed
+        one; False when there is none."""
+        with self._lock:
+            if self._running <= self._borrowed:
+                self._running += 1
+                return True
+            if self._shared is not None and self._shared.borrow():
+                self._borrowed += 1
+                self._running += 1
+                return True
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._borrowed:
+                self._borrowed -= 1
+                self._shared.give_back()
+
+
+class UnitJob:
+    """One unit's tar compressed on a thread of its own, into memory (lzma and zstandard
+    let go of the GIL: threads are enough). A daemon thread: a stopping run never waits for
+    it, and cancel ends it at its next block. done() is called when it ends, however."""
+
+    def __init__(self, blocks: list[bytearray], tar_bytes: int, compressor: UnitCompressor,
+                 cancel: threading.Event, done: Callable[[], None]):
+        self.tar_bytes = tar_bytes
+        self._blocks = blocks[::-1]           # popped from the end: freed once compressed
+        self._compressor = compressor
+        self._cancel = cancel
+        self._done = done
+        self._pieces: list[bytes] = []
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="unit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while self._blocks:
+                if self._cancel.is_set():
+                    raise Interrupted()
+                self._pieces.append(self._compressor.compress(self._blocks.pop()))
+            self._pieces.append(self._compressor.flush())
+        except BaseException as exc:      # raised where the unit is collected (result)
+            self._error = exc
+        finally:
+            self._done()
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> list[bytes]:
+        """The whole unit, compressed; what went wrong, raised."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._pieces
+
+
+class SplitPacker:
+    """A MemberSink that turns a big series into several independent units, cut between
+    members every UNIT_TAR_BYTES of tar (a reader checks each unit as a tar fragment that
+    starts with a member's header), compressed at once on the cores the series can hold
+    (UnitCores), and written in order after the series' download in its own scratch file
+    (one file per series in flight, as UnitPacker). What finish() returns is one series:
+    one range of the file, one SHA-256 over all of it, and where its units end."""
+
+    def __init__(self, zip_path: Path, compressor: Callable[[], UnitCompressor], prefix: str,
+                 scratch: Path, unit_bytes: int, cores: Optional[PackingCores]):
+        self._path = zip_path
+        self._compressor = compressor
+        self._prefix = prefix
+        self._scratch = scratch
+        self._unit_bytes = unit_bytes
+        self._cores = UnitCores(cores)
+        self._cancel = threading.Event()
+        self._mtime = int(time.time())
+        self._digest = hashlib.sha256()
+        self._jobs: deque[UnitJob] = deque()
+        self._filling = UnitTar()
+        self._unit_ends: list[int] = []        # from the start of the first unit
+        self._tar_bytes = 0
+        self.prepared = Prepared(zip_path, offset=zip_path.stat().st_size)
+
+    def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        header = tar_header(self._prefix + name, size, self._mtime)
+        member_tar = len(header) + size + len(tar_padding(size))
+        try:
+            if member_tar > self._unit_bytes:
+                self._seal()
+                self._write_all()
+                self._add_alone(name, size, chunks)
+                return
+            if self._filling.tar_bytes + member_tar > self._unit_bytes:
+                self._seal()
+            self._fill(header, name, size, chunks)
+        except OSError as exc:
+            raise_if_disk_full(exc, self._scratch)
+            raise
+
+    def _fill(self, header: bytes, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        self._filling.write(header)
+        got = 0
+        for chunk in chunks:
+            got += len(chunk)
+            self._filling.write(chunk)
+        if got != size:
+            raise TransientError(f"{self._prefix + name}: {got} bytes instead of {size}")
+        self._filling.write(tar_padding(size))
+
+    def _add_alone(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        """A member larger than a unit: a unit of its own, compressed on this thread
+        straight into the file (memory stays flat), after every unit before it."""
+        writer = UnitWriter(self._path, self._compressor(), after_existing=True,
+                            digest=self._digest)
+        try:
+            writer.add_file(self._prefix + name, size, self._mtime, passing_on(chunks))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        self._tar_bytes += writer.tar_bytes
+        self._unit_ends.append(writer.end - self.prepared.offset)
+
+    def _seal(self, even_empty: bool = False) -> None:
+        """The unit being filled goes to a core: its own, once one is free (the units
+        before it are written meanwhile, as they finish)."""
+        if not self._filling.tar_bytes and not even_empty:
+            return
+        unit, self._filling = self._filling, UnitTar()
+        self._write_finished()
+        while len(self._jobs) >= UNITS_IN_FLIGHT or not self._cores.claim():
+            self._write(self._jobs.popleft())
+        self._jobs.append(UnitJob(unit.sealed(), unit.tar_bytes, self._compressor(),
+                                  self._cancel, self._cores.release))
+
+    def _write_finished(self) -> None:
+        while self._jobs and self._jobs[0].finished:
+            self._write(self._jobs.popleft())
+
+    def _write_all(self) -> None:
+        while self._jobs:
+            self._write(self._jobs.popleft())
+
+    def _write(self, job: UnitJob) -> None:
+        """A unit behind the ones before it, once compressed."""
+        pieces = job.result()
+        with open_no_follow(self._path, "ab") as out:
+            for piece in pieces:
+                self._digest.update(piece)
+                out.write(piece)
+            end = out.tell()
+        self._tar_bytes += job.tar_bytes
+        self._unit_ends.append(end - self.prepared.offset)
+
+    def finish(self) -> Prepared:
+        try:
+            self._seal(even_empty=not (self._jobs or self._unit_ends))
+            self._write_all()
+        except OSError as exc:
+            raise_if_disk_full(exc, self._scratch)
+            raise
+        self.prepared.tar_bytes = self._tar_bytes
+        self.prepared.sha256 = self._digest.hexdigest()
+        self.prepared.unit_ends = tuple(self._unit_ends[:-1])
+        return self.prepared
+
+    def discard(self) -> None:
+        """After a failure: the units being compressed stop at their next block (and give
+        their cores back) before the scratch file goes."""
+        self._cancel.set()
+        for job in self._jobs:
+            job.wait()
+        self._jobs.clear()
+        self.prepared.discard()
+
+
 class TarStreamsTarget(Target):
     """<output>/<name><suffix> written as one compressed unit per committed series.
 
     xz and zstd readers, and tar through them, accept concatenated units, so each series
-    is compressed on its own by a worker and appended whole; only the closing unit carries
-    the collection files and tar's end-of-archive blocks. Until then the file is
+    is compressed on its own by a worker (a big one into several units, on several cores:
+    SplitPacker) and appended whole; only the closing unit carries the collection files
+    and tar's end-of-archive blocks. Until then the file is
     <name><suffix>.part, and the journal holds its length after every series.
     A format of this kind is a subclass that names its codec (formats.xz, formats.zstd)."""
 
@@ -207,8 +457,8 @@ class TarStreamsTarget(Target):
 
     @classmethod
     def finished_damage(cls, output: Path, name: str) -> Optional[str]:
-        """Its size, and its last series' unit against the journal (an archive cut short,
-        or overwritten at its end)."""
+        """Its size, and its last series' units (all of them: one SHA-256) against the
+        journal (an archive cut short, or overwritten at its end)."""
         final, journal = cls.final_path(output, name), cls.journal_path(output, name)
         if not journal.exists():
             return None
@@ -375,18 +625,24 @@ class TarStreamsTarget(Target):
         log.info("repairing %s: %d intact series copied into %s (%s), %d to fetch again",
                  self.final.name, len(kept), self.part.name, human_bytes(end), len(gone))
 
-    def packer(self, series: PlannedSeries, zip_path: Path) -> UnitPacker:
-        """Compresses the series into its own unit in scratch (in a worker, in parallel)."""
-        return UnitPacker(zip_path, self.codec.compressor(self.level),
-                          f"{series.collection}/{series.path}/", self.scratch)
+    def packer(self, series: PlannedSeries, zip_path: Path,
+               cores: Optional[PackingCores] = None) -> Packer:
+        """Compresses the series into its own unit in scratch (in a worker, in parallel),
+        or a big one into several, on the cores it can borrow too."""
+        prefix = f"{series.collection}/{series.path}/"
+        if series.file_size < UNIT_TAR_BYTES:
+            return UnitPacker(zip_path, self.codec.compressor(self.level), prefix, self.scratch)
+        return SplitPacker(zip_path, lambda: self.codec.compressor(self.level), prefix,
+                           self.scratch, UNIT_TAR_BYTES, cores)
 
     def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
-        """Append the stream, fsync, then journal it: a row never runs ahead of its data."""
+        """Append the series' units, fsync, then journal them in one row (its range, one
+        SHA-256 over all of it, where its units end): a row never runs ahead of its data."""
         with self.commit_lock:
             self.check_open()
             new_end, sha256 = self._append(prepared)
             self.journal.record(series, verified, new_end, self.tar_end + prepared.tar_bytes,
-                                sha256)
+                                sha256, prepared.unit_ends)
             self.archive_end, self.tar_end = new_end, self.tar_end + prepared.tar_bytes
 
     def _append(self, prepared: Prepared) -> tuple[int, str]:

@@ -16,6 +16,7 @@ from .base import Prepared, Target
 if TYPE_CHECKING:
     from ..plan import PlannedSeries
     from ..sources.base import VerifiedSeries
+    from .base import PackingCores
 
 
 class FolderPacker:
@@ -129,7 +130,8 @@ class DirectoryTarget(Target):
         log.info("repairing %s: %d damaged series folders removed, to fetch again",
                  self.output, len(gone))
 
-    def packer(self, series: PlannedSeries, zip_path: Path) -> FolderPacker:
+    def packer(self, series: PlannedSeries, zip_path: Path,
+               cores: Optional[PackingCores] = None) -> FolderPacker:
         return FolderPacker(self.scratch_path(".d"), self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:

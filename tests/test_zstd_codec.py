@@ -124,13 +124,15 @@ def test_units_read_back_byte_identical_and_spans_are_exact(units, codec):
     assert codec.spans_from_end(path) == (spans, None)
 
 
-def test_in_place_needs_a_frame_starting_at_start_and_ending_at_end(units, codec):
+def test_in_place_needs_frames_from_start_that_end_at_end(units, codec):
     path, spans = units
     (start, end), (_, next_end) = spans[0], spans[1]
+    assert codec.in_place(path, start, end)
     assert not codec.in_place(path, start + 1, end)
     assert not codec.in_place(path, start, end - 1)
     assert not codec.in_place(path, start, end + 1)
-    assert not codec.in_place(path, start, next_end)             # two frames are not one
+    assert codec.in_place(path, start, next_end)        # a series of two units, back to back
+    assert not codec.in_place(path, start, next_end - 1)
     assert not codec.in_place(path, start, path.stat().st_size + 10)
 
 

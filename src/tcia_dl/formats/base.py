@@ -64,7 +64,8 @@ class Codec(Protocol):
         """The whole units from byte 0 up to the first one that is not whole."""
 
     def in_place(self, path: Path, start: int, end: int) -> bool:
-        """Cheap (a few small reads): a unit starts at start and ends at end."""
+        """Cheap (small reads, none of the content): a unit starts at start, and a unit
+        (the same one, or the last of several back to back) ends at end."""
 
     def decompressed(self, path: Path, start: int, end: int,
                      stop: Optional[threading.Event] = None) -> Iterator[bytes]:

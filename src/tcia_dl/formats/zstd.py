@@ -287,12 +287,17 @@ def zstd_frame_spans_from_end(path: Path) -> tuple[list[tuple[int, int]], Option
 
 
 def zstd_frame_in_place(path: Path, start: int, end: int) -> bool:
-    """A frame header of ours at start, and the frame's structure ending exactly at end:
-    one small read per block (a block holds at most 128 KiB of tar), none of the content."""
+    """Frames of ours from start, back to back, the last one's structure ending exactly at
+    end (a big series is several units): one small read per block (a block holds at most
+    128 KiB of tar), none of the content."""
     try:
         with open(path, "rb") as handle:
-            return 0 <= start < end <= file_size(handle) and \
-                frame_end(handle, start, end) == end
+            if not 0 <= start < end <= file_size(handle):
+                return False
+            position = start
+            while position < end:
+                position = frame_end(handle, position, end)
+            return position == end
     except ValueError:
         return False
 

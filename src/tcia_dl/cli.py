@@ -23,7 +23,8 @@ from .plan import FAILED_RUN_KEY, failed_run_origin
 from .run import StopControl, run
 from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_COMPRESSION_LEVEL,
                        DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection,
-                       Shard, default_workers)
+                       Shard, default_workers, parse_size)
+from .sources import aspera
 from .storage import disk_full
 from .trust import say_if_journal_ignored
 from .verify import verify_output
@@ -86,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--dry-run", action="store_true",
                       help="say what would be downloaded and whether it fits; write nothing")
     # (no `choices`: an unknown mode gets parse_options' one line, not argparse's usage)
-    what.add_argument("--mode", metavar="{nbia,idc,auto}",
+    what.add_argument("--mode", metavar="{nbia,idc,auto,aspera}",
                       help="where series come from: nbia (TCIA's NBIA v4, default), idc "
                            "(NCI's Imaging Data Commons: public S3 buckets and an offline "
                            "index; needs requirements-idc.txt), auto (NBIA, and IDC for "
-                           "what NBIA cannot serve)")
+                           f"what NBIA cannot serve), {aspera.HELP}")
     what.add_argument("--include-analysis-results", action="store_true",
                       help="--mode idc: also the series IDC files under a collection as "
                            "analysis results (NBIA serves only the original ones)")
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "node-local disk on a cluster (default: --output)")
     where.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
                        metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
+    where.add_argument("--temp-limit", metavar="SIZE",
+                       help="the most scratch the run may hold in --temp_dir, as sbatch --mem "
+                            "writes sizes: 500M, 20G, 1.5T (K/M/G/T: powers of 1024; a plain "
+                            "number: bytes); --mode aspera receives its packages in parts "
+                            "that fit it (default: half the free space of --temp_dir at the "
+                            "start)")
     where.add_argument("--force", action="store_true",
                        help="start even when the free space looks too small")
 
@@ -113,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                      type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="0-9",
                      help=f"xz preset (default: {DEFAULT_COMPRESSION_LEVEL}; 6 is ~10%% smaller "
                           "and ~6x slower)")
-    how.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+    how.add_argument("--workers", type=int, metavar="N",
                      help="series downloaded in parallel (1 to 64); one per usable core is "
-                          "verified and compressed at a time (default: 4 per core, at most 16)")
+                          "verified and compressed at a time (default: 4 per core, at most "
+                          f"16; --mode aspera: {aspera.DEFAULT_WORKERS}, parts of a package)")
     how.add_argument("--retries", type=int, default=6, metavar="N",
                      help="attempts per series before it is reported as failed (default: 6)")
     how.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
@@ -172,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "--modality, --body-part, --collection) only those series, "
                             "decompressing only their streams")
 
+    aspera.add_flags(parser.add_argument_group("--mode aspera (TCIA's Faspex packages)"))
+
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--log-level", default="INFO", type=str.upper,
                                choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -215,12 +225,16 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     args = build_parser().parse_args(argv)
     selection = parse_selection(args)
     origin = failed_run_origin(selection.retry_failed) if selection.retry_failed else {}
+    args.mode = args.mode or (aspera.NAME if args.aspera_url else None)
     fill_source_flags(args, origin)
-    if args.mode == "aspera":
-        raise UsageError("--mode aspera is not available in this version; use --mode nbia, "
-                         "idc or auto")
-    if args.mode not in ("nbia", "idc", "auto"):
-        raise UsageError(f"--mode {printable(args.mode)}: choose nbia, idc or auto")
+    if args.mode not in ("nbia", "idc", "auto", aspera.NAME):
+        raise UsageError(f"--mode {printable(args.mode)}: choose nbia, idc, auto or aspera")
+    if args.workers is None:
+        args.workers = aspera.DEFAULT_WORKERS if args.mode == aspera.NAME else default_workers()
+    try:
+        args.temp_limit = parse_size(args.temp_limit) if args.temp_limit else None
+    except ValueError as exc:
+        raise UsageError(f"--temp-limit {exc}") from None
     idc_endpoint = args.idc_endpoint
     if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
         raise UsageError(f"--idc-endpoint {idc_endpoint!r} is not an http(s) URL")
@@ -251,6 +265,10 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         name = recorded_name(selection.retry_failed, origin)
         selection = dataclasses.replace(selection, retry_name=name)
     password = resolve_password(args.user, args.password)
+    shard = parse_shard(args.shard, os.environ)
+    if args.mode == aspera.NAME and shard is not None:
+        raise UsageError("--mode aspera writes one archive of a package, not shards: pass "
+                         "--shard none (in a slurm job array too)")
     return Options(
         selection=selection,
         output=output,
@@ -268,7 +286,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         retry_wait=args.retry_wait,
         stop_grace=args.stop_grace,
         stall_timeout=args.stall_timeout,
-        shard=parse_shard(args.shard, os.environ),
+        shard=shard,
         update=args.update,
         dry_run=args.dry_run,
         force=args.force,
@@ -287,6 +305,8 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         idc_index=idc_index,
         idc_endpoint=idc_endpoint if args.mode in ("idc", "auto") else None,
         include_analysis_results=args.include_analysis_results,
+        temp_limit=args.temp_limit,
+        aspera=aspera.settings(args, origin) if args.mode == aspera.NAME else None,
     )
 
 
@@ -328,16 +348,20 @@ def parse_selection(args: argparse.Namespace) -> Selection:
         body_parts=tuple(args.body_part),
         retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
     by_name = bool(collection or selection.filters())
-    ways = sum([by_name and not args.extract, bool(selection.manifests),
+    packages = bool(args.aspera_url) and not (selection.retry_failed or args.verify or
+                                              args.extract)
+    ways = sum([by_name and not args.extract, packages, bool(selection.manifests),
                 bool(selection.retry_failed), bool(args.list_collections), bool(args.verify),
                 bool(args.extract)])
     if ways == 0:
         raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
-                         "filters such as --patient ID, or --list-collections (or --verify "
-                         "PATH to check an output, --extract ARCHIVE to unpack one)")
+                         "filters such as --patient ID, --aspera-url LINK, or "
+                         "--list-collections (or --verify PATH to check an output, --extract "
+                         "ARCHIVE to unpack one)")
     if ways > 1:
-        raise UsageError("choose one of --collection/filters, --manifest, --retry-failed, "
-                         "--list-collections, --verify and --extract (which takes filters)")
+        raise UsageError("choose one of --collection/filters, --manifest, --aspera-url, "
+                         "--retry-failed, --list-collections, --verify and --extract (which "
+                         "takes filters)")
     if args.extract and (args.update or args.dry_run or args.shard not in (None, "none")):
         raise UsageError("--extract takes filters (--series-uid, --patient, --study-uid, "
                          "--modality, --body-part, --collection) and --output, nothing else")
@@ -413,6 +437,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     stopping.install()
     secrets = Secrets()
     secrets.add(lambda: [options.password] if options.password else [])
+    secrets.add(lambda: [s for link in options.aspera.links for s in link.secrets]
+                if options.aspera else [])
     bars = options.progress and sys.stderr.isatty()
     try:
         teardown_logging = setup_logging(options, bars, secrets)

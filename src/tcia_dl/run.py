@@ -29,6 +29,7 @@ from .net import RetryPolicy, TransferWatchdog
 from .plan import (describe_plan, dry_run_rows, make_plan, recorded_source, space_needs,
                    space_shortfalls, without_credentials, write_failed_manifest)
 from .settings import FILTER_FLAGS, usable_cores
+from .sources import aspera
 from .sources.auto import AutoSource
 from .sources.base import AttemptBytes
 from .sources.idc import IdcSource, S3Client
@@ -439,6 +440,8 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
 
 def open_source(options: Options, stopping: StopControl) -> Source:
     """The source --mode names, with the run's network settings."""
+    if options.mode == aspera.NAME and options.aspera is not None:
+        return aspera.open_source(options.aspera, options, stopping.abort)
     if options.mode == "auto":
         return AutoSource(open_nbia(options, stopping), open_idc(options, stopping))
     if options.mode == "idc":
@@ -496,7 +499,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
         if todo:
             log.warning("%d series were published after it was finished; --update fetches "
                         "them into an update archive", len(todo))
-        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+        return EXIT_OK if not plan.incomplete else EXIT_INCOMPLETE
     shortfalls = space_shortfalls(space_needs(todo, options))
     short = any(missing for _, missing in shortfalls)
     for line, _ in shortfalls:
@@ -514,7 +517,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
         return EXIT_USAGE
     if options.update and not plan.series:
         log.info("nothing new since the last archive")
-        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+        return EXIT_OK if not plan.incomplete else EXIT_INCOMPLETE
     target = open_target(options, plan)
     try:
         if repairing:
@@ -522,7 +525,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
         if target.complete:     # a run killed after its last rename, now recognised
             log.info("%s is finished; nothing to do", target.describe())
             forget_repair_list(options, plan.name)
-            return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+            return EXIT_OK if not plan.incomplete else EXIT_INCOMPLETE
         target.journal.request([s.uid for s in plan.series],
                                replace=options.selection.retry_failed is None)
         record_provenance(target.journal, options, source)
@@ -615,7 +618,7 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     if missing:
         log.error("%d series that an earlier run asked for are not in %s yet; rerun that "
                   "run's command to fetch them", len(missing), target.describe())
-    return EXIT_OK if not (failures or missing or plan.unknown) else EXIT_INCOMPLETE
+    return EXIT_OK if not (failures or missing or plan.incomplete) else EXIT_INCOMPLETE
 
 
 AUDIT_ROUNDS = 3       # downloads, each followed by a check of everything committed
@@ -647,11 +650,14 @@ def record_provenance(journal: Journal, options: Options, source: Source) -> Non
     or a token: URLs lose their user part)."""
     journal.put("made source", source.describe())
     idc = options.mode in ("idc", "auto")
-    flags = {"api-url": without_credentials(options.api_url) if options.mode != "idc" else "",
+    flags = {"api-url": without_credentials(options.api_url)
+             if options.mode not in ("idc", aspera.NAME) else "",
              "mode": options.mode,
              "idc-endpoint": without_credentials(options.idc_endpoint)
              if idc and options.idc_endpoint else "",
              "idc-index": str(options.idc_index.resolve()) if idc and options.idc_index else ""}
+    if options.aspera is not None:
+        flags.update(aspera.provenance(options.aspera))
     for flag, value in flags.items():
         journal.put(f"made {flag}", value)
     if journal.get("made started") is None:
@@ -723,6 +729,9 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
                   len(plan.unknown), ", ".join(plan.unknown[:20])
                   + (", ..." if len(plan.unknown) > 20 else ""))
         log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
+    if plan.left_out:
+        log.error("%d file(s) of the selection are not in the output (the source will not "
+                  "deliver them), e.g. %s", len(plan.left_out), printable(plan.left_out[0]))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
 

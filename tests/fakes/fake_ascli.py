@@ -324,8 +324,8 @@ def parse_link(url: str, config: Config) -> Link:
 def package_path(config: Config, remote: str) -> Path:
     """The file or folder a remote path names (leading slash or not), inside the package."""
     relative = remote.strip("/")
-    local = (config.package_dir / relative).resolve() if relative else config.package_dir
     root = config.package_dir.resolve()
+    local = (root / relative).resolve()
     if local != root and root not in local.parents:
         raise AsciError("Rest", f"{config.host} 403 Forbidden")
     if not local.exists():
@@ -609,7 +609,7 @@ class FakeAscli:
         self.config_path = folder / "fake-ascli.json"
         self.log_path = folder / "fake-ascli.log"
         self.settings: dict[str, object] = {
-            "package_dir": str(package_dir), "package_id": "762",
+            "package_dir": str(package_dir.resolve()), "package_id": "762",
             "passcode": "fake-passcode-0123456789", "host": "faspex.example.org",
             "version": "4.26.0", "log": str(self.log_path),
             "state": str(folder / "fake-ascli.state"), "faults": [], **settings}

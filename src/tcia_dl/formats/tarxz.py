@@ -200,6 +200,8 @@ class FolderPacker:
 
     def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
         try:
+            if "/" in name:                 # a source's sub-folder (an Aspera package's)
+                (self.prepared.path / name).parent.mkdir(parents=True, exist_ok=True)
             with open(self.prepared.path / name, "wb") as out:
                 for chunk in chunks:
                     out.write(chunk)
@@ -349,8 +351,7 @@ class TarXzTarget(Target):
 
     def packer(self, series: PlannedSeries, zip_path: Path) -> "XzPacker":
         """Compresses the series into its own xz stream in scratch (in a worker, in parallel)."""
-        return XzPacker(zip_path, self.preset, f"{series.collection}/{series.path}/",
-                        self.scratch)
+        return XzPacker(zip_path, self.preset, f"{series.folder}/", self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
         """Append the stream, fsync, then journal it: a row never runs ahead of its data."""

@@ -4,7 +4,7 @@ Packing."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol, TYPE_CHECKING
 
@@ -20,10 +20,17 @@ if TYPE_CHECKING:
 @dataclass
 class Selected:
     """A source's answer to a selection: the series records, the UIDs it does not know,
-    and the manifests it read (their names name the output)."""
+    and the manifests it read (their names name the output). A source that names its output
+    and places its series itself (Aspera's packages: folders of their own, not NBIA's
+    patient/study/series) gives the name and the planned series too; left_out: what the
+    selection holds that the source will not deliver, one line each (the run then ends
+    with exit 1, as for unknown UIDs)."""
     records: list[dict]
     unknown: list[str]
     manifests: list["Manifest"]
+    name: Optional[str] = None
+    planned: Optional[list["PlannedSeries"]] = None
+    left_out: list[str] = field(default_factory=list)
 
 
 class AttemptBytes:

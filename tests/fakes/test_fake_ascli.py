@@ -162,7 +162,7 @@ def test_recursive_browse_timeout_and_hang_faults(fake):
     assert done.stderr.strip() == \
         "ERRR Other(Net::ReadTimeout): Net::ReadTimeout with #<TCPSocket:(closed)>"
     with pytest.raises(subprocess.TimeoutExpired):
-        browse(fake, query, "/", timeout=2)
+        browse(fake, query, "/", timeout=1)
     assert browse(fake, "/").returncode == 0        # not recursive: no fault applies
 
 
@@ -255,7 +255,7 @@ def test_a_hanging_receive_writes_nothing_and_ends_only_when_killed(fake, tmp_pa
                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
-            process.wait(timeout=2)
+            process.wait(timeout=1)
         hanging = [r for r in fake.runs() if r.get("hanging")]
         assert hanging and hanging[0]["hanging"] == "/Cohort/slides/b.svs"
         assert not (tmp_path / "d" / "slides" / "b.svs.partial").exists()

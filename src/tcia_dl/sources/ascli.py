@@ -177,8 +177,8 @@ class Ascli:
 
     def command(self, arguments: list[str]) -> list[str]:
         if sys.platform.startswith("linux") and sys.executable:
-            return [sys.executable, "-c", GUARDIAN, str(os.getpid()), str(self.executable),
-                    *arguments]
+            return [sys.executable, "-I", "-S", "-c", GUARDIAN, str(os.getpid()),
+                    str(self.executable), *arguments]
         return [str(self.executable), *arguments]
 
     # -- the commands ---------------------------------------------------------------------

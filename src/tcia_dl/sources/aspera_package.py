@@ -30,6 +30,9 @@ SUMS_LINE = re.compile(r"^([0-9A-Fa-f]{32}) {1,2}\*?(.+?)\s*$")
 # package file at the root by such a name gets a "package-" before it.
 COLLECTION_FILE_LIKE = re.compile(r"^(license|citation|metadata|md5sums)", re.IGNORECASE)
 ASCP_OWN = (".partial", ".aspera-ckpt")   # ascp's names for files still arriving
+# Items asked for by one receive: each is an argument of ascli's command line, which the
+# kernel bounds (ARG_MAX, 2 MB with the environment; 1,000 paths of 255 bytes are 256 kB).
+ITEMS_PER_RECEIVE = 1000
 
 
 # -- the link ------------------------------------------------------------------------------
@@ -333,7 +336,8 @@ def plan_parts(tree: Tree, budget: int, folder: str = "") -> list[Part]:
             parts += plan_parts(tree, budget, child)
     current: Optional[Part] = None
     for name, files in sorted(units, key=lambda unit: unit[0]):
-        if current is None or scratch_need(current.files + files) > budget:
+        if current is None or len(current.items) >= ITEMS_PER_RECEIVE or \
+                scratch_need(current.files + files) > budget:
             current = Part(folder, [], [])
             parts.append(current)
         current.items.append(name)

@@ -225,8 +225,11 @@ class Ascli:
             statuses = json.loads(run.stdout or "null")
         except ValueError:
             statuses = None
-        if not isinstance(statuses, list) or not statuses or \
-                any(not isinstance(s, dict) or s.get("status") != "success" for s in statuses):
+        # One status per package; a transfer of several sessions joins theirs with ','
+        # (runner.rb, result_transfer_multiple).
+        if not isinstance(statuses, list) or not statuses or any(
+                not isinstance(s, dict) or not isinstance(s.get("status"), str) or
+                set(s["status"].split(",")) != {"success"} for s in statuses):
             raise TransientError(f"ascli reported no success for the receive "
                                  f"({printable(run.stdout.strip()[:200])})")
 

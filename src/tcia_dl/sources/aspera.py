@@ -81,7 +81,9 @@ def settings(args: argparse.Namespace, origin: dict[str, str]) -> AsperaSettings
     if not args.aspera_url:
         raise UsageError("--mode aspera needs --aspera-url LINK: the Faspex link of the "
                          "collection's page" + (" (links are not recorded in manifests: give "
-                                                "it again)" if origin else ""))
+                                                "it again)" if origin else "") +
+                         ("; a collection's packages by --collection are not available yet"
+                          if args.collection else ""))
     links = tuple(parse_link(url) for url in args.aspera_url)
     if len({link.package_id for link in links}) < len(links):
         raise UsageError("--aspera-url: the same package twice")
@@ -214,7 +216,8 @@ def walk_folders(package: Package, listing: Listing, time_limit: float,
 def read_root_sums(package: Package, listing: Listing, scratch: Path,
                    stop: threading.Event) -> tuple[Sums, dict[str, str]]:
     """The root .sums files, received into scratch and read; and each one's own MD5."""
-    folder = Path(tempfile.mkdtemp(prefix="sums-", dir=scratch))
+    folder = Path(tempfile.mkdtemp(prefix=f".tcia_downloader-sums-{package.link.package_id}-",
+                                   dir=scratch))
     try:
         with_attempts(f"the receive of {', '.join(package.sums_names)}",
                       lambda: package.ascli.receive(folder, ["/" + n for n in package.sums_names],

@@ -341,12 +341,12 @@ def test_hostile_paths_are_refused_reported_and_never_received(tmp_path, monkeyp
         assert refused in log, refused
     requested = [p for run in package.fake.runs() for p in run.get("paths", [])]
     assert not [p for p in requested if ".." in p or "\n" in p or "\\" in p]
-    assert not [p for p in tmp_path.rglob("*") if p.name in ("escape.bin", "evil.bin",
-                                                               "outside.txt")]
+    outside = ("escape.bin", "evil.bin", "outside.txt")
+    assert not [p for p in tmp_path.rglob("*") if p.name in outside]
 
 
-def test_dry_run_says_files_bytes_largest_and_fit_and_writes_nothing(tmp_path, monkeypatch,
-                                                                      capsys):
+def test_dry_run_says_files_bytes_largest_and_fit_and_writes_nothing(
+        tmp_path, monkeypatch, capsys):
     package = Package(tmp_path, monkeypatch, package_files(slides=3))
     assert package.run("--dry-run", "--temp-limit", "300K") == 0
     out = capsys.readouterr().out.splitlines()

@@ -505,8 +505,8 @@ def receive(config: Config, line: CommandLine, link: Link, faults: Faults,
 def render(result: list[dict], options: dict[str, object]) -> str:
     if options.get("format") == "json":
         return json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-    columns = sorted({key for item in result for key in item if not isinstance(item[key],
-                                                                            (dict, list))})
+    columns = sorted({key for item in result for key, value in item.items()
+                      if not isinstance(value, (dict, list))})
     rows = [" | ".join(columns)] + [" | ".join(str(item.get(c, "")) for c in columns)
                                     for item in result]
     return "\n".join(rows)

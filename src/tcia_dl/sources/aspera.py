@@ -461,8 +461,8 @@ class AsperaSource:
         for part in plan_parts(tree, self.budget):
             uid = part.uid(package.link.package_id)
             self._parts[uid] = (package, part)
-            parts.append(planned_series(uid, package, part.folder, part_record(uid, package,
-                                                                                 part)))
+            record = part_record(uid, package, part)
+            parts.append(planned_series(uid, package, part.folder, record))
         return done + parts
 
     def _log_plan(self, planned: list[PlannedSeries], left_out: list[str]) -> None:
@@ -632,4 +632,3 @@ def hashed_chunks(path: Path, digest: "hashlib._Hash",
                 raise Interrupted()
             digest.update(chunk)
             yield chunk
-

@@ -347,4 +347,3 @@ def plan_parts(tree: Tree, budget: int, folder: str = "") -> list[Part]:
 
 def describe_folder(folder: str) -> str:
     return "/" + folder if folder else "/ (the package's root)"
-

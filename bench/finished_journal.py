@@ -7,7 +7,7 @@ downloading it: the set-up of the "resume of a finished 50,000-series journal" c
 
 Running the downloader to completion on 50,000 series would take far longer than the check
 itself, so this uses the downloader's own classes (plan_collection, TarXzTarget, Journal,
-XzStreamWriter, finalize) to write what such a run leaves behind: one journal row per series
+UnitWriter, finalize) to write what such a run leaves behind: one journal row per series
 (with its planned path and one file), a valid .tar.xz with one small placeholder member per
 series (one xz stream for all of them but the last, one for the last, which a rerun checks
 against its journal row since 0.4; then the real closing stream with LICENSE, metadata.csv
@@ -72,7 +72,7 @@ def main() -> int:
     for group in (planned[:-1], planned[-1:]):
         if not group:
             continue
-        writer = td.XzStreamWriter(stream, args.preset)
+        writer = td.UnitWriter(stream, td.XZ.compressor(args.preset))
         members = {}
         for s in group:
             data = f"placeholder for {s.uid}\n".encode()

@@ -946,12 +946,13 @@ def add_sweep(rows: list, label: str, run: Run) -> None:
 
 def resume_check(b: Bench, res: dict) -> None:
     """What a resume costs: every committed stream of a .part is read and compared with the
-    SHA-256 its journal row keeps (tcia_downloader.first_damaged_stream). Against the limit:
+    SHA-256 its journal row keeps (tcia_dl.formats.tarstreams.first_damaged_unit). Against the limit:
     coreutils' sha256sum of the same file, one core, from the same (warm) page cache. The
     .part is one 8 MiB xz stream of random bytes repeated (streams are independent)."""
     import lzma
     sys.path.insert(0, str(b.args.downloader.parent / "src"))      # the package under test
-    from tcia_dl.formats.tarxz import first_damaged_stream
+    from tcia_dl.formats.tarstreams import first_damaged_unit
+    from tcia_dl.formats.xz import XZ
     from tcia_dl.settings import usable_cores
     d = b.fresh("resume")
     part = d / f"{COLLECTION}.tar.xz.part"
@@ -970,7 +971,7 @@ def resume_check(b: Bench, res: dict) -> None:
     subprocess.run(["sha256sum", str(part)], stdout=subprocess.DEVNULL, check=True)
     limit = time.monotonic() - started
     started = time.monotonic()
-    damaged = first_damaged_stream(part, streams)
+    damaged = first_damaged_unit(XZ, part, streams)
     ours = time.monotonic() - started
     if damaged is not None:
         b.fail(f"resume: stream {damaged} of an intact .part was reported damaged")

@@ -15,13 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # `import fakes`, `he
 
 from fakes.fake_nbia import FakeNbia  # noqa: E402
 from fakes.fake_s3 import FakeS3  # noqa: E402
-from helpers import PYZ_BUILDER, Run, archive_members, flip, verify  # noqa: E402
-from tcia_dl import errors, journal as journal_module, plan, trust, xzread  # noqa: E402
+from helpers import ARCHIVE_FORMATS, PYZ_BUILDER, Run, archive_members, flip, verify  # noqa: E402
+from tcia_dl import errors, journal as journal_module, plan, trust  # noqa: E402
+from tcia_dl.formats import FORMATS, xz as xzread  # noqa: E402
+from tcia_dl.formats.base import Target  # noqa: E402
 
 # Tests talk only to servers they start: no run (in this process, in a subprocess or in a
 # slurm job, which inherit the environment) asks doi.org for BibTeX unless a test points
 # --doi-resolver at its own server.
 os.environ["TCIA_DOI_RESOLVER"] = "none"
+
+
+@pytest.fixture(params=ARCHIVE_FORMATS)
+def archive_format(request) -> type[Target]:
+    """Each archive format of the registry in turn (its Target class)."""
+    return FORMATS[request.param]
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ Fixtures live in conftest.py; the fakes in fakes/."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import http.client
 import http.server
@@ -23,12 +24,21 @@ import pydicom
 from pydicom.data import get_testdata_file
 
 from tcia_dl import cli, plan
-from tcia_dl.formats import base as formats_base
+from tcia_dl.formats import FORMATS, base as formats_base, codec_of
 from tcia_dl.sources import nbia
 from fakes.fake_nbia import dicom_file_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tcia_downloader.py"
+
+# The archive formats of the registry: tests of the archive run on each, so that a new
+# format gets them by its registry line (and a line below, if standard tools read it).
+ARCHIVE_FORMATS = [name for name, target in FORMATS.items() if target.codec is not None]
+
+# How the standard tools read an archive of each codec: its own integrity test, tar's flag,
+# and decompression to stdout. These are the users' tools: the archive must pass them.
+STANDARD_TOOLS = {"xz": (["xz", "-t"], "-J", ["xz", "-dc"]),
+                  "zstd": (["zstd", "-q", "-t"], "--zstd", ["zstd", "-q", "-dc"])}
 
 
 # -- runs of the tool and what they leave (were in test_downloader_e2e) ----------------
@@ -37,14 +47,16 @@ class Run:
     """One downloader run in this process, with its exit code and logs."""
 
     def __init__(self, tmp_path: Path, fake, *extra: str, collection: str = "DEMO",
-                 compression: bool = True, output: Path | None = None, name: str = "run"):
+                 compression: bool = True, output: Path | None = None, name: str = "run",
+                 fmt: str | None = None):
         self.output = output or tmp_path / "out"
         self.cache = tmp_path / "cache"
         self.argv = [*(["--collection", collection] if collection else []),
                      "--output", str(self.output),
                      "--cache_dir", str(self.cache), "--api-url", fake.url, "--no-progress",
                      "--workers", "3", "--retry-wait", "0.05", "--stall-timeout", "1",
-                     *(["--compression"] if compression else []), *extra]
+                     *(["--format", fmt] if fmt else ["--compression"] if compression else []),
+                     *extra]
         before = set(self.cache.glob("logs/*-info.log"))
         self.code = cli.main(self.argv)
         new_logs = sorted(set(self.cache.glob("logs/*-info.log")) - before) or \
@@ -56,8 +68,16 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def standard_tar(path: Path) -> tarfile.TarFile:
+    """The archive as tarfile reads the tar that the codec's own command line tool
+    decompresses from it (not our reader: the archive is for everybody's tools)."""
+    _, _, decompress = STANDARD_TOOLS[codec_of(path).name]
+    tar = subprocess.run([*decompress, str(path)], check=True, capture_output=True).stdout
+    return tarfile.open(fileobj=io.BytesIO(tar))
+
+
 def archive_members(path: Path) -> dict[str, str]:
-    with tarfile.open(path, "r:xz") as tar:
+    with standard_tar(path) as tar:
         return {m.name: md5(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
 
 
@@ -81,11 +101,12 @@ def expected_folders(fake, collection: str = "DEMO") -> dict[str, list[str]]:
 
 
 def verify_with_standard_tools(archive: Path, tmp_path: Path, collection: str = "DEMO") -> None:
-    subprocess.run(["xz", "-t", str(archive)], check=True)
-    subprocess.run(["tar", "-tJf", str(archive)], check=True, capture_output=True)
+    test, flag, _ = STANDARD_TOOLS[codec_of(archive).name]
+    subprocess.run([*test, str(archive)], check=True)
+    subprocess.run(["tar", flag, "-tf", str(archive)], check=True, capture_output=True)
     extract = tmp_path / f"extract-{archive.stem}"
     extract.mkdir()
-    subprocess.run(["tar", "-xJf", str(archive), "-C", str(extract)], check=True)
+    subprocess.run(["tar", flag, "-xf", str(archive), "-C", str(extract)], check=True)
     subprocess.run(["md5sum", "-c", "--quiet", "MD5SUMS"], cwd=extract / collection, check=True)
 
 
@@ -108,15 +129,17 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
-def tool_arguments(fake, output: Path, cache: Path, *extra: str) -> list[str]:
+def tool_arguments(fake, output: Path, cache: Path, *extra: str,
+                   fmt: str = "tar.xz") -> list[str]:
     """The tool's command line (without the interpreter) of start_subprocess."""
     return [str(SCRIPT), "--collection", "DEMO", "--output", str(output), "--cache_dir",
-            str(cache), "--api-url", fake.url, "--no-progress", "--compression", "--workers",
+            str(cache), "--api-url", fake.url, "--no-progress", "--format", fmt, "--workers",
             "2", "--retry-wait", "0.05", "--stall-timeout", "5", *extra]
 
 
-def start_subprocess(fake, output: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, *tool_arguments(fake, output, cache, *extra)]
+def start_subprocess(fake, output: Path, cache: Path, *extra: str,
+                     fmt: str = "tar.xz") -> subprocess.Popen:
+    argv = [sys.executable, *tool_arguments(fake, output, cache, *extra, fmt=fmt)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -171,9 +194,7 @@ def commit_series(target: formats_base.Target, tmp_path: Path, uid: str, path: s
 
 
 def member_md5s(archive: Path) -> dict[str, str]:
-    with tarfile.open(archive, "r:xz") as tar:
-        return {m.name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
-                for m in tar.getmembers() if m.isfile()}
+    return archive_members(archive)
 
 
 # -- a damaged archive (were in test_repair) -------------------------------------------

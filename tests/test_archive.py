@@ -11,11 +11,11 @@ import zipfile
 import pytest
 
 from tcia_dl import dicom, errors, journal as journal_module
-from tcia_dl.formats import tarxz, tree
+from tcia_dl.formats import tree, xz as tarxz
 from tcia_dl.sources import base as sources_base, nbia
 from fakes.fake_nbia import dicom_file_bytes
-from helpers import (commit_series, dicom_bytes, md5, member_md5s, planned, two_file_series,
-                     write_series_zip)
+from helpers import (STANDARD_TOOLS, commit_series, dicom_bytes, md5, member_md5s, planned,
+                     two_file_series, write_series_zip)
 
 
 # -- verification ---------------------------------------------------------------------------
@@ -86,12 +86,17 @@ def test_verify_reports_count_mismatch_truncation_and_missing_table(tmp_path):
 
 # -- the archive ----------------------------------------------------------------------------
 
-def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
-    """Inode quotas: the series' xz stream grows after its zip, in the zip's own file,
-    and only that stream reaches the archive."""
+def open_archive(archive_format, out, scratch):
+    """An output of the format at its fastest level."""
+    return archive_format.open("COLL", out, scratch, archive_format.codec.levels[0], "")
+
+
+def test_a_series_being_packed_is_one_file_in_scratch(tmp_path, archive_format):
+    """Inode quotas: the series' compressed unit grows after its zip, in the zip's own
+    file, and only that unit reaches the archive."""
     out = tmp_path / "out"
     out.mkdir()
-    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = open_archive(archive_format, out, tmp_path / "scratch")
     series = planned("1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
     source, files = two_file_series(tmp_path, series.uid)
     zip_path = target.scratch_path(".zip")
@@ -115,38 +120,41 @@ def test_a_series_being_packed_is_one_file_in_scratch(tmp_path):
     assert list(target.scratch.iterdir()) == []
     target.finalize()
     target.close()
-    members = member_md5s(out / "COLL.tar.xz")
+    members = member_md5s(out / f"COLL{archive_format.suffix}")
     expected = {f"COLL/{series.path}/{name}": md5(data) for name, data in files.items()}
     assert {k: v for k, v in members.items() if k in expected} == expected
     assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/CITATION.md", "COLL/metadata.csv",
                                             "COLL/MD5SUMS"}
 
 
-def test_archive_is_standard_and_self_verifying(tmp_path):
+def test_archive_is_standard_and_self_verifying(tmp_path, archive_format):
     out = tmp_path / "out"
     out.mkdir()
-    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = open_archive(archive_format, out, tmp_path / "scratch")
     expected = commit_series(target, tmp_path, "1.2.3.10", "P1/2020-01-01-S-00001/1-CT-3.10")
     expected |= commit_series(target, tmp_path, "1.2.3.11", "P2/unknown_date-NA-00002/" + "x" * 150)
+    ends = [end for _, _, _, end, _ in target.journal.streams()]
     target.finalize()
     target.close()
-    archive = out / "COLL.tar.xz"
-    assert archive.exists() and not (out / "COLL.tar.xz.part").exists()
+    archive = out / f"COLL{archive_format.suffix}"
+    assert archive.exists() and not (out / f"COLL{archive_format.suffix}.part").exists()
 
     members = member_md5s(archive)
     assert {k: v for k, v in members.items() if k in expected} == {k: md5(v) for k, v in expected.items()}
     assert set(members) - set(expected) == {"COLL/LICENSE", "COLL/CITATION.md", "COLL/metadata.csv",
                                             "COLL/MD5SUMS"}
-    # three xz streams: two series and the closing one
-    assert archive.read_bytes().count(b"\xfd7zXZ\x00") == 3
+    # three units: two series and the closing one
+    assert archive_format.codec.spans(archive) == [
+        (0, ends[0]), (ends[0], ends[1]), (ends[1], archive.stat().st_size)]
 
-    subprocess.run(["xz", "-t", str(archive)], check=True)
-    listing = subprocess.run(["tar", "-tJf", str(archive)], check=True, capture_output=True,
+    test, flag, _ = STANDARD_TOOLS[archive_format.codec.name]
+    subprocess.run([*test, str(archive)], check=True)
+    listing = subprocess.run(["tar", flag, "-tf", str(archive)], check=True, capture_output=True,
                              text=True).stdout.split()
     assert sorted(listing) == sorted(members)
     extract = tmp_path / "x"
     extract.mkdir()
-    subprocess.run(["tar", "-xJf", str(archive), "-C", str(extract)], check=True)
+    subprocess.run(["tar", flag, "-xf", str(archive), "-C", str(extract)], check=True)
     check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=extract / "COLL", check=True,
                            capture_output=True, text=True).stdout
     assert check.count(": OK") == len(expected) + 3      # + LICENSE, CITATION.md, metadata.csv
@@ -155,52 +163,53 @@ def test_archive_is_standard_and_self_verifying(tmp_path):
     assert (extract / "COLL" / "LICENSE").read_text() == "License Information. Test.\n"
 
 
-def test_a_kill_during_an_append_loses_only_that_append(tmp_path):
+def test_a_kill_during_an_append_loses_only_that_append(tmp_path, archive_format):
     out = tmp_path / "out"
     out.mkdir()
-    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    part_path = out / f"COLL{archive_format.suffix}.part"
+    target = open_archive(archive_format, out, tmp_path / "scratch")
     first = commit_series(target, tmp_path, "1.2.3.20", "P1/d-S-00020/1-CT-3.20")
-    committed_size = (out / "COLL.tar.xz.part").stat().st_size
-    # What a kill -9 mid-append leaves: half a stream after the committed end, the lock held
+    committed_size = part_path.stat().st_size
+    # What a kill -9 mid-append leaves: half a unit after the committed end, the lock held
     # by a dead process (the lock file stays), stale scratch files.
-    with open(out / "COLL.tar.xz.part", "ab") as part:
-        part.write(b"\xfd7zXZ\x00 half a stream")
+    with open(part_path, "ab") as part:
+        part.write(archive_format.codec.magic + b" half a unit")
     stale = target.scratch / "stale.zip"
     stale.write_bytes(b"junk")
     target.journal.close()
     target._lock_file.close()
     target._scratch_owner.close()       # the dead run's scratch is no longer owned
 
-    resumed = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
-    assert (out / "COLL.tar.xz.part").stat().st_size == committed_size
+    resumed = open_archive(archive_format, out, tmp_path / "scratch")
+    assert part_path.stat().st_size == committed_size
     assert set(resumed.committed()) == {"1.2.3.20"}
     assert not stale.exists() and not stale.parent.exists()
     second = commit_series(resumed, tmp_path, "1.2.3.21", "P1/d-S-00020/2-CT-3.21")
     resumed.finalize()
     resumed.close()
-    members = member_md5s(out / "COLL.tar.xz")
+    members = member_md5s(out / f"COLL{archive_format.suffix}")
     assert {k: members[k] for k in first | second} == {k: md5(v) for k, v in (first | second).items()}
 
 
-def test_a_kill_between_rename_and_journal_is_recognised_as_finished(tmp_path):
+def test_a_kill_between_rename_and_journal_is_recognised_as_finished(tmp_path, archive_format):
     out = tmp_path / "out"
     out.mkdir()
-    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = open_archive(archive_format, out, tmp_path / "scratch")
     commit_series(target, tmp_path, "1.2.3.30", "P/d-S-1/1-CT-1")
     target.finalize()
     target.journal.put("finished", "no")        # as if killed right after the rename
     target.close()
-    again = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    again = open_archive(archive_format, out, tmp_path / "scratch")
     assert again.complete
     again.close()
 
 
-def test_a_second_run_on_the_same_output_is_refused(tmp_path):
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, archive_format):
     out = tmp_path / "out"
     out.mkdir()
-    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = open_archive(archive_format, out, tmp_path / "scratch")
     with pytest.raises(errors.FatalRunError, match="being written by pid") as caught:
-        tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+        open_archive(archive_format, out, tmp_path / "scratch")
     assert caught.value.exit_code == errors.EXIT_USAGE
     target.close()
 
@@ -226,7 +235,7 @@ def test_folder_target_moves_whole_series_and_writes_md5sums(tmp_path):
 def test_seven_zip_reads_the_concatenated_streams(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", preset=0)
+    target = tarxz.TarXzTarget("COLL", out, tmp_path / "scratch", level=0)
     commit_series(target, tmp_path, "1.2.3.50", "P/d-S-1/1-CT-50")
     commit_series(target, tmp_path, "1.2.3.51", "P/d-S-1/2-CT-51")
     target.finalize()

@@ -20,7 +20,8 @@ import pytest
 
 from fakes.fake_ascli import FakeAscli, write_package
 from helpers import SCRIPT, flip, wait_until
-from tcia_dl import cli, errors, xzread
+from tcia_dl import cli, errors
+from tcia_dl.formats import xz as xzread
 from tcia_dl.settings import parse_size
 from tcia_dl.sources.ascli import error_lines
 from tcia_dl.sources.aspera_package import (PackageFile, Sums, build_tree, listed_path,

@@ -23,7 +23,7 @@ import pytest
 
 import tcia_dl
 from tcia_dl import collection_files, errors, journal as journal_module, logs, net, plan, storage
-from tcia_dl.formats import base as formats_base, tarxz, tree
+from tcia_dl.formats import base as formats_base, tarstreams, tree, xz as tarxz
 from tcia_dl.sources import base as sources_base, nbia
 from helpers import (Run, commit_series, dicom_bytes, member_md5s, planned, two_file_series,
                      write_series_zip)
@@ -31,7 +31,7 @@ from helpers import (Run, commit_series, dicom_bytes, member_md5s, planned, two_
 
 def tar_target(out: Path, scratch: Path, name: str = "COLL") -> tarxz.TarXzTarget:
     out.mkdir(parents=True, exist_ok=True)
-    return tarxz.TarXzTarget(name, out, scratch, preset=0)
+    return tarxz.TarXzTarget(name, out, scratch, level=0)
 
 
 def abandon(target: formats_base.Target) -> None:
@@ -156,7 +156,7 @@ def test_an_append_that_does_not_read_back_as_written_is_undone(tmp_path, monkey
     target = tar_target(out, tmp_path / "scratch")
     commit_series(target, tmp_path, "1.2.3.60", "P/d-S-1/1-CT")
     end = (out / "COLL.tar.xz.part").stat().st_size
-    monkeypatch.setattr(tarxz, "stream_sha256", lambda *args: "0" * 64)
+    monkeypatch.setattr(tarstreams, "stream_sha256", lambda *args: "0" * 64)
     with pytest.raises(errors.TransientError, match="not the one compressed"):
         commit_series(target, tmp_path, "1.2.3.61", "P/d-S-1/2-CT")
     assert (out / "COLL.tar.xz.part").stat().st_size == end
@@ -233,7 +233,7 @@ def test_a_full_disk_inside_a_journal_transaction_is_named_not_masked(tmp_path):
 
 def test_discarding_a_packer_on_a_full_disk_does_not_hide_the_first_error(tmp_path):
     zip_path, _ = two_file_series(tmp_path, "1.2.3.90")
-    packer = tarxz.XzPacker(zip_path, 0, "COLL/P/", tmp_path)
+    packer = tarstreams.UnitPacker(zip_path, tarxz.XZ.compressor(0), "COLL/P/", tmp_path)
 
     class FullDisk:
         def close(self) -> None:

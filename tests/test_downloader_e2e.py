@@ -66,21 +66,21 @@ def test_packing_takes_one_core_per_series_while_other_workers_download(tmp_path
             state.notify_all()
         return result
 
-    def verify_zip(path, series, sink=None, stop=None):
+    def verify_zip(path, series, sink=None, stop=None, series_hash=None):
         with state:
             seen["packing"] += 1
             seen["peak"] = max(seen["peak"], seen["packing"])
             state.notify_all()
             if series.uid not in packed_uids:
                 packed_uids.append(series.uid)
-                if len(packed_uids) == 2:      # the first series of the parallel phase
+                if len(packed_uids) == 2:      # while the workers' downloads overlap
                     # Hold the core until another worker has its zip: without the limit it
                     # would start packing now. This wait can only time out when it works.
                     downloads = seen["downloaded"]
                     assert state.wait_for(lambda: seen["downloaded"] > downloads, timeout=30)
                     state.wait_for(lambda: seen["packing"] >= 2, timeout=0.5)
         try:
-            return real_verify(path, series, sink, stop)
+            return real_verify(path, series, sink, stop, series_hash=series_hash)
         finally:
             with state:
                 seen["packing"] -= 1
@@ -116,11 +116,48 @@ def test_each_include_md5_behaviour_of_the_server_ends_verified(tmp_path, fake_n
         assert with_hash == 0
         assert any(name.endswith("/1-1.dcm") or name.endswith("/1-01.dcm") or name.endswith("/1-001.dcm")
                    for name in members)
+    elif mode == "ignore":
+        # No series is downloaded twice, and nobody waits: each zip, without its
+        # md5hashes.csv, is verified by its series hash.
+        assert with_hash == 0
+        assert fake.counters.requests("getImage", 200) == len(fake.series("DEMO"))
+        assert fake.counters.requests("getMD5Hierarchy", 200) == len(fake.series("DEMO"))
+        assert "verified as a whole against its series' getMD5Hierarchy hash" in run.log
     else:
-        # the switch happens once, on the first series, before the other workers start
         assert with_hash == len(fake.series("DEMO"))
-        assert fake.counters.requests("getImage") == 1
+        assert fake.counters.requests("getImage", 200) == 0
         assert "using getImageWithMD5Hash for the rest of the run" in run.log
+
+
+def test_a_corrupt_zip_without_md5hashes_is_caught_by_its_series_hash(tmp_path,
+                                                                     fake_nbia_factory):
+    """On a server that ignores IncludeMD5, a corrupted file fails its series' hash; the
+    zip fetched again with md5hashes.csv shows the hash was right, so it stays trusted."""
+    fake = fake_nbia_factory(include_md5="ignore")
+    victim = fake.series("DEMO")[4]["SeriesInstanceUID"]
+    fake.script_faults(victim, ["corrupt"])
+    run = Run(tmp_path, fake)
+    assert run.code == errors_module.EXIT_OK, run.log
+    assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
+    assert fake.counters.requests("getImageWithMD5Hash", 200) == 1      # the victim only
+    assert fake.counters.requests("getImage", 200) == len(fake.series("DEMO"))
+    assert "downloaded again from getImageWithMD5Hash" not in run.log
+
+
+@pytest.mark.parametrize("answer", ["other", "empty"])
+def test_series_hashes_that_do_not_verify_are_distrusted_and_the_zip_fetched_again(
+        tmp_path, fake_nbia_factory, answer):
+    """getMD5Hierarchy's formula is unconfirmed on live data: a server whose series hash
+    is not the documented one (or missing) costs a second download of the zips already
+    fetched without md5hashes.csv, never a wrong archive."""
+    fake = fake_nbia_factory(include_md5="ignore", md5_hierarchy=answer)
+    run = Run(tmp_path, fake)
+    assert run.code == errors_module.EXIT_OK, run.log
+    assert series_folders(archive_members(run.output / "DEMO.tar.xz")) == expected_folders(fake)
+    assert "getMD5Hierarchy" in run.log and "downloaded again from getImageWithMD5Hash" in run.log
+    zips = fake.counters.requests("getImage", 200)
+    assert fake.counters.requests("getImageWithMD5Hash", 200) == len(fake.series("DEMO"))
+    assert 1 <= zips <= 3                        # the zips in flight at the switch (3 workers)
 
 
 def test_folder_tree_mode_moves_verified_series_and_leaves_no_scratch(tmp_path, fake_nbia_factory):
@@ -154,7 +191,10 @@ FAULT_KINDS = {
 
 
 def test_every_fault_kind_is_retried_to_a_complete_archive(tmp_path, fake_nbia_factory):
-    fake = fake_nbia_factory(faults=Faults(retry_after=0.1, stall_seconds=30))
+    # (a server that honours IncludeMD5: a corrupt file is named by its MD5; on one that
+    # ignores it, by the series hash: see the test after the next)
+    fake = fake_nbia_factory(include_md5="honour", faults=Faults(retry_after=0.1,
+                                                                 stall_seconds=30))
     uids = [s["SeriesInstanceUID"] for s in fake.series("DEMO")]
     kinds = list(FAULT_KINDS)
     for uid, kind in zip(uids[1:], kinds):    # the first series goes alone: keep it clean
@@ -235,7 +275,8 @@ def test_refused_series_do_not_look_like_an_outage(tmp_path, fake_nbia_factory):
 
 def test_contamination_and_junk_are_dropped_and_hostile_names_made_safe(tmp_path,
                                                                        fake_nbia_factory):
-    fake = fake_nbia_factory(nasty=frozenset({"contaminate", "junk", "hostile_names",
+    fake = fake_nbia_factory(include_md5="honour",      # "not listed" needs the table
+                             nasty=frozenset({"contaminate", "junk", "hostile_names",
                                               "duplicate_series_numbers", "missing_dates"}))
     run = Run(tmp_path, fake)
     assert run.code == errors_module.EXIT_OK, run.log
@@ -373,8 +414,10 @@ def test_short_lived_tokens_are_renewed_before_they_expire(tmp_path, fake_nbia_f
 
 def test_tokens_revoked_mid_run_are_renewed_after_the_401(tmp_path, fake_nbia_factory):
     password = "pw-Very-Secret-43"
-    fake = fake_nbia_factory(require_token=True, users={"alice": password},
-                             demo_series=8, conn_bandwidth=100_000)
+    # (honoured IncludeMD5: the first request after the revocation is an image request,
+    # not a getMD5Hierarchy, so the image path's renewal is what is tested)
+    fake = fake_nbia_factory(require_token=True, users={"alice": password}, demo_series=8,
+                             conn_bandwidth=100_000, include_md5="honour")
 
     def revoke_after_two_commits(output: Path) -> None:
         wait_until(lambda: len(journal_uids(output)) >= 2, 60, "two commits")
@@ -431,8 +474,9 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
     (["--collection", "X", "--mode", "s3"], "--mode s3: choose nbia, idc or auto"),
     (["--collection", "X", "--workers", "0"], "--workers must be a number from 1 to 64"),
     (["--collection", "X", "--workers", "10000"], "--workers must be a number from 1 to 64"),
-    (["--collection", "X", "--compression-level", "12"],
-     "--compression-level must be a number from 0 to 9"),
+    (["--collection", "X", "--compression", "--compression-level", "12"],
+     "--compression-level must be from 0 to 9 for --format tar.xz"),
+    (["--collection", "X", "--compression-level", "99"], "--compression-level must be from 0 to"),
     # numbers that would overflow the backoff or switch a timer off
     (["--collection", "X", "--stall-timeout", "nan"], "--stall-timeout must be a number"),
     (["--collection", "X", "--stall-timeout", "inf"], "--stall-timeout must be a number"),

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tcia_dl import cli, errors, extract as extract_module, tarread, verify, xzread
+from tcia_dl import cli, errors, extract as extract_module, tarread, verify
+from tcia_dl.formats import xz as xzread
 from helpers import Run
 
 

@@ -10,7 +10,8 @@ import json
 import subprocess
 import sys
 
-from tcia_dl import errors, xzread
+from tcia_dl import errors
+from tcia_dl.formats import xz as xzread
 from helpers import ROOT, Run
 
 SEED = 18_2026

@@ -22,7 +22,8 @@ from typing import Iterable, Union
 
 import pytest
 
-from tcia_dl import cli, errors, journal, xzread
+from tcia_dl import cli, errors
+from tcia_dl.formats import tree, xz as xzread
 from helpers import ROOT, Run
 
 MiB = 1 << 20
@@ -765,7 +766,7 @@ def test_a_garbage_journal_beside_a_folder_tree_is_no_traceback(tmp_path, fake_n
     fake = fake_nbia_factory(demo_series=2)
     assert Run(tmp_path, fake, compression=False).code == errors.EXIT_OK
     output = tmp_path / "out"
-    assert journal.journal_path(output, "DEMO", False).exists()
+    assert tree.DirectoryTarget.journal_path(output, "DEMO").exists()
     garbage_journal(output / name)
     for path in (output, output / "DEMO"):
         done = tool("--verify", str(path), "--cache_dir", str(tmp_path / "c"))
@@ -825,11 +826,11 @@ SIGNALLED = """
 import json, os, signal, sys, threading
 sys.path.insert(0, sys.argv[1])
 import tcia_downloader as td
-from tcia_dl.formats import tarxz
+from tcia_dl.formats import tarstreams
 from tcia_dl.sources import idc
 from tcia_dl import storage
 from tcia_dl import verify
-from tcia_dl import xzread
+from tcia_dl.formats import xz as xzread
 sig, report = getattr(signal, sys.argv[2]), sys.argv[3]
 real, lock, state = storage.read_range, threading.Lock(), {"sent": False, "after": {}}
 def write_report():                  # at every count: however the process ends, it is there
@@ -847,7 +848,7 @@ def read_range(path, start, end):
                 state["after"][thread] = state["after"].get(thread, 0) + 1
                 write_report()
         yield chunk
-tarxz.read_range = read_range
+tarstreams.read_range = read_range
 idc.read_range = read_range
 verify.read_range = read_range
 xzread.read_range = read_range

@@ -4,7 +4,8 @@ and checked, never downloaded again), fetches the damaged ones, writes the colle
 anew, and a kill at any point of it leaves the old output or a resumable repair."""
 from __future__ import annotations
 
-from tcia_dl import errors, journal as journal_module, xzread
+from tcia_dl import errors, journal as journal_module
+from tcia_dl.formats import xz as xzread
 from helpers import Run, archive_members, verify
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tcia_dl import (cli, errors, extract as extract_module, journal as journal_module, plan,
-                     run as run_module, trust, verify as verify_module, xzread)
+from tcia_dl import cli, errors, journal as journal_module, plan, run as run_module, trust
+from tcia_dl.formats import xz as xzread
 from helpers import Run, archive_members, flip, verify
 
 
@@ -207,8 +207,7 @@ def test_verify_of_a_growing_part_counts_only_the_streams_it_checked(tmp_path,
                 db.execute("INSERT INTO files SELECT f.* FROM full.files f JOIN full.series s "
                            "ON s.uid = f.uid WHERE s.archive_end=?", (spans[3][1],))
         return found
-    for patched_module in (extract_module, trust, verify_module):
-        monkeypatch.setattr(patched_module, "xz_stream_spans", spans_then_an_append)
+    monkeypatch.setattr(type(xzread.XZ), "spans", staticmethod(spans_then_an_append))
     code, lines = verify(part, capsys)
     assert code == errors.EXIT_OK, lines
     assert len(rows_by_end(journal)) == 4 and part.stat().st_size == spans[3][1]
@@ -330,7 +329,7 @@ def test_source_flags_come_from_the_list_unless_given_and_no_secret_is_written(t
     journal = journal_module.Journal(out / "X.tar.xz.journal")
     run_module.record_provenance(journal, made, Described())
     manifest = out / "X.failed.tcia"
-    plan.write_failed_manifest(manifest, ["1.2.3"], True, "X", plan.recorded_source(journal.get))
+    plan.write_failed_manifest(manifest, ["1.2.3"], "tar.xz", "X", plan.recorded_source(journal.get))
     journal.close()
     text = manifest.read_text()
     assert not any(secret in text for secret in ("hunter2", "secret-key", "tok", "me@"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tcia_dl import cli, errors, journal as journal_module, logs as logs_module, settings
+from tcia_dl.formats.xz import TarXzTarget
 from helpers import (SCRIPT, ForwardProxy, Run, archive_members, expected_folders, journal_uids,
                      series_folders, verify_with_standard_tools)
 
@@ -301,7 +302,7 @@ def test_retry_failed_does_not_finish_an_archive_with_other_series_missing(tmp_p
     manifest = write_manifest(tmp_path / "DEMO.failed.tcia", uids[:1], basket="DEMO.failed.tcia")
     out = tmp_path / "out"
     out.mkdir()
-    journal = journal_module.Journal(journal_module.journal_path(out, "DEMO", compression=True))
+    journal = journal_module.Journal(TarXzTarget.journal_path(out, "DEMO"))
     journal.request(uids, replace=True)                  # what the interrupted run asked for
     journal.close()
     run = Run(tmp_path, fake, "--retry-failed", str(manifest), collection=None)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tcia_dl import cli, errors, xzread
+from tcia_dl import cli, errors
+from tcia_dl.formats import xz as xzread
 from helpers import Run
 
 

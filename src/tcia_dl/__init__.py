@@ -3,7 +3,8 @@
 Downloads every series of a collection from TCIA's NBIA v4 REST API, verifies each
 DICOM file against the server's MD5 list, drops files that do not belong to the
 series, names folders by patient, study date and description, and appends each
-finished series to a .tar.xz as an independent xz stream. A journal next to the
+finished series to a .tar.xz (or .tar.zst) as an independent compressed unit, or
+moves it into a folder tree. A journal next to the
 archive records every committed series after fsync, so a kill at any instant loses
 no finished work and a rerun continues where the last one stopped.
 
@@ -28,15 +29,19 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
     sources.aspera     --mode aspera: the flags, settings and AsperaSource (a part per
                        record: received, checked against the .sums, packed)
     dicom              the DICOM header reader and the naming check
-    formats.base       the output contract: Target, Prepared
-    formats.tarxz      the .tar.xz: one independent xz stream per series, appended after
-                       fsync
-    formats.tree       the folder tree
+    formats            the format registry (--format): FORMATS, the codec of an archive
+    formats.base       the output contract: Target (a format, and an output being written),
+                       Codec (an archive's independent compressed units), Prepared
+    formats.tarstreams an archive as a tar split into one compressed unit per series,
+                       appended after fsync (codec-neutral)
+    formats.xz         the xz codec (streams found from their footers and indexes,
+                       decompressed to their span) and --format tar.xz
+    formats.zstd       the zstd codec (frames found by walking their block headers) and
+                       --format tar.zst
+    formats.tree       --format dir: the folder tree
     journal            the journal beside an output: what is committed, written and read
     collection_files   LICENSE, metadata.csv, MD5SUMS, CITATION.md, the DOI resolver
   Checking and using an output (--verify, --extract):
-    xzread             an archive's xz streams found from their footers and indexes,
-                       decompressed to their span
     findings           what a check found: its problem lines, its ledger of members (on
                        disk), its findings
     tarread            tar members as GNU tar reads them, from a stream's fragment; the

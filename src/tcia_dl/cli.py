@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 from . import __version__
 from .errors import EXIT_SIGINT, EXIT_USAGE, FatalRunError, Interrupted, UsageError
 from .extract import extract_output
+from .formats import FORMATS, archive_codecs, target_format
 from .logs import Secrets, log, printable, setup_logging
-from .plan import FAILED_RUN_KEY, failed_run_origin
+from .plan import FAILED_RUN_KEY, failed_run_origin, recorded_format
 from .run import StopControl, run
-from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_COMPRESSION_LEVEL,
-                       DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection,
-                       Shard, default_workers, parse_size)
+from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER,
+                       DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection, Shard,
+                       default_workers, parse_size)
 from .sources import aspera
 from .storage import disk_full
 from .trust import say_if_journal_ignored
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="tcia_downloader.py",
         description="Download TCIA series (from NBIA v4, or IDC's public buckets) into one "
-                    "verified, resumable .tar.xz (or a folder tree).",
+                    "verified, resumable .tar.xz or .tar.zst (or a folder tree).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     what = parser.add_argument_group("what to download")
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "values (with or without --collection)")
     what.add_argument("--update", action="store_true",
                       help="after a complete archive: only the series published since, into "
-                           "<name>.update-<YYYY-MM-DD>.tar.xz")
+                           "<name>.update-<YYYY-MM-DD> of the same format")
     what.add_argument("--retry-failed", metavar="FILE.tcia",
                       help="exactly the series of a <name>.failed.tcia, into that run's output")
     what.add_argument("--shard", metavar="I/N",
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
-                       help="where <name>.tar.xz (or the <Collection>/ folders) go (default: .)")
+                       help="where <name>.tar.xz / .tar.zst (or the <Collection>/ folders) go "
+                            "(default: .)")
     where.add_argument("--temp-dir", "--temp_dir", dest="temp_dir", metavar="DIR",
                        help="scratch: one file per worker (a zip, then its compressed stream); "
                             "node-local disk on a cluster (default: --output)")
@@ -114,12 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start even when the free space looks too small")
 
     how = parser.add_argument_group("how")
+    # (no `choices`: an unknown format gets parse_options' one line, not argparse's usage)
+    how.add_argument("--format", metavar="{" + ",".join(FORMATS) + "}",
+                     help="dir: a folder tree under <output> (default); " + "; ".join(
+                         f"{name}: one <output>/<name>{target.suffix}" for name, target in
+                         FORMATS.items() if target.codec) + "; every file verified either way")
     how.add_argument("--compression", action="store_true",
-                     help="write <output>/<name>.tar.xz instead of a folder tree")
+                     help="the same as --format tar.xz (the first spelling, kept)")
     how.add_argument("--compression-level", "--compression_level", dest="compression_level",
-                     type=int, default=DEFAULT_COMPRESSION_LEVEL, metavar="0-9",
-                     help=f"xz preset (default: {DEFAULT_COMPRESSION_LEVEL}; 6 is ~10%% smaller "
-                          "and ~6x slower)")
+                     type=int, metavar="N", help="on the format's own scale: " + "; ".join(
+                         f"{codec.name} {codec.levels[0]}-{codec.levels[1]}, default "
+                         f"{codec.default_level} ({codec.level_note})"
+                         for codec in archive_codecs()).replace("%", "%%"))
     how.add_argument("--workers", type=int, metavar="N",
                      help="series downloaded in parallel (1 to 64); one per usable core is "
                           "verified and compressed at a time (default: 4 per core, at most "
@@ -172,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = parser.add_argument_group("checking what is on disk")
     check.add_argument("--verify", metavar="PATH",
-                       help="check an archive (.tar.xz or .part) or a folder tree this tool "
+                       help="check an archive (.tar.xz, .tar.zst or their .part) or a folder tree this tool "
                             "wrote, against its own MD5SUMS; no network, no journal needed")
     check.add_argument("--extract", metavar="ARCHIVE",
                        help="write the files of an archive into --output, verified against "
@@ -201,7 +209,6 @@ MAX_WORKERS = 64     # beyond this, threads and connections only load the servic
 # that no later arithmetic (backoff, timers, the outage breaker's limit) can overflow or
 # switch itself off. Timeouts and intervals start above zero.
 NUMERIC_FLAGS: tuple[tuple[str, float, float, str], ...] = (
-    ("--compression-level", 0, 9, "an xz preset"),
     ("--workers", 1, MAX_WORKERS, "series in flight"),
     ("--retries", 1, 100, "attempts"),
     ("--retry-wait", 0, 3600, "seconds"),
@@ -254,16 +261,17 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     if ca_bundle and not ca_bundle.is_file():
         raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
     output = Path(args.output).expanduser()
-    compression = args.compression
+    format_name = asked_format(args)
     repair = False
     if selection.retry_failed:
         # The failed series go back into the output of the run that failed them, whatever
-        # --output and --compression say: anything else would start a second, partial output.
+        # --output and --format say: anything else would start a second, partial output.
         output = Path(origin["output"]) if "output" in origin else output
-        compression = origin.get("compression", "yes" if compression else "no") == "yes"
+        format_name = recorded_format(origin) or format_name
         repair = origin.get("repair") == "yes"
         name = recorded_name(selection.retry_failed, origin)
         selection = dataclasses.replace(selection, retry_name=name)
+    check_format(format_name, args.compression_level)
     password = resolve_password(args.user, args.password)
     shard = parse_shard(args.shard, os.environ)
     if args.mode == aspera.NAME and shard is not None:
@@ -279,7 +287,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         password=password,
         proxy=args.proxy,
         ca_bundle=ca_bundle,
-        compression=compression,
+        format=format_name,
         compression_level=args.compression_level,
         workers=args.workers,
         retries=args.retries,
@@ -308,6 +316,36 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         temp_limit=args.temp_limit,
         aspera=aspera.settings(args, origin) if args.mode == aspera.NAME else None,
     )
+
+
+def asked_format(args: argparse.Namespace) -> str:
+    """--format, or --compression (the seed's word for tar.xz), or a folder tree."""
+    if args.compression and args.format not in (None, "tar.xz"):
+        raise UsageError(f"--compression means --format tar.xz; give only --format "
+                         f"{printable(args.format)}")
+    return args.format or ("tar.xz" if args.compression else "dir")
+
+
+def check_format(name: str, level: Optional[int]) -> None:
+    """A format this tool knows and this Python can write, and a level on its scale."""
+    target = target_format(name)
+    missing = target.missing()
+    if missing:
+        raise UsageError(missing)
+    if level is None:
+        return
+    if target.codec is not None:
+        low, high = target.codec.levels
+        if not low <= level <= high:
+            raise UsageError(f"--compression-level must be from {low} to {high} for --format "
+                             f"{name} ({target.codec.level_note}); got {level}")
+        return
+    # A folder tree is not compressed: the seed accepted a level without --compression, so
+    # one that some archive format takes is still accepted (and has no effect).
+    low = min(codec.levels[0] for codec in archive_codecs())
+    high = max(codec.levels[1] for codec in archive_codecs())
+    if not low <= level <= high:
+        raise UsageError(f"--compression-level must be from {low} to {high}; got {level}")
 
 
 def fill_source_flags(args: argparse.Namespace, origin: dict[str, str]) -> None:

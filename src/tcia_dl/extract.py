@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import io
-import lzma
 import os
 import sys
 import tarfile
@@ -17,12 +16,12 @@ from typing import Iterable, Optional, TYPE_CHECKING
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from .findings import Findings, series_folder
+from .formats import codec_of
 from .logs import human_bytes, printable
 from .settings import FILTER_FLAGS, TAR_BLOCK
 from .tarread import bounded_map, check_stream, pax_records, tar_entry
 from .trust import journal_files, journal_records, journal_series_ends, recovered_spans
 from .verify import series_of
-from .xzread import xz_stream_spans
 
 if TYPE_CHECKING:
     from .findings import ProblemLines, VerifiedMember
@@ -146,22 +145,16 @@ class ArchiveMap:
 
 
 def first_member_name(path: Path, start: int, end: int) -> tuple[Optional[str], int]:
-    """The name of a stream's first member, decompressing only its first kilobytes; and
-    how many compressed bytes that took."""
-    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    data, read = bytearray(), 0
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        while read < end - start and not decompressor.eof:
-            chunk = handle.read(min(16 * 1024, end - start - read))
-            if not chunk:
-                break
-            read += len(chunk)
-            data += decompressor.decompress(chunk, max_length=256 * 1024)
-            name = tar_header_name(bytes(data))
-            if name is not None or len(data) >= 256 * 1024:
-                return name, read
-    return tar_header_name(bytes(data)), read
+    """The name of a unit's first member, decompressing only its first kilobytes (a pax
+    header and a ustar one: a few kB; a pax header of a long name: up to 256 kB); and how
+    many compressed bytes that took."""
+    codec = codec_of(path)
+    for size in (8 * 1024, 256 * 1024):
+        data, read = codec.head(path, start, end, size)
+        name = tar_header_name(data)
+        if name is not None or len(data) < size:
+            break
+    return name, read
 
 
 def tar_header_name(data: bytes) -> Optional[str]:
@@ -187,7 +180,7 @@ def map_archive(path: Path, findings: Findings,
     into findings' ledger."""
     problems: list[str] = []
     try:
-        spans = xz_stream_spans(path)
+        spans = codec_of(path).spans(path)
     except ValueError as exc:
         spans = recovered_spans(path)
         if not path.name.endswith(".part"):      # for a .part, a torn append is normal
@@ -215,7 +208,7 @@ def map_archive(path: Path, findings: Findings,
             continue
         try:
             name, read = first_member_name(path, start, end)
-        except (lzma.LZMAError, EOFError, ValueError, tarfile.TarError) as exc:
+        except (ValueError, tarfile.TarError) as exc:
             name, read = None, 0
             archive.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: "
                                     f"{printable(str(exc))}")
@@ -289,7 +282,8 @@ def extract_mapped(path: Path, selection: Selection, folder: Path, findings: Fin
     findings.problems += archive.problems
     if not findings.ledger.has_listed():
         findings.problems.append(f"{path.name} has no MD5SUMS and no journal beside it: "
-                                 "files are checked by xz's CRC64 only")
+                                 f"files are checked by {codec_of(path).name}'s own "
+                                 "checksum only")
     folder.mkdir(parents=True, exist_ok=True)
     findings.streams = len(streams)
     allowed = None if everything else chosen
@@ -324,6 +318,7 @@ def summarise_extract(path: Path, folder: Path, findings: Findings, archive: Arc
     verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
     total = archive.spans[-1][1] if archive.spans else 0
     print(f"{path} -> {folder.resolve()}: {series} series, {files} files, {human_bytes(size)} "
-          f"from {findings.streams} of {len(archive.spans)} xz streams (read "
+          f"from {findings.streams} of {len(archive.spans)} {codec_of(path).name} "
+          f"{codec_of(path).unit}s (read "
           f"{human_bytes(read)} of {human_bytes(total)}) in {elapsed:.1f} s: {verdict}")
     return EXIT_OK if not findings.problems else EXIT_INCOMPLETE

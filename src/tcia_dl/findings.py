@@ -250,6 +250,7 @@ class Findings:
     affected: set[str] = field(default_factory=set)    # series folders with a problem
     notes: list[str] = field(default_factory=list)       # worth saying, not a problem
     whole_streams: Optional[list[tuple[int, int]]] = None   # the spans checked
+    unit: str = "xz streams"                               # what the spans are, in words
 
     def problem(self, name: str, text: str) -> None:
         """A problem with one file; its series (if it is a series' file) is damaged."""

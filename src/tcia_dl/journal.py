@@ -346,11 +346,3 @@ class Journal:
         """(LICENSE text the server sent, or None; the getSeries record) per series."""
         return [(text, json.loads(record)) for text, record in self._db.execute(
             "SELECT license, record FROM series WHERE collection=?", (collection,))]
-
-
-def journal_path(output: Path, name: str, compression: bool) -> Path:
-    return output / (f"{name}.tar.xz.journal" if compression else f"{name}.journal")
-
-
-def lock_path(output: Path, name: str, compression: bool) -> Path:
-    return output / (f"{name}.tar.xz.lock" if compression else f"{name}.lock")

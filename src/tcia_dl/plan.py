@@ -18,10 +18,11 @@ from typing import Callable, Iterator, Optional, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ApiError, EXIT_USAGE, FatalRunError, UsageError
-from .journal import journal_path, read_journal
+from .formats import target_format
+from .journal import read_journal
 from .logs import human_bytes, log, printable
 from .settings import NLST_API_URL
-from .storage import existing_ancestor, filesystem_of, write_file_atomically
+from .storage import SpaceNeed, existing_ancestor, filesystem_of, write_file_atomically
 
 if TYPE_CHECKING:
     from .settings import Options, Selection, Shard
@@ -450,7 +451,7 @@ FAILED_RUN_KEY = "tcia_downloader."      # header keys that say which run failed
 SOURCE_FLAGS = ("api-url", "mode", "idc-endpoint", "idc-index")
 
 
-def write_failed_manifest(path: Path, uids: list[str], compression: bool, name: str,
+def write_failed_manifest(path: Path, uids: list[str], format_name: str, name: str,
                           source: Optional[dict[str, str]] = None, repair: bool = False) -> None:
     """Series as a .tcia manifest, the format TCIA's portal hands out, with header keys of
     our own (other readers skip unknown keys): the output it belongs to (its folder and
@@ -459,8 +460,8 @@ def write_failed_manifest(path: Path, uids: list[str], compression: bool, name: 
     them. downloadServerUrl names TCIA's servlet only when its series came from TCIA."""
     source = source or {}
     servlet = download_servlet(source.get("api-url", ""), source.get("mode", ""))
-    ours = {"output": str(path.parent.resolve()), "name": name,
-            "compression": "yes" if compression else "no", **source,
+    ours = {"output": str(path.parent.resolve()), "name": name, "format": format_name,
+            **old_format_key(format_name), **source,
             **({"repair": "yes"} if repair else {})}
     lines = [*([f"downloadServerUrl={servlet}"] if servlet else []),
              "includeAnnotation=true", "noOfrRetry=4", f"databasketId={path.name}",
@@ -469,6 +470,24 @@ def write_failed_manifest(path: Path, uids: list[str], compression: bool, name: 
                if value and value.isprintable()),
              "ListOfSeriesToDownload=", *uids]
     write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def old_format_key(format_name: str) -> dict[str, str]:
+    """The key 0.4.0 read instead of format (yes: a .tar.xz, no: a folder tree), written
+    too while it can say the format, so that such a version puts the series back into the
+    right output."""
+    known = {"tar.xz": "yes", "dir": "no"}
+    return {"compression": known[format_name]} if format_name in known else {}
+
+
+def recorded_format(origin: dict[str, str]) -> Optional[str]:
+    """The format a failure or repair list records: its format key, else 0.4.0's
+    compression key, else None (then --format decides)."""
+    if origin.get("format"):
+        return origin["format"]
+    if origin.get("compression") in ("yes", "no"):
+        return "tar.xz" if origin["compression"] == "yes" else "dir"
+    return None
 
 
 def download_servlet(api_url: str, mode: str) -> Optional[str]:
@@ -523,7 +542,7 @@ class Plan:
         return bool(self.unknown or self.left_out)
 
     def journal(self, options: Options) -> Path:
-        return journal_path(options.output, self.name, options.compression)
+        return target_format(options.format).journal_path(options.output, self.name)
 
 
 def make_plan(source: Source, options: Options) -> Plan:
@@ -558,7 +577,7 @@ def updates_only(planned: list[PlannedSeries], options: Options,
                  name: str) -> tuple[list[PlannedSeries], str]:
     """--update: the series no finished archive of this name (whole, shards, earlier
     updates) holds yet, and the name of today's update archive."""
-    ending = ".tar.xz.journal" if options.compression else ".journal"
+    ending = f"{target_format(options.format).suffix}.journal"
     bases = [p for p in (options.output / f"{name}{ending}",
                          *options.output.glob(f"{name}.shard-*{ending}")) if p.exists()]
     if not bases or not all(read_journal(p)[1] for p in bases):
@@ -585,45 +604,14 @@ def updates_only(planned: list[PlannedSeries], options: Options,
 # -- before anything is written: space -----------------------------------------------------
 
 
-# xz ratios on CT-like DICOM measured on our machines (shared/measured.md); images that are
-# JPEG-compressed inside DICOM (slide microscopy, ultrasound, photos) barely shrink.
-XZ_RATIO = {0: 2.7, 1: 2.85, 2: 2.86, 3: 2.89, 4: 3.0, 5: 3.05, 6: 3.15, 7: 3.15, 8: 3.15, 9: 3.15}
-PRECOMPRESSED_MODALITIES = {"SM", "US", "XC", "ES", "OP", "GM", "IVUS"}
-
-
-def estimated_archive_bytes(series: list[PlannedSeries], preset: int) -> int:
-    return int(sum(s.file_size / (1.0 if s.record.get("Modality") in PRECOMPRESSED_MODALITIES
-                                  else XZ_RATIO[preset]) for s in series))
-
-
-@dataclass
-class SpaceNeed:
-    what: str                  # "--output", "--temp_dir" or both on one filesystem
-    folder: Path
-    bytes: int
-    inodes: int
-
-
 def space_needs(todo: list[PlannedSeries], options: Options) -> list[SpaceNeed]:
-    """What the rest of the run will put on each filesystem: the archive (or the tree) on
-    --output, one zip and its compressed stream (or a folder) per worker on --temp_dir."""
+    """What the rest of the run will put on each filesystem: the output on --output, what
+    the workers hold on --temp_dir; one need when both are on one filesystem."""
     if not todo:
         return []
-    largest = max(s.file_size for s in todo)
     parallel = min(options.workers, len(todo))
-    if options.compression:
-        output = SpaceNeed("--output", options.output,
-                           int(estimated_archive_bytes(todo, options.compression_level) * 1.05), 4)
-        scratch = SpaceNeed("--temp_dir", options.temp_dir, int(parallel * largest * 1.5),
-                            parallel + 1)     # one file per worker, in the scratch folder
-    else:
-        files = sum(s.image_count or 1 for s in todo)
-        folders = len({s.path for s in todo}) + len({s.path.rsplit("/", 1)[0] for s in todo})
-        output = SpaceNeed("--output", options.output, sum(s.file_size for s in todo)
-                           + 4096 * files, files + folders + 8)
-        most_files = max(s.image_count or 1 for s in todo)
-        scratch = SpaceNeed("--temp_dir", options.temp_dir, parallel * largest * 2,
-                            parallel * (most_files + 2))
+    output, scratch = target_format(options.format).space_needs(
+        todo, options.output, options.temp_dir, parallel, options.compression_level)
     if filesystem_of(options.output) == filesystem_of(options.temp_dir):
         return [SpaceNeed("--output and --temp_dir", options.output,
                           output.bytes + scratch.bytes, output.inodes + scratch.inodes)]
@@ -684,11 +672,9 @@ def describe_plan(plan: Plan, todo: list[PlannedSeries], options: Options) -> li
              f"{human_bytes(total)} of DICOM ({sum(s.image_count or 0 for s in series)} files)",
              f"  already in the output: {len(series) - len(todo)} series; to download: "
              f"{len(todo)} series, {human_bytes(sum(s.file_size for s in todo))}"]
-    if options.compression:
-        lines.append(f"  estimated archive: about "
-                     f"{human_bytes(estimated_archive_bytes(series, options.compression_level))} "
-                     f"(xz preset {options.compression_level}; CT-like images shrink about "
-                     f"{XZ_RATIO[options.compression_level]}x, JPEG-compressed ones barely)")
+    estimate = target_format(options.format).estimate_line(series, options.compression_level)
+    if estimate:
+        lines.append(estimate)
     if plan.unknown:
         lines.append(f"  unknown to the server: {len(plan.unknown)} series "
                      f"({', '.join(plan.unknown[:5])}{', ...' if len(plan.unknown) > 5 else ''})")

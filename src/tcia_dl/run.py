@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, TYPE_CHECKING
 
 from . import __version__
-from .collection_files import DoiResolver, collection_file_names, datasets, utc_day
+from .collection_files import DoiResolver, datasets, utc_day
 from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,
                      EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
-from .formats.tarxz import TarXzTarget, stream_sha256
-from .formats.tree import DirectoryTarget
-from .journal import lock_path, read_journal, read_only, roll_back_hot_journal
+from .formats import target_format
+from .journal import read_journal, roll_back_hot_journal
 from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable, private_dir
 from .net import RetryPolicy, TransferWatchdog
 from .plan import (describe_plan, dry_run_rows, make_plan, recorded_source, space_needs,
@@ -341,64 +340,26 @@ def still_on_disk(options: Options, plan: Plan, committed: dict[str, str],
     """What the journal says is in the output, less what the disk no longer has: a journal
     never outranks the output (a deleted archive, a removed series folder). Cheap: one stat
     per series at most; the targets check the rest when they open."""
-    if options.compression:
-        if (options.output / f"{plan.name}.tar.xz").exists():
-            return committed, finished
-        if (options.output / f"{plan.name}.tar.xz.part").exists():
-            return committed, False
-        if committed:
-            log.warning("%s.tar.xz and its .part are gone: its journal is set aside and the "
-                        "archive starts over", plan.name)
-        return {}, False
-    present = {uid: where for uid, where in committed.items()
-               if (options.output / where).is_dir()}
-    if len(present) < len(committed):
-        log.warning("%d series folders that %s lists are gone from %s: they will be "
-                    "downloaded again", len(committed) - len(present),
-                    plan.journal(options).name, options.output)
-    files = {options.output / where.split("/", 1)[0] / name for where in present.values()
-             for name in collection_file_names(plan.file_suffix)}
-    whole = len(present) == len(committed) and all(path.is_file() for path in files)
-    return present, finished and whole
-
-
-def finished_archive_damage(options: Options, plan: Plan) -> Optional[str]:
-    """What is wrong with a finished archive, from what is cheap to check on a rerun: its
-    size, and its last series' stream against the journal (an archive cut short, or
-    overwritten at its end). Reading all of it is --verify's job."""
-    final = options.output / f"{plan.name}.tar.xz"
-    journal = plan.journal(options)
-    if not options.compression or not journal.exists():
-        return None
-    with read_only(journal) as db:
-        closing = db.execute("SELECT value FROM meta WHERE key='closing_end'").fetchone()
-        last = db.execute("SELECT archive_end, stream_sha256 FROM series "
-                          "ORDER BY archive_end DESC LIMIT 2").fetchall()
-    size = final.stat().st_size
-    if closing and int(closing[0]) != size:
-        return f"{final} is {size} bytes, but its journal says {closing[0]}: it changed"
-    if last and last[0][1]:
-        start = last[1][0] if len(last) > 1 else 0
-        if stream_sha256(final, start, last[0][0]) != last[0][1]:
-            return f"the last series' stream in {final} is not the one that was appended"
-    return None
+    return target_format(options.format).still_on_disk(options.output, plan.name, committed,
+                                                       finished, plan.file_suffix)
 
 
 def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
     """A run killed after its output was finished leaves its lock file and its scratch (a
     repair killed early, a .part); the run that finds the output finished removes them,
     unless a run still uses them."""
-    path = lock_path(options.output, plan.name, options.compression)
-    part = options.output / f"{plan.name}.tar.xz.part"
+    target = target_format(options.format)
+    path = target.lock_path(options.output, plan.name)
+    part = target.late_leftover(options.output, plan.name)
     # sqlite's rollback journal of a transaction killed right after it was created: not hot
     # (nothing to roll back: empty, or its header not yet written), so no read removes it.
     stale = Path(f"{plan.journal(options)}-journal")
-    if path.exists() or (options.compression and part.exists()) or stale.exists():
+    if path.exists() or (part is not None and part.exists()) or stale.exists():
         with contextlib.suppress(FatalRunError):
             lock = acquire_lock(path, plan.name)
             # Beside a finished archive, a .part is a repair killed before its journal
             # moved onto it (it would have said "replacing"): nothing describes it.
-            if part.exists():
+            if part is not None and part.exists():
                 log.info("removing %s: a repair of the finished archive that did not get "
                          "far; --retry-failed of the .damaged.tcia starts it again", part.name)
                 part.unlink()
@@ -410,10 +371,8 @@ def tidy_after_a_late_kill(options: Options, plan: Plan) -> None:
 
 
 def open_target(options: Options, plan: Plan) -> Target:
-    if options.compression:
-        return TarXzTarget(plan.name, options.output, options.temp_dir,
-                           options.compression_level, plan.file_suffix)
-    return DirectoryTarget(plan.name, options.output, options.temp_dir, plan.file_suffix)
+    return target_format(options.format).open(plan.name, options.output, options.temp_dir,
+                                              options.compression_level, plan.file_suffix)
 
 
 def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
@@ -485,15 +444,15 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
     for line in describe_plan(plan, todo, options):
         log.info("%s", line)
     if finished and not repairing:
-        damage = finished_archive_damage(options, plan)
+        target = target_format(options.format)
+        final = target.final_path(options.output, plan.name).resolve()
+        damage = target.finished_damage(options.output, plan.name)
         if damage:
-            log.error("%s; --verify %s says what is damaged", damage,
-                      (options.output / f"{plan.name}.tar.xz").resolve())
+            log.error("%s; --verify %s says what is damaged", damage, final)
             return EXIT_INCOMPLETE
         log.info("%s is finished; nothing to do%s", plan.name,
-                 f" (its size and last stream match the journal; --verify "
-                 f"{(options.output / f'{plan.name}.tar.xz').resolve()} reads all of it)"
-                 if options.compression else "")
+                 f" (its size and last {target.codec.unit} match the journal; --verify "
+                 f"{final} reads all of it)" if target.codec else "")
         if not options.dry_run:
             tidy_after_a_late_kill(options, plan)
         if todo:
@@ -716,7 +675,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
     if not failures:
         manifest.unlink(missing_ok=True)     # an earlier run's list would mislead
     else:
-        write_failed_manifest(manifest, [o.series.uid for o in failures], options.compression,
+        write_failed_manifest(manifest, [o.series.uid for o in failures], options.format,
                               target.name, recorded_source(target.journal.get))
         for outcome in failures:
             log.error("  failed %s (%s): %s", outcome.series.label, outcome.series.uid,

@@ -17,9 +17,6 @@ DEFAULT_DOI_RESOLVER = "https://doi.org/"
 DEFAULT_DOI_TIMEOUT = 30.0      # seconds for all the BibTeX lookups of a run
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "tcia_downloader")
-# xz preset 1 compresses CT about 6x faster than preset 6 for about 10 % more output
-# (shared/measured.md); on a cluster node the preset, not the network, sets the run time.
-DEFAULT_COMPRESSION_LEVEL = 1
 CHUNK_SIZE = 1 << 20
 COMPRESS_BLOCK = 4 << 20   # bytes of tar handed to the xz compressor at once
 TAR_BLOCK = tarfile.BLOCKSIZE           # 512
@@ -97,8 +94,8 @@ class Options:
     password: Optional[str] = field(repr=False)
     proxy: Optional[str]
     ca_bundle: Optional[Path]
-    compression: bool
-    compression_level: int
+    format: str                    # a name in formats.FORMATS: dir, tar.xz, ...
+    compression_level: Optional[int]   # on the format's codec's scale; None: its default
     workers: int
     retries: int
     retry_wait: float

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -209,3 +210,12 @@ def free_bytes(folder: Path) -> int:
 
 def filesystem_of(folder: Path) -> int:
     return existing_ancestor(folder).stat().st_dev
+
+
+@dataclass
+class SpaceNeed:
+    """What a run will put on one filesystem."""
+    what: str                  # "--output", "--temp_dir" or both on one filesystem
+    folder: Path
+    bytes: int
+    inodes: int

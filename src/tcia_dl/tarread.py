@@ -7,7 +7,6 @@ import concurrent.futures
 import csv
 import hashlib
 import io
-import lzma
 import re
 import tarfile
 import tempfile
@@ -20,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol, TYPE_CHECKI
 from .findings import Findings, OWN_DIGEST, VerifiedMember
 from .logs import human_bytes, printable
 from .settings import TAR_BLOCK, usable_cores
-from .xzread import xz_decompressed
+from .formats import codec_of
 
 if TYPE_CHECKING:
     from .findings import ProblemLines
@@ -397,25 +396,26 @@ def check_stream(path: Path, index: int, start: int, end: int, findings: Finding
                  stop: Optional[threading.Event] = None,
                  output: Optional[Callable[[Findings], MemberOutput]] = None,
                  closing: bool = False) -> ProblemLines:
-    """Decompress one stream (its CRC64 and index checked by lzma, and that it ends where
-    its span does) and read its members into findings' ledger; with output, also write them
-    (--extract). Only the closing stream (the archive's last) may hold the end-of-archive
-    blocks. Returns the stream's problems."""
+    """Decompress one unit (its codec's own checks passed, and that it ends where its span
+    does) and read its members into findings' ledger; with output, also write them
+    (--extract). Only the closing unit (the archive's last) may hold the end-of-archive
+    blocks. Returns the unit's problems."""
     found = Findings(ledger=findings.ledger)
     reader = TarFragmentReader(index, found, output(found) if output else None)
+    unit = codec_of(path).unit
     try:
-        for piece in xz_decompressed(path, start, end, stop):
+        for piece in codec_of(path).decompressed(path, start, end, stop):
             reader.feed(piece)
         reader.close()
-    except (lzma.LZMAError, EOFError, ValueError, tarfile.TarError) as exc:
+    except (EOFError, ValueError, tarfile.TarError) as exc:
         reader.abort()
-        found.problems.append(f"stream {index + 1} (bytes {start}-{end}) is damaged: "
+        found.problems.append(f"{unit} {index + 1} (bytes {start}-{end}) is damaged: "
                               f"{printable(str(exc))}")
     except BaseException:
         reader.abort()                  # --extract cannot write: no half file stays behind
         raise
     if reader.ended and not closing:
-        found.problems.append(f"stream {index + 1} (bytes {start}-{end}) holds "
+        found.problems.append(f"{unit} {index + 1} (bytes {start}-{end}) holds "
                               "end-of-archive blocks, but is not the last: tar stops there")
     findings.affected |= found.affected
     return found.problems

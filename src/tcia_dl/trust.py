@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Optional, TYPE_CHECKING
 
 from .errors import JournalUnusable
-from .formats.tarxz import stream_sha256, xz_stream_in_place
+from .formats import archive_codecs, codec_of
+from .formats.tarstreams import stream_sha256
 from .journal import read_snapshot
 from .logs import printable
-from .xzread import xz_stream_spans, xz_stream_spans_from_end, xz_stream_spans_from_headers
 
 if TYPE_CHECKING:
     from .findings import Findings
@@ -31,11 +31,12 @@ def recovered_spans(path: Path) -> list[tuple[int, int]]:
         if finished and journal[-1][1] < size:
             journal.append((journal[-1][1], size))
         return journal
-    head = xz_stream_spans_from_headers(path)
+    codec = codec_of(path)
+    head = codec.spans_from_headers(path)
     if not finished:
         return head
     head_end = head[-1][1] if head else 0
-    tail = [span for span in xz_stream_spans_from_end(path)[0] if span[0] >= head_end]
+    tail = [span for span in codec.spans_from_end(path)[0] if span[0] >= head_end]
     tail_start = tail[0][0] if tail else size
     return head + ([(head_end, tail_start)] if tail_start > head_end else []) + tail
 
@@ -129,11 +130,12 @@ def streams_end_at(archive: Path, ends: list[int], finished: bool) -> bool:
     finished archive, or followed by anything in a .part. Where the file's own streams
     cannot be walked from its end (a .part cut in an append, a damaged footer), each
     stream's header and footer magic must stand where ends put them."""
+    codec = codec_of(archive)
     try:
-        found = [end for _, end in xz_stream_spans(archive)]
+        found = [end for _, end in codec.spans(archive)]
     except (ValueError, IndexError):
         starts = [0] + ends[:-1]
-        misplaced = sum(not xz_stream_in_place(archive, start, end)
+        misplaced = sum(not codec.in_place(archive, start, end)
                         for start, end in zip(starts, ends))
         return misplaced <= 1             # one damaged stream does not disown the journal
     return found[:-1] == ends if finished else found[:len(ends)] == ends
@@ -189,16 +191,16 @@ def untrusted_journal_lines(path: Path, name: str, findings: Findings) -> list[s
             f"it{kept}"]
 
 
-def tree_journals(path: Path) -> tuple[list[tuple[JournalSnapshot, str, bool]], list[str]]:
+def tree_journals(path: Path) -> tuple[list[tuple[JournalSnapshot, str, str]], list[str]]:
     """The journals of a folder tree's output folder, read; or, if one cannot be used, no
     journal and the line that says which and why (no repair list from half the truth)."""
     folder = path.parent if list(path.glob("MD5SUMS*")) else path
     journals = []
     for candidate in sorted(folder.glob("*.journal")):
-        if candidate.name.endswith(".tar.xz.journal"):
+        if any(candidate.name.endswith(f"{codec.suffix}.journal") for codec in archive_codecs()):
             continue
         try:
-            journals.append((read_snapshot(candidate), candidate.name[:-len(".journal")], False))
+            journals.append((read_snapshot(candidate), candidate.name[:-len(".journal")], "dir"))
         except JournalUnusable as exc:
             return [], [f"{candidate.name} is ignored: {exc}; no repair list is written"]
     return journals, []

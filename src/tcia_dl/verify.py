@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, TYPE_CHECKING
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Interrupted
+from .formats import archive_format, archive_name, codec_of
 from .findings import Findings, VerifiedMember, series_folder
 from .logs import human_bytes, printable
 from .plan import recorded_source, write_failed_manifest
@@ -18,7 +19,6 @@ from .storage import read_range
 from .tarread import COLLECTION_FILE, MEMBER_BATCH, bounded_map, check_stream, read_collection_file
 from .trust import (journal_series_ends, recovered_spans, tree_journals, trusted_journal,
                     untrusted_journal_lines)
-from .xzread import xz_stream_spans
 
 if TYPE_CHECKING:
     from .findings import ProblemLines
@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 
 def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findings:
-    """Every stream, on all usable cores (they are independent): its xz checks, its tar
-    headers, every member's MD5. A .part is checked up to its last whole stream."""
+    """Every unit, on all usable cores (they are independent): its codec's checks, its tar
+    headers, every member's MD5. A .part is checked up to its last whole unit."""
     findings = Findings()
     part = path.name.endswith(".part")
+    codec = codec_of(path)
+    findings.unit = f"{codec.name} {codec.unit}s"
     try:
-        spans = xz_stream_spans(path)
+        spans = codec.spans(path)
     except ValueError as exc:
         # Cut inside an append (a kill: normal for a .part) or damaged: the streams are
         # found from the journal, or else from their headers and from the end.
@@ -172,7 +174,7 @@ def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
     elapsed = time.monotonic() - started
     verdict = "OK" if not findings.problems else f"{len(findings.problems)} problem(s)"
     print(f"{path}: {kind}, {series} series, {files} files, "
-          f"{human_bytes(size)}" + (f" in {findings.streams} xz streams" if findings.streams
+          f"{human_bytes(size)}" + (f" in {findings.streams} {findings.unit}" if findings.streams
                                     else "")
           + f"; checked in {elapsed:.1f} s ({human_bytes(size / max(elapsed, 1e-6))}/s): "
           + verdict)
@@ -191,16 +193,16 @@ def repair_manifests(path: Path, findings: Findings,
         return ["the resume of this .part checks every stream against its journal: rerun "
                 "the command that made it"] if findings.problems else []
     if path.is_file():
-        name = path.name[:-len(".tar.xz")] if path.name.endswith(".tar.xz") else path.stem
+        name = archive_name(path) or path.stem
         if journal is None:
             return untrusted_journal_lines(path, name, findings)
-        journals = [(journal, name, True)]
+        journals = [(journal, name, archive_format(path).format_name)]
     else:
         journals, lines = tree_journals(path)
         if lines:
             return lines
     lines = []
-    for snapshot, name, compression in journals:
+    for snapshot, name, format_name in journals:
         manifest = snapshot.path.with_name(f"{name}.damaged.tcia")
         where: dict[str, list[str]] = {}
         for stream in snapshot.streams:      # (an Aspera package's parts may share a folder)
@@ -210,7 +212,7 @@ def repair_manifests(path: Path, findings: Findings,
             manifest.unlink(missing_ok=True)
             continue
         try:
-            write_failed_manifest(manifest, uids, compression, name,
+            write_failed_manifest(manifest, uids, format_name, name,
                                   recorded_source(snapshot.meta.get), repair=True)
         except OSError as exc:
             lines.append(f"cannot write {manifest} ({exc.strerror}): copy the output where "

@@ -255,6 +255,10 @@ class FakeConfig:
     # "silent": metadata requests get no answer until stop(); "trickle": their real answer at
     # METADATA_TRICKLE_RATE bytes/s. Image endpoints (BULK_ENDPOINTS) are not affected.
     metadata_hang: str | None = None
+    # getMD5Hierarchy's formula is unconfirmed on live data: "right" serves the documented
+    # one, "other" a hash by another formula (md5 of the MD5s unsorted, comma-joined),
+    # "empty" a 200 with an empty body.
+    md5_hierarchy: str = "right"
 
 
 def _normalised(cfg: FakeConfig) -> FakeConfig:
@@ -1541,6 +1545,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _ep_getMD5Hierarchy(self, q: dict[str, str], form: dict[str, list[str]]) -> None:
         fake, cat = self.fake, self.fake._catalogue
+        if fake.config.md5_hierarchy == "empty":
+            self._reply("getMD5Hierarchy", 200)
+            return
         levels = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Collection")
         given = [(k, form[k][0]) for k in levels if form.get(k)]
         if not given:
@@ -1559,7 +1566,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         studies: dict[str, list[str]] = collections.defaultdict(list)
         for s in members:
             studies[s.record["StudyInstanceUID"]].append(fake._md5_of_series(s))
-        if key == "SeriesInstanceUID":
+        if key == "SeriesInstanceUID" and fake.config.md5_hierarchy == "other":
+            result = _md5(",".join(fake._instance_md5(members[0], k) for k in range(members[0].n)).encode())
+        elif key == "SeriesInstanceUID":
             result = next(iter(studies.values()))[0]
         else:
             study_hash = {st: combine(h) for st, h in studies.items()}

@@ -6,24 +6,84 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Iterator, Optional, TYPE_CHECKING
 
 from ..collection_files import collection_file_names, collection_files
-from ..journal import journal_path, lock_path
 from ..logs import log
-from ..storage import fsync_directory, raise_if_disk_full, write_file_atomically
-from .base import Target
-from .tarxz import FolderPacker
+from ..storage import SpaceNeed, fsync_directory, raise_if_disk_full, write_file_atomically
+from .base import Prepared, Target
 
 if TYPE_CHECKING:
     from ..plan import PlannedSeries
     from ..sources.base import VerifiedSeries
-    from .base import Prepared
+
+
+class FolderPacker:
+    """A MemberSink that writes a series' files into a scratch folder."""
+
+    def __init__(self, folder: Path, scratch: Path):
+        self.prepared = Prepared(folder)
+        self._scratch = scratch
+        folder.mkdir()
+
+    def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        try:
+            if "/" in name:                 # a source's sub-folder (an Aspera package's)
+                (self.prepared.path / name).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.prepared.path / name, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+        except OSError as exc:
+            raise_if_disk_full(exc, self._scratch)
+            raise
+
+    def finish(self) -> Prepared:
+        return self.prepared
+
+    def discard(self) -> None:
+        self.prepared.discard()
+
 
 
 class DirectoryTarget(Target):
-    """<output>/<name>/...: each series is extracted into scratch and moved into place
-    only when verified, so a series folder under <output> is always whole."""
+    """--format dir: <output>/<Collection>/<series>/...: each series is extracted into
+    scratch and moved into place only when verified, so a series folder under <output> is
+    always whole."""
+
+    format_name = "dir"
+
+    @classmethod
+    def open(cls, name: str, output: Path, temp_dir: Path, level: Optional[int],
+             file_suffix: str) -> "DirectoryTarget":
+        return cls(name, output, temp_dir, file_suffix)
+
+    @classmethod
+    def still_on_disk(cls, output: Path, name: str, committed: dict[str, str],
+                      finished: bool, file_suffix: str) -> tuple[dict[str, str], bool]:
+        """The series folders still there, and finished only while every collection file
+        is there too."""
+        present = {uid: where for uid, where in committed.items() if (output / where).is_dir()}
+        if len(present) < len(committed):
+            log.warning("%d series folders that %s lists are gone from %s: they will be "
+                        "downloaded again", len(committed) - len(present),
+                        cls.journal_path(output, name).name, output)
+        files = {output / where.split("/", 1)[0] / file for where in present.values()
+                 for file in collection_file_names(file_suffix)}
+        whole = len(present) == len(committed) and all(path.is_file() for path in files)
+        return present, finished and whole
+
+    @classmethod
+    def space_needs(cls, todo: list[PlannedSeries], output: Path, temp_dir: Path,
+                    parallel: int, level: Optional[int]) -> tuple[SpaceNeed, SpaceNeed]:
+        """Every file and folder on --output; a download and its unpacked copy per worker."""
+        largest = max(s.file_size for s in todo)
+        files = sum(s.image_count or 1 for s in todo)
+        folders = len({s.path for s in todo}) + len({s.path.rsplit("/", 1)[0] for s in todo})
+        most_files = max(s.image_count or 1 for s in todo)
+        return (SpaceNeed("--output", output, sum(s.file_size for s in todo) + 4096 * files,
+                          files + folders + 8),
+                SpaceNeed("--temp_dir", temp_dir, parallel * largest * 2,
+                          parallel * (most_files + 2)))
 
     def __init__(self, name: str, output: Path, temp_dir: Path, file_suffix: str = ""):
         # Parts of a collection (shards, updates, selections) share its folder (their series
@@ -32,9 +92,7 @@ class DirectoryTarget(Target):
         # A move cut short by a kill leaves a hidden .incoming folder beside its series:
         # never a series, and removed when that series is moved in again. Not swept here:
         # another shard may be moving one in right now.
-        super().__init__(name, output, temp_dir, output,
-                         journal_path(output, name, compression=False),
-                         lock_path(output, name, compression=False), file_suffix)
+        super().__init__(name, output, temp_dir, file_suffix)
         self.audit()
 
     def audit(self, full: bool = True) -> list[str]:
@@ -87,7 +145,7 @@ class DirectoryTarget(Target):
         log.info("repairing %s: %d damaged series folders removed, to fetch again",
                  self.output, len(gone))
 
-    def packer(self, series: PlannedSeries, zip_path: Path) -> "FolderPacker":
+    def packer(self, series: PlannedSeries, zip_path: Path) -> FolderPacker:
         return FolderPacker(self.scratch_path(".d"), self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:

@@ -18,10 +18,12 @@ from typing import Callable, Iterator, Optional, TYPE_CHECKING
 
 from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, JournalUnusable,
                       SeriesUnavailable, TransientError, UsageError)
-from ..journal import journal_path, read_snapshot
+from ..formats import target_format
+from ..journal import read_snapshot
 from ..logs import human_bytes, log, printable
 from ..net import TransferWatchdog
-from ..plan import PlannedSeries, clean_component, manifests_of, selection_name
+from ..plan import (PlannedSeries, clean_component, manifests_of, recorded_format,
+                    selection_name)
 from ..settings import CHUNK_SIZE
 from ..storage import free_bytes, raise_if_disk_full
 from .ascli import Ascli, find_ascli
@@ -58,7 +60,7 @@ class AsperaSettings:
     temp_limit: Optional[int]          # bytes; None: half the free space at the start
     temp_dir: Path
     output: Path
-    compression: bool
+    output_format: str                 # a name of formats.FORMATS: where the journal is
     workers: int
     stall_timeout: float
 
@@ -93,14 +95,15 @@ def settings(args: argparse.Namespace, origin: dict[str, str]) -> AsperaSettings
     if args.update:
         raise UsageError("--update is not available for --mode aspera; rerun the same "
                          "command, which fetches what is missing")
-    # Where the output goes, as the command line resolves it (a --retry-failed goes back
-    # into the output its manifest names).
+    # Where the output goes, as the command line resolves it (cli's asked_format; a
+    # --retry-failed goes back into the output its manifest names).
     output = Path(origin.get("output") or args.output).expanduser()
-    compression = origin.get("compression", "yes" if args.compression else "no") == "yes"
+    output_format = recorded_format(origin) or args.format or \
+        ("tar.xz" if args.compression else "dir")
     return AsperaSettings(links=links, name=name, ascli=args.ascli,
                           temp_limit=args.temp_limit,
                           temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
-                          output=output, compression=compression, workers=args.workers,
+                          output=output, output_format=output_format, workers=args.workers,
                           stall_timeout=args.stall_timeout)
 
 
@@ -369,8 +372,9 @@ class AsperaSource:
             list_package(package, scratch, time_limit, self._stop)
         self._name_collections()
         name = self._output_name(selection)
-        committed = committed_streams(journal_path(self.settings.output, name,
-                                                   self.settings.compression))
+        journal = target_format(self.settings.output_format).journal_path(
+            self.settings.output, name)
+        committed = committed_streams(journal)
         self._size_parts([f for p in self.packages for f in p.files])
         planned = []
         for package in self.packages:

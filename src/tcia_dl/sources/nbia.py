@@ -44,9 +44,14 @@ class NbiaSource:
     raising only TransientError (retry), SeriesUnavailable (skip) or FatalRunError / Interrupted
     (stop). Zips, endpoints and md5hashes.csv stay in here.
 
-    Which image endpoint works is settled by the first fetch of a run, while the others
-    wait: getImage with IncludeMD5=Yes (MD5s in the zip) if the server honours it, else
-    getImageWithMD5Hash; a zip fetched from the wrong one would only be thrown away."""
+    Which image endpoint works is learnt without waiting and without a second download:
+    fetches use getImage with IncludeMD5=Yes (MD5s in the zip, a LICENSE, NBIA's new file
+    names). A server that refuses the parameter says so at once (400), and the run uses
+    getImageWithMD5Hash from then on; a zip from one that ignores it (no md5hashes.csv) is
+    verified as a whole against the series' getMD5Hierarchy hash, as long as those hashes
+    prove usable (see ImageEndpoint). (The first fetch used to settle this while the other
+    workers waited: a collection whose first series was big stalled every worker, and on a
+    server that ignores IncludeMD5 that series was downloaded twice.)"""
 
     name = "nbia"
     scratch_suffix = ".zip"          # what it downloads into a series' scratch file
@@ -55,8 +60,6 @@ class NbiaSource:
         self.api = api
         self.watchdog, self.transport, self.timeout = api.watchdog, api.transport, api.timeout
         self._endpoint = ImageEndpoint()
-        self._settled = threading.Event()
-        self._settling = threading.Lock()
 
     def reach(self, series: "PlannedSeries") -> None:
         """Nothing more to ask: the plan's getSeries reached the API, and images come from
@@ -101,34 +104,56 @@ class NbiaSource:
               pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
         """Download the series' zip into scratch, then hand pack() the verification, which
         pack runs on the sink it makes (packing is the caller's: it chooses when a core is
-        free). count(n) reports bytes received, and takes back those of a zip that the
-        endpoint switch throws away."""
-        if not self._settled.is_set():
-            with self._settling:
-                if not self._settled.is_set():
-                    # An attempt that fails before a zip is read settles nothing: the next
-                    # fetch, of whichever series, tries again while the others wait.
-                    fetched = self._fetch(series, scratch, count, pack, stop)
-                    self._settled.set()
-                    return fetched
-        return self._fetch(series, scratch, count, pack, stop)
-
-    def _fetch(self, series: "PlannedSeries", scratch: Path, count: Callable[[int], None],
-               pack: "Packing", stop: threading.Event) -> "tuple[VerifiedSeries, Prepared]":
+        free). count(n) reports bytes received, and takes back those of a zip that is
+        thrown away."""
+        unconfirmed: Optional[str] = None      # a series hash that did not verify a zip
         while True:
-            endpoint = self._endpoint.name
+            endpoint = "getImageWithMD5Hash" if unconfirmed else self._endpoint.name
             counted = AttemptBytes(count)
             try:
                 self.api.download_zip(endpoint, series.uid, scratch, counted, series.byte_limit)
-                return pack(lambda sink: verify_zip(scratch, series, sink, stop))
             except Md5ParameterRefused:
                 self._endpoint.fall_back("refuses IncludeMD5 (a build older than 2025-11)")
+                continue
+            series_hash = None
+            if endpoint == "getImage" and not zip_lists_md5_table(scratch):
+                self._endpoint.zips_come_without_table()
+                series_hash = self._series_hash(series)
+                if series_hash is None:
+                    counted.take_back()
+                    continue
+            try:
+                fetched = pack(lambda sink: verify_zip(scratch, series, sink, stop,
+                                                       series_hash=series_hash))
             except Md5TableMissing:
-                if endpoint != "getImage":
-                    raise TransientError("the zip has no md5hashes.csv (cut short)") from None
+                raise TransientError("the zip has no md5hashes.csv (cut short)") from None
+            except SeriesHashMismatch:
+                # Damage, or a server whose series hashes are not what we take them for:
+                # the zip with md5hashes.csv tells which.
+                unconfirmed = series_hash
                 counted.take_back()
-                self._endpoint.fall_back("ignores IncludeMD5=Yes (its zips have no "
-                                         "md5hashes.csv)")
+                continue
+            if unconfirmed is not None:
+                self._judge_series_hash(unconfirmed, fetched[0])
+            return fetched
+
+    def _series_hash(self, series: "PlannedSeries") -> Optional[str]:
+        """getMD5Hierarchy's hash of the series, while the server's hashes are usable."""
+        if not self._endpoint.series_hash_usable:
+            return None
+        expected = self.api.series_hash(series.uid)
+        if expected is None:
+            self._endpoint.distrust_series_hash("gives no series hash")
+        return expected
+
+    def _judge_series_hash(self, expected: str, verified: VerifiedSeries) -> None:
+        """A zip that its series hash did not verify, downloaded again with md5hashes.csv
+        and verified by it: if the series hash is not the one of those MD5s either, it is
+        the server's hashes that are unusable (the formula of getMD5Hierarchy is
+        unconfirmed on live data), not the first zip that was damaged."""
+        if series_hash_of(verified.members) != expected:
+            self._endpoint.distrust_series_hash("hashes a series otherwise than as the MD5 of "
+                                                "its images' sorted MD5s")
 
     def close(self) -> None:
         self.api.close()
@@ -163,35 +188,62 @@ def read_md5_table(archive: zipfile.ZipFile) -> dict[str, str]:
     return table
 
 
+def zip_lists_md5_table(path: Path) -> bool:
+    """Whether the zip's central directory names md5hashes.csv (a zip that cannot be read
+    says yes: verify_zip says what is wrong with it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return MD5_TABLE in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return True
+
+
+class SeriesHashMismatch(TransientError):
+    """The files of a zip without md5hashes.csv are not the ones getMD5Hierarchy hashed."""
+
+
+def series_hash_of(members: list[Member]) -> str:
+    """getMD5Hierarchy's hash of a series: the MD5 of its images' MD5 hex strings, sorted
+    and concatenated (shared/nbia-v4.md)."""
+    return hashlib.md5("".join(sorted(m.md5 for m in members)).encode()).hexdigest()
+
+
 def verify_zip(path: Path, series: PlannedSeries, sink: Optional[MemberSink] = None,
-               stop: Optional[threading.Event] = None) -> VerifiedSeries:
+               stop: Optional[threading.Event] = None,
+               series_hash: Optional[str] = None) -> VerifiedSeries:
     """Check every listed file's MD5 and keep what belongs to the series, streaming what is
     kept into sink in the same pass: each entry is inflated and hashed once. md5hashes.csv
-    is the zip's last entry, but the central directory gives it first.
+    is the zip's last entry, but the central directory gives it first. A zip without one
+    is verified as a whole against series_hash (getMD5Hierarchy's), if given: the series'
+    files kept must be exactly the ones the server hashed.
 
     Raises TransientError (truncated, mismatching, incomplete: download again; what went
-    into sink must then be discarded) or Md5TableMissing (the server sent no md5hashes.csv)."""
+    into sink must then be discarded; SeriesHashMismatch for a series hash that does not
+    match) or Md5TableMissing (the server sent no md5hashes.csv, and no series_hash)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise TransientError(f"truncated or unreadable zip ({exc})") from None
     with archive:
         names = archive.namelist()
-        if MD5_TABLE not in names:
+        if MD5_TABLE not in names and series_hash is None:
             raise Md5TableMissing()
         try:
-            table = read_md5_table(archive)
-            missing = sorted(set(table) - set(names))
+            table = read_md5_table(archive) if MD5_TABLE in names else None
+            missing = sorted(set(table or ()) - set(names))
             if missing:
                 raise TransientError(f"{len(missing)} file(s) listed in md5hashes.csv are "
                                      f"missing from the zip (first: {missing[0]})")
             check_entry_sizes(archive, series)
-            return _check_entries(archive, path, series, table, sink, stop)
+            verified = _check_entries(archive, path, series, table, sink, stop)
         except (zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError, OSError,
                 csv.Error) as exc:
             raise TransientError(f"damaged zip entry ({exc})") from None
         except (RuntimeError, NotImplementedError) as exc:    # encrypted, unknown method
             raise TransientError(f"unreadable zip entry ({exc})") from None
+    if table is None and series_hash_of(verified.members) != series_hash:
+        raise SeriesHashMismatch("the zip's files are not the ones getMD5Hierarchy hashed")
+    return verified
 
 
 def check_entry_sizes(archive: zipfile.ZipFile, series: PlannedSeries) -> None:
@@ -206,8 +258,10 @@ def check_entry_sizes(archive: zipfile.ZipFile, series: PlannedSeries) -> None:
 
 
 def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
-                   table: dict[str, str], sink: Optional[MemberSink],
+                   table: Optional[dict[str, str]], sink: Optional[MemberSink],
                    stop: Optional[threading.Event]) -> VerifiedSeries:
+    """Each entry once: LICENSE read, the series' DICOM files kept (hashed, and checked
+    against the table when there is one), everything else dropped with its reason."""
     members: list[Member] = []
     dropped: list[tuple[str, str]] = []
     license_text: Optional[str] = None
@@ -223,13 +277,13 @@ def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
         if info.is_dir() or not safe_entry_name(entry):
             dropped.append((entry, "unsafe name (a directory, an absolute path or '..')"))
             continue
-        if entry not in table:
+        if table is not None and entry not in table:
             dropped.append((entry, "not listed in md5hashes.csv"))
             continue
         with archive.open(info) as stream:
             keep, why, md5 = _take_entry(stream, info, series, sink,
                                          lambda: unique_file_name(entry, names_used), stop)
-        if md5 != table[entry]:
+        if table is not None and md5 != table[entry]:
             raise TransientError(f"MD5 mismatch for {entry}")
         if keep is None:
             dropped.append((entry, why))

@@ -1,4 +1,5 @@
-"""The .tar.xz: one independent xz stream per series, appended after fsync."""
+"""An archive as a tar split into independent compressed units, one per series, appended
+after fsync; codec-neutral (formats.xz and formats.zstd bring the codec)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,20 @@ import concurrent.futures
 import contextlib
 import hashlib
 import io
-import lzma
 import os
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from typing import Callable, ClassVar, Iterator, Optional, TYPE_CHECKING
 
 from ..collection_files import collection_files
 from ..errors import EXIT_USAGE, FatalRunError, TransientError
-from ..journal import journal_path, lock_path
+from ..journal import read_only
 from ..logs import human_bytes, log
 from ..settings import CHUNK_SIZE, COMPRESS_BLOCK, TAR_BLOCK, TAR_RECORD, usable_cores
-from ..storage import (fsync_directory, open_no_follow, raise_if_disk_full, read_range,
-                       refuse_symlink)
-from ..xzread import XZ_FOOTER_MAGIC, XZ_HEADER_MAGIC, xz_decompressed
-from .base import Prepared, Target
+from ..storage import (SpaceNeed, fsync_directory, open_no_follow, raise_if_disk_full,
+                       read_range, refuse_symlink)
+from .base import Codec, Prepared, Target, UnitCompressor, estimated_bytes
 
 if TYPE_CHECKING:
     from ..plan import PlannedSeries
@@ -35,35 +34,17 @@ def stream_sha256(path: Path, start: int, end: int) -> str:
     return digest.hexdigest()
 
 
-def xz_stream_intact(path: Path, start: int, end: int) -> bool:
-    """One whole xz stream between start and end, by its own checks (CRC64, index)."""
-    try:
-        for _ in xz_decompressed(path, start, end):
-            pass
-    except (lzma.LZMAError, EOFError, ValueError):
-        return False
-    return True
-
-
-def xz_stream_in_place(path: Path, start: int, end: int) -> bool:
-    """A stream's header magic at start and its footer magic just before end."""
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        head = handle.read(len(XZ_HEADER_MAGIC))
-        handle.seek(end - len(XZ_FOOTER_MAGIC))
-        return head == XZ_HEADER_MAGIC and handle.read(len(XZ_FOOTER_MAGIC)) == XZ_FOOTER_MAGIC
-
-
-def first_damaged_stream(path: Path, streams: list[tuple[str, str, int, int, Optional[str]]],
-                         full: bool = True) -> Optional[int]:
-    """The index of the first stream that is not what its journal row says, or None. On
+def first_damaged_unit(codec: Codec, path: Path,
+                       streams: list[tuple[str, str, int, int, Optional[str]]],
+                       full: bool = True) -> Optional[int]:
+    """The index of the first unit that is not what its journal row says, or None. On
     all usable cores: hashing releases the GIL."""
     def intact(stream: tuple[str, str, int, int, Optional[str]]) -> bool:
         _, _, start, end, sha256 = stream
         if not full:
-            return xz_stream_in_place(path, start, end)
+            return codec.in_place(path, start, end)
         if sha256 is None:
-            return xz_stream_intact(path, start, end)
+            return codec.intact(path, start, end)
         return stream_sha256(path, start, end) == sha256
     with concurrent.futures.ThreadPoolExecutor(usable_cores()) as pool:
         for index, ok in enumerate(pool.map(intact, streams)):
@@ -72,12 +53,12 @@ def first_damaged_stream(path: Path, streams: list[tuple[str, str, int, int, Opt
     return None
 
 
-def copy_stream(path: Path, start: int, end: int, out: io.BufferedWriter,
-                sha256: Optional[str]) -> bool:
-    """Append one committed stream of path to out if it is the one its journal row
-    describes (by its sha256; a 0.3 row has none: by xz's own checks). False: not copied
-    whole, and out must be cut back."""
-    if sha256 is None and not xz_stream_intact(path, start, end):
+def copy_unit(codec: Codec, path: Path, start: int, end: int, out: io.BufferedWriter,
+              sha256: Optional[str]) -> bool:
+    """Append one committed unit of path to out if it is the one its journal row
+    describes (by its sha256; a 0.3 row has none: by the codec's own checks). False: not
+    copied whole, and out must be cut back."""
+    if sha256 is None and not codec.intact(path, start, end):
         return False
     digest = hashlib.sha256()
     for chunk in read_range(path, start, end):
@@ -100,15 +81,15 @@ def tar_padding(size: int) -> bytes:
     return tarfile.NUL * (-size % TAR_BLOCK)
 
 
-class XzStreamWriter:
-    """One complete xz stream in a file: tar fragments go in, compressed bytes come out.
-    With after_existing, the stream goes after what the file already holds, from `start`."""
+class UnitWriter:
+    """One complete compressed unit in a file: tar fragments go in, compressed bytes come
+    out. With after_existing, the unit goes after what the file already holds, from
+    `start`."""
 
-    def __init__(self, path: Path, preset: int, after_existing: bool = False):
+    def __init__(self, path: Path, compressor: UnitCompressor, after_existing: bool = False):
         self._file = open(path, "r+b" if after_existing else "wb")
         self.start = self._file.seek(0, os.SEEK_END)
-        self._compressor = lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
-                                               preset=preset)
+        self._compressor = compressor
         self.tar_bytes = 0
         self.digest = hashlib.sha256()      # of the compressed stream, as it is produced
         self._pending = bytearray()
@@ -117,8 +98,8 @@ class XzStreamWriter:
         # The compressor gets a block at a time, not each header, padding and small chunk:
         # every call lets go of the GIL and must win it back from the downloading threads,
         # a wait of up to the switch interval (5 ms) each time (an IDC run of 1,200 small
-        # objects: 10.9 s -> 10.3 s). The output is the same: LZMA's does not depend on how
-        # its input is cut.
+        # objects: 10.9 s -> 10.3 s). The output is the same: a compressor's does not
+        # depend on how its input is cut.
         self.tar_bytes += len(data)
         self._pending += data
         if len(self._pending) >= COMPRESS_BLOCK:
@@ -153,13 +134,14 @@ class XzStreamWriter:
             self._file.close()
 
 
-class XzPacker:
-    """A MemberSink that turns a series into one tar fragment in one xz stream, written
-    after the series' zip in the zip's own scratch file: one file per series in flight
-    (inode quotas), and the zip is read, never rewritten, while the stream grows."""
+class UnitPacker:
+    """A MemberSink that turns a series into one tar fragment in one compressed unit,
+    written after the series' download in its own scratch file: one file per series in
+    flight (inode quotas), and the download is read, never rewritten, while the unit
+    grows."""
 
-    def __init__(self, zip_path: Path, preset: int, prefix: str, scratch: Path):
-        self._writer = XzStreamWriter(zip_path, preset, after_existing=True)
+    def __init__(self, zip_path: Path, compressor: UnitCompressor, prefix: str, scratch: Path):
+        self._writer = UnitWriter(zip_path, compressor, after_existing=True)
         self.prepared = Prepared(zip_path, offset=self._writer.start)
         self._prefix = prefix
         self._scratch = scratch
@@ -190,47 +172,91 @@ class XzPacker:
         self.prepared.discard()
 
 
-class FolderPacker:
-    """A MemberSink that writes a series' files into a scratch folder."""
+class TarStreamsTarget(Target):
+    """<output>/<name><suffix> written as one compressed unit per committed series.
 
-    def __init__(self, folder: Path, scratch: Path):
-        self.prepared = Prepared(folder)
-        self._scratch = scratch
-        folder.mkdir()
+    xz and zstd readers, and tar through them, accept concatenated units, so each series
+    is compressed on its own by a worker and appended whole; only the closing unit carries
+    the collection files and tar's end-of-archive blocks. Until then the file is
+    <name><suffix>.part, and the journal holds its length after every series.
+    A format of this kind is a subclass that names its codec (formats.xz, formats.zstd)."""
 
-    def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
-        try:
-            if "/" in name:                 # a source's sub-folder (an Aspera package's)
-                (self.prepared.path / name).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.prepared.path / name, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-        except OSError as exc:
-            raise_if_disk_full(exc, self._scratch)
-            raise
+    codec: ClassVar[Codec]
 
-    def finish(self) -> Prepared:
-        return self.prepared
+    @classmethod
+    def part_path(cls, output: Path, name: str) -> Path:
+        return output / f"{name}{cls.suffix}.part"
 
-    def discard(self) -> None:
-        self.prepared.discard()
+    @classmethod
+    def open(cls, name: str, output: Path, temp_dir: Path, level: Optional[int],
+             file_suffix: str) -> "TarStreamsTarget":
+        return cls(name, output, temp_dir, cls.codec.default_level if level is None else level,
+                   file_suffix)
 
+    @classmethod
+    def still_on_disk(cls, output: Path, name: str, committed: dict[str, str],
+                      finished: bool, file_suffix: str) -> tuple[dict[str, str], bool]:
+        if cls.final_path(output, name).exists():
+            return committed, finished
+        if cls.part_path(output, name).exists():
+            return committed, False
+        if committed:
+            log.warning("%s%s and its .part are gone: its journal is set aside and the "
+                        "archive starts over", name, cls.suffix)
+        return {}, False
 
-class TarXzTarget(Target):
-    """<output>/<name>.tar.xz written as one xz stream per committed series.
+    @classmethod
+    def finished_damage(cls, output: Path, name: str) -> Optional[str]:
+        """Its size, and its last series' unit against the journal (an archive cut short,
+        or overwritten at its end)."""
+        final, journal = cls.final_path(output, name), cls.journal_path(output, name)
+        if not journal.exists():
+            return None
+        with read_only(journal) as db:
+            closing = db.execute("SELECT value FROM meta WHERE key='closing_end'").fetchone()
+            last = db.execute("SELECT archive_end, stream_sha256 FROM series "
+                              "ORDER BY archive_end DESC LIMIT 2").fetchall()
+        size = final.stat().st_size
+        if closing and int(closing[0]) != size:
+            return f"{final} is {size} bytes, but its journal says {closing[0]}: it changed"
+        if last and last[0][1]:
+            start = last[1][0] if len(last) > 1 else 0
+            if stream_sha256(final, start, last[0][0]) != last[0][1]:
+                return (f"the last series' {cls.codec.unit} in {final} is not the one that "
+                        "was appended")
+        return None
 
-    xz readers and tar accept concatenated streams, so each series is compressed on its
-    own by a worker and appended whole; only the closing stream carries the collection
-    files and tar's end-of-archive blocks. Until then the file is <name>.tar.xz.part, and
-    the journal holds its length after every series."""
+    @classmethod
+    def late_leftover(cls, output: Path, name: str) -> Optional[Path]:
+        return cls.part_path(output, name)
 
-    def __init__(self, name: str, output: Path, temp_dir: Path, preset: int,
+    @classmethod
+    def space_needs(cls, todo: list[PlannedSeries], output: Path, temp_dir: Path,
+                    parallel: int, level: Optional[int]) -> tuple[SpaceNeed, SpaceNeed]:
+        """The archive on --output; one download and its compressed unit per worker in
+        scratch, in one file each."""
+        largest = max(s.file_size for s in todo)
+        archive = estimated_bytes(todo, cls.codec.ratio(cls._level(level)))
+        return (SpaceNeed("--output", output, int(archive * 1.05), 4),
+                SpaceNeed("--temp_dir", temp_dir, int(parallel * largest * 1.5), parallel + 1))
+
+    @classmethod
+    def estimate_line(cls, series: list[PlannedSeries], level: Optional[int]) -> Optional[str]:
+        level = cls._level(level)
+        ratio = cls.codec.ratio(level)
+        return (f"  estimated archive: about {human_bytes(estimated_bytes(series, ratio))} "
+                f"({cls.codec.name} level {level}; CT-like images shrink about {ratio}x, "
+                "JPEG-compressed ones barely)")
+
+    @classmethod
+    def _level(cls, level: Optional[int]) -> int:
+        return cls.codec.default_level if level is None else level
+
+    def __init__(self, name: str, output: Path, temp_dir: Path, level: int,
                  file_suffix: str = ""):
-        super().__init__(name, output, temp_dir, output / f"{name}.tar.xz",
-                         journal_path(output, name, compression=True),
-                         lock_path(output, name, compression=True), file_suffix)
-        self.part = output / f"{name}.tar.xz.part"
-        self.preset = preset
+        super().__init__(name, output, temp_dir, file_suffix)
+        self.part = self.part_path(output, name)
+        self.level = level
         self.archive_end = self.tar_end = 0
         self._resume()
 
@@ -290,7 +316,7 @@ class TarXzTarget(Target):
         again, for a stream cannot stay behind a gap."""
         self._check_size()
         streams = self.journal.streams()
-        damaged = first_damaged_stream(self.part, streams, full)
+        damaged = first_damaged_unit(self.codec, self.part, streams, full)
         if damaged is None:
             return []
         _, label, start, _, _ = streams[damaged]
@@ -330,7 +356,7 @@ class TarXzTarget(Target):
             for uid, label, start, stop, tar_bytes, sha256 in self.journal.layout():
                 if uid in bad:
                     continue
-                if not copy_stream(self.final, start, stop, out, sha256):
+                if not copy_unit(self.codec, self.final, start, stop, out, sha256):
                     log.warning("%s: the stream of %s is damaged too; it is fetched again",
                                 self.final.name, label)
                     out.seek(end)
@@ -349,9 +375,10 @@ class TarXzTarget(Target):
         log.info("repairing %s: %d intact series copied into %s (%s), %d to fetch again",
                  self.final.name, len(kept), self.part.name, human_bytes(end), len(gone))
 
-    def packer(self, series: PlannedSeries, zip_path: Path) -> "XzPacker":
-        """Compresses the series into its own xz stream in scratch (in a worker, in parallel)."""
-        return XzPacker(zip_path, self.preset, f"{series.folder}/", self.scratch)
+    def packer(self, series: PlannedSeries, zip_path: Path) -> UnitPacker:
+        """Compresses the series into its own unit in scratch (in a worker, in parallel)."""
+        return UnitPacker(zip_path, self.codec.compressor(self.level), f"{series.folder}/",
+                          self.scratch)
 
     def commit(self, series: PlannedSeries, verified: VerifiedSeries, prepared: Prepared) -> None:
         """Append the stream, fsync, then journal it: a row never runs ahead of its data."""
@@ -391,9 +418,9 @@ class TarXzTarget(Target):
         return end, written
 
     def finalize(self) -> None:
-        """Closing stream (collection files, end-of-archive), fsync, rename to .tar.xz."""
-        closing = Prepared(self.scratch / "closing.tar.xz")
-        writer = XzStreamWriter(closing.path, self.preset)
+        """Closing unit (collection files, end-of-archive), fsync, rename to <name><suffix>."""
+        closing = Prepared(self.scratch / f"closing{self.suffix}")
+        writer = UnitWriter(closing.path, self.codec.compressor(self.level))
         mtime = int(time.time())
         for collection in self.journal.collections():
             for name, data in collection_files(self.journal, collection, self.file_suffix):

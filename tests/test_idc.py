@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tcia_dl import cli, errors as errors_module, plan
-from tcia_dl.sources import idc
+from tcia_dl import cli, errors as errors_module, logs, plan
+from tcia_dl.sources import idc, nbia_api
 from fakes.fake_s3 import MIB, index_rows, synthetic_dicom, write_snapshot_index
 from fakes.fake_s3 import rows as series_rows
 from helpers import (PATIENTS, ROOT, WITHOUT_THE_INDEX_PACKAGE, ForwardProxy, Run, _NoNbia,
@@ -523,6 +523,34 @@ def test_auto_with_nbia_gone_in_the_middle_takes_the_rest_from_idc(fake_s3, fake
         sorted(r["SeriesInstanceUID"] for r in rows)
     assert sorted(r["Source"] for r in meta) == ["idc"] * (len(rows) - 1) + ["nbia"]
     assert f"from each source:            idc {len(rows) - 1}, nbia 1" in run.log
+
+
+def test_auto_keeps_the_tokens_of_its_nbia_out_of_the_logs(fake_s3, fake_nbia_factory,
+                                                           tmp_path, monkeypatch):
+    """A run collects the secrets of the source --mode opened, here NBIA's inside auto: a
+    token that some line of code writes down is masked in both logs."""
+    rows = series_rows("pancreas_ct", include_analysis_results=True, patient_ids=AUTO_PATIENTS)
+    for row in rows:
+        fake_s3.add_series(row)
+    nbia = fake_nbia_factory(instances=2, require_token=True,
+                             users={"alice": "pw-Auto-Secret-7"})
+    monkeypatch.setenv("TCIA_PASSWORD", "pw-Auto-Secret-7")
+    sent: set[str] = set()
+    headers = nbia_api.TokenManager.headers
+
+    def headers_written_down(self) -> dict[str, str]:
+        given = headers(self)
+        token = given["Authorization"].split()[-1]          # bare: no "Bearer" to mask it by
+        sent.add(token)
+        logs.log.debug("using the token %s", token)
+        return given
+    monkeypatch.setattr(nbia_api.TokenManager, "headers", headers_written_down)
+    run = auto_run(tmp_path, nbia, fake_s3, "--user", "alice")
+    assert run.code == errors_module.EXIT_OK, run.log
+    written = b"".join(path.read_bytes() for path in (tmp_path / "cache").glob("logs/*.log"))
+    assert sent and b"using the token ***" in written
+    assert not any(token.encode() in written for token in sent)
+    assert b"pw-Auto-Secret-7" not in written
 
 
 def test_an_archive_begun_from_nbia_is_finished_from_idc(pancreas, tmp_path):

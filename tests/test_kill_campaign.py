@@ -204,7 +204,7 @@ class Campaign:
         self.inspections = 0
         self.scratch_before: set[tuple[str, int, int]] = set()
         # An uninterrupted run, a rerun with nothing to do and a run of the one series that
-        # goes first and alone (after the probe of getImage): they scale the kill points.
+        # goes first and alone: they scale the kill points.
         self.ref = Layout(tmp_path / "ref")
         code, errors, self.full_seconds = self.ref.complete_run(fake, mode)
         assert code == errors_module.EXIT_OK, self.context(errors)

@@ -16,6 +16,7 @@ import pytest
 
 from tcia_dl import cli, errors, journal as journal_module, plan, run as run_module, trust
 from tcia_dl.formats import xz as xzread
+from tcia_dl.sources.nbia import NbiaSettings
 from helpers import Run, archive_members, flip, verify
 
 
@@ -336,14 +337,14 @@ def test_source_flags_come_from_the_list_unless_given_and_no_secret_is_written(t
     assert header(manifest)["downloadServerUrl"] == \
         "https://nbia.example.org/nbia-download/servlet/DownloadServlet"
     again = cli.parse_options(["--retry-failed", str(manifest)])
-    assert (again.mode, again.api_url, again.idc_endpoint, again.idc_index) == \
+    assert (again.mode, again.source.nbia.api_url, again.source.idc.endpoint,
+            again.source.idc.index) == \
         ("auto", "https://nbia.example.org/nbia-api/services/v4/", "http://127.0.0.1:9/s3",
          index.resolve())
     assert again.selection.retry_name == "X" and again.output == out.resolve()
     told = cli.parse_options(["--retry-failed", str(manifest), "--mode", "nbia",
                              "--api-url", "https://other.example.org/v4/"])
-    assert (told.mode, told.api_url, told.idc_endpoint) == \
-        ("nbia", "https://other.example.org/v4/", None)
+    assert (told.mode, told.source) == ("nbia", NbiaSettings("https://other.example.org/v4/"))
 
 
 # -- the .incoming name --------------------------------------------------------------------------

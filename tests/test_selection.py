@@ -232,7 +232,7 @@ def test_update_fetches_only_new_series_into_a_dated_archive(tmp_path, fake_nbia
     journal = updates[0].name + ".journal"
     assert journal_uids(run.output, journal) == fresh
     assert new.counters.requests("getImageWithMD5Hash", 200) + \
-        new.counters.requests("getImage", 200) <= len(fresh) + 1   # + the MD5 probe
+        new.counters.requests("getImage", 200) == len(fresh)      # each once
     assert "12 series already archived, 2 new" in run.log
     # whole + update extract side by side into the full collection
     whole = archive_members(run.output / "DEMO.tar.xz")
@@ -330,7 +330,8 @@ def test_https_proxy_from_the_environment_is_honoured(tmp_path, fake_nbia_factor
     run = Run(tmp_path, fake)
     assert run.code == errors.EXIT_OK, run.log
     assert any(s.endswith("/getSeries") for s in proxy.seen)
-    assert sum(s.endswith("/getImageWithMD5Hash") for s in proxy.seen) == 3
+    assert sum(s.endswith(("/getImage", "/getImageWithMD5Hash")) for s in proxy.seen) == 3
+    assert sum(s.endswith("/getMD5Hierarchy") for s in proxy.seen) == 3   # their series hashes
 
 
 def test_the_proxy_flag_wins_over_the_environment(tmp_path, fake_nbia_factory, proxy,
@@ -391,7 +392,8 @@ def test_help_groups_the_flags_and_shows_three_examples():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
                             text=True, check=True)
     text = result.stdout
-    for group in ("what to download:", "where:", "how:", "network and account:", "logging:"):
+    for group in ("what to download:", "where:", "how:", "network:", "NBIA:", "IDC:",
+                  "logging:"):
         assert group in text
     examples = text.split("examples:")[1].split("exit codes:")[0]
     assert sum(line.strip().startswith("tcia_downloader.py ") for line in examples.splitlines()) == 3

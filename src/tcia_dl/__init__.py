@@ -15,8 +15,8 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
                        first attempt to commit, stops, the report
     plan               which series, and where each goes: records, names, manifests (and the
                        .failed.tcia/.damaged.tcia ones written), shards, updates, space
-    sources.base       the source contract: Source, Selected, AttemptBytes, Member,
-                       VerifiedSeries, MemberSink, Packing
+    sources.base       the source contract: SourceEntry (a --mode), Source, Selected,
+                       AttemptBytes, Member, VerifiedSeries, MemberSink, Packing
     sources.nbia_api   NBIA v4's REST client: tokens, TciaApi, getImage
     sources.nbia       NBIA as a source: NbiaSource, and a series' zip verified file by file
     sources.idc_index  IDC's offline index (duckdb over parquet) and its records
@@ -28,6 +28,7 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
                        safe paths, the parts it is received in
     sources.aspera     --mode aspera: the flags, settings and AsperaSource (a part per
                        record: received, checked against the .sums, packed)
+    sources.registry   the sources --mode chooses from, one entry each
     dicom              the DICOM header reader and the naming check
     formats            the format registry (--format): FORMATS, the codec of an archive
     formats.base       the output contract: Target (a format, and an output being written),
@@ -51,8 +52,8 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
     verify             --verify, and the repair lists of a damaged output
     extract            --extract: (part of) an archive into a folder tree
   Shared by all of them:
-    settings           what a run is asked to do (Selection, Options, Shard), shared
-                       defaults
+    settings           what a run is asked to do (Selection, NetworkSettings, Options,
+                       Shard), shared defaults
     errors             exit codes, the exception classes (one root), what a failed request
                        means
     logs               logging (secrets kept out), the progress line, printable, human_bytes

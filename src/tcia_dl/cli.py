@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import difflib
 import errno
-import getpass
 import math
 import os
 import re
@@ -22,10 +21,11 @@ from .formats import FORMATS, archive_codecs, target_format
 from .logs import Secrets, log, printable, setup_logging
 from .plan import FAILED_RUN_KEY, failed_run_origin, recorded_format
 from .run import StopControl, run
-from .settings import (DEFAULT_API_URL, DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER,
-                       DEFAULT_DOI_TIMEOUT, FILTER_FLAGS, Options, Selection, Shard,
-                       default_workers, parse_size)
-from .sources import aspera
+from .settings import (DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT,
+                       FILTER_FLAGS, NetworkSettings, Options, Selection, Shard, default_workers,
+                       parse_size)
+from .sources.registry import (add_source_flags, default_mode, mode_help, mode_metavar,
+                               selecting_mode, source_named)
 from .storage import disk_full
 from .trust import say_if_journal_ignored
 from .verify import verify_output
@@ -87,15 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the server's collection names, one per line, and exit")
     what.add_argument("--dry-run", action="store_true",
                       help="say what would be downloaded and whether it fits; write nothing")
-    # (no `choices`: an unknown mode gets parse_options' one line, not argparse's usage)
-    what.add_argument("--mode", metavar="{nbia,idc,auto,aspera}",
-                      help="where series come from: nbia (TCIA's NBIA v4, default), idc "
-                           "(NCI's Imaging Data Commons: public S3 buckets and an offline "
-                           "index; needs requirements-idc.txt), auto (NBIA, and IDC for "
-                           f"what NBIA cannot serve), {aspera.HELP}")
-    what.add_argument("--include-analysis-results", action="store_true",
-                      help="--mode idc: also the series IDC files under a collection as "
-                           "analysis results (NBIA serves only the original ones)")
+    # (no `choices`: an unknown mode gets source_named's one line, not argparse's usage)
+    what.add_argument("--mode", metavar=mode_metavar(), help=mode_help())
 
     where = parser.add_argument_group("where")
     where.add_argument("--output", default=".", metavar="DIR",
@@ -131,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--workers", type=int, metavar="N",
                      help="series downloaded in parallel (1 to 64); one per usable core is "
                           "verified and compressed at a time (default: 4 per core, at most "
-                          f"16; --mode aspera: {aspera.DEFAULT_WORKERS}, parts of a package)")
+                          "16; a source may choose fewer: --mode aspera 2, parts of a package)")
     how.add_argument("--retries", type=int, default=6, metavar="N",
                      help="attempts per series before it is reported as failed (default: 6)")
     how.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
@@ -145,26 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "in this many seconds: a 1 byte/s trickle is a stall, a slow but "
                           "real link (even 1 kB/s) is not (default: 120)")
 
-    network = parser.add_argument_group("network and account")
-    network.add_argument("--api-url", metavar="URL",
-                         help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
+    network = parser.add_argument_group("network")
     network.add_argument("--proxy", metavar="URL",
                          help="HTTP(S) proxy for every request (default: $HTTPS_PROXY/$HTTP_PROXY)")
     network.add_argument("--ca-bundle", metavar="FILE",
                          help="CA certificates to trust, e.g. a site proxy's (PEM)")
-    network.add_argument("--user", metavar="NAME",
-                         help="account on a private NBIA server (public TCIA needs none)")
-    network.add_argument("--password", metavar="PASSWORD",
-                         help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
     network.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
                          help="give up a connection attempt after this long (default: 30)")
-    network.add_argument("--idc-index", metavar="FILE.parquet",
-                         help="--mode idc: this index instead of idc-index-data's (same schema; "
-                              "default: $TCIA_IDC_INDEX, else the installed one)")
-    network.add_argument("--idc-endpoint", metavar="URL",
-                         help="--mode idc: another S3-compatible endpoint, addressed path-style "
-                              "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS's "
-                              "public buckets)")
     network.add_argument("--doi-resolver", metavar="URL",
                          default=os.environ.get("TCIA_DOI_RESOLVER", DEFAULT_DOI_RESOLVER),
                          help="where CITATION.md's BibTeX comes from, by content negotiation; "
@@ -178,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--cache-expiry", type=float, default=6.0, metavar="HOURS",
                          help="how long cached metadata answers stay fresh (default: 6)")
 
+    add_source_flags(parser)
+
     check = parser.add_argument_group("checking what is on disk")
     check.add_argument("--verify", metavar="PATH",
                        help="check an archive (.tar.xz, .tar.zst or their .part) or a folder tree this tool "
@@ -187,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "its MD5SUMS; with --series-uid/--patient/--study-uid (or "
                             "--modality, --body-part, --collection) only those series, "
                             "decompressing only their streams")
-
-    aspera.add_flags(parser.add_argument_group("--mode aspera (TCIA's Faspex packages)"))
 
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--log-level", default="INFO", type=str.upper,
@@ -232,34 +212,20 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     args = build_parser().parse_args(argv)
     selection = parse_selection(args)
     origin = failed_run_origin(selection.retry_failed) if selection.retry_failed else {}
-    args.mode = args.mode or (aspera.NAME if args.aspera_url else None)
-    fill_source_flags(args, origin)
-    if args.mode not in ("nbia", "idc", "auto", aspera.NAME):
-        raise UsageError(f"--mode {printable(args.mode)}: choose nbia, idc, auto or aspera")
+    # --mode as given; else, for --retry-failed, as its list recorded it (the series go
+    # back into an output made from there); else a source's own flag that names what to
+    # download (--aspera-url); else the default.
+    mode = args.mode or origin.get("mode") or selecting_mode(args) or default_mode()
+    source = source_named(mode)
     if args.workers is None:
-        args.workers = aspera.DEFAULT_WORKERS if args.mode == aspera.NAME else default_workers()
+        args.workers = source.workers or default_workers()
     try:
         args.temp_limit = parse_size(args.temp_limit) if args.temp_limit else None
     except ValueError as exc:
         raise UsageError(f"--temp-limit {exc}") from None
-    idc_endpoint = args.idc_endpoint
-    if idc_endpoint and urlsplit(idc_endpoint).scheme not in ("http", "https"):
-        raise UsageError(f"--idc-endpoint {idc_endpoint!r} is not an http(s) URL")
-    idc_index = Path(args.idc_index).expanduser() if args.idc_index else None
-    if idc_index is not None and args.mode != "nbia" and not idc_index.is_file():
-        raise UsageError(f"--idc-index {args.idc_index} (or $TCIA_IDC_INDEX): no such file")
     for flag, low, high, unit in NUMERIC_FLAGS:
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)
-    if args.doi_resolver.lower() != "none" and \
-            urlsplit(args.doi_resolver).scheme not in ("http", "https"):
-        raise UsageError(f"--doi-resolver {args.doi_resolver!r}: give an http(s) URL or none")
-    if urlsplit(args.api_url).scheme not in ("http", "https"):
-        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
-    if args.proxy and urlsplit(args.proxy).scheme not in ("http", "https"):
-        raise UsageError(f"--proxy {args.proxy!r}: give an http:// or https:// proxy URL")
-    ca_bundle = Path(args.ca_bundle).expanduser() if args.ca_bundle else None
-    if ca_bundle and not ca_bundle.is_file():
-        raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
+    network = parse_network(args)
     output = Path(args.output).expanduser()
     format_name = asked_format(args)
     repair = False
@@ -272,49 +238,32 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         name = recorded_name(selection.retry_failed, origin)
         selection = dataclasses.replace(selection, retry_name=name)
     check_format(format_name, args.compression_level)
-    password = resolve_password(args.user, args.password)
-    shard = parse_shard(args.shard, os.environ)
-    if args.mode == aspera.NAME and shard is not None:
-        raise UsageError("--mode aspera writes one archive of a package, not shards: pass "
-                         "--shard none (in a slurm job array too)")
+    # Last: it may ask for a password, once the other flags are known to be good.
+    source_settings = source.settings(args, origin)
     return Options(
         selection=selection,
         output=output,
         temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
         cache_dir=Path(args.cache_dir).expanduser(),
-        api_url=args.api_url if args.api_url.endswith("/") else args.api_url + "/",
-        user=args.user,
-        password=password,
-        proxy=args.proxy,
-        ca_bundle=ca_bundle,
+        network=network,
+        source=source_settings,
         format=format_name,
         compression_level=args.compression_level,
         workers=args.workers,
-        retries=args.retries,
-        retry_wait=args.retry_wait,
         stop_grace=args.stop_grace,
-        stall_timeout=args.stall_timeout,
-        shard=shard,
+        shard=parse_shard(args.shard, os.environ),
         update=args.update,
         dry_run=args.dry_run,
         force=args.force,
         list_collections=args.list_collections,
-        connect_timeout=args.connect_timeout,
-        cache_expiry_hours=args.cache_expiry,
         log_level=args.log_level,
         progress=not args.no_progress,
         summary_interval=args.summary_interval,
         verify=Path(args.verify).expanduser() if args.verify else None,
         extract=Path(args.extract).expanduser() if args.extract else None,
-        doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
-        doi_timeout=args.doi_timeout,
         repair=repair,
-        mode=args.mode,
-        idc_index=idc_index,
-        idc_endpoint=idc_endpoint if args.mode in ("idc", "auto") else None,
-        include_analysis_results=args.include_analysis_results,
+        mode=mode,
         temp_limit=args.temp_limit,
-        aspera=aspera.settings(args, origin) if args.mode == aspera.NAME else None,
     )
 
 
@@ -348,16 +297,22 @@ def check_format(name: str, level: Optional[int]) -> None:
         raise UsageError(f"--compression-level must be from {low} to {high}; got {level}")
 
 
-def fill_source_flags(args: argparse.Namespace, origin: dict[str, str]) -> None:
-    """--api-url, --mode, --idc-endpoint and --idc-index as given; else, for --retry-failed,
-    as its manifest recorded them (the series go back into an output made from there);
-    else the environment's and the defaults."""
-    args.api_url = args.api_url or origin.get("api-url") or DEFAULT_API_URL
-    args.mode = args.mode or origin.get("mode") or "nbia"
-    args.idc_endpoint = args.idc_endpoint or origin.get("idc-endpoint") or \
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    args.idc_index = args.idc_index or origin.get("idc-index") or \
-        os.environ.get("TCIA_IDC_INDEX") or None
+def parse_network(args: argparse.Namespace) -> NetworkSettings:
+    """The network flags, checked (their numbers are, with the others, in NUMERIC_FLAGS)."""
+    if args.doi_resolver.lower() != "none" and \
+            urlsplit(args.doi_resolver).scheme not in ("http", "https"):
+        raise UsageError(f"--doi-resolver {args.doi_resolver!r}: give an http(s) URL or none")
+    if args.proxy and urlsplit(args.proxy).scheme not in ("http", "https"):
+        raise UsageError(f"--proxy {args.proxy!r}: give an http:// or https:// proxy URL")
+    ca_bundle = Path(args.ca_bundle).expanduser() if args.ca_bundle else None
+    if ca_bundle and not ca_bundle.is_file():
+        raise UsageError(f"--ca-bundle {args.ca_bundle}: no such file")
+    return NetworkSettings(
+        proxy=args.proxy, ca_bundle=ca_bundle, connect_timeout=args.connect_timeout,
+        stall_timeout=args.stall_timeout, retries=args.retries, retry_wait=args.retry_wait,
+        cache_dir=Path(args.cache_dir).expanduser(), cache_expiry_hours=args.cache_expiry,
+        doi_resolver=None if args.doi_resolver.lower() == "none" else args.doi_resolver,
+        doi_timeout=args.doi_timeout)
 
 
 def recorded_name(manifest: Path, origin: dict[str, str]) -> Optional[str]:
@@ -386,8 +341,10 @@ def parse_selection(args: argparse.Namespace) -> Selection:
         body_parts=tuple(args.body_part),
         retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
     by_name = bool(collection or selection.filters())
-    packages = bool(args.aspera_url) and not (selection.retry_failed or args.verify or
-                                              args.extract)
+    # A source's own flag may name what to download (--aspera-url); a --retry-failed list
+    # names it instead, and --verify and --extract download nothing.
+    packages = selecting_mode(args) is not None and not (selection.retry_failed or
+                                                         args.verify or args.extract)
     ways = sum([by_name and not args.extract, packages, bool(selection.manifests),
                 bool(selection.retry_failed), bool(args.list_collections), bool(args.verify),
                 bool(args.extract)])
@@ -444,25 +401,6 @@ def shard_from_slurm(environ: dict[str, str]) -> Optional[Shard]:
     return Shard(index, count)
 
 
-def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[str]:
-    """--password, else $TCIA_PASSWORD, else a prompt on a terminal."""
-    if user is None:
-        if password is not None:
-            raise UsageError("--password was given without --user")
-        return None
-    if password is not None:
-        # Printed before logging starts on purpose: it is about this command line.
-        print("warning: --password is visible to other users in `ps`; "
-              "prefer TCIA_PASSWORD or the prompt", file=sys.stderr)
-        return password
-    if os.environ.get("TCIA_PASSWORD"):
-        return os.environ["TCIA_PASSWORD"]
-    if sys.stdin.isatty():
-        return getpass.getpass(f"NBIA password for {user}: ")
-    raise UsageError("--user needs a password: set TCIA_PASSWORD (stdin is not a terminal, "
-                     "so there is no prompt)")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         options = parse_options(argv)
@@ -474,9 +412,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          else "the check is incomplete")
     stopping.install()
     secrets = Secrets()
-    secrets.add(lambda: [options.password] if options.password else [])
-    secrets.add(lambda: [s for link in options.aspera.links for s in link.secrets]
-                if options.aspera else [])
+    source = source_named(options.mode)
+    secrets.add(lambda: source.secrets(options.source))
     bars = options.progress and sys.stderr.isatty()
     try:
         teardown_logging = setup_logging(options, bars, secrets)

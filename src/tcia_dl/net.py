@@ -12,10 +12,13 @@ import time
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import requests
 import urllib3
+
+if TYPE_CHECKING:
+    from .settings import NetworkSettings
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class RetryPolicy:
         if retry_after is not None:
             return min(self.max_delay, max(retry_after, jittered))
         return jittered
+
+
+def retry_policy(network: NetworkSettings) -> RetryPolicy:
+    """--retries and --retry-wait, as the policy of a series' attempts (and NBIA's requests)."""
+    return RetryPolicy(attempts=network.retries, base_delay=network.retry_wait)
 
 
 def parse_retry_after(value: Optional[str]) -> Optional[float]:

@@ -445,10 +445,14 @@ def suggest_collections(name: str, known: list[str]) -> list[str]:
 FAILED_RUN_KEY = "tcia_downloader."      # header keys that say which run failed the series
 
 
-# The settings that say where an output's series come from, as the journal records them
-# ("made <flag>") and a manifest of its series carries them (tcia_downloader.<flag>), so
-# that --retry-failed fetches from the same place without being told again.
-SOURCE_FLAGS = ("api-url", "mode", "idc-endpoint", "idc-index")
+# The settings that say where an output's series come from (--mode and its source's
+# provenance, sources.base.SourceEntry), as the journal records them ("made <flag>", their
+# names under RECORDED_FLAGS) and a manifest of its series carries them
+# (tcia_downloader.<flag>), so that --retry-failed fetches from the same place without
+# being told again.
+RECORDED_FLAGS = "made flags"
+# What a journal recorded before it listed its flags (0.4.0).
+FLAGS_RECORDED_UNLISTED = ("api-url", "mode", "idc-endpoint", "idc-index")
 
 
 def write_failed_manifest(path: Path, uids: list[str], format_name: str, name: str,
@@ -508,7 +512,9 @@ def without_credentials(url: str) -> str:
 def recorded_source(meta: Callable[[str], Optional[str]]) -> dict[str, str]:
     """flag -> value of the source settings a journal recorded (none before 0.4), from its
     meta table's getter."""
-    values = {flag: meta(f"made {flag}") for flag in SOURCE_FLAGS}
+    listed = meta(RECORDED_FLAGS)
+    flags = listed.split() if listed is not None else FLAGS_RECORDED_UNLISTED
+    values = {flag: meta(f"made {flag}") for flag in flags}
     return {flag: value for flag, value in values.items() if value}
 
 

@@ -13,7 +13,6 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TYPE_CHECKING
 
@@ -23,18 +22,13 @@ from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXI
                      EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
 from .formats import target_format
 from .journal import read_journal, roll_back_hot_journal
-from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable, private_dir
-from .net import RetryPolicy, TransferWatchdog
-from .plan import (describe_plan, dry_run_rows, make_plan, recorded_source, space_needs,
-                   space_shortfalls, without_credentials, write_failed_manifest)
+from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable
+from .net import RetryPolicy, TransferWatchdog, retry_policy
+from .plan import (RECORDED_FLAGS, describe_plan, dry_run_rows, make_plan, recorded_source,
+                   space_needs, space_shortfalls, write_failed_manifest)
 from .settings import FILTER_FLAGS, usable_cores
-from .sources import aspera
-from .sources.auto import AutoSource
 from .sources.base import AttemptBytes
-from .sources.idc import IdcSource, S3Client
-from .sources.idc_index import IdcIndex
-from .sources.nbia import NbiaSource
-from .sources.nbia_api import TciaApi
+from .sources.registry import source_named
 from .storage import acquire_lock, release_lock, sweep_abandoned_scratch
 
 if TYPE_CHECKING:
@@ -42,7 +36,7 @@ if TYPE_CHECKING:
     from .journal import Journal
     from .logs import Secrets
     from .plan import Plan, PlannedSeries
-    from .settings import Options, Selection
+    from .settings import NetworkSettings, Options, Selection
     from .sources.base import MemberSink, Source, VerifiedSeries
 
 
@@ -60,8 +54,8 @@ class Outcome:
     seconds: float = 0.0
     dropped: int = 0               # files in the zip that were not the series'
     source: str = ""               # which source served it (nbia, idc)
-    by_size_only: int = 0          # files verified by their size only (no usable checksum)
-    retries: int = 0               # single files downloaded again within the series' attempt
+    # What that source counted of it (VerifiedSeries.counters), for its report lines.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,7 +115,7 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
             return Outcome(series, True, files=len(verified.members), bytes=verified.bytes,
                            seconds=time.monotonic() - started, dropped=len(verified.dropped),
                            source=str((verified.record or series.record).get("Source") or ""),
-                           by_size_only=verified.by_size_only, retries=verified.retries)
+                           counters=verified.counters)
         if ctx.stopping.abort.is_set():
             raise Interrupted()            # the failure is the stop's doing, not the series'
         failures += 1
@@ -314,10 +308,6 @@ class StopControl:
             self.abort.set()
 
 
-def retry_policy(options: Options) -> RetryPolicy:
-    return RetryPolicy(attempts=options.retries, base_delay=options.retry_wait)
-
-
 # -- the run -------------------------------------------------------------------------------
 
 
@@ -382,9 +372,7 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
     if writes:
         check_folders(options)
     source = open_source(options, stopping)
-    nbia = source.nbia if isinstance(source, AutoSource) else source
-    if isinstance(nbia, NbiaSource):
-        secrets.add(nbia.api.tokens.secrets)
+    secrets.add(source.secrets)
     try:
         if options.list_collections:
             for name in source.collections():
@@ -399,38 +387,7 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
 
 def open_source(options: Options, stopping: StopControl) -> Source:
     """The source --mode names, with the run's network settings."""
-    if options.mode == aspera.NAME and options.aspera is not None:
-        return aspera.open_source(options.aspera, options, stopping.abort)
-    if options.mode == "auto":
-        return AutoSource(open_nbia(options, stopping), open_idc(options, stopping))
-    if options.mode == "idc":
-        return open_idc(options, stopping)
-    return open_nbia(options, stopping)
-
-
-def open_idc(options: Options, stopping: StopControl) -> IdcSource:
-    index = IdcIndex(options.idc_index)
-    watchdog = TransferWatchdog(options.stall_timeout, stopping.abort)
-    transport: dict[str, object] = {}
-    if options.proxy:
-        transport["proxies"] = {"http": options.proxy, "https": options.proxy}
-    if options.ca_bundle:
-        transport["verify"] = str(options.ca_bundle)
-    timeout = (options.connect_timeout, options.stall_timeout)
-    s3 = S3Client(options.idc_endpoint, watchdog, transport, timeout, stopping.abort)
-    return IdcSource(index, s3, options.include_analysis_results, watchdog, transport, timeout)
-
-
-def open_nbia(options: Options, stopping: StopControl) -> NbiaSource:
-    api = TciaApi(options.api_url,
-                  cache_path=private_dir(options.cache_dir) / "http_cache",
-                  cache_expiry=timedelta(hours=options.cache_expiry_hours),
-                  user=options.user, password=options.password,
-                  connect_timeout=options.connect_timeout,
-                  stall_timeout=options.stall_timeout,
-                  retry=retry_policy(options), stop=stopping.abort,
-                  proxy=options.proxy, ca_bundle=options.ca_bundle)
-    return NbiaSource(api)
+    return source_named(options.mode).open(options.source, options.network, stopping.abort)
 
 
 def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopControl,
@@ -528,7 +485,7 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     bars = options.progress and sys.stderr.isatty()
     progress = Progress(len(todo), sum(s.file_size for s in todo), bars, options.summary_interval)
     ctx = RunContext(source=source, target=target, progress=progress,
-                     retry=retry_policy(options), stopping=stopping,
+                     retry=retry_policy(options.network), stopping=stopping,
                      breaker=OutageBreaker(max(5, 2 * options.workers)),
                      packing_slots=threading.Semaphore(packing))
     outcomes: list[Outcome] = []
@@ -560,20 +517,20 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
         if ctx.fatal[0].exit_code == EXIT_USAGE and target.discard_if_unused():
             log.info("nothing was written: fix that, then run the same command again")
             return EXIT_USAGE
-        report(options, target, plan, skipped, outcomes, started, interrupted=False)
+        report(options, source, target, plan, skipped, outcomes, started, interrupted=False)
         return ctx.fatal[0].exit_code
     unfinished = len(plan.series) - skipped - len(outcomes)
     if stopping.exit_code is not None and unfinished > 0:
-        report(options, target, plan, skipped, outcomes, started, interrupted=True)
+        report(options, source, target, plan, skipped, outcomes, started, interrupted=True)
         return stopping.exit_code
     # A drain that came after the last series had started changes nothing: finish normally.
     failures = [o for o in outcomes if not o.ok]
     missing = target.journal.missing_requested() if not failures else []
     if not failures and not missing:
-        add_bibtex(target.journal, source, options)
+        add_bibtex(target.journal, options.network, stopping.abort)
         target.finalize()
         forget_repair_list(options, plan.name)
-    report(options, target, plan, skipped, outcomes, started, interrupted=False)
+    report(options, source, target, plan, skipped, outcomes, started, interrupted=False)
     if missing:
         log.error("%d series that an earlier run asked for are not in %s yet; rerun that "
                   "run's command to fetch them", len(missing), target.describe())
@@ -605,20 +562,14 @@ def collector_ignoring_what_exists() -> Iterator[None]:
 def record_provenance(journal: Journal, options: Options, source: Source) -> None:
     """What CITATION.md says of how the copy was made: the source (without credentials),
     when the first run started, and its selection (a --retry-failed run only completes it);
-    and the flags of that source, which a manifest of its series carries (never a password
-    or a token: URLs lose their user part)."""
+    and the flags of that source (its provenance: never a password or a token), which a
+    manifest of its series carries, with the list of them (a source of an earlier run may
+    have recorded others)."""
     journal.put("made source", source.describe())
-    idc = options.mode in ("idc", "auto")
-    flags = {"api-url": without_credentials(options.api_url)
-             if options.mode not in ("idc", aspera.NAME) else "",
-             "mode": options.mode,
-             "idc-endpoint": without_credentials(options.idc_endpoint)
-             if idc and options.idc_endpoint else "",
-             "idc-index": str(options.idc_index.resolve()) if idc and options.idc_index else ""}
-    if options.aspera is not None:
-        flags.update(aspera.provenance(options.aspera))
+    flags = {"mode": options.mode, **source_named(options.mode).provenance(options.source)}
     for flag, value in flags.items():
         journal.put(f"made {flag}", value)
+    journal.put(RECORDED_FLAGS, " ".join(flags))
     if journal.get("made started") is None:
         journal.put("made started", utc_day())
     if options.selection.retry_failed is None and journal.get("made selection") is None:
@@ -635,20 +586,25 @@ def describe_selection(selection: Selection) -> str:
     return printable(" ".join(words))
 
 
-def add_bibtex(journal: Journal, source: Source, options: Options) -> None:
+def add_bibtex(journal: Journal, network: NetworkSettings, stop: threading.Event) -> None:
     """BibTeX of the output's DOIs into the journal, once: CITATION.md is made from it."""
     dois = sorted({dataset.doi for collection in journal.collections()
                    for dataset in datasets(journal, collection)
                    if dataset.doi and journal.get(f"bibtex {dataset.doi}") is None})
-    if not dois or not options.doi_resolver:
+    if not dois or not network.doi_resolver:
         return
-    resolver = DoiResolver(options.doi_resolver, source.watchdog, source.transport,
-                           source.timeout, options.doi_timeout)
-    for doi, entry in resolver.bibtex(dois).items():
+    watchdog = TransferWatchdog(network.stall_timeout, stop)
+    try:
+        resolver = DoiResolver(network.doi_resolver, watchdog, network.transport(),
+                               network.timeout, network.doi_timeout)
+        found = resolver.bibtex(dois)
+    finally:
+        watchdog.close()
+    for doi, entry in found.items():
         journal.put(f"bibtex {doi}", entry)
 
 
-def report(options: Options, target: Target, plan: Plan, skipped: int,
+def report(options: Options, source: Source, target: Target, plan: Plan, skipped: int,
            outcomes: list[Outcome], started: float, interrupted: bool) -> None:
     elapsed = time.monotonic() - started
     done = [o for o in outcomes if o.ok]
@@ -662,7 +618,7 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
         f"  failed:                      {len(failures)}",
         f"  not attempted:               {missing - len(failures)}",
         f"  files dropped (not the series'): {sum(o.dropped for o in done)}",
-        *idc_lines(done),
+        *source.report_lines(done),
         *source_lines(done),
         f"  elapsed {human_seconds(elapsed)}, {human_bytes(new_bytes / max(elapsed, 1e-6))}/s",
         f"  output: {describe_output(target)}",
@@ -693,17 +649,6 @@ def report(options: Options, target: Target, plan: Plan, skipped: int,
                   "deliver them), e.g. %s", len(plan.left_out), printable(plan.left_out[0]))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
-
-
-def idc_lines(done: list[Outcome]) -> list[str]:
-    """Whenever a series came from IDC (a 0 there is worth reading too): how many files
-    only their size vouches for (multipart ETags can defeat the checksum), and how many
-    object downloads were tried again (many: S3 throttles, or the link is poor)."""
-    if not any(o.source == "idc" for o in done):
-        return []
-    return [f"  files verified by size only:  {sum(o.by_size_only for o in done)} "
-            "(the others by their MD5)",
-            f"  object downloads retried:     {sum(o.retries for o in done)}"]
 
 
 def source_lines(done: list[Outcome]) -> list[str]:

@@ -1,16 +1,13 @@
-"""What a run is asked to do (Selection, Options, Shard), shared defaults."""
+"""What a run is asked to do (Selection, NetworkSettings, Options, Shard), shared defaults."""
 
 from __future__ import annotations
 
 import os
 import re
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .sources.aspera import AsperaSettings
+from typing import Any, Optional
 
 DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_DOI_RESOLVER = "https://doi.org/"
@@ -84,44 +81,69 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    """How a run's requests go out, whichever source (or the DOI resolver) they are for:
+    --proxy, --ca-bundle, the timeouts, the retries of a series, the HTTP metadata cache."""
+    proxy: Optional[str] = None            # for every request (None: $HTTPS_PROXY/$HTTP_PROXY)
+    ca_bundle: Optional[Path] = None       # CA certificates to trust, e.g. a site proxy's
+    connect_timeout: float = 30.0          # seconds for one connection attempt
+    # Seconds in which a transfer must deliver 64 kB (the watchdog's window), and the read
+    # timeout: a silent or trickling transfer is cut and retried, a slow real one is not.
+    stall_timeout: float = 120.0
+    retries: int = 6                       # attempts per series before it is reported failed
+    retry_wait: float = 2.0                # first wait before a retry; doubles per attempt
+    cache_dir: Optional[Path] = None       # --cache-dir: metadata answers in its http_cache
+    cache_expiry_hours: float = 6.0        # how long a cached metadata answer stays fresh
+    doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
+    doi_timeout: float = DEFAULT_DOI_TIMEOUT   # for all the BibTeX lookups of a run
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """requests' (connect, read): the read timeout is the stall window, which bounds the
+        silence between two bytes, never a whole transfer."""
+        return (self.connect_timeout, self.stall_timeout)
+
+    def transport(self) -> dict[str, object]:
+        """proxies and verify for each request: given per request, because requests lets
+        $HTTPS_PROXY and $REQUESTS_CA_BUNDLE override what a session says, while the user's
+        flags must win."""
+        transport: dict[str, object] = {}
+        if self.proxy:
+            transport["proxies"] = {"http": self.proxy, "https": self.proxy}
+        if self.ca_bundle:
+            transport["verify"] = str(self.ca_bundle)
+        return transport
+
+
+@dataclass(frozen=True)
 class Options:
+    """Everything a run is asked to do, one field or settings dataclass per concern."""
     selection: Selection
     output: Path
     temp_dir: Path
-    cache_dir: Path
-    api_url: str
-    user: Optional[str]
-    password: Optional[str] = field(repr=False)
-    proxy: Optional[str]
-    ca_bundle: Optional[Path]
+    cache_dir: Path                    # logs (and, as network.cache_dir, the HTTP cache)
+    network: NetworkSettings
+    # The settings of the source --mode names, as its registry entry (sources.registry)
+    # made them from its flags: NbiaSettings, IdcSettings, AutoSettings... A password in
+    # them has repr=False, for the debug log prints these options.
+    source: Any
     format: str                    # a name in formats.FORMATS: dir, tar.xz, ...
     compression_level: Optional[int]   # on the format's codec's scale; None: its default
     workers: int
-    retries: int
-    retry_wait: float
     stop_grace: float
-    stall_timeout: float
     shard: Optional["Shard"]
     update: bool
     dry_run: bool
     force: bool
     list_collections: bool
-    connect_timeout: float
-    cache_expiry_hours: float
     log_level: str
     progress: bool
     summary_interval: float
     verify: Optional[Path] = None      # --verify: check this output instead of downloading
     extract: Optional[Path] = None     # --extract: write (part of) this archive into output
-    doi_resolver: Optional[str] = DEFAULT_DOI_RESOLVER    # None: no BibTeX in CITATION.md
-    doi_timeout: float = DEFAULT_DOI_TIMEOUT   # for all the BibTeX lookups of a run
     repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
-    mode: str = "nbia"                 # where series come from: nbia, idc
-    idc_index: Optional[Path] = None   # another parquet of IDC's schema
-    idc_endpoint: Optional[str] = None         # another S3 endpoint (path-style addressing)
-    include_analysis_results: bool = False
-    temp_limit: Optional[int] = None   # bytes of scratch a run may use (--mode aspera)
-    aspera: Optional["AsperaSettings"] = field(default=None, repr=False)  # --mode aspera
+    mode: str = "nbia"                 # where series come from: a name in sources.registry
+    temp_limit: Optional[int] = None   # bytes of scratch a run may use (--temp-limit)
 
 
 # The filters on a selection: flag -> the getSeries parameter (and metadata.csv column).

@@ -1,7 +1,7 @@
 """--mode aspera: TCIA's IBM Aspera Faspex packages (slides, NIfTI, tables) through IBM's
 ascli, received part by part within --temp-limit, every file checked against the package's
-.sums, packed under <name>/ with the package's own paths. In the shape of an entry of the
-source registry: NAME, HELP, add_flags, settings, open_source, provenance; AsperaSource."""
+.sums, packed under <name>/ with the package's own paths. Its registry entry, ASPERA (flags,
+settings, opening, provenance, secrets), and AsperaSource."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TYPE_CHECKING
 
 from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, JournalUnusable,
                       SeriesUnavailable, TransientError, UsageError)
 from ..formats import target_format
 from ..journal import read_snapshot
 from ..logs import human_bytes, log, printable
-from ..net import TransferWatchdog
 from ..plan import (PlannedSeries, clean_component, manifests_of, recorded_format,
                     selection_name)
 from ..settings import CHUNK_SIZE
@@ -30,16 +29,15 @@ from .ascli import Ascli, find_ascli
 from .aspera_package import (ASCP_OWN, Listing, PackageFile, PackageLink, Part, Sums,
                              add_items, build_tree, describe_folder, parse_link,
                              plan_parts, read_sums, relative_to, scratch_need)
-from .base import Member, Selected, VerifiedSeries
+from .base import Member, Selected, SourceEntry, VerifiedSeries
 
 if TYPE_CHECKING:
     from ..journal import JournalSnapshot
-    from ..settings import Selection
-    from .base import MemberSink, Packing
+    from ..settings import NetworkSettings, Selection
+    from .base import MemberSink, Packing, Served
 
 NAME = "aspera"
-HELP = ("aspera (TCIA's IBM Aspera Faspex packages, e.g. pathology slides: --aspera-url; "
-        "needs IBM's ascli)")
+HELP = "TCIA's IBM Aspera Faspex packages, e.g. pathology slides: --aspera-url; needs IBM's ascli"
 # One part received while the one before it is packed: each FASP session may use the whole
 # link, so more sessions add little, and each worker's part must fit the --temp-limit share.
 DEFAULT_WORKERS = 2
@@ -62,7 +60,6 @@ class AsperaSettings:
     output: Path
     output_format: str                 # a name of formats.FORMATS: where the journal is
     workers: int
-    stall_timeout: float
 
 
 def add_flags(group: argparse._ArgumentGroup) -> None:
@@ -77,7 +74,7 @@ def add_flags(group: argparse._ArgumentGroup) -> None:
                        help="--mode aspera: IBM's ascli to run (default: ascli on PATH)")
 
 
-def settings(args: argparse.Namespace, origin: dict[str, str]) -> AsperaSettings:
+def settings(args: argparse.Namespace, origin: Mapping[str, str]) -> AsperaSettings:
     """The aspera flags checked (UsageError: one line). The link is never recorded (its
     passcode is a secret), so a --retry-failed needs --aspera-url again."""
     if not args.aspera_url:
@@ -95,6 +92,10 @@ def settings(args: argparse.Namespace, origin: dict[str, str]) -> AsperaSettings
     if args.update:
         raise UsageError("--update is not available for --mode aspera; rerun the same "
                          "command, which fetches what is missing")
+    in_job_array = os.environ.get("SLURM_ARRAY_TASK_ID") is not None
+    if (args.shard or "").lower() != "none" and (args.shard or in_job_array):
+        raise UsageError("--mode aspera writes one archive of a package, not shards: pass "
+                         "--shard none (in a slurm job array too)")
     # Where the output goes, as the command line resolves it (cli's asked_format; a
     # --retry-failed goes back into the output its manifest names).
     output = Path(origin.get("output") or args.output).expanduser()
@@ -103,15 +104,14 @@ def settings(args: argparse.Namespace, origin: dict[str, str]) -> AsperaSettings
     return AsperaSettings(links=links, name=name, ascli=args.ascli,
                           temp_limit=args.temp_limit,
                           temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
-                          output=output, output_format=output_format, workers=args.workers,
-                          stall_timeout=args.stall_timeout)
+                          output=output, output_format=output_format, workers=args.workers)
 
 
-def open_source(settings: AsperaSettings, network: object,
+def open_source(settings: AsperaSettings, network: "NetworkSettings",
                 stop: threading.Event) -> "AsperaSource":
     """ascli found and run once (--version) for each link; the temp limit fixed (half the
-    free space of --temp_dir, measured now, unless --temp-limit). network: the run's HTTP
-    settings, which ascli does not use."""
+    free space of --temp_dir, measured now, unless --temp-limit). Of the run's network
+    settings ascli heeds the stall window only (it has its own proxy and TLS settings)."""
     executable = find_ascli(settings.ascli)
     limit = settings.temp_limit
     if limit is None:
@@ -119,9 +119,9 @@ def open_source(settings: AsperaSettings, network: object,
         limit = free_bytes(settings.temp_dir) // 2
         log.info("--temp-limit: %s, half the free space of %s", human_bytes(limit),
                  settings.temp_dir)
-    clients = [Ascli(executable, link.url, settings.stall_timeout, stop)
+    clients = [Ascli(executable, link.url, network.stall_timeout, stop)
                for link in settings.links]
-    source = AsperaSource(settings, clients, limit, stop)
+    source = AsperaSource(settings, clients, limit, network.stall_timeout, stop)
     try:
         version = clients[0].check_version()
         for client in clients[1:]:
@@ -135,9 +135,12 @@ def open_source(settings: AsperaSettings, network: object,
 def provenance(settings: AsperaSettings) -> dict[str, str]:
     """What the journal and a manifest of the output may record: the packages' ids and hosts,
     never the links (their passcodes)."""
-    return {"mode": NAME,
-            "aspera-packages": " ".join(f"{link.host}/{link.package_id}"
+    return {"aspera-packages": " ".join(f"{link.host}/{link.package_id}"
                                         for link in settings.links)}
+
+
+def link_secrets(settings: AsperaSettings) -> list[str]:
+    return [secret for link in settings.links for secret in link.secrets]
 
 
 # -- one package: its listing, names, files ---------------------------------------------
@@ -332,19 +335,16 @@ class AsperaSource:
     scratch_suffix = ".aspera"
 
     def __init__(self, settings: AsperaSettings, clients: list[Ascli], temp_limit: int,
-                 stop: threading.Event):
+                 stall_timeout: float, stop: threading.Event):
         self.settings = settings
         self.temp_limit = temp_limit
+        self.stall_timeout = stall_timeout
         self.packages = [Package(link, client) for link, client in
                          zip(settings.links, clients)]
         self._stop = stop
         self._parts: dict[str, tuple[Package, Part]] = {}
         self._slots = ReceiveSlots(1)
         self.budget = temp_limit
-        # The Source contract's network settings (CITATION.md's BibTeX lookups use them).
-        self.watchdog = TransferWatchdog(settings.stall_timeout, stop)
-        self.transport: dict[str, object] = {}
-        self.timeout = (30.0, settings.stall_timeout)
 
     def describe(self) -> str:
         ascli = self.packages[0].ascli
@@ -357,7 +357,7 @@ class AsperaSource:
                             "links come from each collection's page", EXIT_USAGE)
 
     def secrets(self) -> list[str]:
-        return [secret for link in self.settings.links for secret in link.secrets]
+        return link_secrets(self.settings)
 
     def reach(self, series: PlannedSeries) -> None:
         """--dry-run: the listing has asked the server already."""
@@ -367,7 +367,7 @@ class AsperaSource:
     def records(self, selection: "Selection") -> Selected:
         scratch = self.settings.temp_dir
         scratch.mkdir(parents=True, exist_ok=True)
-        time_limit = max(self.settings.stall_timeout, LISTING_TIME_FLOOR)
+        time_limit = max(self.stall_timeout, LISTING_TIME_FLOOR)
         for package in self.packages:
             list_package(package, scratch, time_limit, self._stop)
         self._name_collections()
@@ -518,15 +518,15 @@ class AsperaSource:
         holding.done = True
         return verified, prepared
 
-    def report_lines(self, outcomes: list[object]) -> list[str]:
-        """For the report (the source registry's hook)."""
-        return [f"  {package.collection}: {len(package.files)} files planned, "
-                f"{len(package.left_out)} left out" for package in self.packages]
+    def report_lines(self, done: Sequence["Served"]) -> list[str]:
+        """Each package: its files, and those left out (named in the log above)."""
+        return [f"  package {package.link.package_id} ({package.collection}): "
+                f"{len(package.files)} files to receive, {len(package.left_out)} left out"
+                for package in self.packages]
 
     def close(self) -> None:
         for package in self.packages:
             package.ascli.close()
-        self.watchdog.close()
 
 
 def planned_series(uid: str, package: Package, folder: str, record: dict) -> PlannedSeries:
@@ -636,3 +636,9 @@ def hashed_chunks(path: Path, digest: "hashlib._Hash",
                 raise Interrupted()
             digest.update(chunk)
             yield chunk
+
+
+ASPERA: SourceEntry[AsperaSettings] = SourceEntry(
+    name=NAME, help=HELP, title="Aspera (TCIA's Faspex packages)", add_flags=add_flags,
+    settings=settings, open=open_source, provenance=provenance, secrets=link_secrets,
+    workers=DEFAULT_WORKERS, selects="aspera_url")

@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TYPE_CHECKING
+from typing import Callable, Mapping, Sequence, TYPE_CHECKING
 
 from ..errors import FatalRunError, SeriesUnavailable, TransientError
 from ..logs import log
 from ..plan import as_count
+from .base import SourceEntry, no_flags
+from .idc import IDC, IdcSettings
 from .idc_index import idc_record
+from .nbia import NBIA, NbiaSettings
 
 if TYPE_CHECKING:
     from ..formats.base import Prepared
     from ..plan import PlannedSeries
-    from ..settings import Selection
-    from .base import Packing, Selected, VerifiedSeries
+    from ..settings import NetworkSettings, Selection
+    from .base import Packing, Selected, Served, VerifiedSeries
     from .idc import IdcSource
     from .nbia import NbiaSource
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """Both sources' settings, from their flags: auto has none of its own."""
+    nbia: NbiaSettings
+    idc: IdcSettings
+
+
+def auto_settings(args: argparse.Namespace, origin: Mapping[str, str]) -> AutoSettings:
+    # IDC's first: a wrong --idc-index is said before NBIA's password is asked for.
+    idc = IDC.settings(args, origin)
+    return AutoSettings(nbia=NBIA.settings(args, origin), idc=idc)
+
+
+def open_auto(settings: AutoSettings, network: NetworkSettings,
+              stop: threading.Event) -> AutoSource:
+    nbia = NBIA.open(settings.nbia, network, stop)
+    try:
+        return AutoSource(nbia, IDC.open(settings.idc, network, stop))
+    except BaseException:
+        nbia.close()               # IDC cannot open (no duckdb): NBIA's watchdog must stop
+        raise
 
 
 class AutoSource:
@@ -32,7 +60,6 @@ class AutoSource:
     def __init__(self, nbia: NbiaSource, idc: IdcSource):
         self.nbia, self.idc = nbia, idc
         self.scratch_suffix = ".download"
-        self.watchdog, self.transport, self.timeout = nbia.watchdog, nbia.transport, nbia.timeout
         self._idc_records: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._nbia_failures = 0
@@ -40,6 +67,12 @@ class AutoSource:
 
     def describe(self) -> str:
         return f"{self.nbia.describe()}, else {self.idc.describe()}"
+
+    def secrets(self) -> list[str]:
+        return self.nbia.secrets() + self.idc.secrets()
+
+    def report_lines(self, done: Sequence[Served]) -> list[str]:
+        return self.nbia.report_lines(done) + self.idc.report_lines(done)
 
     def collections(self) -> list[str]:
         try:
@@ -110,3 +143,17 @@ class AutoSource:
     def close(self) -> None:
         self.nbia.close()
         self.idc.close()
+
+
+def auto_provenance(settings: AutoSettings) -> dict[str, str]:
+    return {**NBIA.provenance(settings.nbia), **IDC.provenance(settings.idc)}
+
+
+def auto_secrets(settings: AutoSettings) -> list[str]:
+    return NBIA.secrets(settings.nbia) + IDC.secrets(settings.idc)
+
+
+AUTO: SourceEntry[AutoSettings] = SourceEntry(
+    name="auto", help="NBIA, and IDC for what NBIA cannot serve", title="",
+    add_flags=no_flags, settings=auto_settings, open=open_auto, provenance=auto_provenance,
+    secrets=auto_secrets)

@@ -1,20 +1,21 @@
-"""The source contract: Source, Selected, AttemptBytes, Member, VerifiedSeries, MemberSink,
-Packing."""
+"""The source contract: SourceEntry (a --mode), Source, Selected, AttemptBytes, Member,
+VerifiedSeries, Served, MemberSink, Packing."""
 
 from __future__ import annotations
 
+import argparse
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol, TYPE_CHECKING
+from typing import (Callable, Generic, Iterator, Mapping, Optional, Protocol, Sequence,
+                    TYPE_CHECKING, TypeVar)
 
 from ..plan import clean_component
 
 if TYPE_CHECKING:
     from ..formats.base import Prepared
-    from ..net import TransferWatchdog
     from ..plan import Manifest, PlannedSeries
-    from ..settings import Selection
+    from ..settings import NetworkSettings, Selection
 
 
 @dataclass
@@ -62,11 +63,17 @@ class Source(Protocol):
 
     name: str
     scratch_suffix: str             # of the one scratch file a series in flight gets
-    watchdog: TransferWatchdog      # the run's network settings, for other requests
-    transport: dict[str, object]
-    timeout: tuple[float, float]
 
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        """The source, for logs and CITATION.md: never a credential."""
+
+    def secrets(self) -> list[str]:
+        """What the log filter must never let through, now (a password, current tokens):
+        asked again for every line written."""
+
+    def report_lines(self, done: Sequence["Served"]) -> list[str]:
+        """Lines of its own in the run's report, of the series that succeeded (those it
+        served have its name as their source), from the counters it put in VerifiedSeries."""
 
     def collections(self) -> list[str]: ...
 
@@ -99,8 +106,9 @@ class VerifiedSeries:
     license_text: Optional[str]
     dropped: list[tuple[str, str]]
     record: Optional[dict] = None      # the serving source's record, if not the plan's
-    by_size_only: int = 0              # files whose checksum could not be checked
-    retries: int = 0                   # downloads of single files tried again (IDC objects)
+    # What the serving source counted of this series (IDC: files verified by their size
+    # only), for its report lines; the run only carries them there.
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -109,6 +117,12 @@ class VerifiedSeries:
     @property
     def source(self) -> str:
         return str((self.record or {}).get("Source") or "")
+
+
+class Served(Protocol):
+    """A series that succeeded, as a source's report_lines read it (the run's Outcome)."""
+    source: str                    # which source served it: a Source.name
+    counters: dict[str, int]       # VerifiedSeries.counters
 
 
 def safe_entry_name(name: str) -> bool:
@@ -138,3 +152,45 @@ class MemberSink(Protocol):
 # What a source gets to verify a series into the output: pack(verify) makes the sink (the
 # target's packer), runs verify(sink) on it and returns what the series became.
 Packing = Callable[[Callable[[MemberSink], "VerifiedSeries"]], "tuple[VerifiedSeries, Prepared]"]
+
+
+# -- a source as one registry entry (sources.registry lists them) ---------------------------
+
+SettingsT = TypeVar("SettingsT")
+
+
+def no_flags(group: "argparse._ArgumentGroup") -> None:
+    """For a source whose flags are other sources' (auto)."""
+
+
+def no_secrets(settings: object) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class SourceEntry(Generic[SettingsT]):
+    """One --mode: what the command line and a run need of a source, defined in the source's
+    own module, so that adding a source touches that module and one line of the registry.
+    SettingsT is the source's own settings dataclass (documented where it is defined)."""
+    name: str                      # the --mode value
+    help: str                      # what it is, for --mode's help: "name (help)"
+    title: str                     # of the --help group of its flags ("NBIA"; auto has none)
+    add_flags: Callable[["argparse._ArgumentGroup"], None]     # its flags, into that group
+    # Its settings from the parsed flags, each checked with a one-line UsageError; origin is
+    # what a --retry-failed list recorded (provenance's keys), used for flags not given.
+    settings: Callable[[argparse.Namespace, Mapping[str, str]], SettingsT]
+    # The source, opened with the run's network settings; stop ends its transfers.
+    open: Callable[[SettingsT, "NetworkSettings", threading.Event], Source]
+    # flag -> value (no "--") that the journal records ("made <flag>") and failure and
+    # repair lists carry, so that --retry-failed fetches from the same place. Never a
+    # password or a token: URLs lose their user part.
+    provenance: Callable[[SettingsT], dict[str, str]]
+    # The secrets among its settings (a password), kept out of the logs from the start,
+    # before the source is open and can say its own (Source.secrets).
+    secrets: Callable[[SettingsT], list[str]] = no_secrets
+    # Its own default for --workers, when a series in flight costs more than a connection
+    # (None: 4 per usable core, at most 16).
+    workers: Optional[int] = None
+    # The dest of a flag of its own that names what to download and so chooses this --mode
+    # when --mode is not given (aspera: --aspera-url LINK); None: it has none.
+    selects: Optional[str] = None

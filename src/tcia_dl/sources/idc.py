@@ -1,7 +1,9 @@
-"""IDC as a source: its public S3 buckets (S3Client), IdcSource."""
+"""IDC as a source: its --mode entry (flags, IdcSettings), its public S3 buckets (S3Client),
+IdcSource."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import hashlib
@@ -13,7 +15,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -21,22 +23,21 @@ import requests
 from .. import __version__
 from ..dicom import dicom_naming_fields
 from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, SeriesAttemptAbandoned,
-                      RequestContext, SeriesUnavailable, TransientError, request_failure)
+                      RequestContext, SeriesUnavailable, TransientError, UsageError,
+                      request_failure)
 from ..logs import log
-from ..net import parse_retry_after, watched_session
-from ..plan import as_count, manifests_of, suggest_collections
+from ..net import TransferWatchdog, parse_retry_after, watched_session
+from ..plan import as_count, manifests_of, suggest_collections, without_credentials
 from ..settings import CHUNK_SIZE
 from ..storage import raise_if_disk_full, read_range
-from .base import AttemptBytes, Member, Selected, VerifiedSeries, unique_file_name
-from .idc_index import idc_record
+from .base import AttemptBytes, Member, Selected, SourceEntry, VerifiedSeries, unique_file_name
+from .idc_index import IdcIndex, idc_record
 
 if TYPE_CHECKING:
     from ..formats.base import Prepared
-    from ..net import TransferWatchdog
     from ..plan import Manifest, PlannedSeries
-    from ..settings import Selection
-    from .base import MemberSink, Packing
-    from .idc_index import IdcIndex
+    from ..settings import NetworkSettings, Selection
+    from .base import MemberSink, Packing, Served
 
 S3_NAMESPACE = re.compile(r"^\{[^}]*\}")
 S3_OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -44,6 +45,64 @@ MULTIPART_SIZES = (8, 16, 5, 15, 32, 64, 100, 128)   # MiB: the AWS CLI's defaul
 OBJECTS_IN_FLIGHT = 8          # objects of one series fetched at once
 OBJECT_ATTEMPTS = 3            # before the series' attempt fails (then it is retried whole)
 MOST_OBJECTS = 100_000         # in a series whose index row has no instanceCount
+# What a series' VerifiedSeries.counters hold, for the report.
+BY_SIZE_ONLY = "files verified by size only"     # multipart ETags no usual part size makes
+OBJECTS_RETRIED = "object downloads retried"     # failed tries of single objects
+
+
+# -- IDC as a --mode: its flags and settings -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdcSettings:
+    """Which index of IDC's series, and which S3 endpoint serves their objects."""
+    index: Optional[Path] = None       # --idc-index: another parquet of IDC's schema
+    endpoint: Optional[str] = None     # --idc-endpoint: another S3 endpoint, path-style
+    include_analysis_results: bool = False     # a collection's analysis-result series too
+
+
+def add_idc_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--include-analysis-results", action="store_true",
+                       help="--mode idc: also the series IDC files under a collection as "
+                            "analysis results (NBIA serves only the original ones)")
+    group.add_argument("--idc-index", metavar="FILE.parquet",
+                       help="--mode idc: this index instead of idc-index-data's (same schema; "
+                            "default: $TCIA_IDC_INDEX, else the installed one)")
+    group.add_argument("--idc-endpoint", metavar="URL",
+                       help="--mode idc: another S3-compatible endpoint, addressed path-style "
+                            "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS's "
+                            "public buckets)")
+
+
+def idc_settings(args: argparse.Namespace, origin: Mapping[str, str]) -> IdcSettings:
+    """--idc-endpoint and --idc-index as given; else, for --retry-failed, as its list
+    recorded them (the series go back into an output made from there); else the
+    environment's and the defaults."""
+    endpoint = args.idc_endpoint or origin.get("idc-endpoint") or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise UsageError(f"--idc-endpoint {endpoint!r} is not an http(s) URL")
+    index = args.idc_index or origin.get("idc-index") or os.environ.get("TCIA_IDC_INDEX")
+    if index and not Path(index).expanduser().is_file():
+        raise UsageError(f"--idc-index {index} (or $TCIA_IDC_INDEX): no such file")
+    return IdcSettings(index=Path(index).expanduser() if index else None, endpoint=endpoint,
+                       include_analysis_results=args.include_analysis_results)
+
+
+def idc_provenance(settings: IdcSettings) -> dict[str, str]:
+    return {"idc-endpoint": without_credentials(settings.endpoint) if settings.endpoint else "",
+            "idc-index": str(settings.index.resolve()) if settings.index else ""}
+
+
+def open_idc(settings: IdcSettings, network: NetworkSettings,
+             stop: threading.Event) -> IdcSource:
+    index = IdcIndex(settings.index)
+    watchdog = TransferWatchdog(network.stall_timeout, stop)
+    s3 = S3Client(settings.endpoint, watchdog, network.transport(), network.timeout, stop)
+    return IdcSource(index, s3, settings.include_analysis_results, watchdog)
+
+
+# -- its buckets ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -292,16 +351,29 @@ class IdcSource:
     scratch_suffix = ".objects"
 
     def __init__(self, index: IdcIndex, s3: S3Client, include_analysis_results: bool,
-                 watchdog: TransferWatchdog, transport: dict[str, object],
-                 timeout: tuple[float, float]):
+                 watchdog: TransferWatchdog):
         self.index = index
         self.s3 = s3
         self.include_analysis_results = include_analysis_results
-        self.watchdog, self.transport, self.timeout = watchdog, transport, timeout
+        self.watchdog = watchdog           # S3Client's: it cuts a failed series' objects
 
     def describe(self) -> str:
         where = self.s3.endpoint or "AWS S3 (public buckets)"
         return f"IDC (index {self.index.version}) at {where}"
+
+    def secrets(self) -> list[str]:
+        return []                          # anonymous: its buckets are public
+
+    def report_lines(self, done: Sequence[Served]) -> list[str]:
+        """Whenever a series came from IDC (a 0 there is worth reading too): how many files
+        only their size vouches for (multipart ETags can defeat the checksum), and how many
+        object downloads were tried again (many: S3 throttles, or the link is poor)."""
+        if not any(o.source == self.name for o in done):
+            return []
+        return [f"  files verified by size only:  "
+                f"{sum(o.counters.get(BY_SIZE_ONLY, 0) for o in done)} (the others by their MD5)",
+                f"  object downloads retried:     "
+                f"{sum(o.counters.get(OBJECTS_RETRIED, 0) for o in done)}"]
 
     def collections(self) -> list[str]:
         return sorted(c.name for c in self.index.collections.values())
@@ -486,9 +558,9 @@ class IdcSource:
             sink.add(name, item.item.size, read_range(scratch, item.offset,
                                                       item.offset + item.item.size))
             members.append(Member(item.item.key, name, item.item.size, item.md5))
-        return VerifiedSeries(scratch, members, None, [],
-                              by_size_only=sum(f.by_size_only for f in fetched),
-                              retries=sum(f.retries for f in fetched))
+        return VerifiedSeries(scratch, members, None, [], counters={
+            BY_SIZE_ONLY: sum(f.by_size_only for f in fetched),
+            OBJECTS_RETRIED: sum(f.retries for f in fetched)})
 
     def close(self) -> None:
         self.s3.close()
@@ -536,3 +608,10 @@ class FileRegion(io.RawIOBase):
         buffer[:len(data)] = data
         self._at += len(data)
         return len(data)
+
+
+IDC: SourceEntry[IdcSettings] = SourceEntry(
+    name="idc", help="NCI's Imaging Data Commons: public S3 buckets and an offline index; "
+                     "needs requirements-idc.txt",
+    title="IDC", add_flags=add_idc_flags, settings=idc_settings, open=open_idc,
+    provenance=idc_provenance)

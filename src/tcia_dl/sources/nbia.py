@@ -1,33 +1,113 @@
-"""NBIA as a source: NbiaSource, and a series' zip verified file by file."""
+"""NBIA as a source: its --mode entry (flags, NbiaSettings), NbiaSource, and a series' zip
+verified file by file."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import getpass
 import hashlib
 import io
 import lzma
+import os
+import sys
 import threading
 import zipfile
 import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ..dicom import HEAD_SIZE, read_head, series_uid_in
 from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, Md5ParameterRefused, Md5TableMissing,
-                      TransientError)
-from ..logs import log
-from ..plan import manifests_of, records_for_filters, records_for_uids, unknown_collection_message
-from ..settings import CHUNK_SIZE, LICENSE_ENTRY, MD5_TABLE
-from .base import AttemptBytes, Member, Selected, VerifiedSeries, safe_entry_name, unique_file_name
-from .nbia_api import ImageEndpoint
+                      TransientError, UsageError)
+from ..logs import log, private_dir
+from ..net import retry_policy
+from ..plan import (manifests_of, records_for_filters, records_for_uids,
+                    unknown_collection_message, without_credentials)
+from ..settings import CHUNK_SIZE, DEFAULT_API_URL, LICENSE_ENTRY, MD5_TABLE
+from .base import (AttemptBytes, Member, Selected, SourceEntry, VerifiedSeries, safe_entry_name,
+                   unique_file_name)
+from .nbia_api import ImageEndpoint, TciaApi
 
 if TYPE_CHECKING:
     from ..formats.base import Prepared
     from ..plan import PlannedSeries
-    from ..settings import Selection
-    from .base import MemberSink, Packing
-    from .nbia_api import TciaApi
+    from ..settings import NetworkSettings, Selection
+    from .base import MemberSink, Packing, Served
+
+
+# -- NBIA as a --mode: its flags and settings ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NbiaSettings:
+    """Which NBIA v4 server, and the account on it."""
+    api_url: str = DEFAULT_API_URL     # --api-url: the services/v4/ base URL, ending in "/"
+    user: Optional[str] = None         # --user: an account on a private server (None: public)
+    # --password, $TCIA_PASSWORD or the prompt. repr=False: the debug log prints the
+    # options; and the log filter masks it wherever it appears (nbia_secrets).
+    password: Optional[str] = field(default=None, repr=False)
+
+
+def add_nbia_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--api-url", metavar="URL",
+                       help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
+    group.add_argument("--user", metavar="NAME",
+                       help="account on a private NBIA server (public TCIA needs none)")
+    group.add_argument("--password", metavar="PASSWORD",
+                       help="visible to other users in `ps`: prefer TCIA_PASSWORD or the prompt")
+
+
+def nbia_settings(args: argparse.Namespace, origin: Mapping[str, str]) -> NbiaSettings:
+    """--api-url as given, else as a --retry-failed list recorded it, else TCIA's; the
+    password from the flag, the environment or a prompt."""
+    api_url = args.api_url or origin.get("api-url") or DEFAULT_API_URL
+    if urlsplit(api_url).scheme not in ("http", "https"):
+        raise UsageError(f"--api-url {api_url!r} is not an http(s) URL")
+    return NbiaSettings(api_url=api_url if api_url.endswith("/") else api_url + "/",
+                        user=args.user, password=resolve_password(args.user, args.password))
+
+
+def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[str]:
+    """--password, else $TCIA_PASSWORD, else a prompt on a terminal."""
+    if user is None:
+        if password is not None:
+            raise UsageError("--password was given without --user")
+        return None
+    if password is not None:
+        # Printed before logging starts on purpose: it is about this command line.
+        print("warning: --password is visible to other users in `ps`; "
+              "prefer TCIA_PASSWORD or the prompt", file=sys.stderr)
+        return password
+    if os.environ.get("TCIA_PASSWORD"):
+        return os.environ["TCIA_PASSWORD"]
+    if sys.stdin.isatty():
+        return getpass.getpass(f"NBIA password for {user}: ")
+    raise UsageError("--user needs a password: set TCIA_PASSWORD (stdin is not a terminal, "
+                     "so there is no prompt)")
+
+
+def nbia_provenance(settings: NbiaSettings) -> dict[str, str]:
+    return {"api-url": without_credentials(settings.api_url)}
+
+
+def nbia_secrets(settings: NbiaSettings) -> list[str]:
+    return [settings.password] if settings.password else []
+
+
+def open_nbia(settings: NbiaSettings, network: NetworkSettings,
+              stop: threading.Event) -> NbiaSource:
+    cache_path = private_dir(network.cache_dir) / "http_cache" if network.cache_dir else None
+    api = TciaApi(settings.api_url, cache_path=cache_path,
+                  cache_expiry=timedelta(hours=network.cache_expiry_hours),
+                  user=settings.user, password=settings.password,
+                  connect_timeout=network.connect_timeout, stall_timeout=network.stall_timeout,
+                  retry=retry_policy(network), stop=stop, proxy=network.proxy,
+                  ca_bundle=network.ca_bundle)
+    return NbiaSource(api)
 
 
 # -- NBIA as a source of series ------------------------------------------------------------
@@ -58,7 +138,6 @@ class NbiaSource:
 
     def __init__(self, api: TciaApi):
         self.api = api
-        self.watchdog, self.transport, self.timeout = api.watchdog, api.transport, api.timeout
         self._endpoint = ImageEndpoint()
 
     def reach(self, series: "PlannedSeries") -> None:
@@ -70,6 +149,12 @@ class NbiaSource:
         parts = urlsplit(self.api.base_url)
         server = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
         return f"NBIA v4 at {server}"
+
+    def secrets(self) -> list[str]:
+        return self.api.tokens.secrets()
+
+    def report_lines(self, done: Sequence[Served]) -> list[str]:
+        return []
 
     def collections(self) -> list[str]:
         return self.api.collections()
@@ -157,6 +242,11 @@ class NbiaSource:
 
     def close(self) -> None:
         self.api.close()
+
+
+NBIA: SourceEntry[NbiaSettings] = SourceEntry(
+    name="nbia", help="TCIA's NBIA v4", title="NBIA", add_flags=add_nbia_flags,
+    settings=nbia_settings, open=open_nbia, provenance=nbia_provenance, secrets=nbia_secrets)
 
 
 # -- Per-series work: download, verify, clean ----------------------------------------------

@@ -470,8 +470,8 @@ def test_an_nlst_name_points_to_the_nlst_server(tmp_path, fake_nbia_factory, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--collection", "X", "--mode", "aspera"], "not available in this version"),
-    (["--collection", "X", "--mode", "s3"], "--mode s3: choose nbia, idc or auto"),
+    (["--collection", "X", "--mode", "aspera"], "--mode aspera needs --aspera-url LINK"),
+    (["--collection", "X", "--mode", "s3"], "--mode s3: choose nbia, idc, auto or aspera"),
     (["--collection", "X", "--workers", "0"], "--workers must be a number from 1 to 64"),
     (["--collection", "X", "--workers", "10000"], "--workers must be a number from 1 to 64"),
     (["--collection", "X", "--compression", "--compression-level", "12"],

@@ -112,11 +112,11 @@ def dummy_argv(tmp_path: Path, records: Path, *extra: str) -> list[str]:
 def test_mode_help_lists_every_registered_source_and_the_default():
     text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
                           text=True, check=True).stdout
-    assert "--mode {nbia,idc,auto}" in text
+    assert "--mode {nbia,idc,auto,aspera}" in text
     assert unwrapped("where series come from: nbia (TCIA's NBIA v4, default), idc (NCI's "
                      "Imaging Data Commons: public S3 buckets and an offline index; needs "
-                     "requirements-idc.txt), auto (NBIA, and IDC for what NBIA cannot serve)") \
-        in unwrapped(text)
+                     "requirements-idc.txt), auto (NBIA, and IDC for what NBIA cannot serve), "
+                     "aspera (TCIA's IBM Aspera Faspex packages") in unwrapped(text)
 
 
 def unwrapped(text: str) -> str:
@@ -128,15 +128,11 @@ def test_a_registered_source_gets_mode_its_help_its_flags_and_the_errors(with_du
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--help"])
     text = unwrapped(capsys.readouterr().out)
-    assert unwrapped("--mode {nbia,idc,auto,dummy}") in text
-    assert unwrapped("auto (NBIA, and IDC for what NBIA cannot serve), dummy (records from a "
-                     "JSON file)") in text
+    assert unwrapped("--mode {nbia,idc,auto,aspera,dummy}") in text
+    assert unwrapped("needs IBM's ascli), dummy (records from a JSON file)") in text
     assert unwrapped("dummy: --dummy-records FILE.json --mode dummy: the series records") in text
-    with pytest.raises(UsageError, match=r"^--mode s3: choose nbia, idc, auto or dummy$"):
+    with pytest.raises(UsageError, match=r"^--mode s3: choose nbia, idc, auto, aspera or dummy$"):
         cli.parse_options(["--collection", "X", "--mode", "s3"])
-    with pytest.raises(UsageError, match=r"^--mode aspera is not available in this version; use "
-                                         r"--mode nbia, idc, auto or dummy$"):
-        cli.parse_options(["--collection", "X", "--mode", "aspera"])
     with pytest.raises(UsageError, match="needs --dummy-records"):
         cli.parse_options(["--collection", "X", "--mode", "dummy"])
 
@@ -144,7 +140,7 @@ def test_a_registered_source_gets_mode_its_help_its_flags_and_the_errors(with_du
 def test_an_unregistered_mode_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["--collection", "X", "--mode", "dummy"]) == errors.EXIT_USAGE
     assert capsys.readouterr().err == \
-        "tcia_downloader: error: --mode dummy: choose nbia, idc or auto\n"
+        "tcia_downloader: error: --mode dummy: choose nbia, idc, auto or aspera\n"
 
 
 def test_a_source_that_is_only_a_registry_entry_plans_dry_runs_and_is_retried(
@@ -174,13 +170,26 @@ def test_a_source_that_is_only_a_registry_entry_plans_dry_runs_and_is_retried(
 SECRETS = ("hunter2", "url-pass", "secret-key", "tok3n", "me:")
 
 
+def test_a_source_announced_but_not_here_says_so(monkeypatch):
+    monkeypatch.setattr(registry, "NOT_YET", ("s5",))
+    with pytest.raises(UsageError, match=r"^--mode s5 is not available in this version; use "
+                                         r"--mode nbia, idc, auto or aspera$"):
+        cli.parse_options(["--collection", "X", "--mode", "s5"])
+
+
+# (a Faspex link's context: {"package_id": "762", "passcode": "url-pass"})
+LINK = ("https://faspex.example.org/aspera/faspex/public/package?context="
+        "eyJwYWNrYWdlX2lkIjogIjc2MiIsICJwYXNzY29kZSI6ICJ1cmwtcGFzcyJ9")
+
+
 @pytest.mark.parametrize("mode", [entry.name for entry in registry.SOURCES])
 def test_no_source_records_a_password_or_a_token(mode, tmp_path, monkeypatch):
     index = tmp_path / "index.parquet"
     index.write_bytes(b"PAR1")
     monkeypatch.setenv("TCIA_PASSWORD", "hunter2")
+    what = ["--aspera-url", LINK] if mode == "aspera" else ["--collection", "X"]
     options = cli.parse_options([
-        "--collection", "X", "--output", str(tmp_path), "--mode", mode,
+        *what, "--output", str(tmp_path), "--mode", mode,
         "--idc-index", str(index),
         "--idc-endpoint", "http://key:secret-key@127.0.0.1:9/s3?X-Amz-Security-Token=tok3n",
         "--api-url", "https://me:url-pass@nbia.example.org/nbia-api/services/v4/?token=tok3n",
@@ -193,3 +202,6 @@ def test_no_source_records_a_password_or_a_token(mode, tmp_path, monkeypatch):
     #                                           a URL's user:password, whoever's it is)
     # ... and the password is kept out of the logs before the source is even open
     assert ("hunter2" in entry.secrets(options.source)) == (mode in ("nbia", "auto"))
+    if mode == "aspera":                    # a Faspex link's passcode is its secret
+        assert "url-pass" in entry.secrets(options.source)
+        assert "url-pass" not in repr(options) and LINK not in repr(options)

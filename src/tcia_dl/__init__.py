@@ -22,6 +22,12 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
     sources.idc_index  IDC's offline index (duckdb over parquet) and its records
     sources.idc        IDC as a source: its public S3 buckets (S3Client), IdcSource
     sources.auto       --mode auto: NBIA first, IDC where NBIA cannot serve
+    sources.ascli      IBM's ascli, run for --mode aspera: where it is, the command lines,
+                       one run of it in its own process group, its JSON, its error lines
+    sources.aspera_package  a Faspex package as files: its link, listing and root .sums,
+                       safe paths, the parts it is received in
+    sources.aspera     --mode aspera: the flags, settings and AsperaSource (a part per
+                       record: received, checked against the .sums, packed)
     sources.registry   the sources --mode chooses from, one entry each
     dicom              the DICOM header reader and the naming check
     formats            the format registry (--format): FORMATS, the codec of an archive

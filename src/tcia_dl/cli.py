@@ -22,9 +22,10 @@ from .logs import Secrets, log, printable, setup_logging
 from .plan import FAILED_RUN_KEY, failed_run_origin, recorded_format
 from .run import StopControl, run
 from .settings import (DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT,
-                       FILTER_FLAGS, NetworkSettings, Options, Selection, Shard, default_workers)
+                       FILTER_FLAGS, NetworkSettings, Options, Selection, Shard, default_workers,
+                       parse_size)
 from .sources.registry import (add_source_flags, default_mode, mode_help, mode_metavar,
-                               source_named)
+                               selecting_mode, source_named)
 from .storage import disk_full
 from .trust import say_if_journal_ignored
 from .verify import verify_output
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "node-local disk on a cluster (default: --output)")
     where.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
                        metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
+    where.add_argument("--temp-limit", metavar="SIZE",
+                       help="the most scratch the run may hold in --temp_dir, as sbatch --mem "
+                            "writes sizes: 500M, 20G, 1.5T (K/M/G/T: powers of 1024; a plain "
+                            "number: bytes); --mode aspera receives its packages in parts "
+                            "that fit it (default: half the free space of --temp_dir at the "
+                            "start)")
     where.add_argument("--force", action="store_true",
                        help="start even when the free space looks too small")
 
@@ -114,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{codec.name} {codec.levels[0]}-{codec.levels[1]}, default "
                          f"{codec.default_level} ({codec.level_note})"
                          for codec in archive_codecs()).replace("%", "%%"))
-    how.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+    how.add_argument("--workers", type=int, metavar="N",
                      help="series downloaded in parallel (1 to 64); one per usable core is "
-                          "verified and compressed at a time (default: 4 per core, at most 16)")
+                          "verified and compressed at a time (default: 4 per core, at most "
+                          "16; a source may choose fewer: --mode aspera 2, parts of a package)")
     how.add_argument("--retries", type=int, default=6, metavar="N",
                      help="attempts per series before it is reported as failed (default: 6)")
     how.add_argument("--retry-wait", type=float, default=2.0, metavar="SECONDS",
@@ -205,9 +213,16 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
     selection = parse_selection(args)
     origin = failed_run_origin(selection.retry_failed) if selection.retry_failed else {}
     # --mode as given; else, for --retry-failed, as its list recorded it (the series go
-    # back into an output made from there); else the default.
-    mode = args.mode or origin.get("mode") or default_mode()
+    # back into an output made from there); else a source's own flag that names what to
+    # download (--aspera-url); else the default.
+    mode = args.mode or origin.get("mode") or selecting_mode(args) or default_mode()
     source = source_named(mode)
+    if args.workers is None:
+        args.workers = source.workers or default_workers()
+    try:
+        args.temp_limit = parse_size(args.temp_limit) if args.temp_limit else None
+    except ValueError as exc:
+        raise UsageError(f"--temp-limit {exc}") from None
     for flag, low, high, unit in NUMERIC_FLAGS:
         check_number(flag, getattr(args, flag[2:].replace("-", "_")), low, high, unit)
     network = parse_network(args)
@@ -248,6 +263,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         extract=Path(args.extract).expanduser() if args.extract else None,
         repair=repair,
         mode=mode,
+        temp_limit=args.temp_limit,
     )
 
 
@@ -325,16 +341,22 @@ def parse_selection(args: argparse.Namespace) -> Selection:
         body_parts=tuple(args.body_part),
         retry_failed=Path(args.retry_failed).expanduser() if args.retry_failed else None)
     by_name = bool(collection or selection.filters())
-    ways = sum([by_name and not args.extract, bool(selection.manifests),
+    # A source's own flag may name what to download (--aspera-url); a --retry-failed list
+    # names it instead, and --verify and --extract download nothing.
+    packages = selecting_mode(args) is not None and not (selection.retry_failed or
+                                                         args.verify or args.extract)
+    ways = sum([by_name and not args.extract, packages, bool(selection.manifests),
                 bool(selection.retry_failed), bool(args.list_collections), bool(args.verify),
                 bool(args.extract)])
     if ways == 0:
         raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
-                         "filters such as --patient ID, or --list-collections (or --verify "
-                         "PATH to check an output, --extract ARCHIVE to unpack one)")
+                         "filters such as --patient ID, --aspera-url LINK, or "
+                         "--list-collections (or --verify PATH to check an output, --extract "
+                         "ARCHIVE to unpack one)")
     if ways > 1:
-        raise UsageError("choose one of --collection/filters, --manifest, --retry-failed, "
-                         "--list-collections, --verify and --extract (which takes filters)")
+        raise UsageError("choose one of --collection/filters, --manifest, --aspera-url, "
+                         "--retry-failed, --list-collections, --verify and --extract (which "
+                         "takes filters)")
     if args.extract and (args.update or args.dry_run or args.shard not in (None, "none")):
         raise UsageError("--extract takes filters (--series-uid, --patient, --study-uid, "
                          "--modality, --body-part, --collection) and --output, nothing else")

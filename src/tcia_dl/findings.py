@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -78,6 +79,21 @@ OWN_DIGEST = "own digest"        # a listed row that is an MD5SUMS' own MD5, as 
 def series_folder(name: str) -> Optional[str]:
     """<Collection>/<patient>/<study>/<series> of a series file's name, else None."""
     return name.rsplit("/", 1)[0] if name.count("/") == 4 else None
+
+
+# The collection files at the top of a collection folder (and what --verify reads as such).
+COLLECTION_FILE_TOP = re.compile(r"^[^/]+/(license|citation|metadata|md5sums)[^/]*$",
+                                 re.IGNORECASE)
+
+
+def damaged_folder(name: str) -> Optional[str]:
+    """The folder of the series a damaged file belongs to: an NBIA/IDC series' folder, else
+    the file's own folder (a source that keeps its own layout: an Aspera package, whose root
+    files are in the collection's folder), never for the collection files."""
+    folder = series_folder(name)
+    if folder is not None or "/" not in name or COLLECTION_FILE_TOP.match(name):
+        return folder
+    return name.rsplit("/", 1)[0]
 
 
 class Ledger:
@@ -214,11 +230,15 @@ class Ledger:
             "WHERE l.name = m.name)"))
 
     def rows_without_files(self) -> Iterator[tuple[str, str]]:
-        """(series folder, metadata file) of the rows no member belongs to."""
+        """(series folder, metadata file) of the rows no member belongs to: none in the
+        series folder, nor below it (an Aspera package's part holds whole sub-folders, and
+        its folder may be at any depth; its files are each checked against MD5SUMS)."""
         return ((folder, json.loads(record).get("_file", "metadata.csv"))
                 for folder, record in self._iterate(
                     "SELECT rowid, folder, record FROM rows r WHERE NOT EXISTS (SELECT 1 "
-                    "FROM members m WHERE m.folder = r.folder)"))
+                    "FROM members m WHERE m.folder = r.folder) AND NOT EXISTS (SELECT 1 "
+                    "FROM members m WHERE m.name > r.folder || '/' AND "
+                    "m.name < r.folder || '0')"))
 
 
 @dataclass
@@ -235,6 +255,6 @@ class Findings:
     def problem(self, name: str, text: str) -> None:
         """A problem with one file; its series (if it is a series' file) is damaged."""
         self.problems.append(text)
-        folder = series_folder(name)
+        folder = damaged_folder(name)
         if folder is not None:
             self.affected.add(folder)

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from .sources.base import VerifiedSeries
 
 
+# A series' folder, <Collection>/<path>, or the collection's own for an empty path (an Aspera
+# package's root files).
+FOLDER = "collection || CASE WHEN path = '' THEN '' ELSE '/' || path END"
+
+
 def read_only(journal: Path) -> "contextlib.closing[sqlite3.Connection]":
     """A journal opened for reading only (--verify, --extract and checks that must not
     write to it), closed when the with-block ends. The path is quoted: a '?' or '#' in a
@@ -176,7 +181,8 @@ def journal_stream(row: tuple) -> JournalStream:
             or inner is None:
         raise JournalUnusable(f"the row of series {printable(str(uid))[:80]} is not one this "
                               "tool writes")
-    return JournalStream(uid, f"{collection}/{where}", end, sha256, parsed, inner)
+    return JournalStream(uid, f"{collection}/{where}" if where else collection, end, sha256,
+                         parsed, inner)
 
 
 def parsed_unit_ends(text: object) -> Optional[tuple[int, ...]]:
@@ -272,7 +278,7 @@ class Journal:
 
     def locations(self) -> dict[str, str]:
         """series uid -> <Collection>/<path> of every committed series."""
-        return dict(self._db.execute("SELECT uid, collection || '/' || path FROM series"))
+        return dict(self._db.execute(f"SELECT uid, {FOLDER} FROM series"))
 
     def request(self, uids: list[str], replace: bool) -> None:
         """What the output must hold before it is finished: this run's series, or (for
@@ -315,7 +321,7 @@ class Journal:
     def streams(self) -> list[tuple[str, str, int, int, Optional[str]]]:
         """(uid, path, start, end, sha256 or None before 0.4) of every committed series (the
         range of all its units), in archive order; each starts where the one before ends."""
-        rows = self._db.execute("SELECT uid, collection || '/' || path, archive_end, "
+        rows = self._db.execute(f"SELECT uid, {FOLDER}, archive_end, "
                                 "stream_sha256 FROM series ORDER BY archive_end").fetchall()
         starts = [0] + [end for _, _, end, _ in rows[:-1]]
         return [(uid, label, start, end, sha)
@@ -324,7 +330,7 @@ class Journal:
     def layout(self) -> list[tuple[str, str, int, int, int, Optional[str]]]:
         """(uid, path, start, end, tar bytes, sha256) of every series' range, in archive
         order."""
-        rows = self._db.execute("SELECT uid, collection || '/' || path, archive_end, tar_end, "
+        rows = self._db.execute(f"SELECT uid, {FOLDER}, archive_end, tar_end, "
                                 "stream_sha256 FROM series ORDER BY archive_end").fetchall()
         before = [(0, 0)] + [(end, tar) for _, _, end, tar, _ in rows[:-1]]
         return [(uid, label, start, end, tar - tar_start, sha)
@@ -368,7 +374,7 @@ class Journal:
             self._db.execute("DELETE FROM files WHERE uid=?", (series.uid,))
             self._db.executemany(
                 "INSERT INTO files VALUES (?,?,?,?)",
-                [(series.uid, f"{series.path}/{m.name}", m.md5, m.size)
+                [(series.uid, series.member_path(m.name), m.md5, m.size)
                  for m in verified.members])
         self._has_unit_ends = self._has_unit_ends or add_column
 
@@ -383,6 +389,12 @@ class Journal:
         yield from self._db.execute(
             "SELECT f.name, f.md5 FROM files f JOIN series s ON s.uid = f.uid "
             "WHERE s.collection=? ORDER BY f.name", (collection,))
+
+    def member_names(self, uid: str) -> list[str]:
+        """<Collection>/<name> of each file of a committed series."""
+        return [name for (name,) in self._db.execute(
+            "SELECT s.collection || '/' || f.name FROM files f JOIN series s ON s.uid = f.uid "
+            "WHERE f.uid=? ORDER BY f.name", (uid,))]
 
     def series_rows(self, collection: str) -> list[tuple[str, dict, int, int]]:
         return [(path, json.loads(record), files, size) for path, record, files, size in

@@ -11,7 +11,7 @@ import os
 import re
 import unicodedata
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TYPE_CHECKING
@@ -44,14 +44,24 @@ class PlannedSeries:
 
     @property
     def label(self) -> str:
-        return f"{self.collection}/{self.path}"
+        return self.folder
+
+    @property
+    def folder(self) -> str:
+        """<Collection>/<path>: where its files go in the output. A path may be empty (an
+        Aspera package's root): then the collection's folder itself."""
+        return f"{self.collection}/{self.path}" if self.path else self.collection
+
+    def member_path(self, name: str) -> str:
+        """A file's path under the collection folder (its MD5SUMS line)."""
+        return f"{self.path}/{name}" if self.path else name
 
     @property
     def short_label(self) -> str:
         """<Collection>/<patient>/<series folder>: enough to find it, short enough for the
         lines of a slurm .out file read in a 100-column terminal (the study is in label)."""
         parts = self.path.split("/")
-        return f"{self.collection}/{parts[0]}/{parts[-1]}"
+        return f"{self.collection}/{parts[0]}/{parts[-1]}" if len(parts) > 2 else self.folder
 
     @property
     def byte_limit(self) -> Optional[int]:
@@ -530,6 +540,12 @@ class Plan:
     series: list[PlannedSeries]        # what this run must have in its output
     unknown: list[str]                 # manifest UIDs the server does not know
     file_suffix: str                   # on LICENSE, metadata.csv, MD5SUMS of a part
+    left_out: list[str] = field(default_factory=list)  # what the source will not deliver
+
+    @property
+    def incomplete(self) -> bool:
+        """The output cannot hold all that was asked for: exit 1 even when it is whole."""
+        return bool(self.unknown or self.left_out)
 
     def journal(self, options: Options) -> Path:
         return target_format(options.format).journal_path(options.output, self.name)
@@ -542,9 +558,11 @@ def make_plan(source: Source, options: Options) -> Plan:
     records, unknown, manifests = selected.records, selected.unknown, selected.manifests
     name = selection_name(selection, manifests)
     served = {str(r.get("Collection")) for r in records}
-    if not selection.filters() and not manifests and len(served) == 1:
+    if selected.name and not selection.retry_failed:
+        name = selected.name
+    elif not selection.filters() and not manifests and len(served) == 1:
         name = clean_component(served.pop(), 100)      # the server's spelling of the name
-    planned = plan_records(records)
+    planned = selected.planned if selected.planned is not None else plan_records(records)
     base = name
     if options.update:
         planned, name = updates_only(planned, options, name)
@@ -558,7 +576,7 @@ def make_plan(source: Source, options: Options) -> Plan:
                  human_bytes(sum(s.file_size for s in everything)))
     collections = {s.collection for s in planned} or {base}
     suffix = name[len(base):] if collections == {base} else f".{name}"
-    return Plan(name, planned, unknown, suffix)
+    return Plan(name, planned, unknown, suffix, selected.left_out)
 
 
 def updates_only(planned: list[PlannedSeries], options: Options,

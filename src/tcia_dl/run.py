@@ -417,7 +417,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
         if todo:
             log.warning("%d series were published after it was finished; --update fetches "
                         "them into an update archive", len(todo))
-        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+        return EXIT_OK if not plan.incomplete else EXIT_INCOMPLETE
     shortfalls = space_shortfalls(space_needs(todo, options))
     short = any(missing for _, missing in shortfalls)
     for line, _ in shortfalls:
@@ -435,7 +435,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
         return EXIT_USAGE
     if options.update and not plan.series:
         log.info("nothing new since the last archive")
-        return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+        return EXIT_OK if not plan.incomplete else EXIT_INCOMPLETE
     target = open_target(options, plan)
     try:
         if repairing:
@@ -443,7 +443,7 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
         if target.complete:     # a run killed after its last rename, now recognised
             log.info("%s is finished; nothing to do", target.describe())
             forget_repair_list(options, plan.name)
-            return EXIT_OK if not plan.unknown else EXIT_INCOMPLETE
+            return EXIT_OK if not plan.incomplete else EXIT_INCOMPLETE
         target.journal.request([s.uid for s in plan.series],
                                replace=options.selection.retry_failed is None)
         record_provenance(target.journal, options, source)
@@ -537,7 +537,7 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     if missing:
         log.error("%d series that an earlier run asked for are not in %s yet; rerun that "
                   "run's command to fetch them", len(missing), target.describe())
-    return EXIT_OK if not (failures or missing or plan.unknown) else EXIT_INCOMPLETE
+    return EXIT_OK if not (failures or missing or plan.incomplete) else EXIT_INCOMPLETE
 
 
 AUDIT_ROUNDS = 3       # downloads, each followed by a check of everything committed
@@ -647,6 +647,9 @@ def report(options: Options, source: Source, target: Target, plan: Plan, skipped
                   len(plan.unknown), ", ".join(plan.unknown[:20])
                   + (", ..." if len(plan.unknown) > 20 else ""))
         log.debug("all unknown UIDs: %s", ", ".join(plan.unknown))
+    if plan.left_out:
+        log.error("%d file(s) of the selection are not in the output (the source will not "
+                  "deliver them), e.g. %s", len(plan.left_out), printable(plan.left_out[0]))
     if interrupted or failures or missing:
         log.info("the output is resumable: rerun the same command to continue", extra=ALWAYS)
 

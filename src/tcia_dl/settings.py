@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,28 @@ TAR_BLOCK = tarfile.BLOCKSIZE           # 512
 TAR_RECORD = tarfile.RECORDSIZE         # 10240: GNU tar pads archives to whole records
 MD5_TABLE = "md5hashes.csv"
 LICENSE_ENTRY = "LICENSE"
+
+
+# --temp-limit SIZE, as sbatch --mem writes sizes (500M, 20G, 1.5T), but a plain number is
+# bytes; K, M, G, T are powers of 1024, as slurm's are.
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 500M, 20G, 1.5T or 1048576; ValueError for anything else
+    (a fraction of a byte, zero, a unit slurm does not know)."""
+    match = SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is no size: give e.g. 500M, 20G or 1.5T (K/M/G/T: powers "
+                         "of 1024; a plain number: bytes)")
+    unit = SIZE_UNITS[match[2].upper()]
+    if "." in match[1] and unit == 1:
+        raise ValueError(f"{text!r}: a number of bytes is whole")
+    size = int(float(match[1]) * unit) if "." in match[1] else int(match[1]) * unit
+    if size <= 0:
+        raise ValueError(f"{text!r}: a size above zero")
+    return size
 
 
 def usable_cores() -> int:
@@ -120,6 +143,7 @@ class Options:
     extract: Optional[Path] = None     # --extract: write (part of) this archive into output
     repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
     mode: str = "nbia"                 # where series come from: a name in sources.registry
+    temp_limit: Optional[int] = None   # bytes of scratch a run may use (--temp-limit)
 
 
 # The filters on a selection: flag -> the getSeries parameter (and metadata.csv column).

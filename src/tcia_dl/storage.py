@@ -202,6 +202,12 @@ def existing_ancestor(folder: Path) -> Path:
     return folder
 
 
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged user may still write on the filesystem of folder."""
+    stats = os.statvfs(existing_ancestor(folder))
+    return stats.f_bavail * stats.f_frsize
+
+
 def filesystem_of(folder: Path) -> int:
     return existing_ancestor(folder).stat().st_dev
 

@@ -383,9 +383,10 @@ def metadata_csv_rows(name: str, text: io.BufferedIOBase, findings: Findings) ->
     try:
         for row in reader:
             path = row.get("Path")
+            path = path if isinstance(path, str) else ""
             yield {**{as_written(str(k)): as_written(v) for k, v in row.items()
                       if isinstance(v, str)},
-                   "_folder": f"{collection}/{path if isinstance(path, str) else ''}",
+                   "_folder": f"{collection}/{path}" if path else collection,
                    "_file": name}
     except csv.Error as exc:
         findings.problems.append(f"{name} line {reader.line_num} cannot be read as CSV: {exc}")

@@ -214,8 +214,10 @@ def repair_manifests(path: Path, findings: Findings,
     lines = []
     for snapshot, name, format_name in journals:
         manifest = snapshot.path.with_name(f"{name}.damaged.tcia")
-        where = {stream.folder: stream.uid for stream in snapshot.streams}
-        uids = sorted({where[folder] for folder in findings.affected if folder in where})
+        where: dict[str, list[str]] = {}
+        for stream in snapshot.streams:      # (an Aspera package's parts may share a folder)
+            where.setdefault(stream.folder, []).append(stream.uid)
+        uids = sorted({uid for folder in findings.affected for uid in where.get(folder, [])})
         if not findings.problems or (not uids and len(journals) > 1):
             manifest.unlink(missing_ok=True)
             continue

@@ -629,7 +629,7 @@ class TarStreamsTarget(Target):
                cores: Optional[PackingCores] = None) -> Packer:
         """Compresses the series into its own unit in scratch (in a worker, in parallel),
         or a big one into several, on the cores it can borrow too."""
-        prefix = f"{series.collection}/{series.path}/"
+        prefix = f"{series.folder}/"
         if series.file_size < UNIT_TAR_BYTES:
             return UnitPacker(zip_path, self.codec.compressor(self.level), prefix, self.scratch)
         return SplitPacker(zip_path, lambda: self.codec.compressor(self.level), prefix,

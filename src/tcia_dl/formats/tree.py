@@ -29,6 +29,8 @@ class FolderPacker:
 
     def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
         try:
+            if "/" in name:                 # a source's sub-folder (an Aspera package's)
+                (self.prepared.path / name).parent.mkdir(parents=True, exist_ok=True)
             with open(self.prepared.path / name, "wb") as out:
                 for chunk in chunks:
                     out.write(chunk)
@@ -109,22 +111,36 @@ class DirectoryTarget(Target):
         return gone
 
     def series_folder(self, series: PlannedSeries) -> Path:
-        return self.output / series.collection / series.path
+        return self.output / series.folder
+
+    def _shares_folder(self, uid: str, folder: str, locations: dict[str, str]) -> bool:
+        """Whether another committed series has files in this series' folder or below it:
+        an Aspera package's parts share folders (a large folder comes in several parts, a
+        folder's own files apart from its sub-folders'), where NBIA's series never do."""
+        if "/" not in folder:           # a collection's own folder is never replaced whole
+            return True
+        return any(where == folder or where.startswith(folder + "/")
+                   for other, where in locations.items() if other != uid)
 
     def replace_damaged(self, uids: list[str]) -> None:
         """Each damaged series folder is hidden at once (renamed), then removed and
         forgotten; the collection files are written anew when the run finishes."""
         locations = self.journal.locations()
         gone = [uid for uid in uids if uid in locations]
+        shared = {uid for uid in gone if self._shares_folder(uid, locations[uid], locations)}
         for uid in gone:
             folder = self.output / locations[uid]
+            if uid in shared:               # its own files go; the others' stay
+                for name in self.journal.member_names(uid):
+                    (self.output / name).unlink(missing_ok=True)
+                continue
             stale = folder.parent / f".{folder.name}.stale"
             if folder.exists():
                 shutil.rmtree(stale, ignore_errors=True)
                 os.rename(folder, stale)
         self.journal.forget(gone)
         self.journal.put("finished", "no")
-        for uid in gone:
+        for uid in set(gone) - shared:
             folder = self.output / locations[uid]
             shutil.rmtree(folder.parent / f".{folder.name}.stale", ignore_errors=True)
         log.info("repairing %s: %d damaged series folders removed, to fetch again",
@@ -139,7 +155,10 @@ class DirectoryTarget(Target):
         with self.commit_lock:
             self.check_open()
             try:
-                move_folder(prepared.path, destination)
+                if self._shares_folder(series.uid, series.folder, self.journal.locations()):
+                    merge_folder(prepared.path, destination)
+                else:
+                    move_folder(prepared.path, destination)
             except OSError as exc:
                 raise_if_disk_full(exc, destination)
                 raise
@@ -179,8 +198,41 @@ def move_folder(folder: Path, destination: Path) -> None:
         # next to the destination, then rename there.
         shutil.copytree(folder, incoming)
         shutil.rmtree(folder)
-    for child in incoming.iterdir():
-        with open(child, "rb") as handle:
-            os.fsync(handle.fileno())
+    fsync_files(incoming)
     os.rename(incoming, destination)
     fsync_directory(destination.parent)
+
+
+def fsync_files(folder: Path) -> None:
+    """Every file under folder (a series' files, or a package part's, in sub-folders too)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def merge_folder(folder: Path, destination: Path) -> None:
+    """A finished part's files into a folder that other committed series share: each file
+    renamed into place whole (a file of this part that a run killed before its journal row
+    left there is replaced), the folders made as needed; then the emptied folder goes."""
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            source = Path(root, name)
+            target = destination / source.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as handle:
+                os.fsync(handle.fileno())
+            try:
+                os.replace(source, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Across filesystems (node-local scratch): a hidden copy beside it, renamed.
+                incoming = target.with_name(f".{target.name}.incoming")
+                shutil.copyfile(source, incoming)
+                with open(incoming, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(incoming, target)
+                source.unlink()
+            fsync_directory(target.parent)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -21,10 +21,17 @@ if TYPE_CHECKING:
 @dataclass
 class Selected:
     """A source's answer to a selection: the series records, the UIDs it does not know,
-    and the manifests it read (their names name the output)."""
+    and the manifests it read (their names name the output). A source that names its output
+    and places its series itself (Aspera's packages: folders of their own, not NBIA's
+    patient/study/series) gives the name and the planned series too; left_out: what the
+    selection holds that the source will not deliver, one line each (the run then ends
+    with exit 1, as for unknown UIDs)."""
     records: list[dict]
     unknown: list[str]
     manifests: list["Manifest"]
+    name: Optional[str] = None
+    planned: Optional[list["PlannedSeries"]] = None
+    left_out: list[str] = field(default_factory=list)
 
 
 class AttemptBytes:
@@ -181,3 +188,9 @@ class SourceEntry(Generic[SettingsT]):
     # The secrets among its settings (a password), kept out of the logs from the start,
     # before the source is open and can say its own (Source.secrets).
     secrets: Callable[[SettingsT], list[str]] = no_secrets
+    # Its own default for --workers, when a series in flight costs more than a connection
+    # (None: 4 per usable core, at most 16).
+    workers: Optional[int] = None
+    # The dest of a flag of its own that names what to download and so chooses this --mode
+    # when --mode is not given (aspera: --aspera-url LINK); None: it has none.
+    selects: Optional[str] = None

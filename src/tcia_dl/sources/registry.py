@@ -5,9 +5,12 @@ the README."""
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from ..errors import UsageError
 from ..logs import printable
+
+from .aspera import ASPERA
 from .auto import AUTO
 from .base import SourceEntry
 from .idc import IDC
@@ -18,10 +21,11 @@ SOURCES: tuple[SourceEntry, ...] = (
     NBIA,
     IDC,
     AUTO,
+    ASPERA,
 )
 
 # Sources announced but not in this version: --mode <name> says so in one line.
-NOT_YET = ("aspera",)
+NOT_YET: tuple[str, ...] = ()
 
 
 def default_mode() -> str:
@@ -32,6 +36,15 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
     """Each source's own flags, in a --help group of its own (hidden when it has none)."""
     for entry in SOURCES:
         entry.add_flags(parser.add_argument_group(entry.title))
+
+
+def selecting_mode(args: argparse.Namespace) -> Optional[str]:
+    """The --mode that a source's own flag chooses by naming what to download (SourceEntry.
+    selects: --aspera-url), if one was given."""
+    for entry in SOURCES:
+        if entry.selects and getattr(args, entry.selects, None):
+            return entry.name
+    return None
 
 
 def mode_names() -> str:

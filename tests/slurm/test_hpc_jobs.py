@@ -40,7 +40,7 @@ def test_sbatch_of_the_template_downloads_a_verified_collection(slurm_cluster, t
     verify_with_standard_tools(archive, tmp_path)
     log = job_output(tmp_path)
     assert f"job {job}" in log and "exited with 0" in log
-    assert "with 8 workers, 2 packing at a time" in log   # SLURM_CPUS_PER_TASK reached it
+    assert "with 8 workers, packing on 2 cores" in log   # SLURM_CPUS_PER_TASK reached it
 
 
 def test_an_array_of_three_yields_shards_whose_union_is_the_collection(slurm_cluster, tmp_path,

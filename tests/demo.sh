@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The offline demo, end to end, in one command (README: "Offline demo"):
+# The offline demo, end to end, in one command (the README's quick start;
+# docs/contributing.md: "Offline demo"):
 #
 #     bash tests/demo.sh [OUTPUT_DIR]          (default: ./demo-out)
 #

@@ -4,15 +4,20 @@ Fixtures live in conftest.py; the fakes in fakes/."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import io
 import os
 import http.client
 import http.server
+import pty
 import sqlite3
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 import threading
 import time
 import zipfile
@@ -21,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from tcia_dl import cli, plan
@@ -39,6 +45,31 @@ ARCHIVE_FORMATS = [name for name, target in FORMATS.items() if target.codec is n
 # and decompression to stdout. These are the users' tools: the archive must pass them.
 STANDARD_TOOLS = {"xz": (["xz", "-t"], "-J", ["xz", "-dc"]),
                   "zstd": (["zstd", "-q", "-t"], "--zstd", ["zstd", "-q", "-dc"])}
+
+
+# The quick path, requirements-test.txt alone, leaves out --mode idc's test packages and
+# zstandard: their tests skip there, each saying what to install. CI installs
+# requirements-dev.txt, and there a skip would hide a missing install: it fails instead.
+IDC_TEST_MODULES = ("boto3", "moto", "duckdb")
+
+
+def missing_modules(*names: str) -> list[str]:
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def skip_unless_ci(message: str, module: bool = False) -> None:
+    """A test (or a whole module) that needs what the quick path leaves out."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=module)
+
+
+def skip_without_idc_test_packages() -> None:
+    """At the top of a module of --mode idc's tests (moto's S3 server, boto3, duckdb)."""
+    missing = missing_modules(*IDC_TEST_MODULES)
+    if missing:
+        skip_unless_ci(f"{', '.join(missing)} not installed: pip install -r "
+                       "requirements-dev.txt (or requirements-idc-test.txt)", module=True)
 
 
 # -- runs of the tool and what they leave (were in test_downloader_e2e) ----------------
@@ -129,6 +160,26 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
+def terminal_screen(argv: list[str]) -> tuple[int, str]:
+    """What a 100-column terminal (a pty) shows of a run, and its exit code."""
+    primary, secondary = pty.openpty()
+    # A fresh pty is 0 columns wide; a user's terminal is not.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:                 # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    return process.wait(timeout=60), screen.decode("utf-8", "replace")
+
+
 def tool_arguments(fake, output: Path, cache: Path, *extra: str,
                    fmt: str = "tar.xz") -> list[str]:
     """The tool's command line (without the interpreter) of start_subprocess."""
@@ -203,6 +254,21 @@ def flip(path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x5A
     path.write_bytes(bytes(data))
+
+
+def extract_series(archive: Path, uid: str, tmp_path: Path) -> dict[str, str]:
+    """--extract of one series of an archive (by its UID) into tmp_path/alone, which must
+    succeed; what it wrote, name -> MD5."""
+    alone = tmp_path / "alone"
+    assert cli.main(["--extract", str(archive), "--series-uid", uid, "--output", str(alone),
+                     "--cache_dir", str(tmp_path / "cache")]) == 0
+    return tree_members(alone)
+
+
+def of_series(members: dict[str, str], folder: str) -> dict[str, str]:
+    """The members of one series folder (<Collection>/<path>) and the collection files."""
+    return {name: md5 for name, md5 in members.items()
+            if name.startswith(f"{folder}/") or name.count("/") == 1}
 
 
 def verify(path, capsys) -> tuple[int, list[str]]:

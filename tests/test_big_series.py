@@ -3,7 +3,8 @@ idle cores at once) and stays one series: one journal row, read back whole by th
 tools, tarfile, --verify and --extract (of it alone too), kill-safe in the middle of its
 append, and repaired as one series when its first unit is damaged. Every archive format of
 the registry; tarstreams.UNIT_TAR_BYTES is lowered so that the fake's series of ~75 kB are
-big (its sample series holds a 39 kB member: larger than a unit, it gets one of its own)."""
+big (its sample series holds a 39 kB member: larger than a unit, it is cut across two;
+test_member_cut has members many units long)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ import threading
 import pytest
 
 from tcia_dl import cli, errors
-from tcia_dl.formats import base as formats_base, tarstreams
-from helpers import (ROOT, Run, archive_members, expected_folders, flip, journal_uids,
-                     series_folders, tool_arguments, tree_members, verify,
-                     verify_with_standard_tools, wait_until)
+from tcia_dl.formats import base as formats_base, codec_of, tarstreams
+from helpers import (ROOT, Run, archive_members, expected_folders, extract_series, flip,
+                     journal_uids, of_series, series_folders, tool_arguments, tree_members,
+                     verify, verify_with_standard_tools, wait_until)
 
 # Two of the fake's 9 kB slices to a unit: four units a series.
 SMALL_UNITS = 24_000
 # The sample series (49 kB) stays one unit; the others (75 kB) become two.
 MIXED_UNITS = 60_000
+# 128 kB slices (256 x 256 x 16 bit): each is cut into six units of SMALL_UNITS of tar.
+BIG_SLICES = {"image_size": 256, "instances": 3}
 
 
 def journal_columns(journal) -> set[str]:
@@ -44,6 +47,29 @@ def journal_rows(journal) -> dict[str, tuple[str, int, list[int]]]:
 
 def unit_count(rows: dict[str, tuple[str, int, list[int]]]) -> int:
     return sum(len(ends) + 1 for _, _, ends in rows.values())
+
+
+def read_back_whole(archive, units: int, fake, tmp_path, capsys) -> dict[str, str]:
+    """The archive read whole by its codec's own test, tar -x and md5sum -c, tarfile (xz),
+    --verify (OK, its `units` counted) and --extract of everything; its members."""
+    verify_with_standard_tools(archive, tmp_path)
+    members = archive_members(archive)
+    assert series_folders(members) == expected_folders(fake)
+    codec = codec_of(archive)
+    if codec.name == "xz":                     # tarfile reads .tar.zst only from 3.14 on
+        with tarfile.open(archive, "r:xz") as tar:
+            assert {m.name for m in tar.getmembers() if m.isfile()} == set(members)
+
+    code, lines = verify(archive, capsys)
+    assert code == errors.EXIT_OK, lines
+    assert lines[-1].endswith(": OK") and f"in {units} {codec.name} {codec.unit}s" \
+        in lines[-1]
+
+    everything = tmp_path / "everything"
+    assert cli.main(["--extract", str(archive), "--output", str(everything),
+                     "--cache_dir", str(tmp_path / "cache")]) == errors.EXIT_OK
+    assert tree_members(everything) == members
+    return members
 
 
 def split_series(rows: dict[str, tuple[str, int, list[int]]]) -> list[tuple[str, str, int]]:
@@ -66,31 +92,11 @@ def test_a_big_series_is_several_units_read_back_whole_and_one_journal_row(
     spans = archive_format.codec.spans(archive)
     assert len(spans) == unit_count(rows) + 1 > len(rows) + 1         # + the closing unit
 
-    verify_with_standard_tools(archive, tmp_path)          # its own -t, tar -x, md5sum -c
-    members = archive_members(archive)
-    assert series_folders(members) == expected_folders(fake)
-    if archive_format.codec.name == "xz":      # tarfile reads .tar.zst only from 3.14 on
-        with tarfile.open(archive, "r:xz") as tar:
-            assert {m.name for m in tar.getmembers() if m.isfile()} == set(members)
-
-    code, lines = verify(archive, capsys)
-    codec = archive_format.codec
-    assert code == errors.EXIT_OK, lines
-    assert lines[-1].endswith(": OK") and f"in {len(spans)} {codec.name} {codec.unit}s" \
-        in lines[-1]
-
-    everything = tmp_path / "everything"
-    assert cli.main(["--extract", str(archive), "--output", str(everything),
-                     "--cache_dir", str(tmp_path / "cache")]) == errors.EXIT_OK
-    assert tree_members(everything) == members
+    members = read_back_whole(archive, len(spans), fake, tmp_path, capsys)
 
     uid, path, _ = split_series(rows)[-1]
-    alone = tmp_path / "alone"
-    assert cli.main(["--extract", str(archive), "--series-uid", uid, "--output", str(alone),
-                     "--cache_dir", str(tmp_path / "cache")]) == errors.EXIT_OK
-    wanted = {name: md5 for name, md5 in members.items()
-              if name.startswith(f"DEMO/{path}/") or name.count("/") == 1}
-    assert tree_members(alone) == wanted and len(wanted) > 4
+    wanted = of_series(members, f"DEMO/{path}")
+    assert extract_series(archive, uid, tmp_path) == wanted and len(wanted) > 4
 
 
 def test_a_series_under_the_threshold_stays_one_unit_exactly_as_before(
@@ -245,11 +251,14 @@ def run_killing(tmp_path, fake, archive_format, where: str) -> subprocess.Comple
                           timeout=120)
 
 
+@pytest.mark.parametrize("slices", [{"instances": 8}, BIG_SLICES], ids=["small", "cut"])
 @pytest.mark.parametrize("where", ["between_units", "inside"])
 def test_a_kill_9_in_a_split_series_append_loses_nothing_and_leaves_no_partial_series(
-        tmp_path, fake_nbia_factory, archive_format, capsys, monkeypatch, where):
+        tmp_path, fake_nbia_factory, archive_format, capsys, monkeypatch, where, slices):
+    """small: units cut between members (but the sample series' 39 kB one); cut: every
+    slice cut across units, so the kill falls inside a member."""
     monkeypatch.setattr(tarstreams, "UNIT_TAR_BYTES", SMALL_UNITS)
-    fake = fake_nbia_factory(demo_series=4, instances=8)
+    fake = fake_nbia_factory(demo_series=4, **slices)
     reference = Run(tmp_path / "ref", fake, fmt=archive_format.format_name)
     assert reference.code == errors.EXIT_OK, reference.log
     suffix = archive_format.suffix

@@ -18,6 +18,7 @@ from tcia_dl import cli, collection_files, errors, plan
 from helpers import Run
 
 PATIENTS = ("PANCREAS_0001", "PANCREAS_0002")     # each has series of both of its DOIs
+# (the SEG series of the second DOI are an analysis result: the fake serves them when asked)
 CT_DOI = "10.7937/k9/tcia.2016.tnb1kqbu"
 LABELS_DOI = "10.5281/zenodo.12130275"
 CT_BIBTEX = "@misc{pancreas_ct, doi = {10.7937/K9/TCIA.2016.TNB1KQBU}, title = {Pancreas-CT}}"
@@ -90,7 +91,7 @@ def citation_of(archive: Path) -> str:
 
 def test_citation_lists_every_doi_with_its_license_and_the_bibtex_the_resolver_gave(
         tmp_path, fake_nbia_factory, resolver):
-    fake = fake_nbia_factory(instances=1)
+    fake = fake_nbia_factory(instances=1, analysis_results=True)     # series of two DOIs
     doi_org = resolver({CT_DOI: CT_BIBTEX.encode()})
     run = run_pancreas(tmp_path, fake, doi_org.url)
     assert run.code == errors.EXIT_OK, run.log
@@ -129,7 +130,7 @@ def free_port() -> int:
 
 def test_without_a_resolver_the_archive_still_finishes_with_links(tmp_path, fake_nbia_factory,
                                                                   resolver):
-    fake = fake_nbia_factory(instances=1)
+    fake = fake_nbia_factory(instances=1, analysis_results=True)
     nobody = f"http://127.0.0.1:{free_port()}/"
     run = run_pancreas(tmp_path, fake, nobody)
     assert run.code == errors.EXIT_OK
@@ -154,7 +155,7 @@ def test_without_a_resolver_the_archive_still_finishes_with_links(tmp_path, fake
 
 
 def test_hostile_bibtex_cannot_break_out_of_its_block(tmp_path, fake_nbia_factory, resolver):
-    fake = fake_nbia_factory(instances=1)
+    fake = fake_nbia_factory(instances=1, analysis_results=True)
     doi_org = resolver({CT_DOI: b"@misc{x,\n```\n# injected heading\x1b[31m\n}",
                         LABELS_DOI: b"@misc{" + b"y" * 70000 + b"}"})
     run = run_pancreas(tmp_path, fake, doi_org.url)

@@ -1,4 +1,5 @@
-"""The README's offline demo, as a user runs it: one command, on a free port, verified."""
+"""The offline demo (the README's quick start; docs/contributing.md), as a user runs it: one
+command, on a free port, verified."""
 from __future__ import annotations
 
 import os

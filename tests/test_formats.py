@@ -44,7 +44,9 @@ def test_a_run_writes_an_archive_that_the_standard_tools_verify_and_extract_read
 
 def test_a_kill_9_loses_no_committed_series_and_the_resume_finishes_the_same_archive(
         tmp_path, fake_nbia_factory, archive_format):
-    fake = fake_nbia_factory(demo_series=6, conn_bandwidth=400_000)
+    # Slow enough that four series are still to come when the second commits (0.4 s a
+    # series a connection), whatever the pipeline has fetched ahead.
+    fake = fake_nbia_factory(demo_series=6, conn_bandwidth=100_000)
     reference = run_in(tmp_path / "ref", fake, archive_format)
     assert reference.code == errors.EXIT_OK
     suffix = archive_format.suffix

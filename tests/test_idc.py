@@ -24,7 +24,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tcia_dl import cli, errors as errors_module, logs, plan
+from helpers import skip_without_idc_test_packages
+
+skip_without_idc_test_packages()
+
+from tcia_dl import cli, errors as errors_module, logs, plan  # noqa: E402
 from tcia_dl.sources import idc, nbia_api
 from fakes.fake_s3 import MIB, index_rows, synthetic_dicom, write_snapshot_index
 from fakes.fake_s3 import rows as series_rows
@@ -101,6 +105,17 @@ def test_idc_gives_the_same_kind_of_verified_archive(prostate, tmp_path, capsys)
                for n in files)
     capsys.readouterr()
     assert cli.main(["--verify", str(archive), "--cache_dir", str(tmp_path / "v")]) == 0
+
+
+def test_objects_share_kept_connections(prostate, tmp_path):
+    """Each GET on a connection an earlier one left open: a new one per object (a TLS
+    handshake each against AWS) would cost more CPU than the object."""
+    s3, rows, _ = prostate
+    run = idc_run(tmp_path, s3, "--patient", *PATIENTS, "--workers", "1")
+    assert run.code == errors_module.EXIT_OK, run.log
+    assert sum(s3.gets.values()) == sum(r["instanceCount"] for r in rows) >= 45
+    # one series at a time: its objects in flight, and the listing before them
+    assert s3.connections_opened <= idc.OBJECTS_IN_FLIGHT + 1
 
 
 def test_every_fault_is_recovered_and_a_corrupt_object_never_gets_in(prostate, tmp_path):
@@ -462,11 +477,12 @@ AUTO_PATIENTS = ("PANCREAS_0001", "PANCREAS_0002")
 
 @pytest.fixture
 def pancreas(fake_s3, fake_nbia_factory):
-    """Pancreas-CT on the fake NBIA, and the same series (real UIDs) in the fake bucket."""
+    """Pancreas-CT on the fake NBIA, and the same series (real UIDs) in the fake bucket; the
+    fake NBIA serves the SEG analysis results too, for four series of two sources."""
     rows = series_rows("pancreas_ct", include_analysis_results=True, patient_ids=AUTO_PATIENTS)
     for row in rows:
         fake_s3.add_series(row)
-    return fake_nbia_factory(instances=2), fake_s3, rows
+    return fake_nbia_factory(instances=2, analysis_results=True), fake_s3, rows
 
 
 def auto_run(tmp_path: Path, nbia, s3, *extra: str) -> Run:
@@ -475,17 +491,22 @@ def auto_run(tmp_path: Path, nbia, s3, *extra: str) -> Run:
 
 
 def test_auto_takes_from_idc_what_nbia_refuses(pancreas, tmp_path):
+    """The fake NBIA serves 2 instances a series: its CT series are not IDC's (240 and 195),
+    its one-instance SEGs are. The SEGs come from IDC, the CTs from NBIA; the CT NBIA
+    refuses comes from IDC all the same."""
     nbia, s3, rows = pancreas
     refused = rows[1]["SeriesInstanceUID"]
+    assert [r["Modality"] for r in rows] == ["SEG", "CT", "SEG", "CT"]
     nbia.script_faults(refused, ["not_granted"] * 10)
     run = auto_run(tmp_path, nbia, s3)
     assert run.code == errors_module.EXIT_OK, run.log
     meta = metadata_rows(members(next((tmp_path / "out").glob("*.tar.xz"))))
     sources = {r["SeriesInstanceUID"]: r["Source"] for r in meta}
-    assert sources[refused] == "idc"
-    assert set(sources.values()) == {"idc", "nbia"} and len(sources) == len(rows)
-    assert "from each source:            idc 1, nbia 3" in run.log
-    assert s3.gets_under(f"{rows[0]['crdc_series_uuid']}/") == 0     # NBIA served it
+    assert sources == {r["SeriesInstanceUID"]: "nbia" if r is rows[3] else "idc" for r in rows}
+    assert "from each source:            idc 3, nbia 1" in run.log
+    assert "plan:                        NBIA's list; 2 of its 4 series as IDC's index has " \
+        "them" in run.log
+    assert s3.gets_under(f"{rows[3]['crdc_series_uuid']}/") == 0     # NBIA served it
 
 
 def test_auto_with_nbia_down_from_the_start_takes_everything_from_idc(pancreas, tmp_path):
@@ -504,10 +525,13 @@ def test_auto_with_nbia_gone_in_the_middle_takes_the_rest_from_idc(fake_s3, fake
     rows = series_rows("pancreas_ct", include_analysis_results=True, patient_ids=AUTO_PATIENTS)
     for row in rows:
         fake_s3.add_series(row)
-    nbia = fake_nbia_factory(instances=2, conn_bandwidth=20_000)     # a zip takes ~1 s
+    nbia = fake_nbia_factory(instances=2, conn_bandwidth=20_000,     # a zip takes ~1 s
+                             analysis_results=True)
+
+    from_nbia = {r["SeriesInstanceUID"] for r in rows if r["Modality"] == "CT"}  # IDC: the SEGs
 
     def stop_nbia_after_its_first_series() -> None:
-        wait_until(lambda: committed_uids(tmp_path / "out"), 60,
+        wait_until(lambda: from_nbia & set(committed_uids(tmp_path / "out")), 60,
                    "NBIA's first series committed")
         nbia.stop()                    # mid-way through the next zip: reset, then refused
     stopper = threading.Thread(target=stop_nbia_after_its_first_series)

@@ -324,6 +324,12 @@ class Campaign:
                                                  p.relative_to(output).parts)}
         assert series_dirs == set(folders), self.context(
             f"empty series folders: {series_dirs - set(folders)}")
+        # a tree without its UNFINISHED.txt looks finished, so it must be: every series and
+        # every collection file there (#23: a stopped tree once looked finished)
+        if folders and not (root / "UNFINISHED.txt").exists():
+            assert folders == self.expected, self.context("no UNFINISHED.txt, series missing")
+            assert COLLECTION_FILES <= set(visible), self.context(
+                "no UNFINISHED.txt, collection files missing")
         if state is None:
             return "before the journal existed"
         for folder, uid in state.folders().items():

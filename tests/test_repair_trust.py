@@ -393,3 +393,26 @@ def test_a_finished_archive_cut_short_is_repaired_by_the_printed_command(
     assert archive_members(archive) == before
     code, lines = verify(archive, capsys)
     assert code == errors.EXIT_OK, lines
+
+
+class WithoutJsonFunctions:
+    """An sqlite connection as one built without JSON1 answers: no json_valid."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def execute(self, sql: str, *args):
+        if "json_valid" in sql:
+            raise sqlite3.OperationalError("no such function: json_valid")
+        return self._db.execute(sql, *args)
+
+
+@pytest.mark.parametrize("record, bad", [('{"a": 1}', False), ("{not json", True),
+                                         ("[1, 2]", True), (None, True)])
+def test_a_record_that_is_no_json_object_is_found_with_or_without_sqlites_json(record, bad):
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE series (uid TEXT, record TEXT)")
+    db.execute("INSERT INTO series VALUES ('1.2.3', '{\"b\": 2}'), ('1.2.4', ?)", (record,))
+    expected = "1.2.4" if bad else None
+    assert journal_module.first_record_not_json(db) == expected
+    assert journal_module.first_record_not_json(WithoutJsonFunctions(db)) == expected

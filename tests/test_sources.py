@@ -113,10 +113,12 @@ def test_mode_help_lists_every_registered_source_and_the_default():
     text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
                           text=True, check=True).stdout
     assert "--mode {nbia,idc,auto,aspera}" in text
-    assert unwrapped("where series come from: nbia (TCIA's NBIA v4, default), idc (NCI's "
+    assert unwrapped("where series come from: nbia (TCIA's NBIA v4), idc (NCI's "
                      "Imaging Data Commons: public S3 buckets and an offline index; needs "
-                     "requirements-idc.txt), auto (NBIA, and IDC for what NBIA cannot serve), "
+                     "requirements-idc.txt), auto (IDC first, NBIA for what IDC cannot serve), "
                      "aspera (TCIA's IBM Aspera Faspex packages") in unwrapped(text)
+    assert unwrapped("default: auto when IDC's requirements are installed, else nbia "
+                     "($TCIA_MODE sets another)") in unwrapped(text)
 
 
 def unwrapped(text: str) -> str:

@@ -6,7 +6,7 @@
 
 The .pyz is a shiv zipapp: `python3 tcia_downloader.pyz --collection X` runs on a bare Python
 3.9-3.13 with nothing installed and no network but TCIA's. On its first run it extracts its
-packages to $SHIV_ROOT (default ~/.shiv, about 15 MB; see the README) and later runs import
+packages to $SHIV_ROOT (default ~/.shiv, about 15 MB; see docs/install.md) and later runs import
 from there: pydicom reads its data files by path, which fails inside a zip.
 
 How it is built, and why:

@@ -13,15 +13,19 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
     cli                the command line: the parser, the checks of every flag, main()
     run                a run: source and output opened, the plan, workers, one series from
                        first attempt to commit, stops, the report
-    plan               which series, and where each goes: records, names, manifests (and the
-                       .failed.tcia/.damaged.tcia ones written), shards, updates, space
+    pipeline           the bounds of the download/pack pipeline: connections (--workers),
+                       scratch (--temp-limit)
+    plan               which series, and where each goes: records, names, the manifests'
+                       series (and the .failed.tcia/.damaged.tcia written), shards, updates, space
+    manifests          the files --manifest reads (.tcia, IDC's s5cmd, CSV/TSV), told by
+                       their content; IDC's uuids mapped to SeriesInstanceUIDs
     sources.base       the source contract: SourceEntry (a --mode), Source, Selected,
                        AttemptBytes, Member, VerifiedSeries, MemberSink, Packing
     sources.nbia_api   NBIA v4's REST client: tokens, TciaApi, getImage
     sources.nbia       NBIA as a source: NbiaSource, and a series' zip verified file by file
     sources.idc_index  IDC's offline index (duckdb over parquet) and its records
     sources.idc        IDC as a source: its public S3 buckets (S3Client), IdcSource
-    sources.auto       --mode auto: NBIA first, IDC where NBIA cannot serve
+    sources.auto       --mode auto: IDC first, NBIA for what IDC lacks or fails
     sources.ascli      IBM's ascli, run for --mode aspera: where it is, the command lines,
                        one run of it in its own process group, its JSON, its error lines
     sources.aspera_package  a Faspex package as files: its link, listing and root .sums,

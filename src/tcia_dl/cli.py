@@ -26,6 +26,7 @@ from .settings import (DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIME
                        parse_size)
 from .sources.registry import (add_source_flags, default_mode, mode_help, mode_metavar,
                                selecting_mode, source_named)
+from .sources.tcia_website import check_website_api, list_downloads
 from .storage import disk_full
 from .trust import say_if_journal_ignored
 from .verify import verify_output
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to download")
     what.add_argument("--collection", metavar="NAME",
                       help="a TCIA collection, e.g. Pancreas-CT (alone: all of it)")
-    what.add_argument("--manifest", action="append", default=[], metavar="FILE.tcia",
-                      help="exactly the series of a .tcia manifest from the TCIA portal "
+    what.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                      help="exactly the series of a manifest: a .tcia manifest, IDC's .s5cmd "
+                           "manifest, or a CSV/TSV with a SeriesInstanceUID column "
                            "(repeatable; may span collections)")
     for flag, parameter in FILTER_FLAGS.items():
         aliases = ["--series"] if flag == "--series-uid" else []
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "job array: the task's place in the array; 'none' turns it off")
     what.add_argument("--list-collections", action="store_true",
                       help="print the server's collection names, one per line, and exit")
+    what.add_argument("--list-downloads", action="store_true",
+                      help="with --collection NAME: print its downloads on TCIA's website "
+                           "(title, type, size, link; tab-separated), the Aspera Faspex "
+                           "packages among them, and exit")
     what.add_argument("--dry-run", action="store_true",
                       help="say what would be downloaded and whether it fits; write nothing")
     # (no `choices`: an unknown mode gets source_named's one line, not argparse's usage)
@@ -95,16 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where <name>.tar.xz / .tar.zst (or the <Collection>/ folders) go "
                             "(default: .)")
     where.add_argument("--temp-dir", "--temp_dir", dest="temp_dir", metavar="DIR",
-                       help="scratch: one file per worker (a zip, then its compressed stream); "
-                            "node-local disk on a cluster (default: --output)")
+                       help="scratch: the series in flight (a zip, then its compressed units), "
+                            "within --temp-limit; node-local disk on a cluster (default: "
+                            "--output)")
     where.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=DEFAULT_CACHE_DIR,
                        metavar="DIR", help=f"logs and HTTP metadata cache (default: {DEFAULT_CACHE_DIR})")
     where.add_argument("--temp-limit", metavar="SIZE",
-                       help="the most scratch the run may hold in --temp_dir, as sbatch --mem "
+                       help="the most scratch the run may hold in --temp-dir, as sbatch --mem "
                             "writes sizes: 500M, 20G, 1.5T (K/M/G/T: powers of 1024; a plain "
-                            "number: bytes); --mode aspera receives its packages in parts "
-                            "that fit it (default: half the free space of --temp_dir at the "
-                            "start)")
+                            "number: bytes): series downloaded ahead wait for a core within "
+                            "it, and --mode aspera receives its packages in parts that fit it "
+                            "(default: half the free space of --temp-dir at the start, less "
+                            "the output's estimate when both share a disk)")
     where.add_argument("--force", action="store_true",
                        help="start even when the free space looks too small")
 
@@ -238,6 +246,7 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         name = recorded_name(selection.retry_failed, origin)
         selection = dataclasses.replace(selection, retry_name=name)
     check_format(format_name, args.compression_level)
+    check_website_api(args.website_api)
     # Last: it may ask for a password, once the other flags are known to be good.
     source_settings = source.settings(args, origin)
     return Options(
@@ -264,6 +273,8 @@ def parse_options(argv: Optional[list[str]] = None) -> Options:
         repair=repair,
         mode=mode,
         temp_limit=args.temp_limit,
+        list_downloads=args.list_downloads,
+        website_api=args.website_api,
     )
 
 
@@ -345,18 +356,22 @@ def parse_selection(args: argparse.Namespace) -> Selection:
     # names it instead, and --verify and --extract download nothing.
     packages = selecting_mode(args) is not None and not (selection.retry_failed or
                                                          args.verify or args.extract)
-    ways = sum([by_name and not args.extract, packages, bool(selection.manifests),
-                bool(selection.retry_failed), bool(args.list_collections), bool(args.verify),
-                bool(args.extract)])
+    if args.list_downloads and (not collection or selection.filters()):
+        raise UsageError("--list-downloads lists one collection's downloads: give "
+                         "--collection NAME, and no filters")
+    ways = sum([by_name and not (args.extract or args.list_downloads), packages,
+                bool(selection.manifests), bool(selection.retry_failed),
+                bool(args.list_collections), bool(args.verify), bool(args.extract),
+                bool(args.list_downloads)])
     if ways == 0:
-        raise UsageError("say what to download: --collection NAME, --manifest FILE.tcia, "
+        raise UsageError("say what to download: --collection NAME, --manifest FILE, "
                          "filters such as --patient ID, --aspera-url LINK, or "
                          "--list-collections (or --verify PATH to check an output, --extract "
                          "ARCHIVE to unpack one)")
     if ways > 1:
         raise UsageError("choose one of --collection/filters, --manifest, --aspera-url, "
-                         "--retry-failed, --list-collections, --verify and --extract (which "
-                         "takes filters)")
+                         "--retry-failed, --list-collections, --list-downloads, --verify and "
+                         "--extract (which takes filters)")
     if args.extract and (args.update or args.dry_run or args.shard not in (None, "none")):
         raise UsageError("--extract takes filters (--series-uid, --patient, --study-uid, "
                          "--modality, --body-part, --collection) and --output, nothing else")
@@ -427,6 +442,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if options.verify:
             return verify_output(options.verify, stopping.abort)
+        if options.list_downloads:
+            return list_downloads(str(options.selection.collection), options.website_api,
+                                  options.network, stopping.abort)
         if options.extract:
             say_if_journal_ignored(options.extract)
             return extract_output(options.extract, options.selection, options.output,

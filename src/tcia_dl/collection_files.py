@@ -147,7 +147,10 @@ CSV_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # What makes a spreadsheet program read a cell as a formula (OWASP's "CSV injection"); a
 # leading quote is prefixed too, so that a reader can undo the prefix without ambiguity.
 FORMULA_START = re.compile("^[=+@\t\r']|^-(?!\\d+(?:\\.\\d+)?(?:[eE][+-]?\\d+)?$)")
-METADATA_TOOL_COLUMNS = ["Path", "FilesInArchive", "BytesInArchive"]
+# The ISO dates come last: NBIA's StudyDate and SeriesDate stay as served (MM-DD-YYYY), and
+# the columns before keep their place, for readers of earlier archives' metadata.csv.
+METADATA_TOOL_COLUMNS = ["Path", "FilesInArchive", "BytesInArchive", "StudyDateISO",
+                         "SeriesDateISO"]
 LINE_BREAKS = re.compile("\r\n?")
 
 
@@ -187,9 +190,11 @@ def metadata_csv(journal: Journal, collection: str) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([csv_key(key) for key in server_columns] + METADATA_TOOL_COLUMNS)
+    from .plan import iso_date        # (plan imports the formats, which import this module)
     for path, record, files, size in rows:
         writer.writerow([csv_value(record.get(key, "")) for key in server_columns] +
-                        [path, files, size])
+                        [path, files, size, iso_date(record.get("StudyDate")) or "",
+                         iso_date(record.get("SeriesDate")) or ""])
     return buffer.getvalue().encode("utf-8")
 
 

@@ -17,15 +17,17 @@ from typing import Iterable, Optional, TYPE_CHECKING
 from .errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from .findings import Findings, series_folder
 from .formats import codec_of
+from .formats.tarstreams import begins_member
 from .logs import human_bytes, printable
 from .settings import FILTER_FLAGS, TAR_BLOCK
-from .tarread import bounded_map, check_stream, pax_records, tar_entry
-from .trust import (journal_files, journal_records, journal_series_ranges, recovered_spans,
-                    uncommitted_tail)
+from .tarread import (FollowedUnits, UnitsRead, bounded_map, check_stream, orphan_problem,
+                      pax_records, tar_entry)
+from .trust import (SeriesRanges, following_units, journal_files, journal_records,
+                    journal_series_ranges, recovered_spans, uncommitted_tail)
 from .verify import series_of
 
 if TYPE_CHECKING:
-    from .findings import ProblemLines, VerifiedMember
+    from .findings import VerifiedMember
     from .settings import Selection
     from .tarread import TarEntry
 
@@ -140,6 +142,7 @@ class ArchiveMap:
     and the MD5 each file must have are in the ledger."""
     spans: list[tuple[int, int]]
     folders: dict[int, str]                   # stream -> <Collection>/<series path>
+    series: SeriesRanges                      # from the journal (none: no ends)
     closing: Optional[int] = None             # the stream with LICENSE, metadata, MD5SUMS
     peeked: dict[int, int] = field(default_factory=dict)   # stream -> bytes read to map it
     problems: list[str] = field(default_factory=list)
@@ -148,10 +151,13 @@ class ArchiveMap:
 def first_member_name(path: Path, start: int, end: int) -> tuple[Optional[str], int]:
     """The name of a unit's first member, decompressing only its first kilobytes (a pax
     header and a ustar one: a few kB; a pax header of a long name: up to 256 kB); and how
-    many compressed bytes that took."""
+    many compressed bytes that took. None for a unit that does not start with a header
+    (or one too short to hold one)."""
     codec = codec_of(path)
     for size in (8 * 1024, 256 * 1024):
         data, read = codec.head(path, start, end, size)
+        if not begins_member(data):
+            return None, read          # it goes on with a member of the unit before it
         name = tar_header_name(data)
         if name is not None or len(data) < size:
             break
@@ -178,9 +184,10 @@ def map_archive(path: Path, findings: Findings,
     """Streams from the file itself (or its journal, for a .part cut inside an append; a
     .part's units after its journal's last series are left out, as a resume cuts them off);
     each stream's series from the journal beside it (the series whose range holds it: a big
-    series is several units, all of them its), else from its first tar header (each unit
-    starts with a member of its series); the closing stream decompressed whole (it is
-    small) for MD5SUMS and metadata.csv, read into findings' ledger."""
+    series is several units, all of them its), else from its first tar header (a unit
+    that starts inside a member is of the series of the unit before it); the closing
+    stream decompressed whole (it is small) for MD5SUMS and metadata.csv, read into
+    findings' ledger."""
     problems: list[str] = []
     try:
         spans = codec_of(path).spans(path)
@@ -192,7 +199,7 @@ def map_archive(path: Path, findings: Findings,
     series = journal_series_ranges(path)
     if path.name.endswith(".part"):              # and so is one its journal lacks yet
         spans = spans[:len(spans) - uncommitted_tail(spans, series)]
-    archive = ArchiveMap(spans, {}, problems=problems)
+    archive = ArchiveMap(spans, {}, series, problems=problems)
     if spans and not path.name.endswith(".part"):
         archive.closing = len(spans) - 1
         # Its problems are said when it is extracted (always, with any selection).
@@ -221,6 +228,8 @@ def map_archive(path: Path, findings: Findings,
         archive.peeked[index] = read
         if name is not None:
             archive.folders[index] = name.rsplit("/", 1)[0]
+        elif index - 1 in archive.folders:      # a member cut across units: the same series
+            archive.folders[index] = archive.folders[index - 1]
     return archive
 
 
@@ -294,12 +303,18 @@ def extract_mapped(path: Path, selection: Selection, folder: Path, findings: Fin
     findings.streams = len(streams)
     allowed = None if everything else chosen
 
-    def extract(index: int) -> ProblemLines:
+    def extract(index: int) -> UnitsRead:
         return check_stream(path, index, *archive.spans[index], findings, stop,
                             output=lambda found: TreeWriter(folder, found, index, allowed),
-                            closing=index == archive.closing)
-    for problems in bounded_map(extract, streams):
-        findings.problems += problems
+                            closing=index == archive.closing,
+                            following=following_units(archive.spans, index, archive.series,
+                                                      archive.closing))
+    followed = FollowedUnits()
+    for index, read in zip(streams, bounded_map(extract, streams)):
+        findings.problems += read.problems
+        if followed.orphan(index, read):
+            findings.problems.append(orphan_problem(codec_of(path).unit, index,
+                                                    *archive.spans[index]))
     report_missing(findings, None if everything else chosen)
     # each byte once: a stream extracted is read whole, its earlier peek included
     whole = set(streams)

@@ -230,7 +230,8 @@ class Progress:
         self.total_bytes = total_bytes
         self.done = 0
         self.failed = 0
-        self.received = 0
+        self.received = 0       # what the series done and in flight hold now (net)
+        self.shown = 0          # what the bar and the summary say: never less than before
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -248,10 +249,11 @@ class Progress:
             self._thread.start()
 
     def add_bytes(self, n: int) -> None:
+        """Bytes received (n > 0), or taken back (n < 0: a failed attempt is thrown away
+        whole, and its retry starts from zero)."""
         with self._lock:
             self.received += n
-            if self._bars:
-                self._bars[0].update(n)
+            self._show()
 
     def series_finished(self, ok: bool, received: int, expected: int) -> None:
         """Count a series; its bytes are set to FileSize so the total stays meaningful."""
@@ -262,18 +264,29 @@ class Progress:
                 self.done += 1
             else:
                 self.failed += 1
+            self._show()
             if self._bars:
-                self._bars[0].update(correction)
                 self._bars[1].update(1)
+
+    def _show(self) -> None:
+        """What is shown follows the net count up, never down: bytes taken back (a failed
+        attempt, a zip larger than its series' FileSize) hold the bar where it is until
+        the retry has received as much again. A bar going backwards reads as data lost,
+        which it is not; capped at the total, so that it ends at 100 % when all is done."""
+        now = min(self.received, self.total_bytes)
+        if now > self.shown:
+            if self._bars:
+                self._bars[0].update(now - self.shown)
+            self.shown = now
 
     def summary(self) -> str:
         with self._lock:
             elapsed = max(time.monotonic() - self.started, 1e-6)
-            rate = self.received / elapsed
-            left = max(self.total_bytes - self.received, 0)
+            rate = self.shown / elapsed
+            left = max(self.total_bytes - self.shown, 0)
             eta = human_seconds(left / rate) if rate > 0 else "unknown"
             return (f"progress: {self.done + self.failed}/{self.total_series} series "
-                    f"({self.failed} failed), {human_bytes(self.received)} of "
+                    f"({self.failed} failed), {human_bytes(self.shown)} of "
                     f"{human_bytes(self.total_bytes)}, {human_bytes(rate)}/s, ETA {eta}")
 
     def _summaries(self, interval: float) -> None:

@@ -206,9 +206,10 @@ def watched_pool_classes(watchdog: TransferWatchdog) -> dict[str, type]:
 class WatchedAdapter(requests.adapters.HTTPAdapter):
     """requests' adapter, with the watchdog on every connection it opens (proxied too)."""
 
-    def __init__(self, watchdog: TransferWatchdog):
+    def __init__(self, watchdog: TransferWatchdog,
+                 pool_maxsize: int = requests.adapters.DEFAULT_POOLSIZE):
         self._pool_classes = watched_pool_classes(watchdog)
-        super().__init__()
+        super().__init__(pool_maxsize=pool_maxsize)
 
     def init_poolmanager(self, *args: object, **kwargs: object) -> None:
         super().init_poolmanager(*args, **kwargs)
@@ -219,6 +220,38 @@ class WatchedAdapter(requests.adapters.HTTPAdapter):
         if not proxy.lower().startswith("socks"):       # SOCKS pools are classes of their own
             manager.pool_classes_by_scheme = self._pool_classes
         return manager
+
+
+def as_requests_error(exc: Exception, in_body: bool) -> requests.RequestException:
+    """urllib3's exception (or an OSError of the request) as the one requests raises for it,
+    which request_failure knows: HTTPAdapter.send's translation for the request and its
+    headers, Response.iter_content's for the body. For a client that sends through urllib3
+    itself (IDC's objects: requests' own layers cost more CPU than the GET, sources/idc.py)."""
+    errors, failed = requests.exceptions, urllib3.exceptions
+    if in_body:
+        kinds = ((failed.ProtocolError, errors.ChunkedEncodingError),
+                 (failed.DecodeError, errors.ContentDecodingError),
+                 (failed.ReadTimeoutError, errors.ConnectionError),
+                 (failed.SSLError, errors.SSLError))
+        return next((kind(exc) for cause, kind in kinds if isinstance(exc, cause)),
+                    errors.ConnectionError(exc))
+    if isinstance(exc, (failed.ProtocolError, OSError, failed.ClosedPoolError)):
+        return errors.ConnectionError(exc)
+    if isinstance(exc, failed.MaxRetryError):
+        reason = exc.reason
+        if isinstance(reason, failed.ConnectTimeoutError) and \
+                not isinstance(reason, failed.NewConnectionError):
+            return errors.ConnectTimeout(exc)
+        if isinstance(reason, failed.ProxyError):
+            return errors.ProxyError(exc)
+        if isinstance(reason, failed.SSLError):
+            return errors.SSLError(exc)
+        return errors.ConnectionError(exc)
+    kinds = ((failed.ProxyError, errors.ProxyError), (failed.SSLError, errors.SSLError),
+             (failed.ReadTimeoutError, errors.ReadTimeout),
+             (failed.LocationValueError, errors.InvalidURL))
+    return next((kind(exc) for cause, kind in kinds if isinstance(exc, cause)),
+                errors.ConnectionError(exc))
 
 
 def watched_session(session: requests.Session, watchdog: TransferWatchdog,

@@ -22,11 +22,13 @@ from .errors import (EXIT_CHECKPOINT, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGINT, EXI
                      EXIT_USAGE, FatalRunError, Interrupted, SeriesUnavailable, TransientError)
 from .formats import target_format
 from .formats.base import PackingCores
+from .formats.tree import unfinished_markers
 from .journal import read_journal, roll_back_hot_journal
 from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable
 from .net import RetryPolicy, TransferWatchdog, retry_policy
+from .pipeline import ConnectionSlots, ScratchBudget
 from .plan import (RECORDED_FLAGS, describe_plan, dry_run_rows, make_plan, recorded_source,
-                   space_needs, space_shortfalls, write_failed_manifest)
+                   space_needs, space_shortfalls, temp_limit, write_failed_manifest)
 from .settings import FILTER_FLAGS, usable_cores
 from .sources.base import AttemptBytes
 from .sources.registry import source_named
@@ -68,6 +70,8 @@ class RunContext:
     stopping: "StopControl"
     breaker: "OutageBreaker"
     packing_cores: PackingCores
+    connections: ConnectionSlots
+    scratch: Optional[ScratchBudget]     # None: the source bounds its own (Aspera)
     fatal: list[FatalRunError] = field(default_factory=list)
 
 
@@ -134,21 +138,21 @@ def process_series(ctx: RunContext, series: PlannedSeries) -> Outcome:
 
 def attempt_series(ctx: RunContext, series: PlannedSeries,
                    count: Callable[[int], None]) -> VerifiedSeries:
-    """Fetch from the source, verifying, cleaning and packing in one pass; commit."""
+    """Fetch from the source, verifying, cleaning and packing in one pass; commit. The
+    series holds a connection while it downloads and hands it on when it packs."""
     scratch = ctx.target.scratch_path(ctx.source.scratch_suffix)
 
     def pack(verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries, Prepared]:
-        # One series packed per core: more would share the cores and thrash their caches;
-        # meanwhile the other workers keep downloading, so the next series is ready. A big
-        # series (several units) also borrows the cores no other series waits for.
-        with ctx.packing_cores.own():
-            packer = ctx.target.packer(series, scratch, ctx.packing_cores)
-            try:
-                verified = verify(packer)
-                return verified, packer.finish()
-            except BaseException:
-                packer.discard()
-                raise
+        # The download is over (sources call pack once it is all in scratch): the next
+        # series may use the connection while this one waits for a core and packs.
+        ctx.connections.hand_on()
+        try:
+            return pack_on_a_core(ctx, series, scratch, verify)
+        except Exception:
+            if not ctx.stopping.drain.is_set():
+                ctx.connections.take()     # the source may download it again
+            raise
+    ctx.connections.take()
     try:
         verified, prepared = ctx.source.fetch(series, scratch, count, pack, ctx.stopping.abort)
         try:
@@ -158,7 +162,26 @@ def attempt_series(ctx: RunContext, series: PlannedSeries,
             prepared.discard()            # after a commit, only what is left in scratch
         return verified
     finally:
+        ctx.connections.hand_on()         # a retry waits without holding one
         scratch.unlink(missing_ok=True)
+
+
+def pack_on_a_core(ctx: RunContext, series: PlannedSeries, scratch: Path,
+                   verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries,
+                                                                           Prepared]:
+    # One series packed per core: more would share the cores and thrash their caches;
+    # meanwhile the connections keep downloading, so the next series is ready. A big
+    # series (several units) also borrows the cores no other series waits for.
+    with ctx.packing_cores.own():
+        if ctx.stopping.abort.is_set():
+            raise Interrupted()       # a stop while it waited: leave it for the next run
+        packer = ctx.target.packer(series, scratch, ctx.packing_cores)
+        try:
+            verified = verify(packer)
+            return verified, packer.finish()
+        except BaseException:
+            packer.discard()
+            raise
 
 
 def log_dropped(series: PlannedSeries, verified: VerifiedSeries) -> None:
@@ -189,12 +212,18 @@ def log_outcome(outcome: Outcome, position: int, total: int) -> None:
 
 
 class WorkerPool:
-    """Daemon worker threads over a queue of series. Daemon threads, because on a signal
-    the process must be able to leave while a worker sits in a read: the journal is
-    consistent at every instant, so abandoning in-flight work loses nothing committed."""
+    """Daemon worker threads over a queue of series, one series each at a time. Daemon
+    threads, because on a signal the process must be able to leave while a worker sits in a
+    read: the journal is consistent at every instant, so abandoning in-flight work loses
+    nothing committed.
+
+    More threads than connections (ahead: workers + cores): `workers` series download while
+    as many again wait in scratch for a core and one packs on each core, so that no
+    connection waits for a core (ctx.connections bounds the downloads, ctx.scratch the bytes
+    waiting)."""
 
     def __init__(self, ctx: RunContext, todo: list[PlannedSeries], workers: int,
-                 first_position: int, total: int):
+                 first_position: int, total: int, ahead: int):
         self.ctx = ctx
         self._todo = deque(todo)
         self._lock = threading.Lock()
@@ -203,7 +232,7 @@ class WorkerPool:
         self._position = first_position
         self._total = total
         self._threads = [threading.Thread(target=self._work, name=f"worker-{n + 1}", daemon=True)
-                         for n in range(min(workers, len(todo)))]
+                         for n in range(min(workers + ahead, len(todo)))]
         self._running = len(self._threads)
 
     def _next(self) -> Optional[PlannedSeries]:
@@ -216,7 +245,8 @@ class WorkerPool:
         try:
             for series in iter(self._next, None):
                 try:
-                    outcome = process_series(self.ctx, series)
+                    with self._scratch_for(series):
+                        outcome = process_series(self.ctx, series)
                 except Interrupted:
                     return
                 except FatalRunError as exc:
@@ -248,6 +278,11 @@ class WorkerPool:
                 self._running -= 1
                 if self._running == 0:
                     self._finished.set()
+
+    def _scratch_for(self, series: PlannedSeries) -> contextlib.AbstractContextManager:
+        if self.ctx.scratch is None:
+            return contextlib.nullcontext()
+        return self.ctx.scratch.reserved(self.ctx.target.scratch_need(series.file_size))
 
     def run(self) -> None:
         if not self._threads:
@@ -422,6 +457,12 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
     short = any(missing for _, missing in shortfalls)
     for line, _ in shortfalls:
         (log.warning if short else log.info)("%s", line)
+    limit = scratch_limit(todo, options)
+    if limit is not None:
+        too_big = too_big_for_scratch(todo, options, limit)
+        if too_big:
+            log.error("%s", too_big)
+            return EXIT_USAGE
     if options.dry_run:
         reach_endpoints(source, todo)
         for row in dry_run_rows(plan, todo, options.mode):
@@ -448,9 +489,32 @@ def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopContro
                                replace=options.selection.retry_failed is None)
         record_provenance(target.journal, options, source)
         with collector_ignoring_what_exists():
-            return _download_into(target, plan, source, options, stopping, started)
+            return _download_into(target, plan, source, options, stopping, started, limit)
     finally:
         target.close()
+
+
+def scratch_limit(todo: list[PlannedSeries], options: Options) -> Optional[int]:
+    """The bytes of --temp_dir the series in flight may hold together (None: the source
+    keeps within --temp-limit itself)."""
+    if source_named(options.mode).bounds_own_scratch:
+        return None
+    limit, why = temp_limit(todo, options)
+    log.info("scratch: at most %s in %s (%s)", human_bytes(limit), options.temp_dir, why)
+    return limit
+
+
+def too_big_for_scratch(todo: list[PlannedSeries], options: Options,
+                        limit: int) -> Optional[str]:
+    """A series that cannot fit --temp-limit on its own: said before anything is fetched."""
+    target = target_format(options.format)
+    biggest = max(todo, key=lambda s: s.file_size, default=None)
+    if biggest is None or target.scratch_need(biggest.file_size) <= limit:
+        return None
+    return (f"{biggest.short_label} ({human_bytes(biggest.file_size)}) needs about "
+            f"{human_bytes(target.scratch_need(biggest.file_size))} of scratch, more than "
+            f"--temp-limit {human_bytes(limit)}: raise --temp-limit, or point --temp_dir at "
+            "a larger disk")
 
 
 def reach_endpoints(source: Source, todo: list[PlannedSeries]) -> None:
@@ -469,7 +533,7 @@ def reach_endpoints(source: Source, todo: list[PlannedSeries]) -> None:
 
 
 def _download_into(target: Target, plan: Plan, source: Source, options: Options,
-                   stopping: StopControl, started: float) -> int:
+                   stopping: StopControl, started: float, limit: Optional[int]) -> int:
     committed = target.committed()
     # The smallest series goes first: a source that settles something on its first fetch
     # (NBIA: which image endpoint serves MD5s) holds the others back only that long. Then
@@ -482,6 +546,7 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     skipped = len(plan.series) - len(todo)
     # Every usable core, even with fewer workers: a big series packs on the idle ones.
     packing = usable_cores()
+    own_slots = source_named(options.mode).bounds_own_scratch
     log.info("%d to download into %s with %d workers, packing on %d cores", len(todo),
              target.describe(), options.workers, packing)
 
@@ -490,13 +555,18 @@ def _download_into(target: Target, plan: Plan, source: Source, options: Options,
     ctx = RunContext(source=source, target=target, progress=progress,
                      retry=retry_policy(options.network), stopping=stopping,
                      breaker=OutageBreaker(max(5, 2 * options.workers)),
-                     packing_cores=PackingCores(packing))
+                     packing_cores=PackingCores(packing),
+                     connections=ConnectionSlots(None if own_slots else options.workers,
+                                                 stopping.drain),
+                     scratch=ScratchBudget(limit, stopping.drain) if limit else None)
+    # Series run ahead of the connections only where the run bounds their scratch.
+    ahead = 0 if own_slots else options.workers + packing
     outcomes: list[Outcome] = []
     try:
         for _ in range(AUDIT_ROUNDS):
             if todo:
                 pool = WorkerPool(ctx, todo, options.workers, skipped + len(outcomes),
-                                  len(plan.series))
+                                  len(plan.series), ahead)
                 pool.run()
                 outcomes += pool.outcomes
             if ctx.fatal or stopping.abort.is_set() or any(not o.ok for o in outcomes):
@@ -679,6 +749,9 @@ def describe_output(target: Target) -> str:
     """Where the output is (absolute: the line is pasted into other shells), how big it is,
     and for an archive how much xz saved."""
     path = Path(target.describe()).resolve()
+    if path.is_dir():
+        markers = [marker.name for marker in unfinished_markers(path)]
+        return f"{path} (not finished: {', '.join(markers)} in it)" if markers else str(path)
     if not path.is_file():
         return str(path)
     size = path.stat().st_size

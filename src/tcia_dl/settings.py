@@ -13,6 +13,9 @@ DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4/"
 DEFAULT_DOI_RESOLVER = "https://doi.org/"
 DEFAULT_DOI_TIMEOUT = 30.0      # seconds for all the BibTeX lookups of a run
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4/"
+# TCIA's website API v1 (WordPress): a collection's downloads, Faspex links among them
+# (--list-downloads, --mode aspera --collection; shared/aspera.md).
+DEFAULT_WEBSITE_API = "https://cancerimagingarchive.net/api/v1/"
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "tcia_downloader")
 CHUNK_SIZE = 1 << 20
 COMPRESS_BLOCK = 4 << 20   # bytes of tar handed to the xz compressor at once
@@ -144,6 +147,8 @@ class Options:
     repair: bool = False               # --retry-failed of a .damaged.tcia: replace them
     mode: str = "nbia"                 # where series come from: a name in sources.registry
     temp_limit: Optional[int] = None   # bytes of scratch a run may use (--temp-limit)
+    list_downloads: bool = False       # print --collection's downloads from the website
+    website_api: str = DEFAULT_WEBSITE_API     # where --list-downloads asks
 
 
 # The filters on a selection: flag -> the getSeries parameter (and metadata.csv column).

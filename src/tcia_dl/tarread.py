@@ -7,6 +7,7 @@ import concurrent.futures
 import csv
 import hashlib
 import io
+import itertools
 import re
 import tarfile
 import tempfile
@@ -20,6 +21,7 @@ from .findings import Findings, OWN_DIGEST, VerifiedMember
 from .logs import human_bytes, printable
 from .settings import TAR_BLOCK, usable_cores
 from .formats import codec_of
+from .formats.tarstreams import begins_member
 
 if TYPE_CHECKING:
     from .findings import ProblemLines
@@ -160,9 +162,10 @@ COLLECTION_FILE_LIMIT = 1 << 30
 
 
 class TarFragmentReader:
-    """The tar members of one unit of our archives (whole members: a series, or a part of a
-    big one cut between members; the closing unit adds the end-of-archive blocks), hashed
-    as they stream by, never kept whole in memory; with an output, written (--extract)."""
+    """The tar members of one unit of our archives (a series, or a part of a big one; the
+    closing unit adds the end-of-archive blocks), and of the units after it that a member
+    cut across units goes on into (check_stream feeds them in order), hashed as they
+    stream by, never kept whole in memory; with an output, written (--extract)."""
 
     def __init__(self, stream: int, findings: Findings, output: Optional[MemberOutput] = None):
         self._stream = stream
@@ -298,6 +301,11 @@ class TarFragmentReader:
             self._findings.ledger.add_members(self._batch)
             self._batch = []
 
+    @property
+    def inside_member(self) -> bool:
+        """The data fed so far ends inside a member (or its header)."""
+        return self._entry is not None or self._pax is not None or bool(self._buffer)
+
     def close(self) -> None:
         self.flush()
         if self._entry is not None or self._pax is not None or self._records or \
@@ -392,33 +400,90 @@ def metadata_csv_rows(name: str, text: io.BufferedIOBase, findings: Findings) ->
         findings.problems.append(f"{name} line {reader.line_num} cannot be read as CSV: {exc}")
 
 
+@dataclass
+class UnitsRead:
+    """What check_stream read from a unit on: its problems, how many of the units after it
+    it went on into (one member across them), or that it goes on with a member of the unit
+    before it, which reads it (nothing of it was read here but its first block)."""
+    problems: ProblemLines
+    followed: int = 0
+    continuation: bool = False
+
+
+def first_block(pieces: Iterator[bytes]) -> tuple[bytes, Iterator[bytes]]:
+    """A unit's first tar block (less if it is shorter), and all of its pieces again."""
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= TAR_BLOCK:
+            break
+    return head[:TAR_BLOCK], itertools.chain([head], pieces)
+
+
 def check_stream(path: Path, index: int, start: int, end: int, findings: Findings,
                  stop: Optional[threading.Event] = None,
                  output: Optional[Callable[[Findings], MemberOutput]] = None,
-                 closing: bool = False) -> ProblemLines:
+                 closing: bool = False,
+                 following: Iterable[tuple[int, int]] = ()) -> UnitsRead:
     """Decompress one unit (its codec's own checks passed, and that it ends where its span
     does) and read its members into findings' ledger; with output, also write them
-    (--extract). Only the closing unit (the archive's last) may hold the end-of-archive
-    blocks. Returns the unit's problems."""
+    (--extract). A member that goes on past the unit's end (SplitPacker cuts one larger
+    than a unit) is followed into the units of `following` (the spans after it, of the
+    same series), each checked on its own too. A unit that does not start with a header
+    (begins_member) is not read here but by the one before it. Only the closing unit (the
+    archive's last) may hold the end-of-archive blocks."""
     found = Findings(ledger=findings.ledger)
     reader = TarFragmentReader(index, found, output(found) if output else None)
-    unit = codec_of(path).unit
+    codec = codec_of(path)
+    result = UnitsRead(found.problems)
+    spans = itertools.chain([(start, end)], following)
+    number, (unit_start, unit_end) = index, (start, end)
     try:
-        for piece in codec_of(path).decompressed(path, start, end, stop):
-            reader.feed(piece)
+        for number, (unit_start, unit_end) in enumerate(spans, index):
+            if number > index and not reader.inside_member:
+                break
+            head, pieces = first_block(codec.decompressed(path, unit_start, unit_end, stop))
+            if begins_member(head) == (number > index) and not (closing or head == b""):
+                if number == index:
+                    result.continuation = True
+                    return result
+                break           # a member begins: the unit before ended inside one
+            result.followed = number - index
+            for piece in pieces:
+                reader.feed(piece)
         reader.close()
     except (EOFError, ValueError, tarfile.TarError) as exc:
         reader.abort()
-        found.problems.append(f"{unit} {index + 1} (bytes {start}-{end}) is damaged: "
-                              f"{printable(str(exc))}")
+        found.problems.append(f"{codec.unit} {number + 1} (bytes {unit_start}-{unit_end}) is "
+                              f"damaged: {printable(str(exc))}")
     except BaseException:
         reader.abort()                  # --extract cannot write: no half file stays behind
         raise
     if reader.ended and not closing:
-        found.problems.append(f"{unit} {index + 1} (bytes {start}-{end}) holds "
+        found.problems.append(f"{codec.unit} {index + 1} (bytes {start}-{end}) holds "
                               "end-of-archive blocks, but is not the last: tar stops there")
     findings.affected |= found.affected
-    return found.problems
+    return result
+
+
+class FollowedUnits:
+    """Whether every unit that goes on with a member of the one before it was read by a
+    reader that began before it (results taken in archive order)."""
+
+    def __init__(self) -> None:
+        self._read_through = -1
+
+    def orphan(self, index: int, read: UnitsRead) -> bool:
+        """True for a unit no reader went on into: a member's beginning is missing."""
+        if not read.continuation:
+            self._read_through = max(self._read_through, index + read.followed)
+            return False
+        return index > self._read_through
+
+
+def orphan_problem(unit: str, index: int, start: int, end: int) -> str:
+    return (f"{unit} {index + 1} (bytes {start}-{end}) is damaged: it does not start with a "
+            f"tar header, and no {unit} before it ends inside a member")
 
 
 def bounded_map(function: Callable, items: Iterable, window: int = 0) -> Iterator:

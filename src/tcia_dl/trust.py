@@ -6,10 +6,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TYPE_CHECKING
+from typing import Iterator, Optional, TYPE_CHECKING
 
 from .errors import JournalUnusable
 from .formats import archive_codecs, codec_of
+from .formats.tree import is_collection_folder
 from .formats.tarstreams import stream_sha256
 from .journal import read_snapshot
 from .logs import printable
@@ -66,6 +67,29 @@ class SeriesRanges:
             return None
         series_start = self.ends[index - 1] if index else 0
         return self.folders[index] if series_start <= start else None
+
+    def end_of(self, start: int, end: int) -> Optional[int]:
+        """Where the series whose bytes hold the span ends, or None (as folder_of)."""
+        index = bisect.bisect_left(self.ends, end)
+        if index == len(self.ends) or (index and self.ends[index - 1] > start):
+            return None
+        return self.ends[index]
+
+
+def following_units(spans: list[tuple[int, int]], index: int, series: SeriesRanges,
+                    closing: Optional[int]) -> Iterator[tuple[int, int]]:
+    """The units a member begun in unit `index` may go on into (tarread.check_stream):
+    the rest of its series' (a series' units are contiguous), or, with no journal to say
+    where series end, every one before the closing unit. Lazily: an archive may have
+    millions of units, and only a member cut across units is ever followed."""
+    start, end = spans[index]
+    limit = series.end_of(start, end) if series.ends else len(spans) and spans[-1][1]
+    if limit is None:
+        return
+    for later in range(index + 1, len(spans) if closing is None else closing):
+        if spans[later][1] > limit:
+            return
+        yield spans[later]
 
 
 def uncommitted_tail(spans: list[tuple[int, int]], series: SeriesRanges) -> int:
@@ -229,19 +253,46 @@ def untrusted_journal_lines(path: Path, name: str, findings: Findings) -> list[s
             f"it{kept}"]
 
 
-def tree_journals(path: Path) -> tuple[list[tuple[JournalSnapshot, str, str]], list[str]]:
+def tree_journals(path: Path, files: bool = False
+                  ) -> tuple[list[tuple[JournalSnapshot, str, str]], list[str]]:
     """The journals of a folder tree's output folder, read; or, if one cannot be used, no
     journal and the line that says which and why (no repair list from half the truth)."""
-    folder = path.parent if list(path.glob("MD5SUMS*")) else path
     journals = []
-    for candidate in sorted(folder.glob("*.journal")):
-        if any(candidate.name.endswith(f"{codec.suffix}.journal") for codec in archive_codecs()):
-            continue
+    for candidate in tree_journal_paths(tree_output_folder(path)):
         try:
-            journals.append((read_snapshot(candidate), candidate.name[:-len(".journal")], "dir"))
+            journals.append((read_snapshot(candidate, files), candidate.name[:-len(".journal")],
+                             "dir"))
         except JournalUnusable as exc:
             return [], [f"{candidate.name} is ignored: {exc}; no repair list is written"]
     return journals, []
+
+
+def tree_journal_paths(folder: Path) -> list[Path]:
+    """The journals of folder trees in an output folder (an archive's journals aside)."""
+    return [candidate for candidate in sorted(folder.glob("*.journal"))
+            if not any(candidate.name.endswith(f"{codec.suffix}.journal")
+                       for codec in archive_codecs())]
+
+
+def tree_output_folder(path: Path) -> Path:
+    """The output folder of a tree given as itself or as one of its collection folders (one
+    with its MD5SUMS or its marker, or, for a tree stopped before the marker existed, one
+    that a journal beside it names)."""
+    if is_collection_folder(path) or path.name in journal_collections(path.parent):
+        return path.parent
+    return path
+
+
+def journal_collections(folder: Path) -> set[str]:
+    """The collection folders that the readable tree journals in folder name."""
+    names: set[str] = set()
+    for candidate in tree_journal_paths(folder):
+        try:
+            names |= {stream.folder.split("/", 1)[0]
+                      for stream in read_snapshot(candidate).streams}
+        except JournalUnusable:
+            continue
+    return names
 
 
 def journal_records(path: Path) -> Optional[list[dict]]:

@@ -4,30 +4,34 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, TYPE_CHECKING
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, Interrupted
 from .formats import archive_format, archive_name, codec_of
+from .formats.tree import UNFINISHED_NAME, is_collection_folder, unfinished_markers
 from .findings import Findings, VerifiedMember, series_folder
 from .logs import human_bytes, printable
 from .plan import recorded_source, write_failed_manifest
 from .storage import read_range
-from .tarread import COLLECTION_FILE, MEMBER_BATCH, bounded_map, check_stream, read_collection_file
-from .trust import (journal_series_ranges, recovered_spans, tree_journals, trusted_journal,
-                    uncommitted_tail, untrusted_journal_lines)
+from .tarread import (COLLECTION_FILE, MEMBER_BATCH, FollowedUnits, UnitsRead, bounded_map,
+                      check_stream, orphan_problem, read_collection_file)
+from .trust import (following_units, journal_series_ranges, recovered_spans, tree_journals,
+                    trusted_journal, uncommitted_tail, untrusted_journal_lines)
 
 if TYPE_CHECKING:
-    from .findings import ProblemLines
     from .journal import JournalSnapshot
 
 
 def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findings:
-    """Every unit, on all usable cores (they are independent): its codec's checks, its tar
-    headers, every member's MD5. A .part is checked up to its last whole unit."""
+    """Every unit, on all usable cores (they are independent; a member cut across units is
+    read by one reader, unit after unit): its codec's checks, its tar headers, every
+    member's MD5. A .part is checked up to its last whole unit."""
     findings = Findings()
     part = path.name.endswith(".part")
     codec = codec_of(path)
@@ -58,11 +62,18 @@ def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findin
         spans = spans[:-beyond]
     findings.streams, findings.whole_streams = len(spans), spans
 
-    def check(item: tuple[int, tuple[int, int]]) -> ProblemLines:
+    closing = len(spans) - 1 if spans and not part else None
+
+    def check(item: tuple[int, tuple[int, int]]) -> UnitsRead:
         index, (start, end) = item
-        return check_stream(path, index, start, end, findings, stop,
-                            closing=index == len(spans) - 1 and not part)
-    for (start, end), problems in zip(spans, bounded_map(check, enumerate(spans))):
+        return check_stream(path, index, start, end, findings, stop, closing=index == closing,
+                            following=following_units(spans, index, series, closing))
+    followed = FollowedUnits()
+    for index, ((start, end), read) in enumerate(zip(spans, bounded_map(check,
+                                                                        enumerate(spans)))):
+        problems = read.problems
+        if followed.orphan(index, read):
+            problems.append(orphan_problem(codec.unit, index, start, end))
         folder = series.folder_of(start, end)
         findings.problems += [f"{problem} (series {folder}, from the journal)"
                               if folder else problem for problem in problems]
@@ -71,20 +82,21 @@ def verify_archive(path: Path, stop: Optional[threading.Event] = None) -> Findin
     return findings
 
 
-def verify_tree(path: Path, stop: Optional[threading.Event] = None) -> Findings:
-    """Every file of a collection folder (PATH itself, or the folders with an MD5SUMS in
-    an output), hashed on all usable cores; names as in an archive: <Collection>/..."""
+def verify_tree(path: Path, stop: Optional[threading.Event] = None
+                ) -> tuple[Findings, TreeScope]:
+    """Every file of a collection folder (PATH itself, or the collection folders of an
+    output), hashed on all usable cores; names as in an archive: <Collection>/... A folder
+    not finished yet is checked as far as its journal has committed it, as a .part is."""
     findings = Findings()
-    collections = [path] if any(path.glob("MD5SUMS*")) else \
-        sorted(d for d in path.iterdir() if d.is_dir() and any(d.glob("MD5SUMS*")))
+    scope = tree_scope(path, findings)
 
     def files() -> Iterator[tuple[Path, Path]]:
         """(collection folder, file), hidden names (scratch, extraction) left out."""
-        for folder in collections:
+        for folder in scope.collections:
             for root, folders, names in os.walk(folder):
                 folders[:] = sorted(f for f in folders if not f.startswith("."))
                 for name in sorted(n for n in names if not n.startswith(".")):
-                    if Path(root, name).is_file():
+                    if Path(root, name).is_file() and scope.checked(folder, Path(root, name)):
                         yield folder, Path(root, name)
 
     def hashed(item: tuple[Path, Path]) -> tuple[VerifiedMember, Path]:
@@ -106,7 +118,105 @@ def verify_tree(path: Path, stop: Optional[threading.Event] = None) -> Findings:
             findings.ledger.add_members(batch)
             batch = []
     findings.ledger.add_members(batch)
-    return findings
+    findings.notes += scope.notes()
+    return findings, scope
+
+
+# A finished part's collection files in a collection folder that another part (a shard, an
+# update) has not finished: they are no journal's files, and are checked as in any tree.
+COLLECTION_FILE_NAME = re.compile(r"^(LICENSE|CITATION|metadata|MD5SUMS)[^/]*$")
+
+
+@dataclass
+class TreeScope:
+    """What --verify reads of a folder tree: its collection folders, and in those not
+    finished (their marker says so, or a journal that names them, from before the marker)
+    only the files their journals have committed, whose MD5s stand in for the MD5SUMS they
+    do not have yet."""
+    collections: list[Path]
+    unfinished: dict[Path, str]            # folder -> why it is not finished, in words
+    committed: dict[str, str]     # <Collection>/<name> -> MD5, in the folders not finished
+    series: dict[str, int]        # <Collection> -> series its journals committed (the same)
+    skipped: dict[Path, int] = field(default_factory=dict)   # folder -> files not checked
+
+    def checked(self, folder: Path, file: Path) -> bool:
+        """Whether a file of a collection folder is read: in a folder not finished, not
+        its markers, nor what no journal has committed yet (a series folder moved in by a
+        run stopped before its journal row, which a rerun replaces)."""
+        if folder not in self.unfinished:
+            return True
+        if file.parent == folder and UNFINISHED_NAME.match(file.name):
+            return False                       # a marker: no file of the output
+        if file.parent == folder and COLLECTION_FILE_NAME.match(file.name):
+            return True                        # a finished part's
+        if f"{folder.name}/{file.relative_to(folder).as_posix()}" in self.committed:
+            return True
+        self.skipped[folder] = self.skipped.get(folder, 0) + 1
+        return False
+
+    def reference(self) -> Optional[dict[str, str]]:
+        """The committed files of the folders not finished (None: all are finished)."""
+        return self.committed if self.unfinished else None
+
+    def notes(self) -> list[str]:
+        lines = []
+        for folder, why in sorted(self.unfinished.items()):
+            skipped = self.skipped.get(folder, 0)
+            lines.append(f"{folder.name}: not finished ({why}): the "
+                         f"{self.series.get(folder.name, 0)} series its journal has committed "
+                         "are checked against it" + (f"; {skipped} files that no journal "
+                                                     "records yet are not (a rerun replaces "
+                                                     "them)" if skipped else "")
+                         + "; rerun the command that made it to finish it")
+        return lines
+
+
+def tree_scope(path: Path, findings: Findings) -> TreeScope:
+    """The collection folders of PATH (itself, or those in it) and what their journals,
+    beside them, say of those not finished (their files' MD5s are read only then: a large
+    table)."""
+    # (a journal that cannot be used is said once, by repair_manifests)
+    journals = [snapshot for snapshot, _, _ in tree_journals(path)[0]]
+    named: dict[str, list[JournalSnapshot]] = {}
+    for snapshot in journals:
+        for collection in {stream.folder.split("/", 1)[0] for stream in snapshot.streams}:
+            named.setdefault(collection, []).append(snapshot)
+    if is_collection_folder(path) or path.name in named:
+        candidates = [path]
+    else:
+        candidates = sorted(d for d in path.iterdir() if d.is_dir() and not
+                            d.name.startswith("."))
+    collections, unfinished = [], {}
+    for folder in candidates:
+        markers = unfinished_markers(folder)
+        open_journals = [snapshot.path.name for snapshot in named.get(folder.name, [])
+                         if snapshot.meta.get("finished") != "yes"]
+        if markers:
+            unfinished[folder] = ", ".join(marker.name for marker in markers)
+        elif not any(folder.glob("MD5SUMS*")):
+            if not open_journals:
+                continue                      # not a collection folder of this tree
+            unfinished[folder] = (f"no MD5SUMS, and {', '.join(open_journals)} "
+                                  f"{'is' if len(open_journals) == 1 else 'are'} not finished")
+        collections.append(folder)
+    names = {folder.name for folder in unfinished}
+    if names:
+        journals = [snapshot for snapshot, _, _ in tree_journals(path, files=True)[0]]
+    committed: dict[str, str] = {}
+    series: dict[str, int] = {}
+    for snapshot in journals:
+        for stream in snapshot.streams:
+            collection = stream.folder.split("/", 1)[0]
+            if collection in names:
+                series[collection] = series.get(collection, 0) + 1
+                committed.update(snapshot.files.get(stream.uid, {}))
+    for folder in unfinished:
+        if not series.get(folder.name):
+            findings.problems.append(f"{folder.name}: not finished, and no journal beside it "
+                                     "records a series of it: nothing to check its files "
+                                     "against; rerun the command that made it, where its "
+                                     "journal is")
+    return TreeScope(collections, unfinished, committed, series)
 
 
 def cross_check(findings: Findings, reference: Optional[Iterable[tuple[str, str]]] = None,
@@ -154,8 +264,11 @@ def verify_output(path: Path, stop: Optional[threading.Event] = None) -> int:
     started = time.monotonic()
     journal: Optional[JournalSnapshot] = None
     if path.is_dir():
-        findings, kind = verify_tree(path, stop), "folder tree"
-        cross_check(findings)
+        findings, scope = verify_tree(path, stop)
+        kind = "unfinished folder tree" if scope.unfinished else "folder tree"
+        reference = scope.reference()
+        cross_check(findings, reference.items() if reference is not None else None,
+                    whole=reference is None)
     elif path.is_file():
         part = path.name.endswith(".part")
         findings, kind = verify_archive(path, stop), "unfinished archive" if part else "archive"

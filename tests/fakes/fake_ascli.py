@@ -42,6 +42,8 @@ lib/aspera/cli/manager.rb, runner.rb, formatter.rb, plugins/faspex5.rb, log.rb) 
 Configuration: $FAKE_ASCLI_CONFIG names a JSON file (written by FakeAscli below):
 
     package_dir   the package's files; package_id, passcode: what the link must carry
+    others        {package_id: {"package_dir": D, "passcode": P}}: more packages served
+                  (a collection's), each by its own link; the rest of the settings shared
     host          the Faspex host (in error messages); version: what --version says
     chunk, rate   bytes per write, bytes per second (0: as fast as the disk)
     log           a JSON line per run: argv, pid, command, paths, what was delivered, exit
@@ -71,6 +73,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -136,6 +139,7 @@ class Config:
     watch: Optional[dict] = None
     listing_extra: dict = field(default_factory=dict)
     faults: list = field(default_factory=list)
+    others: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "Config":
@@ -148,7 +152,15 @@ class Config:
                    log=Path(raw["log"]) if raw.get("log") else None,
                    state=Path(raw["state"]) if raw.get("state") else path.with_suffix(".state"),
                    watch=raw.get("watch"), listing_extra=raw.get("listing_extra") or {},
-                   faults=list(raw.get("faults") or []))
+                   faults=list(raw.get("faults") or []), others=raw.get("others") or {})
+
+    def serving(self, package_id: str) -> "Config":
+        """The configuration of the package a link names (this one, or one of others)."""
+        other = self.others.get(package_id)
+        if other is None:
+            return self
+        return dataclasses.replace(self, package_dir=Path(other["package_dir"]),
+                                   package_id=package_id, passcode=str(other["passcode"]))
 
     def version_tuple(self) -> tuple[int, ...]:
         return tuple(int(part) for part in self.version.split(".")[:3] if part.isdigit())
@@ -316,6 +328,7 @@ def parse_link(url: str, config: Config) -> Link:
         raise AsciError("Rest", f"{config.host} 400 Bad Request")
     link = Link(str(decoded.get("package_id") or decoded.get("id") or ""),
                 str(decoded.get("passcode") or ""))
+    config = config.serving(link.package_id)
     if link.package_id != config.package_id or link.passcode != config.passcode:
         raise AsciError("Rest", f"{config.host} 401 Unauthorized\nInvalid passcode")
     return link
@@ -541,6 +554,7 @@ def run(argv: list[str], environ: dict[str, str]) -> int:
         if not url:
             raise AsciError("Missing", "Missing mandatory option: url")
         link = parse_link(str(url), config)
+        config = config.serving(link.package_id)
         log.write(started=True)
         result = browse(config, line, faults, log) if verb == "browse" else \
             receive(config, line, link, faults, log)

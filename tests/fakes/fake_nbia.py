@@ -177,6 +177,8 @@ LICENSE_URLS = MappingProxyType({
 ZIP_DATE = (2024, 1, 2, 3, 4, 6)     # fixed entry timestamps: byte-identical zips across runs
 CHUNK = 32 * 1024                    # HTTP chunk size of streamed zips
 SEND_PIECE = 16 * 1024               # granularity of bandwidth shaping
+# The DOIs of the analysis results in tests/data (pancreas_ct_seg, made by IDC, in Zenodo).
+ANALYSIS_RESULT_DOIS = frozenset({"https://doi.org/10.5281/zenodo.12130275"})
 CACHE_BYTES = 64 * 1024 * 1024       # bound of the in-memory cache of generated DICOM files
 TRICKLE_FREE = 1024                  # body bytes a "trickle" image fault sends at full speed
 METADATA_TRICKLE_RATE = 1.0          # bytes/s of metadata_hang="trickle"
@@ -231,6 +233,10 @@ class FakeConfig:
     seed: int = 0
     data_dir: Path | None = None          # *.series.json; None -> tests/data
     real_collections: bool = True         # serve the series.json collections
+    # Also serve the series.json rows of ANALYSIS_RESULT_DOIS (IDC's analysis results that our
+    # test data files under a collection, such as Pancreas-CT's 80 SEG series): real NBIA lists
+    # only a collection's original series, so a test asks for these on purpose.
+    analysis_results: bool = False
     demo_series: int = 12                 # DEMO collection: number of series
     demo_patients: int = 4
     instances: int = 4                    # instances per DEMO series; cap per real-metadata series
@@ -642,6 +648,9 @@ class _Catalogue:
                 rec = dict(rec)
                 uid = rec["SeriesInstanceUID"]
                 if uid in self.series:
+                    continue
+                if rec.get("DataDescriptionURI") in ANALYSIS_RESULT_DOIS and \
+                        not self.cfg.analysis_results:
                     continue
                 rec.setdefault("LicenseURI", _license_uri(rec.get("LicenseName")))
                 # A DateReleased spread over 2016-2024, stable per series, for getUpdatedSeries.

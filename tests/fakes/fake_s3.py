@@ -798,6 +798,7 @@ class FakeS3:
             self.gets_faulted: collections.Counter = collections.Counter()    # answered with a fault ("ok" excluded)
             self.lists: collections.Counter = collections.Counter()           # every list request, by prefix parameter
             self.lists_faulted: collections.Counter = collections.Counter()
+            self.connections_opened = 0                                       # TCP connections accepted
             self.heads: collections.Counter = collections.Counter()           # HEAD of an object, by key
             self.log: List[Request] = []
 
@@ -833,6 +834,7 @@ class FakeS3:
     def _track(self, connection: socket.socket, opened: bool) -> None:
         with self._lock:
             (self._connections.add if opened else self._connections.discard)(connection)
+            self.connections_opened += opened
 
     # -- populating (straight to moto, with boto3 and dummy credentials)
 

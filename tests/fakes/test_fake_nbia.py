@@ -12,7 +12,6 @@ import errno
 import hashlib
 import io
 import json
-import os
 import re
 import socket
 import struct
@@ -217,9 +216,15 @@ def test_series_records_as_served(fake_nbia):
             assert rec["ImageCount"] == len(files)
             assert rec["FileSize"] == sum(len(b) for _, b in files)
     pancreas = fake_nbia.series("Pancreas-CT")
-    assert len(pancreas) == 160
+    assert len(pancreas) == 80 and {r["Modality"] for r in pancreas} == {"CT"}  # as NBIA lists it
     assert sum("SeriesDate" not in r for r in pancreas) == 80          # null keys left out
     assert "StudyDescription" not in pancreas[0] and pancreas[0]["StudyDesc"] == "Pancreas"
+
+
+def test_analysis_results_only_when_asked_for(fake_nbia_factory):
+    fake = fake_nbia_factory(instances=1, demo_series=0, analysis_results=True)
+    pancreas = fake.series("Pancreas-CT")
+    assert len(pancreas) == 160 and sum(r["Modality"] == "SEG" for r in pancreas) == 80
 
 
 def test_real_metadata_scaled_down_and_rewritten(fake_nbia_factory):

@@ -23,6 +23,10 @@ import pydicom
 import pytest
 import requests
 
+from helpers import skip_without_idc_test_packages
+
+skip_without_idc_test_packages()
+
 from fakes.fake_s3 import PART_SIZE, SNAPSHOT_COLUMNS, FakeS3, index_rows, rows, snapshot_rows
 
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"

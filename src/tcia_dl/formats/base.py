@@ -8,9 +8,10 @@ import contextlib
 import itertools
 import shutil
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional, Protocol, TYPE_CHECKING
+from typing import Callable, ClassVar, Iterator, Optional, Protocol, TYPE_CHECKING
 
 from ..errors import Interrupted
 from ..journal import Journal
@@ -28,6 +29,72 @@ class UnitCompressor(Protocol):
     def compress(self, data: bytes) -> bytes: ...
 
     def flush(self) -> bytes: ...
+
+
+# -- incompressible units: the codec's cheapest setting --------------------------------------
+#
+# A slide (.svs, .tif) is JPEG or JPEG 2000 inside: compressing it again gains 0-3 %, yet at
+# xz's default preset a core spends 7x as long on it as on CT. A unit whose first
+# PROBE_BYTES zlib -1 cannot shrink below PROBE_RATIO of their size is made at its codec's
+# cheapest setting (xz: preset 0). Measured for issue 21 (python 3.11, lzma / zstandard
+# 0.25 / zlib, one core, process time, min of 2 runs, the shared 2-core machine under load;
+# a 32 MiB unit; JPEG: Pillow-encoded 512x512 RGB tissue-like tiles back to back; CT-like:
+# synthetic 16-bit slices, more compressible than real CT):
+#
+#   content            xz -1 s  xz -0 s  out/in -1 | -0    zstd 3 s  zstd 1 s  zlib -1 on 1 MiB
+#   os.urandom         10.52    5.89     1.0001 | 1.0001   0.02      0.02      22 ms, 1.0003
+#   JPEG q80 tiles      9.98    5.13     0.9679 | 0.9679   0.08      0.06      30 ms, 0.9795
+#   JPEG 2000 tiles     9.78    5.66     1.0001 | 1.0001   0.06      0.03      24 ms, 1.0002
+#   CT-like 16-bit      1.30    1.16     0.1362 | 0.1479   0.11      0.11       9 ms, 0.2049
+#
+# So at xz the probe pays: a JPEG unit takes 1.7-1.9x less time at preset 0 for the same
+# bytes (a 2 GiB slide, 64 x 32 MiB: about 5 minutes of one core saved here; SplitPacker
+# cuts a file larger than a unit into units, and each unit's first MiB decides for it),
+# while the probe costs 10-30 ms a unit (under 1 % of a CT unit at -1). zstd needs none: it
+# passes an incompressible unit through in 0.02-0.08 s, about what the probe would cost.
+#
+# A unit smaller than PROBE_BYTES is not probed: xz takes tens of milliseconds on it at any
+# preset, and the probe cost as much. Measured (bench/run.py --only small, 416 series of
+# 0.8 MB, a quiet 2-core machine): probing every unit took 6.6 of ours' 36 s of CPU.
+PROBE_BYTES = 1 << 20
+PROBE_RATIO = 0.95           # zlib -1 saves less than 5 %: incompressible
+
+
+def incompressible(head: bytes) -> bool:
+    """Whether zlib at level 1 (fast, in every Python) finds nothing to gain in head."""
+    return len(zlib.compress(head, 1)) > PROBE_RATIO * len(head)
+
+
+class ProbingCompressor:
+    """A unit's compressor chosen by the unit itself: its first PROBE_BYTES are held back
+    and probed, then the codec's compressor for that kind of content (make(cheap)) gets
+    them and the rest. Its output is the chosen compressor's: one whole unit."""
+
+    def __init__(self, make: Callable[[bool], UnitCompressor]):
+        self._make = make
+        self._head = bytearray()
+        self._inner: Optional[UnitCompressor] = None
+        self.cheap: Optional[bool] = None        # decided: the cheapest setting or not
+
+    def compress(self, data: bytes) -> bytes:
+        if self._inner is not None:
+            return self._inner.compress(data)
+        self._head += data
+        return self._choose() if len(self._head) >= PROBE_BYTES else b""
+
+    def flush(self) -> bytes:
+        if self._inner is None:       # a unit smaller than the probe: not worth one
+            head, self._head = bytes(self._head), bytearray()
+            self.cheap = False
+            self._inner = self._make(False)
+            return self._inner.compress(head) + self._inner.flush()
+        return self._inner.flush()
+
+    def _choose(self) -> bytes:
+        head, self._head = bytes(self._head), bytearray()
+        self.cheap = incompressible(head[:PROBE_BYTES])
+        self._inner = self._make(self.cheap)
+        return self._inner.compress(head)
 
 
 class Codec(Protocol):
@@ -166,6 +233,12 @@ class Target:
     def space_needs(cls, todo: list[PlannedSeries], output: Path, temp_dir: Path,
                     parallel: int, level: Optional[int]) -> tuple[SpaceNeed, SpaceNeed]:
         """What the rest of a run puts on --output and on --temp_dir."""
+        raise NotImplementedError
+
+    @classmethod
+    def scratch_need(cls, file_size: int) -> int:
+        """The most --temp_dir a series of file_size bytes of DICOM holds while it is in
+        flight (its download, and what it is packed into before the commit)."""
         raise NotImplementedError
 
     @classmethod

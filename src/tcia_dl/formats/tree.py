@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional, TYPE_CHECKING
@@ -17,6 +18,42 @@ if TYPE_CHECKING:
     from ..plan import PlannedSeries
     from ..sources.base import VerifiedSeries
     from .base import PackingCores
+
+
+# A folder tree has no .part name to show that it is not finished, and renaming its folder
+# on completion would pull it from under the other parts of the collection (shards, updates,
+# selections) that write into the same folder at the same time. So until a run has written
+# its collection files, each collection folder it writes into holds UNFINISHED<suffix>.txt
+# (its part's suffix, as its MD5SUMS<suffix> has): written before the first series is moved
+# in, removed once the collection files are written and before the journal says finished.
+# A kill at any instant leaves it in place (or leaves a tree whose collection files are all
+# written), and it travels with a copy of the folder.
+UNFINISHED_NAME = re.compile(r"^UNFINISHED[^/]*\.txt$")
+
+
+def unfinished_marker_name(file_suffix: str) -> str:
+    return f"UNFINISHED{file_suffix}.txt"
+
+
+def unfinished_markers(folder: Path) -> list[Path]:
+    """The markers of the parts of a collection folder that are not finished yet."""
+    return sorted(path for path in folder.glob("UNFINISHED*.txt")
+                  if UNFINISHED_NAME.match(path.name))
+
+
+def is_collection_folder(folder: Path) -> bool:
+    """A collection's folder of a tree: its MD5SUMS (finished) or its marker is there."""
+    return any(folder.glob("MD5SUMS*")) or bool(unfinished_markers(folder))
+
+
+def unfinished_marker_text(journal_name: str) -> bytes:
+    return ("This folder is not finished: a download into it stopped before its end (Ctrl-C, "
+            "a kill, a time limit) or is still running. The series folders here are whole "
+            "and verified, but others are missing, and LICENSE, CITATION.md, metadata.csv "
+            "and MD5SUMS are not written yet.\n\nRerun the command that made it: it continues "
+            "where it stopped and removes this file when the folder is finished. "
+            f"tcia_downloader --verify on this folder checks what its journal ({journal_name}, "
+            "beside this folder) has committed.\n").encode("utf-8")
 
 
 class FolderPacker:
@@ -83,8 +120,13 @@ class DirectoryTarget(Target):
         most_files = max(s.image_count or 1 for s in todo)
         return (SpaceNeed("--output", output, sum(s.file_size for s in todo) + 4096 * files,
                           files + folders + 8),
-                SpaceNeed("--temp_dir", temp_dir, parallel * largest * 2,
+                SpaceNeed("--temp_dir", temp_dir, parallel * cls.scratch_need(largest),
                           parallel * (most_files + 2)))
+
+    @classmethod
+    def scratch_need(cls, file_size: int) -> int:
+        """The zip and the series' files unpacked beside it, before they move to --output."""
+        return file_size * 2
 
     def __init__(self, name: str, output: Path, temp_dir: Path, file_suffix: str = ""):
         # Parts of a collection (shards, updates, selections) share its folder (their series
@@ -108,7 +150,18 @@ class DirectoryTarget(Target):
                          if not (self.output / collection / name).is_file()]
         if missing_files and self.complete:
             self.journal.put("finished", "no")     # the collection files are written again
+        if not self.complete:       # (a tree of a run before the marker existed gets one)
+            for collection in self.journal.collections():
+                self._mark_unfinished(collection)
         return gone
+
+    def _mark_unfinished(self, collection: str) -> None:
+        """The collection folder says it is not finished, durably, before anything of this
+        part is moved in or taken out (one stat when it says so already)."""
+        marker = self.output / collection / unfinished_marker_name(self.file_suffix)
+        if not marker.is_file():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(marker, unfinished_marker_text(self.journal.path.name))
 
     def series_folder(self, series: PlannedSeries) -> Path:
         return self.output / series.folder
@@ -128,6 +181,8 @@ class DirectoryTarget(Target):
         locations = self.journal.locations()
         gone = [uid for uid in uids if uid in locations]
         shared = {uid for uid in gone if self._shares_folder(uid, locations[uid], locations)}
+        for collection in {locations[uid].split("/", 1)[0] for uid in gone}:
+            self._mark_unfinished(collection)
         for uid in gone:
             folder = self.output / locations[uid]
             if uid in shared:               # its own files go; the others' stay
@@ -155,6 +210,7 @@ class DirectoryTarget(Target):
         with self.commit_lock:
             self.check_open()
             try:
+                self._mark_unfinished(series.folder.split("/", 1)[0])
                 if self._shares_folder(series.uid, series.folder, self.journal.locations()):
                     merge_folder(prepared.path, destination)
                 else:
@@ -165,15 +221,28 @@ class DirectoryTarget(Target):
             self.journal.record(series, verified, 0, 0)
 
     def finalize(self) -> None:
-        for collection in self.journal.collections():
+        """The collection files of every collection, then the markers go (a kill between
+        leaves a whole tree that its journal does not call finished yet: the rerun writes
+        the same files again), then the journal says finished."""
+        collections = self.journal.collections()
+        for collection in collections:
             root = self.output / collection
             root.mkdir(parents=True, exist_ok=True)
             for name, data in collection_files(self.journal, collection, self.file_suffix):
                 write_file_atomically(root / name, data)
+        for collection in collections:
+            marker = self.output / collection / unfinished_marker_name(self.file_suffix)
+            # (a package's own file of that name, however unlikely, is data: it stays)
+            if marker.exists() and marker.name not in dict(self.journal.files(collection)):
+                marker.unlink()
+                fsync_directory(marker.parent)
         self.journal.put("finished", "yes")
 
     def describe(self) -> str:
-        return str(self.final)
+        """The collection folder (the report's "output:" once named --output, its parent);
+        the output folder while this part has none, or has several."""
+        collections = self.journal.collections()
+        return str(self.output / collections[0]) if len(collections) == 1 else str(self.output)
 
 
 def move_folder(folder: Path, destination: Path) -> None:

@@ -14,10 +14,13 @@ from typing import Iterator, Optional
 from ..errors import Interrupted
 from ..settings import CHUNK_SIZE
 from ..storage import read_range
+from .base import ProbingCompressor, UnitCompressor
 from .tarstreams import TarStreamsTarget
 
 XZ_HEADER_MAGIC = b"\xfd7zXZ\x00"
 XZ_FOOTER_MAGIC = b"YZ"
+# What an incompressible unit is made at (formats.base.ProbingCompressor).
+CHEAPEST_PRESET = 0
 
 
 def read_exactly(handle: io.BufferedIOBase, offset: int, size: int) -> bytes:
@@ -279,8 +282,13 @@ class XzCodec:
     def missing(self) -> Optional[str]:
         return None                           # lzma is part of every CPython we support
 
-    def compressor(self, level: int) -> XzCompressor:
-        return XzCompressor(level)
+    def compressor(self, level: int) -> UnitCompressor:
+        """One stream at level; a unit that the probe finds incompressible (a JPEG slide)
+        at preset 0, about twice as fast for the same bytes (base.PROBE_RATIO's table)."""
+        if level == CHEAPEST_PRESET:
+            return XzCompressor(level)
+        return ProbingCompressor(lambda cheap: XzCompressor(CHEAPEST_PRESET if cheap
+                                                            else level))
 
     def ratio(self, level: int) -> float:
         return self.ratios[level]

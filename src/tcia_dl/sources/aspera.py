@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -23,13 +24,15 @@ from ..journal import read_snapshot
 from ..logs import human_bytes, log, printable
 from ..plan import (PlannedSeries, clean_component, manifests_of, recorded_format,
                     selection_name)
-from ..settings import CHUNK_SIZE
+from ..net import retry_policy
+from ..settings import CHUNK_SIZE, DEFAULT_WEBSITE_API, FILTER_FLAGS
 from ..storage import free_bytes, raise_if_disk_full
 from .ascli import Ascli, find_ascli
 from .aspera_package import (ASCP_OWN, Listing, PackageFile, PackageLink, Part, Sums,
                              add_items, build_tree, describe_folder, parse_link,
                              plan_parts, read_sums, relative_to, scratch_need)
 from .base import Member, Selected, SourceEntry, VerifiedSeries
+from .tcia_website import Download, WebsiteApi, check_website_api
 
 if TYPE_CHECKING:
     from ..journal import JournalSnapshot
@@ -60,6 +63,10 @@ class AsperaSettings:
     output: Path
     output_format: str                 # a name of formats.FORMATS: where the journal is
     workers: int
+    # --collection NAME: its Faspex packages, as TCIA's website API lists its downloads
+    # (the links are found when the source opens; links is empty until then).
+    collection: Optional[str] = None
+    website_api: str = DEFAULT_WEBSITE_API
 
 
 def add_flags(group: argparse._ArgumentGroup) -> None:
@@ -72,17 +79,27 @@ def add_flags(group: argparse._ArgumentGroup) -> None:
                             "package's root .sums, else faspex-<package id>)")
     group.add_argument("--ascli", metavar="PATH",
                        help="--mode aspera: IBM's ascli to run (default: ascli on PATH)")
+    group.add_argument("--website-api", metavar="URL",
+                       default=os.environ.get("TCIA_WEBSITE_API", DEFAULT_WEBSITE_API),
+                       help="TCIA's website API v1, where --list-downloads and --mode aspera "
+                            "--collection find a collection's downloads (default: "
+                            f"$TCIA_WEBSITE_API or {DEFAULT_WEBSITE_API})")
 
 
 def settings(args: argparse.Namespace, origin: Mapping[str, str]) -> AsperaSettings:
     """The aspera flags checked (UsageError: one line). The link is never recorded (its
-    passcode is a secret), so a --retry-failed needs --aspera-url again."""
-    if not args.aspera_url:
-        raise UsageError("--mode aspera needs --aspera-url LINK: the Faspex link of the "
-                         "collection's page" + (" (links are not recorded in manifests: give "
-                                                "it again)" if origin else "") +
-                         ("; a collection's packages by --collection are not available yet"
-                          if args.collection else ""))
+    passcode is a secret), so a --retry-failed needs --aspera-url again; a collection's
+    packages are found again from the collection and the website API it recorded."""
+    collection = None if args.aspera_url else \
+        (args.collection or origin.get("aspera-collection") or None)
+    if not args.aspera_url and not collection:
+        raise UsageError("--mode aspera needs --aspera-url LINK (the Faspex link of the "
+                         "collection's page) or --collection NAME" +
+                         (" (links are not recorded in manifests: give it again)"
+                          if origin else ""))
+    if collection and any(getattr(args, flag[2:].replace("-", "_")) for flag in FILTER_FLAGS):
+        raise UsageError("--mode aspera --collection fetches whole packages: filters such as "
+                         "--patient do not apply")
     links = tuple(parse_link(url) for url in args.aspera_url)
     if len({link.package_id for link in links}) < len(links):
         raise UsageError("--aspera-url: the same package twice")
@@ -101,10 +118,14 @@ def settings(args: argparse.Namespace, origin: Mapping[str, str]) -> AsperaSetti
     output = Path(origin.get("output") or args.output).expanduser()
     output_format = recorded_format(origin) or args.format or \
         ("tar.xz" if args.compression else "dir")
+    website_api = origin.get("website-api") if collection and not args.collection and \
+        origin.get("website-api") else args.website_api
+    check_website_api(website_api)
     return AsperaSettings(links=links, name=name, ascli=args.ascli,
                           temp_limit=args.temp_limit,
                           temp_dir=Path(args.temp_dir).expanduser() if args.temp_dir else output,
-                          output=output, output_format=output_format, workers=args.workers)
+                          output=output, output_format=output_format, workers=args.workers,
+                          collection=collection, website_api=website_api)
 
 
 def open_source(settings: AsperaSettings, network: "NetworkSettings",
@@ -113,6 +134,9 @@ def open_source(settings: AsperaSettings, network: "NetworkSettings",
     free space of --temp_dir, measured now, unless --temp-limit). Of the run's network
     settings ascli heeds the stall window only (it has its own proxy and TLS settings)."""
     executable = find_ascli(settings.ascli)
+    left_out: list[str] = []
+    if settings.collection:
+        settings, left_out = collection_packages(settings, network, stop)
     limit = settings.temp_limit
     if limit is None:
         settings.temp_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +146,7 @@ def open_source(settings: AsperaSettings, network: "NetworkSettings",
     clients = [Ascli(executable, link.url, network.stall_timeout, stop)
                for link in settings.links]
     source = AsperaSource(settings, clients, limit, network.stall_timeout, stop)
+    source.downloads_left_out = left_out
     try:
         version = clients[0].check_version()
         for client in clients[1:]:
@@ -132,9 +157,54 @@ def open_source(settings: AsperaSettings, network: "NetworkSettings",
     return source
 
 
+def collection_packages(settings: AsperaSettings, network: "NetworkSettings",
+                        stop: threading.Event) -> tuple[AsperaSettings, list[str]]:
+    """--collection NAME: the settings with the links of the collection's Faspex packages
+    (its downloads whose link is a Faspex public link), named after the collection unless
+    --name; and a line for each download left out. A link is never logged (its passcode)."""
+    api = WebsiteApi(settings.website_api, network.transport(), network.timeout,
+                     retry_policy(network), stop)
+    try:
+        title, downloads = api.downloads(str(settings.collection))
+    finally:
+        api.close()
+    links: list[PackageLink] = []
+    left_out: list[str] = []
+    for download in downloads:
+        link, why = package_link(download)
+        if link is None:
+            left_out.append(f"{title}: download {download.title or download.id!r} "
+                            f"({download.type or 'no type'}, {download.size or 'no size'}): "
+                            f"{why}; not fetched by --mode aspera")
+        elif link.package_id not in {known.package_id for known in links}:
+            links.append(link)
+    if not links:
+        raise FatalRunError(f"--collection {printable(title)}: none of its {len(downloads)} "
+                            "downloads on TCIA's website is an Aspera Faspex package "
+                            "(--list-downloads lists them)", EXIT_USAGE)
+    log.info("%s: %d Aspera Faspex package(s) of its %d downloads on TCIA's website",
+             printable(title), len(links), len(downloads))
+    name = settings.name or clean_component(title, 100)
+    return dataclasses.replace(settings, links=tuple(links), name=name,
+                               collection=title), left_out
+
+
+def package_link(download: Download) -> tuple[Optional[PackageLink], str]:
+    """The download's package link, or why it has none that --mode aspera can fetch."""
+    if not download.faspex:
+        return None, "not an Aspera Faspex package"
+    try:
+        return parse_link(download.link), ""
+    except UsageError:
+        return None, "its Faspex link is not a public link naming a package"
+
+
 def provenance(settings: AsperaSettings) -> dict[str, str]:
     """What the journal and a manifest of the output may record: the packages' ids and hosts,
-    never the links (their passcodes)."""
+    never the links (their passcodes); for --collection, the collection and the website
+    API, which find the links again."""
+    if settings.collection:
+        return {"aspera-collection": settings.collection, "website-api": settings.website_api}
     return {"aspera-packages": " ".join(f"{link.host}/{link.package_id}"
                                         for link in settings.links)}
 
@@ -345,6 +415,10 @@ class AsperaSource:
         self._parts: dict[str, tuple[Package, Part]] = {}
         self._slots = ReceiveSlots(1)
         self.budget = temp_limit
+        # --collection: its downloads that are no Faspex package, one line each. Not the
+        # selection's left_out (which makes a run incomplete, exit 1): --mode aspera was not
+        # asked for them, and no rerun could fetch them.
+        self.downloads_left_out: list[str] = []
 
     def describe(self) -> str:
         ascli = self.packages[0].ascli
@@ -394,8 +468,9 @@ class AsperaSource:
                         left_out=left_out)
 
     def _name_collections(self) -> None:
-        """One package: the output's name; several: each its default name, made unique."""
-        if len(self.packages) == 1:
+        """One package: the output's name; several, or a --collection's: each its default
+        name, made unique (each package under its own folder)."""
+        if len(self.packages) == 1 and not self.settings.collection:
             package = self.packages[0]
             package.collection = self.settings.name or package.default_name()
             return
@@ -470,6 +545,8 @@ class AsperaSource:
         return done + parts
 
     def _log_plan(self, planned: list[PlannedSeries], left_out: list[str]) -> None:
+        for line in self.downloads_left_out:
+            log.info("%s", printable(line))
         for package in self.packages:
             total = sum(f.size for f in package.files)
             log.info("package %s (%s): %d files, %s, in %d folders", package.link.package_id,
@@ -520,9 +597,14 @@ class AsperaSource:
 
     def report_lines(self, done: Sequence["Served"]) -> list[str]:
         """Each package: its files, and those left out (named in the log above)."""
-        return [f"  package {package.link.package_id} ({package.collection}): "
-                f"{len(package.files)} files to receive, {len(package.left_out)} left out"
-                for package in self.packages]
+        lines = [f"  package {package.link.package_id} ({package.collection}): "
+                 f"{len(package.files)} files to receive, {len(package.left_out)} left out"
+                 for package in self.packages]
+        if self.downloads_left_out:
+            lines.append(f"  {len(self.downloads_left_out)} download(s) of the collection "
+                         "are no Aspera Faspex package, not fetched (listed above; "
+                         "--list-downloads shows their links)")
+        return lines
 
     def close(self) -> None:
         for package in self.packages:
@@ -641,4 +723,4 @@ def hashed_chunks(path: Path, digest: "hashlib._Hash",
 ASPERA: SourceEntry[AsperaSettings] = SourceEntry(
     name=NAME, help=HELP, title="Aspera (TCIA's Faspex packages)", add_flags=add_flags,
     settings=settings, open=open_source, provenance=provenance, secrets=link_secrets,
-    workers=DEFAULT_WORKERS, selects="aspera_url")
+    workers=DEFAULT_WORKERS, selects="aspera_url", bounds_own_scratch=True)

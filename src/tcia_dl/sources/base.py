@@ -25,13 +25,15 @@ class Selected:
     and places its series itself (Aspera's packages: folders of their own, not NBIA's
     patient/study/series) gives the name and the planned series too; left_out: what the
     selection holds that the source will not deliver, one line each (the run then ends
-    with exit 1, as for unknown UIDs)."""
+    with exit 1, as for unknown UIDs); notes: what the plan, the dry run and the report
+    should say of the selection (what a default left out, and how to include it)."""
     records: list[dict]
     unknown: list[str]
     manifests: list["Manifest"]
     name: Optional[str] = None
     planned: Optional[list["PlannedSeries"]] = None
     left_out: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class AttemptBytes:
@@ -150,7 +152,10 @@ class MemberSink(Protocol):
 
 
 # What a source gets to verify a series into the output: pack(verify) makes the sink (the
-# target's packer), runs verify(sink) on it and returns what the series became.
+# target's packer), runs verify(sink) on it and returns what the series became. A source
+# calls it once what it downloads for the attempt is all in scratch: the run then hands the
+# series' connection on to the next series while this one waits for a core and packs (and
+# takes one again if pack raises, for a source that then downloads again).
 Packing = Callable[[Callable[[MemberSink], "VerifiedSeries"]], "tuple[VerifiedSeries, Prepared]"]
 
 
@@ -194,3 +199,8 @@ class SourceEntry(Generic[SettingsT]):
     # The dest of a flag of its own that names what to download and so chooses this --mode
     # when --mode is not given (aspera: --aspera-url LINK); None: it has none.
     selects: Optional[str] = None
+    # True: the source keeps its own scratch within --temp-limit and admits its own series
+    # (Aspera sizes its parts to it, and a worker keeps a receive slot between attempts):
+    # the run neither counts its series against that limit a second time nor bounds its
+    # connections, and runs no series ahead of them.
+    bounds_own_scratch: bool = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import sys
 import zipfile
@@ -28,6 +30,16 @@ def idc_install_hint() -> str:
     if checkout.is_file():
         return f"pip install -r {checkout}"
     return "pip install 'tcia-downloader[idc]'"
+
+
+def idc_installed() -> bool:
+    """Whether --mode idc could open here: duckdb, and IDC's index (idc-index-data, or a
+    file named by $TCIA_IDC_INDEX). Asked without importing them (duckdb alone takes
+    0.1-0.2 s to import)."""
+    if importlib.util.find_spec("duckdb") is None:
+        return False
+    return bool(os.environ.get("TCIA_IDC_INDEX")) or \
+        importlib.util.find_spec("idc_index_data") is not None
 
 
 IDC_INDEX_COLUMNS = {"collection_id", "analysis_result_id", "PatientID", "SeriesInstanceUID",
@@ -70,11 +82,11 @@ class IdcIndex:
             path = Path(idc_index_data.IDC_INDEX_PARQUET_FILEPATH)
             collections_path = Path(idc_index_data.INDEX_METADATA["collections_index"]
                                     ["parquet_filepath"])
-            self.version = getattr(idc_index_data, "__version__", "?")
+            self.version = f"idc-index-data {getattr(idc_index_data, '__version__', '?')}"
         else:
             beside = path.with_name("collections_index.parquet")
             collections_path = beside if beside.is_file() else None
-            self.version = path.name
+            self.version = str(path)
         self.path = path
         self._db = duckdb.connect()
         try:
@@ -115,17 +127,36 @@ class IdcIndex:
 
     def rows(self, conditions: list[tuple[str, list[str]]], original_only: bool) -> list[dict]:
         """The series whose column is one of the values, for every (column, values)."""
-        # Values as quoted literals, not bound parameters: duckdb imports pandas to bind a
-        # Python value (measured: 87 -> 165 MB of RSS, most of an IDC run's peak).
-        where = [f'"{column}" IN ({", ".join(sql_text(value) for value in values)})'
-                 for column, values in conditions if values]
-        where += ["FALSE" for _, values in conditions if not values]
-        if original_only:
-            where.append("analysis_result_id IS NULL")
+        where = self._where(conditions) + (["analysis_result_id IS NULL"] if original_only
+                                           else [])
         query = "SELECT * FROM series" + (" WHERE " + " AND ".join(where) if where else "")
         cursor = self._db.execute(query)
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def analysis_results(self, conditions: list[tuple[str, list[str]]]) -> dict[str, int]:
+        """analysis_result_id -> how many of its series meet the conditions: what a
+        selection of original series leaves out."""
+        where = self._where(conditions) + ["analysis_result_id IS NOT NULL"]
+        return dict(self._db.execute(
+            "SELECT analysis_result_id, count(*) FROM series WHERE " + " AND ".join(where) +
+            " GROUP BY analysis_result_id ORDER BY analysis_result_id").fetchall())
+
+    def series_of_uuids(self, uuids: list[str]) -> dict[str, str]:
+        """crdc_series_uuid -> SeriesInstanceUID, of the uuids the index has."""
+        # Two columns, not every one (the parquet is columnar): 10,000 uuids of the 25.0.5
+        # index in 1.6 s instead of 4.9 s (measured on a loaded 2-core machine).
+        where = self._where([("crdc_series_uuid", uuids)])
+        return dict(self._db.execute("SELECT crdc_series_uuid, SeriesInstanceUID FROM series "
+                                     "WHERE " + " AND ".join(where)).fetchall())
+
+    @staticmethod
+    def _where(conditions: list[tuple[str, list[str]]]) -> list[str]:
+        # Values as quoted literals, not bound parameters: duckdb imports pandas to bind a
+        # Python value (measured: 87 -> 165 MB of RSS, most of an IDC run's peak).
+        where = [f'"{column}" IN ({", ".join(sql_text(value) for value in values)})'
+                 for column, values in conditions if values]
+        return where + ["FALSE" for _, values in conditions if not values]
 
     def close(self) -> None:
         self._db.close()

@@ -25,14 +25,16 @@ from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, Md5ParameterRefuse
                       TransientError, UsageError)
 from ..logs import log, private_dir
 from ..net import retry_policy
-from ..plan import (manifests_of, records_for_filters, records_for_uids,
-                    unknown_collection_message, without_credentials)
-from ..settings import CHUNK_SIZE, DEFAULT_API_URL, LICENSE_ENTRY, MD5_TABLE
+from ..plan import (records_for_filters, records_for_uids, unknown_collection_message,
+                    wanted_of, without_credentials)
+from ..settings import CHUNK_SIZE, DEFAULT_API_URL, LICENSE_ENTRY, MD5_TABLE, NLST_API_URL
 from .base import (AttemptBytes, Member, Selected, SourceEntry, VerifiedSeries, safe_entry_name,
                    unique_file_name)
+from .idc_index import IdcIndex, idc_install_hint, idc_installed
 from .nbia_api import ImageEndpoint, TciaApi
 
 if TYPE_CHECKING:
+    from ..manifests import UuidLookup
     from ..formats.base import Prepared
     from ..plan import PlannedSeries
     from ..settings import NetworkSettings, Selection
@@ -50,11 +52,18 @@ class NbiaSettings:
     # --password, $TCIA_PASSWORD or the prompt. repr=False: the debug log prints the
     # options; and the log filter masks it wherever it appears (nbia_secrets).
     password: Optional[str] = field(default=None, repr=False)
+    # --idc-index (or $TCIA_IDC_INDEX; None: idc-index-data's), read only to map the IDC
+    # uuids of an s5cmd manifest to SeriesInstanceUIDs.
+    idc_index: Optional[Path] = None
+    # NBIA was the default because IDC's requirements are missing: the report says what
+    # installing them would bring.
+    idc_hint: bool = False
 
 
 def add_nbia_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--api-url", metavar="URL",
-                       help=f"NBIA v4 base URL (default: {DEFAULT_API_URL})")
+                       help=f"NBIA v4 base URL (default: {DEFAULT_API_URL}; for --collection "
+                            f"NLST: {NLST_API_URL})")
     group.add_argument("--user", metavar="NAME",
                        help="account on a private NBIA server (public TCIA needs none)")
     group.add_argument("--password", metavar="PASSWORD",
@@ -62,13 +71,25 @@ def add_nbia_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def nbia_settings(args: argparse.Namespace, origin: Mapping[str, str]) -> NbiaSettings:
-    """--api-url as given, else as a --retry-failed list recorded it, else TCIA's; the
-    password from the flag, the environment or a prompt."""
-    api_url = args.api_url or origin.get("api-url") or DEFAULT_API_URL
+    """--api-url as given, else as a --retry-failed list recorded it, else TCIA's (NLST's
+    own host for --collection NLST); the password from the flag, the environment or a
+    prompt."""
+    api_url = args.api_url or origin.get("api-url") or default_api_url(args.collection)
     if urlsplit(api_url).scheme not in ("http", "https"):
         raise UsageError(f"--api-url {api_url!r} is not an http(s) URL")
+    idc_index = getattr(args, "idc_index", None) or os.environ.get("TCIA_IDC_INDEX")
+    by_default = not (getattr(args, "mode", None) or origin.get("mode") or
+                      os.environ.get("TCIA_MODE"))
     return NbiaSettings(api_url=api_url if api_url.endswith("/") else api_url + "/",
-                        user=args.user, password=resolve_password(args.user, args.password))
+                        user=args.user, password=resolve_password(args.user, args.password),
+                        idc_index=Path(idc_index).expanduser() if idc_index else None,
+                        idc_hint=by_default and not idc_installed())
+
+
+def default_api_url(collection: Optional[str]) -> str:
+    """NLST is served by a host of its own; TCIA's main host answers 400/500 for it
+    (tcia_utils#21)."""
+    return NLST_API_URL if (collection or "").strip().casefold() == "nlst" else DEFAULT_API_URL
 
 
 def resolve_password(user: Optional[str], password: Optional[str]) -> Optional[str]:
@@ -107,7 +128,7 @@ def open_nbia(settings: NbiaSettings, network: NetworkSettings,
                   connect_timeout=network.connect_timeout, stall_timeout=network.stall_timeout,
                   retry=retry_policy(network), stop=stop, proxy=network.proxy,
                   ca_bundle=network.ca_bundle)
-    return NbiaSource(api)
+    return NbiaSource(api, settings.idc_index, settings.idc_hint)
 
 
 # -- NBIA as a source of series ------------------------------------------------------------
@@ -136,9 +157,28 @@ class NbiaSource:
     name = "nbia"
     scratch_suffix = ".zip"          # what it downloads into a series' scratch file
 
-    def __init__(self, api: TciaApi):
+    def __init__(self, api: TciaApi, idc_index: Optional[Path] = None,
+                 idc_hint: bool = False):
         self.api = api
+        self._idc_hint = idc_hint
         self._endpoint = ImageEndpoint()
+        self._idc_index = idc_index
+        # An s5cmd manifest names IDC's uuids: IDC's index (opened only then) maps them to
+        # the SeriesInstanceUIDs NBIA knows. --mode auto hands over the index it has open.
+        self.uuid_lookup: Callable[[], UuidLookup] = lambda: self._series_of_uuids
+
+    def _series_of_uuids(self, uuids: list[str]) -> dict[str, str]:
+        """uuid -> SeriesInstanceUID by IDC's index, opened for this and closed."""
+        try:
+            index = IdcIndex(self._idc_index)
+        except FatalRunError as exc:
+            raise FatalRunError(f"an IDC s5cmd manifest names series by IDC's uuids, which "
+                                f"IDC's index maps to SeriesInstanceUIDs: {exc}",
+                                exc.exit_code) from None
+        try:
+            return index.series_of_uuids(uuids)
+        finally:
+            index.close()
 
     def reach(self, series: "PlannedSeries") -> None:
         """Nothing more to ask: the plan's getSeries reached the API, and images come from
@@ -154,7 +194,11 @@ class NbiaSource:
         return self.api.tokens.secrets()
 
     def report_lines(self, done: Sequence[Served]) -> list[str]:
-        return []
+        if not self._idc_hint:
+            return []
+        return [f"  IDC (NCI's Imaging Data Commons) now serves TCIA's public DICOM first, and "
+                f"would serve this run first (--mode auto, the default once installed): "
+                f"{idc_install_hint()}"]
 
     def collections(self) -> list[str]:
         return self.api.collections()
@@ -162,11 +206,13 @@ class NbiaSource:
     def records(self, selection: Selection) -> Selected:
         """getSeries records for a manifest (or failure list), filters, or a collection."""
         if selection.manifests or selection.retry_failed:
-            manifests, uids = manifests_of(selection)
-            records, unknown = records_for_uids(self.api, uids)
-            log.info("%d series listed in %s; the server knows %d", len(uids),
-                     ", ".join(str(m.path) for m in manifests), len(records))
-            return Selected(from_nbia(records), unknown, manifests)
+            wanted = wanted_of(selection, self.uuid_lookup)
+            records, unknown = records_for_uids(self.api, wanted.uids)
+            log.info("%d series listed in %s; the server knows %d",
+                     len(wanted.uids) + len(wanted.unknown_uuids),
+                     ", ".join(str(m.path) for m in wanted.manifests), len(records))
+            return Selected(from_nbia(records), unknown + wanted.unknown_uuids,
+                            wanted.manifests)
         if selection.filters():
             records = records_for_filters(self.api, selection)
             listed = {r["SeriesInstanceUID"] for r in records}

@@ -5,6 +5,7 @@ the README."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Optional
 
 from ..errors import UsageError
@@ -13,10 +14,11 @@ from ..logs import printable
 from .aspera import ASPERA
 from .auto import AUTO
 from .base import SourceEntry
+from .idc_index import idc_installed
 from .idc import IDC
 from .nbia import NBIA
 
-# In --mode's order (its help, its error messages); the first is the default.
+# In --mode's order (its help, its error messages); default_mode() says which is the default.
 SOURCES: tuple[SourceEntry, ...] = (
     NBIA,
     IDC,
@@ -28,8 +30,18 @@ SOURCES: tuple[SourceEntry, ...] = (
 NOT_YET: tuple[str, ...] = ()
 
 
+# The default --mode: IDC first and NBIA as the fallback, as TCIA routes since 2026, where
+# IDC's requirements are installed; else NBIA alone. $TCIA_MODE chooses another (a site's
+# setting; the tests' nbia).
+DEFAULT_WITH_IDC, DEFAULT_WITHOUT_IDC = "auto", "nbia"
+MODE_VARIABLE = "TCIA_MODE"
+
+
 def default_mode() -> str:
-    return SOURCES[0].name
+    chosen = os.environ.get(MODE_VARIABLE, "").strip()
+    if chosen:
+        return chosen
+    return DEFAULT_WITH_IDC if idc_installed() else DEFAULT_WITHOUT_IDC
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +70,10 @@ def mode_metavar() -> str:
 
 
 def mode_help() -> str:
-    described = [f"{entry.name} ({entry.help}{', default' if entry is SOURCES[0] else ''})"
-                 for entry in SOURCES]
-    return "where series come from: " + ", ".join(described)
+    described = [f"{entry.name} ({entry.help})" for entry in SOURCES]
+    return (f"where series come from: {', '.join(described)}; default: "
+            f"{DEFAULT_WITH_IDC} when IDC's requirements are installed, else "
+            f"{DEFAULT_WITHOUT_IDC} (${MODE_VARIABLE} sets another)")
 
 
 def source_named(mode: str) -> SourceEntry:

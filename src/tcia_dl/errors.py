@@ -162,6 +162,11 @@ class SeriesAttemptAbandoned(TciaDownloaderError):
     """Another object of the series failed for good: this one's download stops."""
 
 
+class NotStreamable(TciaDownloaderError):
+    """A zip that cannot be verified while it arrives (sources/zipstream.py): it is
+    verified once it is complete, as every zip was before."""
+
+
 class Md5TableMissing(TciaDownloaderError):
     """A readable zip without md5hashes.csv."""
 

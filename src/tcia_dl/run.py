@@ -141,20 +141,11 @@ def attempt_series(ctx: RunContext, series: PlannedSeries,
     """Fetch from the source, verifying, cleaning and packing in one pass; commit. The
     series holds a connection while it downloads and hands it on when it packs."""
     scratch = ctx.target.scratch_path(ctx.source.scratch_suffix)
-
-    def pack(verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries, Prepared]:
-        # The download is over (sources call pack once it is all in scratch): the next
-        # series may use the connection while this one waits for a core and packs.
-        ctx.connections.hand_on()
-        try:
-            return pack_on_a_core(ctx, series, scratch, verify)
-        except Exception:
-            if not ctx.stopping.drain.is_set():
-                ctx.connections.take()     # the source may download it again
-            raise
     ctx.connections.take()
     try:
-        verified, prepared = ctx.source.fetch(series, scratch, count, pack, ctx.stopping.abort)
+        verified, prepared = ctx.source.fetch(series, scratch, count,
+                                              SeriesPacking(ctx, series, scratch),
+                                              ctx.stopping.abort)
         try:
             log_dropped(series, verified)
             ctx.target.commit(series, verified, prepared)
@@ -166,22 +157,64 @@ def attempt_series(ctx: RunContext, series: PlannedSeries,
         scratch.unlink(missing_ok=True)
 
 
-def pack_on_a_core(ctx: RunContext, series: PlannedSeries, scratch: Path,
-                   verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries,
-                                                                           Prepared]:
-    # One series packed per core: more would share the cores and thrash their caches;
-    # meanwhile the connections keep downloading, so the next series is ready. A big
-    # series (several units) also borrows the cores no other series waits for.
-    with ctx.packing_cores.own():
-        if ctx.stopping.abort.is_set():
-            raise Interrupted()       # a stop while it waited: leave it for the next run
-        packer = ctx.target.packer(series, scratch, ctx.packing_cores)
+class SeriesPacking:
+    """What a source gets to pack one attempt of a series (sources/base.py, Packing)."""
+
+    def __init__(self, ctx: RunContext, series: PlannedSeries, scratch: Path):
+        self._ctx = ctx
+        self._series = series
+        self._scratch = scratch
+
+    def __call__(self, verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries,
+                                                                                Prepared]:
+        # The download is over (sources call this once it is all in scratch): the next
+        # series may use the connection while this one waits for a core and packs.
+        ctx = self._ctx
+        ctx.connections.hand_on()
         try:
-            verified = verify(packer)
-            return verified, packer.finish()
-        except BaseException:
-            packer.discard()
+            with ctx.packing_cores.own():
+                return pack_into_target(ctx, self._series, self._scratch, verify)
+        except Exception:
+            if not ctx.stopping.drain.is_set():
+                ctx.connections.take()     # the source may download it again
             raise
+
+    def while_arriving(self, verify: Callable[[MemberSink], VerifiedSeries]
+                       ) -> Optional[tuple[VerifiedSeries, Prepared]]:
+        """Pack while the download goes on, on a core that is idle now (and no series in
+        scratch waits for); the units go to a scratch file of their own, the download
+        being still written. None: no core is idle; nothing was done."""
+        ctx = self._ctx
+        with ctx.packing_cores.own_if_idle() as idle:
+            if not idle:
+                return None
+            units = ctx.target.scratch_path(".units")
+            units.touch()
+            try:
+                packed = pack_into_target(ctx, self._series, units, verify)
+            except BaseException:
+                units.unlink(missing_ok=True)
+                raise
+        ctx.connections.hand_on()          # verify read the download to its end
+        return packed
+
+
+def pack_into_target(ctx: RunContext, series: PlannedSeries, scratch: Path,
+                     verify: Callable[[MemberSink], VerifiedSeries]) -> tuple[VerifiedSeries,
+                                                                             Prepared]:
+    """verify(sink) into the target's packer, on a core the caller holds. One series is
+    packed per core: more would share the cores and thrash their caches; meanwhile the
+    connections keep downloading, so the next series is ready. A big series (several
+    units) also borrows the cores no other series waits for."""
+    if ctx.stopping.abort.is_set():
+        raise Interrupted()           # a stop while it waited: leave it for the next run
+    packer = ctx.target.packer(series, scratch, ctx.packing_cores)
+    try:
+        verified = verify(packer)
+        return verified, packer.finish()
+    except BaseException:
+        packer.discard()
+        raise
 
 
 def log_dropped(series: PlannedSeries, verified: VerifiedSeries) -> None:

@@ -367,6 +367,17 @@ class PackingCores:
         finally:
             self.give_back()
 
+    @contextlib.contextmanager
+    def own_if_idle(self) -> Iterator[bool]:
+        """A core of its own for a series now, if one is idle and no series waits for one
+        (for a series that can do without: it then packs after its download)."""
+        got = self.borrow()
+        try:
+            yield got
+        finally:
+            if got:
+                self.give_back()
+
     def borrow(self) -> bool:
         with self._changed:
             if self._free > 0 and self._waiting == 0:

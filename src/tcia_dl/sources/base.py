@@ -151,12 +151,21 @@ class MemberSink(Protocol):
     def add(self, name: str, size: int, chunks: Iterator[bytes]) -> None: ...
 
 
-# What a source gets to verify a series into the output: pack(verify) makes the sink (the
-# target's packer), runs verify(sink) on it and returns what the series became. A source
-# calls it once what it downloads for the attempt is all in scratch: the run then hands the
-# series' connection on to the next series while this one waits for a core and packs (and
-# takes one again if pack raises, for a source that then downloads again).
-Packing = Callable[[Callable[[MemberSink], "VerifiedSeries"]], "tuple[VerifiedSeries, Prepared]"]
+class Packing(Protocol):
+    """What a source gets to verify a series into the output. Calling it makes the sink
+    (the target's packer), runs verify(sink) on it and returns what the series became. A
+    source calls it once what it downloads for the attempt is all in scratch: the run then
+    hands the series' connection on to the next series while this one waits for a core and
+    packs (and takes one again if it raises, for a source that then downloads again).
+    while_arriving is for a source that can verify while it downloads: it runs verify on a
+    core that is idle now, keeping the connection until verify returns, or returns None at
+    once when no core is idle (the source then downloads first)."""
+
+    def __call__(self, verify: Callable[[MemberSink], "VerifiedSeries"]
+                 ) -> "tuple[VerifiedSeries, Prepared]": ...
+
+    def while_arriving(self, verify: Callable[[MemberSink], "VerifiedSeries"]
+                       ) -> "Optional[tuple[VerifiedSeries, Prepared]]": ...
 
 
 # -- a source as one registry entry (sources.registry lists them) ---------------------------

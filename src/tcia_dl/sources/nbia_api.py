@@ -175,6 +175,14 @@ class TciaApi:
             self._local.session = session
         return session
 
+    def close_thread_session(self) -> None:
+        """A thread that downloads once (a series streamed while it arrives) closes its
+        keep-alive connection as it ends: the watchdog would otherwise keep its socket."""
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            del self._local.session
+
     def close(self) -> None:
         self.watchdog.close()
         self._metadata.close()
@@ -311,6 +319,7 @@ class TciaApi:
                         if self.stop.is_set():
                             raise Interrupted()
                         out.write(chunk)
+                        out.flush()        # a reader of the growing file sees what is counted
                         written += len(chunk)
                         on_bytes(len(chunk))
                         if limit is not None and written > limit:

@@ -6,8 +6,10 @@ streams makes the same archive, packing before the download has ended."""
 from __future__ import annotations
 
 import io
+import struct
 import threading
 import zipfile
+import zlib
 
 import pytest
 
@@ -81,6 +83,21 @@ def test_the_entries_read_front_to_back_are_zipfiles(method, seekable, zip64, st
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         expected = [(i.filename, archive.read(i), i.CRC) for i in archive.infolist()]
     assert [(e.name, e.data, e.crc) for e in streamed] == expected
+
+
+def test_a_zip64_extra_field_with_zero_sizes_means_an_8_byte_descriptor():
+    """As Python 3.9's zipfile writes a zip64 entry to a stream (3.12 puts 0xFFFFFFFF in
+    the header instead): the sizes are in the descriptor, 8 bytes each."""
+    content = b"License Information.\n" * 50
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    packed = packer.compress(content) + packer.flush()
+    extra = struct.pack("<2H2Q", 1, 16, 0, 0)
+    header = struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, 0x8, 8, 0, 33, 0, 0, 0, 7, len(extra))
+    descriptor = struct.pack("<4sL2Q", b"PK\x07\x08", zlib.crc32(content), len(packed),
+                             len(content))
+    data = header + b"LICENSE" + extra + packed + descriptor + zipstream.CENTRAL_HEADER
+    entries = list(zip_entries(reader_of(data, 5), 64 << 20))
+    assert [(e.name, e.data) for e in entries] == [("LICENSE", content)]
 
 
 def test_a_stored_entry_with_a_data_descriptor_is_not_streamable():

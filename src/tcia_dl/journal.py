@@ -87,6 +87,22 @@ def read_journal(path: Path) -> tuple[dict[str, str], bool]:
                             "over", EXIT_USAGE) from None
 
 
+def says_finished(path: Path) -> bool:
+    """Whether a journal says its output is finished, from its meta table alone: a cheap
+    look before planning (a finished output needs no folder names). Anything unreadable is
+    False here; read_journal then says what is wrong with it."""
+    if not path.exists():
+        return False
+    try:
+        with read_only(path) as db:
+            if "meta" not in journal_columns(db):
+                return False
+            return db.execute("SELECT value FROM meta WHERE key = 'finished'").fetchone() \
+                == ("yes",)
+    except (sqlite3.Error, JournalUnusable):
+        return False
+
+
 def read_committed(path: Path) -> tuple[dict[str, str], bool]:
     """read_journal's answer from the three columns it needs: a resume of a finished
     200,000-series journal spent a third of its time parsing every series' JSON record

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ApiError, EXIT_USAGE, FatalRunError
 from .formats import target_format
-from .journal import read_journal
+from .journal import read_journal, says_finished
 from .logs import human_bytes, log
 from . import manifests as manifest_files
 from .manifests import (FAILED_RUN_KEY, Manifest, UuidLookup, WantedSeries, is_uid,
@@ -341,17 +341,35 @@ def selection_name(selection: Selection, manifests: list[Manifest]) -> str:
 
 def plan_records(records: list[dict]) -> list[PlannedSeries]:
     """Folders for series of one or more collections (each collection planned on its own)."""
+    return [series for collection, group in by_collection(records)
+            for series in plan_collection(collection, group)]
+
+
+def unnamed_records(records: list[dict]) -> list[PlannedSeries]:
+    """plan_records' series without their folders (path ""), for an output whose journal
+    says it is finished: naming is most of planning (a finished 200,000-series archive's
+    rerun spent a third of its time on it), and a finished output needs no names. Plan.
+    name_series() names them if the output turns out not to be finished after all."""
+    return [PlannedSeries(uid=r["SeriesInstanceUID"], collection=collection, path="", record=r,
+                          image_count=as_count(r.get("ImageCount")) or None,
+                          file_size=as_count(r.get("FileSize")) or 0)
+            for collection, group in by_collection(records) for r in group]
+
+
+def by_collection(records: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The records once each (by SeriesInstanceUID), grouped by their collection's folder
+    name, in order."""
     unique = {}
     for record in records:
         unique.setdefault(record["SeriesInstanceUID"], record)
     if len(unique) < len(records):
         log.warning("the server listed %d series twice; each is downloaded once",
                     len(records) - len(unique))
-    by_collection: dict[str, list[dict]] = defaultdict(list)
+    groups: dict[str, list[dict]] = defaultdict(list)
     for record in unique.values():
-        by_collection[str(record.get("Collection", "NA"))].append(record)
-    return [series for collection, group in sorted(by_collection.items())
-            for series in plan_collection(clean_component(collection, 100), group)]
+        groups[str(record.get("Collection", "NA"))].append(record)
+    return [(clean_component(collection, 100), group)
+            for collection, group in sorted(groups.items())]
 
 
 def shard_of(planned: list[PlannedSeries], shard: Shard) -> list[PlannedSeries]:
@@ -479,6 +497,16 @@ class Plan:
     file_suffix: str                   # on LICENSE, metadata.csv, MD5SUMS of a part
     left_out: list[str] = field(default_factory=list)  # what the source will not deliver
     notes: list[str] = field(default_factory=list)     # the source's lines on the selection
+    # The records of series left unnamed (unnamed_records: the journal said finished);
+    # None once they are named.
+    unnamed: Optional[list[dict]] = None
+
+    def name_series(self) -> None:
+        """Give series left unnamed their folders (the output was not finished after all)."""
+        if self.unnamed is not None:
+            by_uid = {s.uid: s for s in plan_records(self.unnamed)}
+            self.series = [by_uid[s.uid] for s in self.series]
+            self.unnamed = None
 
     @property
     def incomplete(self) -> bool:
@@ -500,7 +528,14 @@ def make_plan(source: Source, options: Options) -> Plan:
         name = selected.name
     elif not selection.filters() and not manifests and len(served) == 1:
         name = clean_component(served.pop(), 100)      # the server's spelling of the name
-    planned = selected.planned if selected.planned is not None else plan_records(records)
+    unnamed = None
+    if selected.planned is not None:
+        planned = selected.planned
+    elif not (options.update or options.shard or options.repair) and says_finished(
+            target_format(options.format).journal_path(options.output, name)):
+        planned, unnamed = unnamed_records(records), records
+    else:
+        planned = plan_records(records)
     base = name
     if options.update:
         planned, name = updates_only(planned, options, name)
@@ -514,7 +549,7 @@ def make_plan(source: Source, options: Options) -> Plan:
                  human_bytes(sum(s.file_size for s in everything)))
     collections = {s.collection for s in planned} or {base}
     suffix = name[len(base):] if collections == {base} else f".{name}"
-    return Plan(name, planned, unknown, suffix, selected.left_out, selected.notes)
+    return Plan(name, planned, unknown, suffix, selected.left_out, selected.notes, unnamed)
 
 
 def updates_only(planned: list[PlannedSeries], options: Options,

@@ -463,6 +463,8 @@ def open_source(options: Options, stopping: StopControl) -> Source:
 def _run_plan(source: Source, plan: Plan, options: Options, stopping: StopControl,
               started: float) -> int:
     committed, finished = still_on_disk(options, plan, *read_journal(plan.journal(options)))
+    if not finished:
+        plan.name_series()        # planned unnamed for an output that is no longer finished
     repairing = options.repair and not options.dry_run
     if repairing:                   # the damaged series count as not there
         committed = {uid: where for uid, where in committed.items() if uid not in

@@ -160,9 +160,13 @@ def _entry(reader: _Reader, header: bytes, entry_limit: int) -> StreamedEntry:
     name = raw_name.decode("utf-8" if flags & FLAG_UTF8 else "cp437")
     if flags & FLAG_ENCRYPTED or method not in (STORED, DEFLATED):
         raise NotStreamable(f"{name}: encrypted, or compressed by method {method}")
-    zip64 = packed == 0xFFFFFFFF or size == 0xFFFFFFFF
-    if zip64:
-        size, packed = _zip64_sizes(extra, size, packed)
+    # A zip64 extra field makes the data descriptor's sizes 8 bytes, whatever the sizes in
+    # the header (APPNOTE 4.3.9.2: Python 3.9 writes 0 there, 3.12 0xFFFFFFFF).
+    zip64 = _zip64_fields(extra)
+    if packed == 0xFFFFFFFF or size == 0xFFFFFFFF:
+        if zip64 is None:
+            raise NotStreamable(f"{name}: a zip64 entry without its zip64 extra field")
+        size, packed = _zip64_sizes(zip64, size, packed)
     described = bool(flags & FLAG_DESCRIPTOR)
     start = reader.offset
     if method == STORED:
@@ -175,28 +179,32 @@ def _entry(reader: _Reader, header: bytes, entry_limit: int) -> StreamedEntry:
         data = _inflate(reader, name, entry_limit)
     consumed = reader.offset - start
     if described:
-        crc, packed, size = _descriptor(reader, zip64)
+        crc, packed, size = _descriptor(reader, zip64 is not None)
     if len(data) != size or consumed != packed or zlib.crc32(data) != crc:
         raise NotStreamable(f"{name}: its size or CRC-32 is not the zip's")
     return StreamedEntry(name=name, data=data, crc=crc)
 
 
-def _zip64_sizes(extra: bytes, size: int, packed: int) -> tuple[int, int]:
-    """The real sizes of a zip64 local header, from its extra field (APPNOTE 4.5.3: the
-    uncompressed size first, then the compressed one, each only if its header field is
-    0xFFFFFFFF)."""
+def _zip64_fields(extra: bytes) -> Optional[list[int]]:
+    """The 8-byte values of a local header's zip64 extra field, or None if it has none."""
     at = 0
     while at + 4 <= len(extra):
         kind, length = struct.unpack_from("<2H", extra, at)
         if kind == ZIP64_EXTRA:
-            fields = list(struct.unpack_from(f"<{length // 8}Q", extra, at + 4))
-            if size == 0xFFFFFFFF and fields:
-                size = fields.pop(0)
-            if packed == 0xFFFFFFFF and fields:
-                packed = fields.pop(0)
-            return size, packed
+            return list(struct.unpack_from(f"<{length // 8}Q", extra, at + 4))
         at += 4 + length
-    raise NotStreamable("a zip64 entry without its zip64 extra field")
+    return None
+
+
+def _zip64_sizes(fields: list[int], size: int, packed: int) -> tuple[int, int]:
+    """The real sizes of a zip64 local header (APPNOTE 4.5.3: the uncompressed size first,
+    then the compressed one, each only if its header field is 0xFFFFFFFF)."""
+    fields = list(fields)
+    if size == 0xFFFFFFFF and fields:
+        size = fields.pop(0)
+    if packed == 0xFFFFFFFF and fields:
+        packed = fields.pop(0)
+    return size, packed
 
 
 def _inflate(reader: _Reader, name: str, entry_limit: int) -> bytes:

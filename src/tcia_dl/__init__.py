@@ -23,6 +23,8 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
                        AttemptBytes, Member, VerifiedSeries, MemberSink, Packing
     sources.nbia_api   NBIA v4's REST client: tokens, TciaApi, getImage
     sources.nbia       NBIA as a source: NbiaSource, and a series' zip verified file by file
+    sources.zipstream  a series zip read front to back while it downloads (a big series is
+                       verified and packed as it arrives)
     sources.idc_index  IDC's offline index (duckdb over parquet) and its records
     sources.idc        IDC as a source: its public S3 buckets (S3Client), IdcSource
     sources.auto       --mode auto: IDC first, NBIA for what IDC lacks or fails

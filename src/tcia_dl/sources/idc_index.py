@@ -129,8 +129,14 @@ class IdcIndex:
         """The series whose column is one of the values, for every (column, values)."""
         where = self._where(conditions) + (["analysis_result_id IS NULL"] if original_only
                                            else [])
-        query = "SELECT * FROM series" + (" WHERE " + " AND ".join(where) if where else "")
-        cursor = self._db.execute(query)
+        condition = " WHERE " + " AND ".join(where) if where else ""
+        # Whether any series matches, on the conditions' columns alone, before reading every
+        # column: 416 UIDs that IDC does not have (--mode auto on a collection only NBIA
+        # serves) cost 0.47 s with SELECT *, 0.08 s so; a match costs 0.09 s more.
+        if where and not self._db.execute(f"SELECT 1 FROM series{condition} LIMIT 1"
+                                          ).fetchall():
+            return []
+        cursor = self._db.execute("SELECT * FROM series" + condition)
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 

@@ -615,3 +615,18 @@ def test_dry_run_and_shards_plan_from_the_index(prostate, tmp_path):
     for archive in sorted((tmp_path / "shards").glob("*.tar.xz")):
         parts += [r["SeriesInstanceUID"] for r in metadata_rows(members(archive))]
     assert sorted(parts) == sorted(r["SeriesInstanceUID"] for r in rows)
+
+
+def test_objects_are_read_back_from_the_series_file_by_offset(tmp_path):
+    """pread_range: each object's bytes from one open file, across the 4 MiB read chunk, and
+    no more than the file holds."""
+    from tcia_dl.storage import pread_range
+    regions = [os.urandom(130_000), os.urandom(9 * MIB + 17), b"", os.urandom(5)]
+    path = tmp_path / "series"
+    path.write_bytes(b"".join(regions))
+    start = 0
+    with open(path, "rb") as handle:
+        for region in regions:
+            assert b"".join(pread_range(handle.fileno(), start, start + len(region))) == region
+            start += len(region)
+        assert b"".join(pread_range(handle.fileno(), start - 5, start + 100)) == regions[-1]

@@ -195,6 +195,19 @@ def read_range(path: Path, start: int, end: int) -> Iterator[bytes]:
             yield chunk
 
 
+def pread_range(handle: int, start: int, end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of an open file descriptor, by pread: one system call a chunk,
+    where read_range opens, stats, seeks and closes the file each time (an IDC object of
+    128 kB: one pread instead of seven calls, each a pass of the GIL among the threads)."""
+    at = start
+    while at < end:
+        chunk = os.pread(handle, min(4 * CHUNK_SIZE, end - at), at)
+        if not chunk:
+            return
+        at += len(chunk)
+        yield chunk
+
+
 def existing_ancestor(folder: Path) -> Path:
     folder = folder.absolute()
     while not folder.exists() and folder != folder.parent:

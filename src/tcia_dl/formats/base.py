@@ -56,13 +56,29 @@ class UnitCompressor(Protocol):
 # A unit smaller than PROBE_BYTES is not probed: xz takes tens of milliseconds on it at any
 # preset, and the probe cost as much. Measured (bench/run.py --only small, 416 series of
 # 0.8 MB, a quiet 2-core machine): probing every unit took 6.6 of ours' 36 s of CPU.
+#
+# zlib gets PROBE_PIECES pieces of PROBE_PIECE bytes spread over that MiB, not all of it:
+# on the bench collection's series (5 MB of CT each, every one probed) the whole MiB took
+# 2.1 of ours' 94 s of CPU (cProfile, one core). On a CT unit's first MiB: 0.8 ms instead
+# of 11.5 ms, ratio 0.48 instead of 0.44; random bytes 1.0004 instead of 1.0003. Spread,
+# not one piece: a unit's first bytes are a tar header and a DICOM or TIFF header.
 PROBE_BYTES = 1 << 20
+PROBE_PIECES = 4
+PROBE_PIECE = 16 << 10
 PROBE_RATIO = 0.95           # zlib -1 saves less than 5 %: incompressible
 
 
+def probe_sample(head: bytes) -> bytes:
+    """PROBE_PIECES pieces of head, evenly spread from its start."""
+    step = max(len(head) // PROBE_PIECES, 1)
+    return b"".join(head[at:at + PROBE_PIECE] for at in range(0, step * PROBE_PIECES, step))
+
+
 def incompressible(head: bytes) -> bool:
-    """Whether zlib at level 1 (fast, in every Python) finds nothing to gain in head."""
-    return len(zlib.compress(head, 1)) > PROBE_RATIO * len(head)
+    """Whether zlib at level 1 (fast, in every Python) finds nothing to gain in pieces
+    of head."""
+    sample = probe_sample(head)
+    return len(zlib.compress(sample, 1)) > PROBE_RATIO * len(sample)
 
 
 class ProbingCompressor:

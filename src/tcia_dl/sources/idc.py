@@ -31,7 +31,7 @@ from ..net import TransferWatchdog, WatchedAdapter, as_requests_error, parse_ret
 from ..manifests import INDEX_UPGRADE, WantedSeries
 from ..plan import as_count, suggest_collections, wanted_of, without_credentials
 from ..settings import CHUNK_SIZE
-from ..storage import raise_if_disk_full, read_range
+from ..storage import pread_range, raise_if_disk_full
 from .base import AttemptBytes, Member, Selected, SourceEntry, VerifiedSeries, unique_file_name
 from .idc_index import IdcIndex, idc_record
 
@@ -614,35 +614,44 @@ class IdcSource:
                      sink: "MemberSink", stop: threading.Event) -> "VerifiedSeries":
         """Every object must be DICOM of this series (header only); then, in InstanceNumber
         order, into the sink as <acquisition>-<instance>.dcm."""
-        headers = []
-        instances: set[str] = set()
         with open(scratch, "rb") as handle:
-            for number, item in enumerate(fetched):
-                fields = dicom_naming_fields(io.BufferedReader(
-                    FileRegion(handle, item.offset, item.item.size)))
-                if fields is None or fields.series_uid != series.uid or not fields.sop_uid:
-                    raise TransientError(f"{item.item.key} is not DICOM of this series")
-                if fields.sop_uid in instances:      # one instance under two keys: twice in
-                    raise TransientError(f"{item.item.key} repeats the instance "  # the output
-                                         f"{fields.sop_uid[:64]}")
-                instances.add(fields.sop_uid)
-                headers.append((fields.instance if fields.instance is not None else number + 1,
-                                fields.acquisition if fields.acquisition is not None else 1,
-                                item))
-        log_size_only(series, [f.item for f in fetched if f.by_size_only])
-        width = len(str(len(fetched)))
-        used: set[str] = set()
-        members = []
-        for instance, acquisition, item in sorted(headers, key=lambda h: (h[0], h[2].item.key)):
-            if stop.is_set():
-                raise Interrupted()
-            name = unique_file_name(f"{acquisition}-{instance:0{width}d}.dcm", used)
-            sink.add(name, item.item.size, read_range(scratch, item.offset,
-                                                      item.offset + item.item.size))
-            members.append(Member(item.item.key, name, item.item.size, item.md5))
+            headers = self._headers_of(series, fetched, handle)
+            log_size_only(series, [f.item for f in fetched if f.by_size_only])
+            width = len(str(len(fetched)))
+            used: set[str] = set()
+            members = []
+            ordered = sorted(headers, key=lambda h: (h[0], h[2].item.key))
+            for instance, acquisition, item in ordered:
+                if stop.is_set():
+                    raise Interrupted()
+                name = unique_file_name(f"{acquisition}-{instance:0{width}d}.dcm", used)
+                sink.add(name, item.item.size, pread_range(handle.fileno(), item.offset,
+                                                           item.offset + item.item.size))
+                members.append(Member(item.item.key, name, item.item.size, item.md5))
         return VerifiedSeries(scratch, members, None, [], counters={
             BY_SIZE_ONLY: sum(f.by_size_only for f in fetched),
             OBJECTS_RETRIED: sum(f.retries for f in fetched)})
+
+    @staticmethod
+    def _headers_of(series: "PlannedSeries", fetched: list[FetchedObject],
+                    handle: io.BufferedReader) -> list[tuple[int, int, FetchedObject]]:
+        """(InstanceNumber, AcquisitionNumber, object) of every object, each DICOM of this
+        series and each a different instance."""
+        headers = []
+        instances: set[str] = set()
+        for number, item in enumerate(fetched):
+            fields = dicom_naming_fields(io.BufferedReader(
+                FileRegion(handle, item.offset, item.item.size)))
+            if fields is None or fields.series_uid != series.uid or not fields.sop_uid:
+                raise TransientError(f"{item.item.key} is not DICOM of this series")
+            if fields.sop_uid in instances:      # one instance under two keys: twice in the
+                raise TransientError(f"{item.item.key} repeats the instance "      # output
+                                     f"{fields.sop_uid[:64]}")
+            instances.add(fields.sop_uid)
+            headers.append((fields.instance if fields.instance is not None else number + 1,
+                            fields.acquisition if fields.acquisition is not None else 1,
+                            item))
+        return headers
 
     def close(self) -> None:
         self.s3.close()

@@ -66,6 +66,7 @@ The package tcia_dl (`python -m tcia_dl` runs cli.main):
     net                HTTP: the retry policy, the transfer watchdog, watched sessions
     storage            locks, scratch files, fsync, reading a range, a full disk
     memory             glibc's malloc told to reuse large freed blocks (a run sets it once)
+    inflate            a zip entry inflated and checked (python-isal if installed, else zlib)
 
 Exit codes (documented in the README):
     0    every requested series is in the output and verified

@@ -18,6 +18,7 @@ from . import __version__
 from .errors import EXIT_SIGINT, EXIT_USAGE, FatalRunError, Interrupted, UsageError
 from .extract import extract_output
 from .formats import FORMATS, archive_codecs, target_format
+from .inflate import FASTEST as FASTEST_INFLATE
 from .logs import Secrets, log, printable, setup_logging
 from .memory import keep_freed_buffers
 from .plan import FAILED_RUN_KEY, failed_run_origin, recorded_format
@@ -441,6 +442,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USAGE
     log.debug("options %s", options)
     keep_freed_buffers()
+    log.debug("zip entries inflated by %s", FASTEST_INFLATE.name)
     try:
         if options.verify:
             return verify_output(options.verify, stopping.abort)

@@ -17,12 +17,13 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, TYPE_CHECKING
+from typing import BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ..dicom import HEAD_SIZE, read_head, series_uid_in
 from ..errors import (EXIT_USAGE, FatalRunError, Interrupted, Md5ParameterRefused, Md5TableMissing,
                       NotStreamable, TransientError, UsageError)
+from ..inflate import entry_ends, open_entry
 from ..logs import log, private_dir
 from ..net import retry_policy
 from ..plan import (records_for_filters, records_for_uids, unknown_collection_message,
@@ -457,8 +458,9 @@ def verify_zip(path: Path, series: PlannedSeries, sink: Optional[MemberSink] = N
 
 def check_entry_sizes(archive: zipfile.ZipFile, series: PlannedSeries) -> None:
     """What the zip would inflate to must fit the series' FileSize (a zip bomb, or a
-    gigantic entry listed in md5hashes.csv, is a bad series). zipfile stops reading an
-    entry at its declared size and checks its CRC, so the declared sizes bound the reads."""
+    gigantic entry listed in md5hashes.csv, is a bad series). zipfile and inflate's
+    InflatedEntry stop reading an entry at its declared size and check its CRC, so the
+    declared sizes bound the reads."""
     limit = series.byte_limit
     declared = sum(info.file_size for info in archive.infolist())
     if limit is not None and declared > limit:
@@ -471,10 +473,19 @@ def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
                    stop: Optional[threading.Event]) -> VerifiedSeries:
     """Each entry once: LICENSE read, the series' DICOM files kept (hashed, and checked
     against the table when there is one), everything else dropped with its reason."""
+    with open(path, "rb") as zip_file:     # deflated entries' bytes, read by inflate
+        return _check_entries_of(archive, zip_file, path, series, table, sink, stop)
+
+
+def _check_entries_of(archive: zipfile.ZipFile, zip_file: BinaryIO, path: Path,
+                      series: PlannedSeries, table: Optional[dict[str, str]],
+                      sink: Optional[MemberSink],
+                      stop: Optional[threading.Event]) -> VerifiedSeries:
     members: list[Member] = []
     dropped: list[tuple[str, str]] = []
     license_text: Optional[str] = None
     names_used: set[str] = set()
+    ends = entry_ends(archive)
     for info in archive.infolist():
         entry = info.filename
         if entry == MD5_TABLE:
@@ -489,7 +500,7 @@ def _check_entries(archive: zipfile.ZipFile, path: Path, series: PlannedSeries,
         if table is not None and entry not in table:
             dropped.append((entry, "not listed in md5hashes.csv"))
             continue
-        with archive.open(info) as stream:
+        with open_entry(archive, zip_file, info, ends) as stream:
             keep, why, md5 = _take_entry(stream, info.file_size, series, sink,
                                          lambda: unique_file_name(entry, names_used), stop)
         if table is not None and md5 != table[entry]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
 
 from ..errors import NotStreamable, SeriesAttemptAbandoned
+from ..inflate import FASTEST
 
 LOCAL_HEADER = b"PK\x03\x04"
 CENTRAL_HEADER = b"PK\x01\x02"
@@ -180,7 +181,7 @@ def _entry(reader: _Reader, header: bytes, entry_limit: int) -> StreamedEntry:
     consumed = reader.offset - start
     if described:
         crc, packed, size = _descriptor(reader, zip64 is not None)
-    if len(data) != size or consumed != packed or zlib.crc32(data) != crc:
+    if len(data) != size or consumed != packed or FASTEST.crc32(data, 0) != crc:
         raise NotStreamable(f"{name}: its size or CRC-32 is not the zip's")
     return StreamedEntry(name=name, data=data, crc=crc)
 
@@ -208,7 +209,7 @@ def _zip64_sizes(fields: list[int], size: int, packed: int) -> tuple[int, int]:
 
 
 def _inflate(reader: _Reader, name: str, entry_limit: int) -> bytes:
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater = FASTEST.decompressobj(-zlib.MAX_WBITS)
     parts: list[bytes] = []
     held = 0
     while not inflater.eof:
@@ -217,7 +218,7 @@ def _inflate(reader: _Reader, name: str, entry_limit: int) -> bytes:
             raise NotStreamable(f"{name}: the zip ends inside it")
         try:
             part = inflater.decompress(packed, entry_limit + 1 - held)
-        except zlib.error:
+        except FASTEST.error:
             raise NotStreamable(f"{name}: damaged deflate data") from None
         held += len(part)
         if held > entry_limit or inflater.unconsumed_tail:

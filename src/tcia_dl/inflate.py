@@ -23,11 +23,13 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from .settings import CHUNK_SIZE
+
+# The local header, as zipstream reads it too (APPNOTE 4.3.7).
 LOCAL_HEADER = b"PK\x03\x04"
 LOCAL_HEADER_STRUCT = struct.Struct("<4s5H3L2H")   # APPNOTE 4.3.7, 30 bytes
 FLAG_ENCRYPTED = 0x1
 FLAG_UTF8 = 0x800
-RAW_READ = 1 << 20      # compressed bytes read at a time: CHUNK_SIZE, as zipfile was asked
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ class InflatedEntry(io.BufferedIOBase):
             raise zipfile.BadZipFile(f"{self._name}: damaged deflate data ({exc})") from None
 
     def _read_packed(self) -> bytes:
-        data = self._raw.read(min(RAW_READ, self._packed_left))
+        data = self._raw.read(min(CHUNK_SIZE, self._packed_left))
         self._packed_left -= len(data)
         return data
 

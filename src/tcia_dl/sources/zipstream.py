@@ -22,17 +22,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
 
 from ..errors import NotStreamable, SeriesAttemptAbandoned
-from ..inflate import FASTEST
+from ..inflate import FASTEST, FLAG_ENCRYPTED, FLAG_UTF8, LOCAL_HEADER, LOCAL_HEADER_STRUCT
 
-LOCAL_HEADER = b"PK\x03\x04"
 CENTRAL_HEADER = b"PK\x01\x02"
 END_OF_DIRECTORY = b"PK\x05\x06"
 DESCRIPTOR = b"PK\x07\x08"
-LOCAL_HEADER_STRUCT = struct.Struct("<4s5H3L2H")
 ZIP64_EXTRA = 0x0001
-FLAG_ENCRYPTED = 0x1
 FLAG_DESCRIPTOR = 0x8
-FLAG_UTF8 = 0x800
 STORED, DEFLATED = 0, 8
 READ_SIZE = 1 << 20
 

@@ -539,13 +539,16 @@ class Bench:
 
     def run_ours(self, name: str, fake: Fake, extra: list[str] = (), verify: bool = True,
                  downloader: Optional[Path] = None, preset: Optional[int] = None,
-                 keep_dir: bool = False, fmt: str = "tar.xz") -> Run:
+                 keep_dir: bool = False, fmt: str = "tar.xz",
+                 env: Optional[dict[str, str]] = None) -> Run:
+        """Ours against the fake; env: variables to set on top of child_env()'s."""
         d = self.fresh(name)
         for sub in ("out", "tmp", "cache"):
             (d / sub).mkdir()
         run = measure(name, self.ours_cmd(d, fake.url, extra, downloader, preset, fmt), self.logdir,
                       dirs={"output": d / "out", "scratch": d / "tmp"}, scratch="scratch",
-                      fake_pid=fake.pid, timeout=self.args.timeout)
+                      fake_pid=fake.pid, timeout=self.args.timeout,
+                      env={**child_env(), **env} if env else None)
         archive = d / "out" / f"{COLLECTION}.{fmt}"
         run.info["dir"] = d
         run.info["archive_bytes"] = archive.stat().st_size if archive.exists() else 0
@@ -1095,26 +1098,58 @@ def scale(b: Bench, res: dict) -> None:
 
 
 def sweep(b: Bench, res: dict) -> None:
-    """Candidate defaults: --workers, --compression-level and the read chunk size, one at a time."""
+    """Candidate defaults, one setting at a time: --workers and the packing cores at each
+    per-connection bandwidth of --sweep-bandwidths (TCIA's good and slow days), then
+    --compression-level and the read chunk size at the first."""
     a = b.args
-    log(f"sweep: {a.sweep_series} series x {a.instances} x {a.image_size}, same shaping")
-    fake = Fake(b.workdir, series=a.sweep_series, instances=a.instances, image_size=a.image_size,
-                seed=a.seed, first_byte_delay=a.first_byte_delay, conn_bandwidth=a.conn_bandwidth,
-                total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache, label="sweep")
     rows: list[tuple[str, list[Run], Optional[list[Run]]]] = []
+    stats: dict = {}
+    for number, bandwidth in enumerate(a.sweep_bandwidths):
+        at = f" at {bandwidth / MB:g} MB/s"
+        log(f"sweep{at}: {a.sweep_series} series x {a.instances} x {a.image_size}")
+        fake = Fake(b.workdir, series=a.sweep_series, instances=a.instances, image_size=a.image_size,
+                    seed=a.seed, first_byte_delay=a.first_byte_delay, conn_bandwidth=bandwidth,
+                    total_bandwidth=a.total_bandwidth, cache=not a.no_fake_cache,
+                    label=f"sweep{number}")
+        try:
+            sweep_connections(b, fake, rows, at)
+            if number == 0:
+                sweep_packing_settings(b, fake, rows)
+        finally:
+            fake.stop()
+        stats = stats or fake.stats
+    res["sweep"] = {"rows": rows, "stats": stats}
+
+
+def sweep_connections(b: Bench, fake: Fake, rows: list, at: str) -> None:
+    """--workers, then the packing cores (SLURM_CPUS_PER_TASK, as a slurm job grants them:
+    more than the machine's cores oversubscribes it) at today's default --workers."""
+    a = b.args
+    workers = min(4 * len(os.sched_getaffinity(0)), 16)     # the downloader's default here
+    for rep in range(a.sweep_repeat):
+        for w in a.sweep_workers:
+            r = b.run_ours(f"sweep_w{w}{at}#{rep + 1}", fake, ["--workers", str(w)], verify=rep == 0)
+            add_sweep(rows, f"--workers {w}{at}", r)
+            log(f"sweep --workers {w}{at}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
+        for cores in a.sweep_packing:
+            r = b.run_ours(f"sweep_k{cores}{at}#{rep + 1}", fake, ["--workers", str(workers)],
+                           verify=rep == 0, env={"SLURM_CPUS_PER_TASK": str(cores)})
+            add_sweep(rows, f"packing on {cores} cores, --workers {workers}{at}", r)
+            log(f"sweep packing {cores}{at}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
+
+
+def sweep_packing_settings(b: Bench, fake: Fake, rows: list) -> None:
+    """--compression-level against `xz -T0` at each preset, and the read chunk size."""
+    a = b.args
     ref: Optional[Path] = None
     try:
         for rep in range(a.sweep_repeat):
-            for w in a.sweep_workers:
-                r = b.run_ours(f"sweep_w{w}#{rep + 1}", fake, ["--workers", str(w)], verify=rep == 0,
+            for p in a.sweep_presets:
+                r = b.run_ours(f"sweep_p{p}#{rep + 1}", fake, verify=rep == 0, preset=p,
                                keep_dir=ref is None)
                 if ref is None and r.rc == 0:
                     ref = make_ref_tar(b, r.info["archive"])
                     b.cleanup(r.info["dir"])
-                add_sweep(rows, f"--workers {w}", r)
-                log(f"sweep --workers {w}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
-            for p in a.sweep_presets:
-                r = b.run_ours(f"sweep_p{p}#{rep + 1}", fake, verify=rep == 0, preset=p)
                 add_sweep(rows, f"--compression-level {p}", r)
                 assert ref is not None
                 out = b.workdir / "xz-sweep.tar.xz"
@@ -1142,10 +1177,8 @@ def sweep(b: Bench, res: dict) -> None:
                 add_sweep(rows, f"read chunk {c // 1024} KiB", r)
                 log(f"sweep chunk {c}: {r.wall:.1f} s, CPU {r.cpu:.0f} s, {disturbance([r])}")
     finally:
-        fake.stop()
         if ref is not None and not a.keep:
             ref.unlink(missing_ok=True)
-    res["sweep"] = {"rows": rows, "stats": fake.stats}
 
 
 def add_sweep(rows: list, label: str, run: Run) -> None:
@@ -2133,8 +2166,9 @@ def report(b: Bench, res: dict) -> list[str]:
         sw = res["sweep"]
         st = sw["stats"]
         lines.append("")
-        lines.append(f"sweep: {st['series']} series, {st['dicom_bytes'] / MB:,.0f} MB DICOM, same shaping; "
-                     f"median of {a.sweep_repeat}")
+        lines.append(f"sweep: {st['series']} series, {st['dicom_bytes'] / MB:,.0f} MB DICOM, first byte "
+                     f"{a.first_byte_delay} s; the connection's bandwidth as each row says, else "
+                     f"{a.sweep_bandwidths[0] / MB:g} MB/s; median of {a.sweep_repeat}")
         srows = []
         for label, rs, _ in sw["rows"]:
             wall = statistics.median(r.wall for r in rs)
@@ -2285,7 +2319,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("sweep (extra: --only sweep)")
     g.add_argument("--sweep-series", type=int, default=40)
     g.add_argument("--sweep-repeat", type=int, default=2)
-    g.add_argument("--sweep-workers", default="1,2,3,4,6,8")
+    g.add_argument("--sweep-workers", default="2,4,6,8,12,16")
+    g.add_argument("--sweep-bandwidths", default="10000000,2500000",
+                   help="bytes/s per connection: --workers and the packing cores are swept at each "
+                        "(default: the bench's 10 MB/s and a slow NBIA day's 2.5 MB/s)")
+    g.add_argument("--sweep-packing", default="1,2,3",
+                   help="packing cores (SLURM_CPUS_PER_TASK) to try at the default --workers")
     g.add_argument("--sweep-presets", default="0,1,2,3,6")
     g.add_argument("--sweep-chunks", default="65536,262144,1048576,4194304")
     a = p.parse_args(argv)
@@ -2312,6 +2351,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         a.idc_big_instances = 400 if a.quick else 3000
     a.sweep_workers = [int(x) for x in a.sweep_workers.split(",") if x]
     a.sweep_presets = [int(x) for x in a.sweep_presets.split(",") if x]
+    a.sweep_bandwidths = [float(x) for x in a.sweep_bandwidths.split(",") if x]
+    a.sweep_packing = [int(x) for x in a.sweep_packing.split(",") if x]
     a.sweep_chunks = [int(x) for x in a.sweep_chunks.split(",") if x]
     a.downloader = a.downloader.resolve()
     if not a.downloader.exists():

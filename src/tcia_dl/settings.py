@@ -55,10 +55,13 @@ def usable_cores() -> int:
 
 def default_workers() -> int:
     """Series in flight: four per usable core, at most 16. Each core packs one series at a
-    time (about 16 MB/s of DICOM at preset 1), and at the 2-3 MB/s per connection users
-    see from TCIA it takes about three downloads to keep a core fed (bench/ sweep on 2
-    cores at 2.5 MB/s per connection: 4 workers 21.5 s, 8 workers 13.7 s; at 10 MB/s, 4 to
-    16 are level). At most 16: TCIA's own client opens 10 connections."""
+    time (about 12 MB/s of DICOM at preset 1), and at the 2-3 MB/s per connection users see
+    from TCIA it takes two downloads to keep a core fed: the sweep (bench/run.py --only
+    sweep, 2 cores, 40 series, medians of 2) at 2.5 MB/s per connection: 2 workers 20.5 s,
+    4 to 16 level at 10.6-11.3 s; at 10 MB/s, 2 to 16 level at 8.7-9.4 s. Four per core
+    keep a core fed at half that speed, by the same count; more only adds scratch (8
+    workers: 43 MB at the peak, 16: 76 MB). At most 16: TCIA's own client opens 10
+    connections."""
     return min(4 * usable_cores(), 16)
 
 

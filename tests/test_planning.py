@@ -33,6 +33,16 @@ def test_clean_component_keeps_ordinary_descriptions_readable():
     assert plan.clean_component("..") == "NA"
 
 
+@pytest.mark.parametrize("value, count", [
+    (12, 12), (0, 0), (12.0, 12), ("12", 12), (2 ** 63 - 1, 2 ** 63 - 1),
+    (-1, None), (-0.5, None), (2 ** 63, None), (True, None), (False, None),
+    ("12.5MB", None), (None, None), ([3], None), (float("nan"), None), (float("inf"), None)])
+def test_counts_are_whole_non_negative_numbers_of_any_json_spelling(value, count):
+    """FileSize and ImageCount as a server sends them: a number (an int takes a shortcut,
+    the commonest case), a numeric string, or something a hostile server made up."""
+    assert plan.as_count(value) == count and type(plan.as_count(value)) is type(count)
+
+
 def test_nbia_dates_become_sortable_iso_dates():
     assert plan.iso_date("11-24-2015") == "2015-11-24"
     assert plan.iso_date("2015-11-24 00:00:00.0") is None

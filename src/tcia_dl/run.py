@@ -4,7 +4,6 @@ commit, stops, the report."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -14,7 +13,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TYPE_CHECKING
+from typing import Callable, Optional, TYPE_CHECKING
 
 from . import __version__
 from .collection_files import DoiResolver, datasets, utc_day
@@ -25,6 +24,7 @@ from .formats.base import PackingCores
 from .formats.tree import unfinished_markers
 from .journal import read_journal, roll_back_hot_journal
 from .logs import ALWAYS, Progress, human_bytes, human_seconds, log, printable
+from .memory import collector_ignoring_what_exists, lasting_objects
 from .net import RetryPolicy, TransferWatchdog, retry_policy
 from .pipeline import ConnectionSlots, ScratchBudget
 from .plan import (RECORDED_FLAGS, describe_plan, dry_run_rows, make_plan, recorded_source,
@@ -449,7 +449,8 @@ def run(options: Options, stopping: StopControl, secrets: Secrets) -> int:
                 print(name)
             return EXIT_OK
         log.info("tcia_downloader %s from %s", __version__, source.describe())
-        plan = make_plan(source, options)
+        with lasting_objects():
+            plan = make_plan(source, options)
         return _run_plan(source, plan, options, stopping, started)
     finally:
         source.close()
@@ -655,18 +656,6 @@ def forget_repair_list(options: Options, name: str) -> None:
     history, and a second --retry-failed of it would fetch intact series again."""
     if options.repair:
         (options.output / f"{name}.damaged.tcia").unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def collector_ignoring_what_exists() -> Iterator[None]:
-    """What exists before the downloads (modules, the plan, the index) lives as long as
-    they do: out of the garbage collector's sight, its passes over their many short-lived
-    objects stay short (py-spy: 12 % of an IDC run's busy samples were in the collector)."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def record_provenance(journal: Journal, options: Options, source: Source) -> None:

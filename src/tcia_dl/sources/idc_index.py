@@ -158,14 +158,29 @@ class IdcIndex:
 
     @staticmethod
     def _where(conditions: list[tuple[str, list[str]]]) -> list[str]:
-        # Values as quoted literals, not bound parameters: duckdb imports pandas to bind a
-        # Python value (measured: 87 -> 165 MB of RSS, most of an IDC run's peak).
-        where = [f'"{column}" IN ({", ".join(sql_text(value) for value in values)})'
-                 for column, values in conditions if values]
+        where = [f'"{column}" IN {sql_values(values)}' for column, values in conditions if values]
         return where + ["FALSE" for _, values in conditions if not values]
 
     def close(self) -> None:
         self._db.close()
+
+
+# Joins the values of one string literal; a value that holds it is never split.
+VALUE_SEPARATOR = "\x1f"
+
+
+def sql_values(values: list[str]) -> str:
+    """A subquery of the values, for `column IN ...`. Literals, not bound parameters:
+    duckdb imports pandas to bind a Python value (measured: 87 -> 165 MB of RSS, most of an
+    IDC run's peak). One string literal that duckdb splits rather than a literal per value,
+    which duckdb parses slowly: 200,000 UIDs (--mode auto on a 200,000-series collection)
+    looked up in the 25.0.5 index in 0.45 s instead of 1.13 s; 10 in 0.09 s instead of
+    0.48 s, reading every column of the matches."""
+    texts = [str(value) for value in values]
+    if any(VALUE_SEPARATOR in text for text in texts):
+        return f"({', '.join(sql_text(text) for text in texts)})"
+    return (f"(SELECT unnest(string_split({sql_text(VALUE_SEPARATOR.join(texts))}, "
+            f"chr({ord(VALUE_SEPARATOR)}))))")
 
 
 def sql_text(text: object) -> str:

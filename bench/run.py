@@ -1125,7 +1125,7 @@ def sweep_connections(b: Bench, fake: Fake, rows: list, at: str) -> None:
     """--workers, then the packing cores (SLURM_CPUS_PER_TASK, as a slurm job grants them:
     more than the machine's cores oversubscribes it) at today's default --workers."""
     a = b.args
-    workers = min(4 * len(os.sched_getaffinity(0)), 16)     # the downloader's default here
+    workers = b.ours_workers            # the downloader's own default, as it reports it
     for rep in range(a.sweep_repeat):
         for w in a.sweep_workers:
             r = b.run_ours(f"sweep_w{w}{at}#{rep + 1}", fake, ["--workers", str(w)], verify=rep == 0)

@@ -251,7 +251,9 @@ def test_manifests_that_idc_index_writes_are_read(fake_s3, tmp_path):
     done = subprocess.run([sys.executable, "-c", IDC_INDEX_MANIFESTS, json.dumps(uids),
                            str(tmp_path / "idc-index-download")], capture_output=True,
                           text=True, timeout=300, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "HTTPS_PROXY": dead, "HTTP_PROXY": dead})
+                          env={**os.environ, "HTTPS_PROXY": dead, "HTTP_PROXY": dead,
+                               # idc-index leaves its manifest file in the temp folder
+                               "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     written = json.loads(done.stdout)
     assert len(written) == 1 and written[0].count("cp s3://") == len(uids)

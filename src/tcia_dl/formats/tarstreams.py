@@ -187,26 +187,38 @@ class UnitPacker:
 
 # A series whose server-given size (FileSize) is UNIT_TAR_BYTES or more is cut into units of
 # about this much tar (between members; inside a member larger than a unit: SplitPacker),
-# compressed at once on every core it can borrow.
-# Cutting costs nothing measurable in size (xz -1's dictionary is 1 MiB; -6's 8 MiB) and
-# lets --verify and --extract read the series on all cores too. Smaller units leave less
-# for one core at the series' end (the last unit compresses alone) but hold the other
-# cores less long when small series want them; larger ones take more memory. Measured on
-# 2 cores, one 420 MB CT-like series at xz -1 (bench/run.py --series 1 --instances 800):
-# MEASUREMENTS.
+# compressed at once on every core it can borrow; it also lets --verify and --extract read
+# the series on all cores. The units a series has in flight are held in memory whole (a
+# unit is filled far faster than a core compresses it), so the size sets a big series'
+# memory, and nothing else measured here depends on it.
+# Measured on 2 cores, one 420 MB CT-like series at xz -1, unlimited bandwidth
+# (bench/run.py --only ours --series 1 --instances 800, with the size patched in; 9 runs
+# each, interleaved; median wall (range), CPU, peak RSS):
+#
+#   unit     wall s             CPU s   peak RSS MB
+#   8 MiB    19.4 (18.4-20.2)   36      129
+#   16 MiB   17.9 (16.9-20.0)   34      162
+#   32 MiB   19.5 (18.2-21.4)   36      220
+#   64 MiB   19.6 (18.7-19.9)   36      339
+#
+# Size, one stream of 160 MiB of the bench's CT-like tar against independent units (each
+# starts with an empty dictionary): xz -1 (1 MiB dictionary) +0.05 % with 8 MiB units,
+# +0.01 % with 32; xz -6 (8 MiB) +0.35 % with 8, +0.17 % with 16, +0.08 % with 32.
+# So 8 MiB: 90 MB less than 32 for the same time, at a cost in size too small to weigh.
 # A file larger than a unit was one unit on one core; now it is cut into units too (#21).
-# One 256 MiB file, SplitPacker alone (xz -1, 2 cores, PackingCores(2)), the shared machine
-# at load 5-12, median of 3 runs, before -> after: random bytes (preset 0 by the probe) 1 ->
-# 9 units, wall 108 -> 123 s, CPU 50 -> 60 s, peak RSS 52 -> 229 MB; CT-like 16-bit
-# (4.6x) wall 32 -> 24 s, CPU 15.5 -> 17.1 s, RSS 53 -> 183 MB; a 300 MB file: 221 MB RSS
-# (flat: units in flight, not the file). The load hides the second core's gain in wall
-# time; the CPU time is 10-20 % more when two units compress at once (shared caches).
-UNIT_TAR_BYTES = 32 << 20
+# One 256 MiB file, SplitPacker alone (xz -1, 2 cores, PackingCores(2), 32 MiB units), the
+# shared machine at load 5-12, median of 3 runs, before -> after: random bytes (preset 0 by
+# the probe) 1 -> 9 units, wall 108 -> 123 s, CPU 50 -> 60 s, peak RSS 52 -> 229 MB;
+# CT-like 16-bit (4.6x) wall 32 -> 24 s, CPU 15.5 -> 17.1 s, RSS 53 -> 183 MB; a 300 MB
+# file: 221 MB RSS (flat: units in flight, not the file). The load hides the second
+# core's gain in wall time; the CPU time is 10-20 % more when two units compress at once
+# (shared caches).
+UNIT_TAR_BYTES = 8 << 20
 # Units of one series in memory at once: compressing, or compressed and waiting for those
 # before them to be written. Each holds at most UNIT_TAR_BYTES of tar (its input, less as
 # it is compressed, plus its output), and a compressor (xz: about 10 MB at -1, 94 MB at
-# -6), so a series takes at most (UNITS_IN_FLIGHT + 1) x 32 MiB of tar (the unit being
-# filled too) beside its compressors; a series uses at most this many cores.
+# -6), so a series takes at most (UNITS_IN_FLIGHT + 1) x UNIT_TAR_BYTES of tar (the unit
+# being filled too) beside its compressors; a series uses at most this many cores.
 UNITS_IN_FLIGHT = 4
 
 
@@ -330,7 +342,7 @@ class SplitPacker:
     (UnitCores), and written in order after the series' download in its own scratch file
     (one file per series in flight, as UnitPacker). A member that fits in a unit is never
     cut (a reader reads a unit that starts with a header on its own); a larger one is cut
-    at tar blocks, so a 2 GB slide is 64 units on all free cores, not one on one core: a
+    at tar blocks, so a 2 GB slide is 256 units on all free cores, not one on one core: a
     unit that does not start with a header goes on with the member of the one before it
     (begins_member; tarread follows it across). What finish() returns is one series: one
     range of the file, one SHA-256 over all of it, and where its units end."""

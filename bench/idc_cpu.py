@@ -162,6 +162,8 @@ def main() -> int:
     p.add_argument("--conn-bandwidth", type=float, default=20e6)
     a = p.parse_args()
     downloaders = a.downloader or [HERE.parent / "tcia_downloader.py"]
+    for downloader in downloaders:
+        bench.compile_sources(downloader)
     work = Path(tempfile.mkdtemp(prefix="idc_cpu."))
     fake = bench.S3Fake(work, series=a.series, instances=a.instances, image_size=a.image_size,
                         seed=1, first_byte_delay=a.first_byte_delay,

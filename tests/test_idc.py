@@ -107,6 +107,23 @@ def test_idc_gives_the_same_kind_of_verified_archive(prostate, tmp_path, capsys)
     assert cli.main(["--verify", str(archive), "--cache_dir", str(tmp_path / "v")]) == 0
 
 
+def test_the_debug_log_names_failed_requests_not_each_object_answered(prostate, tmp_path):
+    """One line per object answered 200 would be 2 GB of log per 10 million objects in
+    --cache-dir; a request that failed is still named, with its status."""
+    s3, rows, _ = prostate
+    keys = [key for row in rows for key in s3.keys(row["crdc_series_uuid"])]
+    s3.script_faults(keys[0], ["500"])
+    run = idc_run(tmp_path, s3, "--patient", *PATIENTS)
+    assert run.code == errors_module.EXIT_OK, run.log
+    debug = "".join(p.read_text() for p in run.cache.glob("logs/*-debug.log"))
+    responses = [line for line in debug.splitlines() if '" 500 ' in line or '" 200 ' in line]
+    assert [line for line in responses if keys[0] in line and '" 500 ' in line], debug[-3000:]
+    answered = [line for line in responses if '" 200 ' in line and
+                any(key in line for key in keys)]
+    assert not answered, answered[:3]
+    assert "Starting new HTTP connection" in debug      # urllib3's other lines stay
+
+
 def test_objects_share_kept_connections(prostate, tmp_path):
     """Each GET on a connection an earlier one left open: a new one per object (a TLS
     handshake each against AWS) would cost more CPU than the object."""

@@ -197,8 +197,8 @@ def setup_logging(options: Options, bars: bool, secrets: Secrets) -> Callable[[]
         library_log.setLevel(logging.DEBUG)
         library_log.addHandler(handlers[-1])
         library_log.propagate = False
-    # On the logger, not the handler: a 2xx line is dropped before it is formatted, masked,
-    # written and flushed (a handler's filter runs after its lock is taken).
+    # On the logger, not the debug file's handler: only urllib3's response lines are looked
+    # at, not every line of the run, and a 2xx one ends before any handler is called.
     responses = logging.getLogger("urllib3.connectionpool")
     answered = AnsweredRequests()
     responses.addFilter(answered)
